@@ -1,0 +1,19 @@
+"""Exceptions and warnings that every part of napari-tomoseg raises.
+
+One base class lets the CLI and the widgets tell a user-facing problem (bad input, a
+refused file) from a programming error, and print it without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class TomosegError(Exception):
+    """A problem the user can fix; the message says what went wrong and what to do."""
+
+
+class TomosegIOError(TomosegError, OSError):
+    """A file could not be read or written (names the file and the reason)."""
+
+
+class MissingVoxelSizeWarning(UserWarning):
+    """The file has no usable voxel size (0 or 1.0 Angstrom); 1.0 is assumed."""
