@@ -35,6 +35,10 @@ SUPPORTED_MODES: dict[int, str] = {
 }
 
 _HEADER_BYTES = 1024
+# IMOD marks mode-0 files whose bytes are unsigned: a stamp at header byte 152 and a flags word
+# at 156 whose bit 0 is clear (IMOD "MRC file format" documentation).  Both sit in `extra2`.
+_IMOD_STAMP = 1146047817
+_IMOD_STAMP_OFFSET = 152 - 112  # offset inside extra2, which starts at header byte 112
 #: Z slices copied per chunk when streaming a volume to disk (bounded memory).
 _WRITE_CHUNK_SLICES = 16
 
@@ -132,7 +136,7 @@ def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
                 ext_bytes = int(mrc.header.nsymbt)
     except (ValueError, OSError, EOFError) as exc:
         raise _fail(path, f"the header is not a valid MRC header ({exc})") from None
-    if header is None or bytes(header.map).strip(b"\x00") != b"MAP":
+    if header is None or bytes(header.map).strip(b"\x00 ") != b"MAP":
         raise _fail(
             path,
             "it is not an MRC file (the 'MAP' identifier is missing from the header)",
@@ -150,6 +154,8 @@ def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
     if min(nx, ny, nz) <= 0:
         raise _fail(path, f"the header gives an impossible size ({nx} x {ny} x {nz})")
     dtype = mrcfile.utils.data_dtype_from_header(header)
+    if mode == 0 and _imod_unsigned_bytes(header):
+        dtype = np.dtype(np.uint8)
     shape = (nz, ny, nx) if nz > 1 else (ny, nx)
     offset = _HEADER_BYTES + max(ext_bytes, 0)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -197,6 +203,24 @@ def _read_in_memory(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.n
                 return np.array(data, dtype=dtype.newbyteorder("="), copy=True).reshape(shape)
     except (ValueError, OSError, EOFError) as exc:
         raise _fail(path, f"the data could not be read ({exc})") from None
+
+
+def _imod_unsigned_bytes(header: Any) -> bool:
+    """True when an IMOD stamp says the mode-0 bytes are unsigned (uint8)."""
+    extra = bytes(header.extra2.tobytes())
+    byteorder = header.mode.dtype.byteorder
+    int32 = np.dtype(np.int32).newbyteorder(">" if byteorder == ">" else "<")
+    start = _IMOD_STAMP_OFFSET
+    stamp, flags = np.frombuffer(extra[start : start + 8], dtype=int32)
+    return int(stamp) == _IMOD_STAMP and not int(flags) & 1
+
+
+def _mark_unsigned_bytes(header: Any) -> None:
+    """Stamp a mode-0 header as unsigned bytes the way IMOD does."""
+    extra = bytearray(header.extra2.tobytes())
+    start = _IMOD_STAMP_OFFSET
+    extra[start : start + 8] = np.array([_IMOD_STAMP, 0], dtype="<i4").tobytes()
+    header.extra2 = bytes(extra)
 
 
 def labels_dtype(max_label: int) -> np.dtype:
@@ -292,16 +316,23 @@ def write_mrc(
                 _set_header(mrc, vs, origin)
         else:
             shape = tuple(int(s) for s in data.shape)
-            mrc_mode = mrcfile.utils.mode_from_dtype(target)
-            with mrcfile.new_mmap(tmp, shape=shape, mrc_mode=int(mrc_mode), overwrite=True) as mrc:
+            unsigned_bytes = target == np.uint8
+            mrc_mode = 0 if unsigned_bytes else int(mrcfile.utils.mode_from_dtype(target))
+            with mrcfile.new_mmap(tmp, shape=shape, mrc_mode=mrc_mode, overwrite=True) as mrc:
+                # uint8 goes into the mode-0 byte block unchanged, marked unsigned below.
+                out = mrc.data.view(np.uint8) if unsigned_bytes else mrc.data
                 if data.ndim == 2:
-                    mrc.data[...] = np.asarray(data, dtype=target)
+                    out[...] = np.asarray(data, dtype=target)
                 else:
                     for z in range(0, shape[0], _WRITE_CHUNK_SLICES):
                         chunk = np.asarray(data[z : z + _WRITE_CHUNK_SLICES])
-                        mrc.data[z : z + chunk.shape[0]] = chunk.astype(target, copy=False)
-                mrc.update_header_stats()
+                        out[z : z + chunk.shape[0]] = chunk.astype(target, copy=False)
                 _set_header(mrc, vs, origin)
+                if unsigned_bytes:
+                    _set_unsigned_stats(mrc, out)
+                    _mark_unsigned_bytes(mrc.header)
+                else:
+                    mrc.update_header_stats()
     return path
 
 
@@ -313,6 +344,20 @@ def _set_header(mrc: Any, vs: tuple[float, float, float] | None, origin: Any) ->
         mrc.header.origin = (ox, oy, oz)
     if mrc.data is not None and mrc.data.ndim == 3:
         mrc.header.ispg = 1  # a volume, not an image stack
+
+
+def _set_unsigned_stats(mrc: Any, data: np.ndarray) -> None:
+    """Header min/max/mean/rms of uint8 data (mrcfile would read the bytes as signed)."""
+    total, total_sq, low, high = 0.0, 0.0, 255, 0
+    for z in range(0, data.shape[0], _WRITE_CHUNK_SLICES):
+        chunk = np.asarray(data[z : z + _WRITE_CHUNK_SLICES], dtype=np.float64)
+        total += chunk.sum()
+        total_sq += (chunk**2).sum()
+        low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+    count = max(data.size, 1)
+    mean = total / count
+    mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = low, high, mean
+    mrc.header.rms = float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
 
 
 def write_labels(

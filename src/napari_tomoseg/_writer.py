@@ -1,0 +1,55 @@
+"""npe2 writers: Labels -> MRC (uint8/uint16) and Image -> MRC (float32), voxel size kept.
+
+napari asks before it replaces an existing file in its Save dialog, so these writers replace
+the target (atomically: a failed write leaves the old file intact).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .io import write_labels, write_mrc
+
+
+def voxel_size_from_layer(meta: dict[str, Any]) -> tuple[float, float, float] | None:
+    """The voxel size (Z, Y, X) in Angstrom from layer metadata, else from its scale."""
+    metadata = meta.get("metadata") or {}
+    voxel_size = metadata.get("voxel_size")
+    if voxel_size is not None:
+        return tuple(float(v) for v in voxel_size)[-3:]  # type: ignore[return-value]
+    scale = meta.get("scale")
+    if scale is None or all(abs(float(s) - 1.0) < 1e-9 for s in scale):
+        return None
+    values = [float(s) for s in scale][-3:]
+    if len(values) == 2:
+        values = [values[0], *values]
+    return (values[0], values[1], values[2])
+
+
+def _origin(meta: dict[str, Any]) -> tuple[float, float, float] | None:
+    origin = (meta.get("metadata") or {}).get("origin")
+    return None if origin is None else tuple(float(v) for v in origin)  # type: ignore[return-value]
+
+
+def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Save a Labels layer as an integer MRC (uint8, or uint16 past 255 labels)."""
+    labels = np.asarray(data)
+    write_labels(
+        path, labels, voxel_size_from_layer(meta), origin=_origin(meta), overwrite=True
+    )
+    return [path]
+
+
+def write_image_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Save an Image layer as a float32 MRC."""
+    write_mrc(
+        path,
+        data,
+        voxel_size_from_layer(meta),
+        origin=_origin(meta),
+        overwrite=True,
+        dtype=np.float32,
+    )
+    return [path]
