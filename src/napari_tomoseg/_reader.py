@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._layers import image_layer_kwargs
 from .io import is_mrc_path, read_tomogram
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -22,16 +23,8 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 def tomogram_layer_data(path: str | Path) -> LayerData:
     """Layer data for one file: memory-mapped array, scale in Angstrom, header in metadata."""
     tomo = read_tomogram(path)
-    name = Path(path).name
-    for ending in (".gz",):
-        name = name.removesuffix(ending)
-    kwargs = {
-        "name": Path(name).stem,
-        "scale": tomo.scale,
-        "metadata": tomo.metadata(),
-        "colormap": "gray",
-    }
-    return (tomo.data, kwargs, "image")
+    name = Path(Path(path).name.removesuffix(".gz")).stem
+    return (tomo.data, image_layer_kwargs(name, tomo.scale, tomo.metadata()), "image")
 
 
 def read_mrc_layers(path: str | list[str]) -> list[LayerData]:

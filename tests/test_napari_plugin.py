@@ -1,0 +1,48 @@
+"""The plugin inside a real napari viewer: manifest, reader, writer, sample data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_tomoseg import io as tio
+
+napari = pytest.importorskip("napari")
+
+
+def test_manifest_is_valid_and_installed():
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    pm.discover()
+    manifest = pm.get_manifest("napari-tomoseg")
+    assert manifest.display_name == "TomoSeg"
+    ids = {c.id for c in manifest.contributions.commands}
+    assert "napari-tomoseg.get_reader" in ids
+    assert manifest.contributions.sample_data[0].display_name == "Simulated cell tomogram"
+
+
+def test_open_mrc_in_viewer_at_its_voxel_size(make_napari_viewer, tmp_path):
+    data = np.random.default_rng(0).random((6, 20, 30)).astype(np.float32)
+    path = tio.write_mrc(tmp_path / "cell.rec", data, (14.0, 13.0, 13.0))
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(path), plugin="napari-tomoseg")
+    assert layer.name == "cell"
+    np.testing.assert_allclose(layer.scale, (14.0, 13.0, 13.0))
+    assert layer.metadata["voxel_size"] == pytest.approx((14.0, 13.0, 13.0))
+    assert str(layer.units[0]) == "angstrom"
+    np.testing.assert_array_equal(np.asarray(layer.data), data)
+
+
+def test_save_labels_layer_as_mrc_from_viewer(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    labels = np.zeros((4, 10, 10), np.int32)
+    labels[2, 3:6, 3:6] = 3
+    layer = viewer.add_labels(labels, scale=(9.0, 9.0, 9.0), name="seg")
+    out = tmp_path / "seg.mrc"
+    viewer.layers.save(str(out), selected=False, plugin="napari-tomoseg")
+    tomo = tio.read_tomogram(out)
+    assert tomo.data.dtype == np.uint8
+    np.testing.assert_array_equal(tomo.data, labels)
+    assert tomo.voxel_size == pytest.approx((9.0, 9.0, 9.0))
+    assert layer.data.dtype == np.int32  # the layer itself is untouched
