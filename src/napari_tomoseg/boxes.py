@@ -104,8 +104,8 @@ class Box:
     def fits(self, volume_shape: Sequence[int]) -> bool:
         """True if the box lies fully inside a (Z, Y, X) volume."""
         nz, ny, nx = (int(s) for s in volume_shape[-3:])
-        return 0 <= self.z < nz and self.y0 >= 0 and self.x0 >= 0 and self.y1 <= ny and (
-            self.x1 <= nx
+        return (
+            0 <= self.z < nz and self.y0 >= 0 and self.x0 >= 0 and self.y1 <= ny and self.x1 <= nx
         )
 
     def as_list(self) -> list[int]:
@@ -167,9 +167,7 @@ def box_from_shape(shape: np.ndarray, box_size: int = DEFAULT_BOX_SIZE, index: i
     return Box(z, y0 + box_size // 2, x0 + box_size // 2, box_size)
 
 
-def boxes_from_shapes(
-    shapes: Sequence[np.ndarray], box_size: int = DEFAULT_BOX_SIZE
-) -> list[Box]:
+def boxes_from_shapes(shapes: Sequence[np.ndarray], box_size: int = DEFAULT_BOX_SIZE) -> list[Box]:
     """Boxes from napari Shapes layer data (data coordinates, tomogram's scale).
 
     Each shape (usually a rectangle: (4, 3) vertices with the same Z) becomes a box of
@@ -203,8 +201,7 @@ def validate_boxes(
     shape = tuple(int(s) for s in volume_shape)
     if len(shape) != 3:
         raise TomosegError(
-            f"Boxes need a 3D (Z, Y, X) tomogram; the volume has shape {shape} "
-            f"({len(shape)}D)."
+            f"Boxes need a 3D (Z, Y, X) tomogram; the volume has shape {shape} ({len(shape)}D)."
         )
     if len(boxes) == 0:
         if allow_empty:

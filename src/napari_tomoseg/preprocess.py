@@ -59,9 +59,7 @@ def _check_factor(factor: Any) -> int:
     try:
         value = float(factor)
     except (TypeError, ValueError):
-        raise TomosegError(
-            f"The shrink factor must be an integer >= 1, got {factor!r}."
-        ) from None
+        raise TomosegError(f"The shrink factor must be an integer >= 1, got {factor!r}.") from None
     if not value.is_integer() or value < 1:
         raise TomosegError(f"The shrink factor must be an integer >= 1, got {factor!r}.")
     return int(value)
@@ -112,7 +110,7 @@ def bin_volume(volume: np.ndarray, factor: int) -> np.ndarray:
         )
     out = np.empty(out_shape, dtype=np.float32)
     rest = out_shape[1:]
-    per_out_slice = int(np.prod(rest)) * factor ** volume.ndim
+    per_out_slice = int(np.prod(rest)) * factor**volume.ndim
     step = _block_len(per_out_slice)
     trim = tuple(slice(0, n * factor) for n in rest)
     for start in range(0, out_shape[0], step):
@@ -537,7 +535,9 @@ class Normalisation:
                 )
             self.clamp_sigma = float(self.clamp_sigma)
         if isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer)):
-            raise TomosegError(f"The normalisation window must be an integer, got {self.window!r}.")
+            raise TomosegError(
+                f"The normalisation window must be an integer, got {self.window!r}."
+            )
         self.window = int(self.window)
         if self.window < 2:
             raise TomosegError(f"The normalisation window must be >= 2, got {self.window}.")
@@ -667,8 +667,11 @@ def iter_preprocess(
         if step == "bin":
             result = bin_volume(volume, settings.shrink)
             if voxel is not None:
-                voxel = (voxel[0] * settings.shrink, voxel[1] * settings.shrink,
-                         voxel[2] * settings.shrink)
+                voxel = (
+                    voxel[0] * settings.shrink,
+                    voxel[1] * settings.shrink,
+                    voxel[2] * settings.shrink,
+                )
         elif step == "high-pass":
             result = highpass(result, settings.highpass_angstrom, voxel)  # type: ignore[arg-type]
         elif step == "low-pass":
