@@ -36,9 +36,7 @@ def _origin(meta: dict[str, Any]) -> tuple[float, float, float] | None:
 def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Save a Labels layer as an integer MRC (uint8, or uint16 past 255 labels)."""
     labels = np.asarray(data)
-    write_labels(
-        path, labels, voxel_size_from_layer(meta), origin=_origin(meta), overwrite=True
-    )
+    write_labels(path, labels, voxel_size_from_layer(meta), origin=_origin(meta), overwrite=True)
     return [path]
 
 

@@ -21,9 +21,12 @@ Messages number boxes from 1 in the order of the Shapes layer.
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -260,3 +263,68 @@ def crop(volume: np.ndarray, box: Box, context_slices: int = 0) -> np.ndarray:
     zs = np.clip(np.arange(box.z - context_slices, box.z + context_slices + 1), 0, nz - 1)
     _, ys, xs = box.slices()
     return np.stack([np.asarray(volume[int(z), ys, xs]) for z in zs])
+
+
+# -- box files ----------------------------------------------------------------------------------
+#: Header of a napari-tomoseg box file: one box per row, centre in voxels (Z, Y, X).
+BOX_FILE_COLUMNS = ("z", "y", "x", "size")
+
+
+def write_boxes_csv(path: str | os.PathLike, boxes: Sequence[Box], *, overwrite: bool = False):
+    """Save boxes as CSV (``z,y,x,size``: centres in voxel indices), atomically."""
+    from .io import atomic_path
+
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(BOX_FILE_COLUMNS)
+        for box in boxes:
+            writer.writerow(box.as_list())
+    return Path(path)
+
+
+def read_boxes_csv(path: str | os.PathLike, box_size: int | None = None) -> list[Box]:
+    """Read boxes from a CSV: napari-tomoseg's ``z,y,x[,size]`` or a napari Shapes export.
+
+    A napari Shapes CSV (``index,shape-type,vertex-index,axis-0,axis-1,axis-2``) is snapped to
+    ``box_size`` (default 64) like drawn rectangles.  ``box_size`` also overrides the sizes
+    of a ``z,y,x,size`` file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TomosegError(f"Cannot read boxes from {path}: the file does not exist.")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TomosegError(f"Cannot read boxes from {path}: {exc}.") from None
+    if not rows:
+        return []
+    columns = set(rows[0])
+    try:
+        if {"z", "y", "x"} <= columns:
+            return [
+                Box(
+                    int(float(r["z"])),
+                    int(float(r["y"])),
+                    int(float(r["x"])),
+                    box_size or int(float(r.get("size") or DEFAULT_BOX_SIZE)),
+                )
+                for r in rows
+            ]
+        if {"index", "axis-0", "axis-1", "axis-2"} <= columns:
+            shapes: dict[int, list[list[float]]] = {}
+            for r in rows:
+                shapes.setdefault(int(r["index"]), []).append(
+                    [float(r["axis-0"]), float(r["axis-1"]), float(r["axis-2"])]
+                )
+            return boxes_from_shapes(
+                [np.array(v) for _, v in sorted(shapes.items())], box_size or DEFAULT_BOX_SIZE
+            )
+    except (TypeError, ValueError) as exc:
+        raise TomosegError(
+            f"Cannot read boxes from {path}: a value is not a number ({exc})."
+        ) from None
+    raise TomosegError(
+        f"Cannot read boxes from {path}: expected columns z,y,x[,size] (box centres in voxels) "
+        "or a napari Shapes CSV export (index, axis-0, axis-1, axis-2)."
+    )

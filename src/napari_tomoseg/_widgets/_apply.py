@@ -1,0 +1,191 @@
+"""Apply: run a network over a whole tomogram layer in a worker, with progress and cancel.
+
+The probability map arrives as an Image layer and the mask as a Labels layer, both on the
+tomogram's grid with the feature name(s) in their metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+)
+
+from .._layers import labels_layer_kwargs
+from ..errors import TomosegError
+from ..inference import ApplySettings, iter_apply
+from ..model_file import load_network
+from ._common import (
+    SESSION,
+    RememberedSettings,
+    TaskRunner,
+    describe_error,
+    grid_kwargs,
+    layer_choices,
+    notify_error,
+    notify_info,
+    voxel_size_of,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+SOURCES = ("network just trained", "network file")
+
+
+def hex_colors(class_colors: Any) -> dict[int, str]:
+    """Class colours (RGBA floats or hex strings) as {value: hex}."""
+    colors: dict[int, str] = {}
+    for i, color in enumerate(class_colors or ()):
+        if isinstance(color, str):
+            colors[i] = color
+        else:
+            rgba = [int(round(float(c) * 255)) for c in (list(color) + [1.0])[:4]]
+            colors[i] = "#" + "".join(f"{c:02x}" for c in rgba)
+    colors[0] = "#00000000"
+    return colors
+
+
+class ApplyWidget(Container):
+    """Segment a whole tomogram with a trained network."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.source = ComboBox(label="network", choices=list(SOURCES), value=SOURCES[0])
+        self.network_file = FileEdit(label="network file", mode="r", filter="*.tsnet")
+        self.tomogram = ComboBox(label="tomogram", choices=layer_choices(viewer, "image"))
+        self.threshold = FloatSpinBox(
+            label="threshold", value=ApplySettings.threshold, min=0.0, max=1.0, step=0.05
+        )
+        self.tta = CheckBox(label="test-time augmentation", value=ApplySettings.tta)
+        self.run_button = PushButton(text="Apply")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="")
+        self.extend(
+            [
+                self.source,
+                self.network_file,
+                self.tomogram,
+                self.threshold,
+                self.tta,
+                self.run_button,
+                self.cancel_button,
+                self.status,
+            ]
+        )
+        self.remembered = RememberedSettings(
+            "apply",
+            {
+                "threshold": self.threshold,
+                "tta": self.tta,
+                "network_file": self.network_file,
+            },
+        )
+        self.runner = TaskRunner("Apply")
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.runner.stop)
+        viewer.layers.events.inserted.connect(self.tomogram.reset_choices)
+        viewer.layers.events.removed.connect(self.tomogram.reset_choices)
+        self.layers_added: list[Any] = []
+
+    def network(self) -> Any:
+        if self.source.value == SOURCES[0]:
+            if SESSION.network is None:
+                raise TomosegError(
+                    "No network has been trained in this session: train one, "
+                    "or choose 'network file'."
+                )
+            return SESSION.network
+        path = Path(str(self.network_file.value))
+        if not path.is_file():
+            raise TomosegError(f"Choose a network file (.tsnet); {path} is not a file.")
+        return load_network(path)
+
+    def run(self, *_: Any) -> Any:
+        try:
+            network = self.network()
+            tomo = self.tomogram.value
+            if tomo is None:
+                raise TomosegError("Choose the tomogram to segment.")
+            if tomo.data.ndim != 3:
+                raise TomosegError(f"'{tomo.name}' is not a 3D tomogram.")
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        settings = ApplySettings(threshold=float(self.threshold.value), tta=bool(self.tta.value))
+        volume = tomo.data
+        voxel_size = voxel_size_of(tomo)
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = "applying..."
+
+        def done(result: Any) -> None:
+            if result is None or getattr(result, "stopped", False):
+                self.status.value = "cancelled: nothing was added"
+                return
+            self.layers_added = self.add_result_layers(tomo, network, result)
+            self.status.value = f"done in {result.seconds:.1f} s"
+            notify_info(f"Segmented '{tomo.name}' with the {network.meta.architecture} network.")
+
+        def finished() -> None:
+            self.run_button.enabled = True
+            self.cancel_button.enabled = False
+
+        return self.runner.start(
+            lambda stop: iter_apply(
+                network, volume, voxel_size=voxel_size, settings=settings, should_stop=stop
+            ),
+            on_done=done,
+            on_finish=finished,
+        )
+
+    def add_result_layers(self, tomo: Any, network: Any, result: Any) -> list[Any]:
+        """Probability map(s) as Image layers, the mask as a Labels layer, on the grid."""
+        names = list(result.class_names)
+        probs = np.asarray(result.probabilities)
+        if probs.ndim == 3:
+            probs = probs[np.newaxis]
+        meta_common = {
+            "voxel_size": voxel_size_of(tomo),
+            "voxel_size_unit": "angstrom",
+            "source_layer": tomo.name,
+        }
+        added = []
+        for k in range(probs.shape[0]):
+            feature = names[k + 1] if k + 1 < len(names) else f"feature {k + 1}"
+            layer = self.viewer.add_image(
+                probs[k],
+                name=f"{feature} probability ({tomo.name})",
+                colormap="magma",
+                blending="additive",
+                opacity=0.6,
+                metadata={
+                    **meta_common,
+                    "tomoseg_probability": True,
+                    "feature": feature,
+                    "scale_max": 255 if probs.dtype == np.uint8 else 1.0,
+                },
+                contrast_limits=(0, 255) if probs.dtype == np.uint8 else (0.0, 1.0),
+                **grid_kwargs(tomo),
+            )
+            added.append(layer)
+        kwargs = labels_layer_kwargs(
+            f"{'+'.join(names[1:])} mask ({tomo.name})",
+            tomo.scale,
+            names,
+            hex_colors(network.meta.class_colors),
+            meta_common,
+        )
+        kwargs.update(grid_kwargs(tomo))
+        added.append(self.viewer.add_labels(np.asarray(result.mask), **kwargs))
+        return added

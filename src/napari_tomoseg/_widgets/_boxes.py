@@ -1,0 +1,303 @@
+"""Boxes and painting: place positive/negative boxes with a click, paint the feature.
+
+Boxes live in two Shapes layers ("positive boxes", green; "negative boxes", red) and the
+painting in a Labels layer, all on the tomogram's exact voxel grid (same scale and
+translate), so data coordinates are voxel indices.  Rectangles of any drawn size snap to the
+box size around their centre.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, SpinBox
+
+from .._layers import UNIT
+from ..boxes import DEFAULT_BOX_SIZE, Box, box_from_shape, crop
+from ..errors import TomosegError
+from ._common import (
+    RememberedSettings,
+    describe_error,
+    grid_kwargs,
+    layer_choices,
+    notify_error,
+)
+from ._gallery import Gallery
+
+if TYPE_CHECKING:
+    import napari
+
+POSITIVE_LAYER = "positive boxes"
+NEGATIVE_LAYER = "negative boxes"
+PAINT_LAYER = "painting"
+POSITIVE_COLOR = "#33dd55"
+NEGATIVE_COLOR = "#ee3333"
+CLICK_MODES = ("off", "positive box", "negative box")
+
+
+def place_box(centre_zyx: np.ndarray, size: int, volume_shape: tuple[int, ...]) -> Box:
+    """A box of ``size`` centred as near ``centre_zyx`` (voxels) as the volume allows."""
+    nz, ny, nx = volume_shape[-3:]
+    if size > ny or size > nx:
+        raise TomosegError(
+            f"A {size}-pixel box does not fit in this {ny} x {nx} tomogram; choose a smaller "
+            "box size or a less binned tomogram."
+        )
+    z = int(np.clip(round(float(centre_zyx[0])), 0, nz - 1))
+    half = size // 2
+    y = int(np.clip(round(float(centre_zyx[1])), half, ny - size + half))
+    x = int(np.clip(round(float(centre_zyx[2])), half, nx - size + half))
+    return Box(z, y, x, size)
+
+
+class BoxWidget(Container):
+    """Place boxes, paint features, and check every boxed crop in a gallery."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.tomogram = ComboBox(label="tomogram", choices=layer_choices(viewer, "image"))
+        self.box_size = SpinBox(
+            label="box size (px)", value=DEFAULT_BOX_SIZE, min=8, max=1024, step=2
+        )
+        self.click_mode = ComboBox(
+            label="click adds",
+            choices=list(CLICK_MODES),
+            value="off",
+            tooltip="With this on, a left click in the viewer adds a "
+            "box centred on the cursor on the current slice.",
+        )
+        self.add_positive = PushButton(text="Add positive box at cursor")
+        self.add_negative = PushButton(text="Add negative box at cursor")
+        self.feature_value = SpinBox(label="feature label", value=1, min=1, max=255)
+        self.feature_name = LineEdit(label="feature name", value="feature")
+        self.name_button = PushButton(text="Name this feature and paint it")
+        self.counts = Label(value="")
+        self.refresh_gallery = PushButton(text="Refresh gallery")
+        self.extend(
+            [
+                self.tomogram,
+                self.box_size,
+                self.click_mode,
+                self.add_positive,
+                self.add_negative,
+                self.feature_value,
+                self.feature_name,
+                self.name_button,
+                self.counts,
+                self.refresh_gallery,
+            ]
+        )
+        self.gallery = Gallery()
+        self.native.layout().addWidget(self.gallery)
+        self.remembered = RememberedSettings(
+            "boxes",
+            {
+                "box_size": self.box_size,
+                "feature_name": self.feature_name,
+            },
+        )
+        self._snapping = False
+        self.add_positive.changed.connect(lambda: self.add_box_at_cursor(True))
+        self.add_negative.changed.connect(lambda: self.add_box_at_cursor(False))
+        self.name_button.changed.connect(self.name_feature)
+        self.refresh_gallery.changed.connect(self.update_gallery)
+        self.box_size.changed.connect(self.snap_all)
+        viewer.layers.events.inserted.connect(self.tomogram.reset_choices)
+        viewer.layers.events.removed.connect(self.tomogram.reset_choices)
+        viewer.mouse_drag_callbacks.append(self._on_click)
+        self.update_counts()
+
+    # -- layers ---------------------------------------------------------------------------
+    def _tomogram_layer(self) -> Any:
+        layer = self.tomogram.value
+        if layer is None:
+            raise TomosegError("Open a tomogram first: the boxes are placed on its slices.")
+        if layer.data.ndim != 3:
+            raise TomosegError(f"'{layer.name}' is {layer.data.ndim}D; boxes need a 3D tomogram.")
+        return layer
+
+    def _layer(self, name: str) -> Any:
+        return self.viewer.layers.get(name, None)
+
+    def box_layer(self, positive: bool) -> Any:
+        """The positive or negative Shapes layer, made on the tomogram's grid if missing."""
+        name = POSITIVE_LAYER if positive else NEGATIVE_LAYER
+        layer = self._layer(name)
+        if layer is not None:
+            return layer
+        tomo = self._tomogram_layer()
+        color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
+        layer = self.viewer.add_shapes(
+            ndim=3,
+            name=name,
+            edge_color=color,
+            face_color="transparent",
+            edge_width=2,
+            **grid_kwargs(tomo),
+        )
+        layer.current_edge_color = color
+        layer.metadata["tomoseg_boxes"] = "positive" if positive else "negative"
+        layer.metadata["box_size"] = int(self.box_size.value)
+        layer.events.data.connect(lambda event: self._on_shapes_changed(layer, event))
+        self.viewer.layers.selection.active = tomo
+        return layer
+
+    def paint_layer(self) -> Any:
+        """The painting Labels layer, aligned with the tomogram (same scale and translate)."""
+        layer = self._layer(PAINT_LAYER)
+        if layer is not None:
+            return layer
+        tomo = self._tomogram_layer()
+        layer = self.viewer.add_labels(
+            np.zeros(tomo.data.shape, dtype=np.uint8),
+            name=PAINT_LAYER,
+            opacity=0.6,
+            metadata={
+                "class_names": {0: "background"},
+                "voxel_size_unit": UNIT,
+                "voxel_size": (tomo.metadata or {}).get("voxel_size"),
+            },
+            **grid_kwargs(tomo),
+        )
+        layer.brush_size = 6
+        layer.n_edit_dimensions = 2  # paint on the current slice only
+        return layer
+
+    # -- boxes ----------------------------------------------------------------------------
+    def boxes(self, positive: bool) -> list[Box]:
+        layer = self._layer(POSITIVE_LAYER if positive else NEGATIVE_LAYER)
+        if layer is None:
+            return []
+        return [box_from_shape(s, int(self.box_size.value), i) for i, s in enumerate(layer.data)]
+
+    def add_box(self, centre_zyx: Any, positive: bool) -> Box:
+        """Add a box centred (as near as fits) on a voxel position of the tomogram."""
+        tomo = self._tomogram_layer()
+        box = place_box(np.asarray(centre_zyx, float), int(self.box_size.value), tomo.data.shape)
+        layer = self.box_layer(positive)
+        layer.add_rectangles(box.to_shape(), edge_color=layer.current_edge_color)
+        if positive:
+            self.paint_layer()
+        self.update_counts()
+        return box
+
+    def add_box_at_cursor(self, positive: bool) -> Box | None:
+        try:
+            tomo = self._tomogram_layer()
+            centre = tomo.world_to_data(self.viewer.cursor.position)
+            return self.add_box(centre, positive)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+
+    def _on_click(self, viewer: Any, event: Any) -> None:
+        mode = self.click_mode.value
+        if mode == "off" or event.button != 1 or viewer.dims.ndisplay != 2:
+            return
+        try:
+            tomo = self._tomogram_layer()
+            self.add_box(tomo.world_to_data(event.position), mode == "positive box")
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+
+    def _on_shapes_changed(self, layer: Any, event: Any) -> None:
+        action = getattr(event, "action", "changed")
+        if action in ("added", "changed", "removed"):
+            self.snap(layer)
+            self.update_counts()
+
+    def snap(self, layer: Any) -> None:
+        """Snap every shape of a box layer to the box size around its centre."""
+        if self._snapping or layer is None or len(layer.data) == 0:
+            return
+        try:
+            snapped = [
+                b.to_shape()
+                for b in (
+                    box_from_shape(s, int(self.box_size.value), i)
+                    for i, s in enumerate(layer.data)
+                )
+            ]
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return
+        current = [np.asarray(s) for s in layer.data]
+        if len(current) == len(snapped) and all(
+            c.shape == s.shape and np.allclose(c, s) for c, s in zip(current, snapped)
+        ):
+            return
+        self._snapping = True
+        try:
+            color = layer.current_edge_color
+            layer.data = snapped
+            layer.shape_type = ["rectangle"] * len(snapped)
+            layer.edge_color = color
+        finally:
+            self._snapping = False
+
+    def snap_all(self, *_: Any) -> None:
+        for name in (POSITIVE_LAYER, NEGATIVE_LAYER):
+            layer = self._layer(name)
+            if layer is not None:
+                layer.metadata["box_size"] = int(self.box_size.value)
+            self.snap(layer)
+        self.update_counts()
+
+    def update_counts(self) -> None:
+        pos = self._layer(POSITIVE_LAYER)
+        neg = self._layer(NEGATIVE_LAYER)
+        n_pos = 0 if pos is None else len(pos.data)
+        n_neg = 0 if neg is None else len(neg.data)
+        self.counts.value = f"{n_pos} positive (aim ~10), {n_neg} negative (aim ~100)"
+
+    # -- painting -------------------------------------------------------------------------
+    def name_feature(self, *_: Any) -> None:
+        """Give the chosen label value a feature name and select it for painting."""
+        try:
+            layer = self.paint_layer()
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return
+        value = int(self.feature_value.value)
+        names = dict(layer.metadata.get("class_names") or {0: "background"})
+        names[value] = str(self.feature_name.value).strip() or f"feature {value}"
+        layer.metadata["class_names"] = names
+        layer.selected_label = value
+        layer.mode = "paint"
+        self.viewer.layers.selection.active = layer
+
+    # -- gallery --------------------------------------------------------------------------
+    def update_gallery(self, *_: Any) -> None:
+        """Show every box's crop (positives first), click a thumbnail to go to it."""
+        try:
+            tomo = self._tomogram_layer()
+            items = []
+            for positive in (True, False):
+                color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
+                for i, box in enumerate(self.boxes(positive)):
+                    image = (
+                        crop(np.asarray(tomo.data), box)[0]
+                        if box.fits(tomo.data.shape)
+                        else np.zeros((box.size, box.size), np.float32)
+                    )
+                    kind = "positive" if positive else "negative"
+                    items.append(
+                        (
+                            image,
+                            f"{kind} {i + 1}: {box.describe()}",
+                            color,
+                            lambda b=box: self.go_to(b),
+                        )
+                    )
+            self.gallery.show_items(items)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+
+    def go_to(self, box: Box) -> None:
+        """Show the slice of a box and centre the view on it."""
+        tomo = self._tomogram_layer()
+        world = tomo.data_to_world((box.z, box.y, box.x))
+        self.viewer.dims.set_point(0, world[0])
+        self.viewer.camera.center = tuple(world)

@@ -1,0 +1,234 @@
+"""Pieces every widget shares: layer lookup, the worker + progress + error pattern,
+remembered settings, and the session that hands a trained network from Train to Apply."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets.bases import ValueWidget
+
+from ..errors import TomosegError
+from ..progress import Progress
+
+if TYPE_CHECKING:
+    import napari
+
+#: Where remembered widget values live; TOMOSEG_CONFIG_DIR overrides it (tests use that).
+CONFIG_ENV = "TOMOSEG_CONFIG_DIR"
+
+
+def config_dir() -> Path:
+    """The per-user folder for remembered widget settings."""
+    override = os.environ.get(CONFIG_ENV)
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "napari-tomoseg"
+
+
+class RememberedSettings:
+    """Remember the values of a widget's fields between sessions (one JSON file per widget)."""
+
+    def __init__(self, key: str, fields: dict[str, ValueWidget]):
+        self.path = config_dir() / f"{key}.json"
+        self.fields = fields
+        self._restore()
+        for widget in fields.values():
+            widget.changed.connect(self.save)
+
+    def _restore(self) -> None:
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        for name, value in stored.items():
+            widget = self.fields.get(name)
+            if widget is None:
+                continue
+            try:
+                widget.value = value
+            except (ValueError, TypeError):
+                continue  # a stale value that no longer fits: keep the default
+
+    def save(self, *_: Any) -> None:
+        values = {}
+        for name, widget in self.fields.items():
+            value = widget.value
+            if isinstance(value, Path):
+                value = str(value)
+            if isinstance(value, (str, int, float, bool)) or value is None:
+                values[name] = value
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(values, indent=1))
+        except OSError:
+            pass  # remembering settings is a convenience; never fail the user's work for it
+
+
+def layers_of_type(viewer: napari.Viewer, kind: str) -> list[Any]:
+    """The viewer's layers of one type ('image', 'labels', 'shapes', 'points')."""
+    return [layer for layer in viewer.layers if layer._type_string == kind]
+
+
+def layer_choices(viewer: napari.Viewer, kind: str) -> Callable[[Any], list[tuple[str, Any]]]:
+    """A magicgui ``choices`` callable listing the viewer's layers of one type."""
+
+    def choices(_widget: Any = None) -> list[tuple[str, Any]]:
+        return [(layer.name, layer) for layer in layers_of_type(viewer, kind)]
+
+    return choices
+
+
+def voxel_size_of(layer: Any) -> tuple[float, float, float] | None:
+    """The voxel size (Z, Y, X, Angstrom) a layer carries, from metadata or its scale."""
+    vs = (layer.metadata or {}).get("voxel_size")
+    if vs is not None:
+        return tuple(float(v) for v in vs)[-3:]  # type: ignore[return-value]
+    scale = [float(s) for s in layer.scale][-3:]
+    if all(abs(s - 1.0) < 1e-9 for s in scale):
+        return None
+    return (scale[0], scale[1], scale[2])
+
+
+def grid_kwargs(layer: Any) -> dict[str, Any]:
+    """scale/translate/units so a new layer lies exactly on another layer's voxel grid."""
+    kwargs: dict[str, Any] = {
+        "scale": tuple(layer.scale),
+        "translate": tuple(layer.translate),
+    }
+    units = getattr(layer, "units", None)
+    if units is not None:
+        kwargs["units"] = tuple(str(u) for u in units)
+    return kwargs
+
+
+@dataclass
+class Session:
+    """What one widget hands to another in this napari session."""
+
+    network: Any = None  # the network trained last (model_file.Network)
+    network_source: str = ""
+    listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    def set_network(self, network: Any, source: str) -> None:
+        self.network = network
+        self.network_source = source
+        for listener in list(self.listeners):
+            listener()
+
+
+SESSION = Session()
+
+
+def notify_error(message: str) -> None:
+    """Show an error as a napari notification (never swallowed, never a crash)."""
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+def notify_info(message: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(message)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A user-facing sentence for an exception: TomosegErrors speak for themselves."""
+    if isinstance(exc, TomosegError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class TaskRunner:
+    """Runs one core generator at a time in a napari worker thread.
+
+    Each yielded :class:`Progress` updates a napari progress bar and calls ``on_progress``
+    in the GUI thread; the result goes to ``on_done``; an error becomes a notification and
+    ``on_error``.  ``stop()`` asks the core to finish cleanly (it checks ``should_stop``).
+    """
+
+    def __init__(self, title: str):
+        self.title = title
+        self.worker: Any = None
+        self._stop = False
+        self._pbar: Any = None
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def should_stop(self) -> bool:
+        return self._stop
+
+    def start(
+        self,
+        make_task: Callable[[Callable[[], bool]], Generator[Progress, None, Any]],
+        *,
+        on_done: Callable[[Any], None],
+        on_progress: Callable[[Progress], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        on_finish: Callable[[], None] | None = None,
+    ) -> Any:
+        """Start ``make_task(should_stop)`` in a thread; returns the napari worker."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        if self.running:
+            raise TomosegError(f"{self.title} is already running; wait or press Stop.")
+        self._stop = False
+        self._pbar = progress(total=0, desc=self.title)
+
+        def yielded(event: Progress) -> None:
+            pbar = self._pbar
+            if pbar is not None and event.total > 0:
+                if pbar.total != event.total:
+                    pbar.total = event.total
+                pbar.n = min(event.step, event.total)
+                pbar.set_description(f"{self.title}: {event.message or event.stage}")
+            if on_progress is not None:
+                on_progress(event)
+
+        def errored(exc: BaseException) -> None:
+            notify_error(f"{self.title} failed: {describe_error(exc)}")
+            if on_error is not None:
+                on_error(exc)
+
+        def finished() -> None:
+            if self._pbar is not None:
+                self._pbar.close()
+                self._pbar = None
+            self.worker = None
+            if on_finish is not None:
+                on_finish()
+
+        def task(should_stop: Callable[[], bool]) -> Generator[Progress, None, Any]:
+            # A generator function, so napari makes a GeneratorWorker that forwards yields.
+            return (yield from make_task(should_stop))
+
+        # Our own `errored` handler replaces napari's default of re-raising in the GUI thread:
+        # the user gets a notification, and the viewer carries on.
+        worker = create_worker(
+            task, self.should_stop, _start_thread=False, _connect={"errored": errored}
+        )
+        worker.yielded.connect(yielded)
+        worker.returned.connect(on_done)
+        worker.finished.connect(finished)
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def stop(self) -> None:
+        """Ask the running task to finish cleanly at its next step."""
+        self._stop = True
+
+
+def first_or_none(items: Iterable[Any]) -> Any:
+    for item in items:
+        return item
+    return None

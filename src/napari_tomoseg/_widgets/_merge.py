@@ -1,0 +1,150 @@
+"""Merge: several probability layers -> one multi-level Labels layer (EMAN2 competition rule).
+
+Each voxel takes the feature whose weighted probability is highest among those above their
+own threshold; a voxel no map claims stays 0.  Feature names and distinct colours go into the
+Labels layer, which can be saved as MRC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton
+
+from .._layers import labels_layer_kwargs
+from ..errors import TomosegError
+from ..io import write_labels
+from ..merge import MergeInput, merge_probability_maps
+from ._common import (
+    describe_error,
+    grid_kwargs,
+    layer_choices,
+    notify_error,
+    notify_info,
+    voxel_size_of,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+MERGED_LAYER = "merged features"
+
+
+def probability_of(layer: Any) -> np.ndarray:
+    """A probability layer's data in [0, 1] (uint8 maps are stored scaled to 0..255)."""
+    data = np.asarray(layer.data)
+    scale_max = float(
+        (layer.metadata or {}).get("scale_max", 255 if data.dtype == np.uint8 else 1.0)
+    )
+    return data if scale_max == 1.0 else data.astype(np.float32) / scale_max
+
+
+class MergeRow(Container):
+    """One probability map with its threshold and weight."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(layout="horizontal", labels=False)
+        self.layer = ComboBox(choices=layer_choices(viewer, "image"))
+        self.threshold = FloatSpinBox(value=0.5, min=0.0, max=1.0, step=0.05, tooltip="threshold")
+        self.weight = FloatSpinBox(value=1.0, min=0.0, max=100.0, step=0.1, tooltip="weight")
+        self.extend([self.layer, self.threshold, self.weight])
+
+
+class MergeWidget(Container):
+    """Pick probability layers, set each threshold/weight, merge into one Labels layer."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=False)
+        self.viewer = viewer
+        self.help = Label(value="map | threshold | weight")
+        self.rows = Container(labels=False)
+        self.add_button = PushButton(text="Add probability map")
+        self.merge_button = PushButton(text="Merge")
+        self.save_path = FileEdit(label="save as", mode="w", filter="*.mrc")
+        self.save_button = PushButton(text="Save merged mask as MRC")
+        self.status = Label(value="")
+        self.extend(
+            [
+                self.help,
+                self.rows,
+                self.add_button,
+                self.merge_button,
+                self.save_path,
+                self.save_button,
+                self.status,
+            ]
+        )
+        self.add_button.changed.connect(lambda: self.add_row())
+        self.merge_button.changed.connect(self.merge)
+        self.save_button.changed.connect(lambda: self.save(self.save_path.value))
+        viewer.layers.events.inserted.connect(self.reset_choices)
+        viewer.layers.events.removed.connect(self.reset_choices)
+        for layer in viewer.layers:
+            if (layer.metadata or {}).get("tomoseg_probability"):
+                self.add_row(layer)
+
+    def add_row(self, layer: Any = None, threshold: float = 0.5, weight: float = 1.0) -> MergeRow:
+        row = MergeRow(self.viewer)
+        row.reset_choices()
+        if layer is not None:
+            row.layer.value = layer
+        row.threshold.value = threshold
+        row.weight.value = weight
+        self.rows.append(row)
+        return row
+
+    def merge(self, *_: Any) -> Any:
+        try:
+            rows = [r for r in self.rows if r.layer.value is not None]
+            if len(rows) < 1:
+                raise TomosegError("Add at least one probability map (apply a network first).")
+            inputs = [
+                MergeInput(
+                    probabilities=probability_of(r.layer.value),
+                    name=str((r.layer.value.metadata or {}).get("feature", r.layer.value.name)),
+                    threshold=float(r.threshold.value),
+                    weight=float(r.weight.value),
+                )
+                for r in rows
+            ]
+            result = merge_probability_maps(inputs)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        first = rows[0].layer.value
+        meta = {
+            "voxel_size": voxel_size_of(first),
+            "voxel_size_unit": "angstrom",
+            **result.layer_metadata(),
+        }
+        kwargs = labels_layer_kwargs(MERGED_LAYER, first.scale, result.names, result.colors, meta)
+        kwargs.update(grid_kwargs(first))
+        if MERGED_LAYER in self.viewer.layers:
+            self.viewer.layers.remove(MERGED_LAYER)
+        layer = self.viewer.add_labels(result.mask, **kwargs)
+        counts = {
+            name: int(np.count_nonzero(result.mask == v))
+            for v, name in enumerate(result.names)
+            if v > 0
+        }
+        self.status.value = ", ".join(f"{n}: {c} voxels" for n, c in counts.items())
+        return layer
+
+    def save(self, path: Any) -> Path | None:
+        """Save the merged mask as an MRC (uint8/uint16) with the voxel size."""
+        if MERGED_LAYER not in self.viewer.layers:
+            notify_error("Merge first, then save.")
+            return None
+        if not path or str(path) in ("", "."):
+            notify_error("Choose a file name for the merged mask (e.g. merged.mrc).")
+            return None
+        layer = self.viewer.layers[MERGED_LAYER]
+        try:
+            out = write_labels(path, np.asarray(layer.data), voxel_size_of(layer))
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        notify_info(f"Saved the merged mask to {out}.")
+        return out

@@ -1,0 +1,169 @@
+"""Render and extract: show a segmentation in 3D (optionally as a surface), pick particles
+into a Points layer and export their coordinates (CSV or RELION .star, Angstrom)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+
+from ..errors import TomosegError
+from ..picking import PickSettings, pick, surface_mesh, write_csv, write_star
+from ._common import (
+    describe_error,
+    grid_kwargs,
+    layer_choices,
+    notify_error,
+    notify_info,
+    voxel_size_of,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+
+class PickWidget(Container):
+    """3D view, surface mesh, particle picking and coordinate export."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.segmentation = ComboBox(label="segmentation", choices=layer_choices(viewer, "labels"))
+        self.show_3d = PushButton(text="Show in 3D")
+        self.feature = SpinBox(label="feature label", value=1, min=1, max=65535)
+        self.mesh_button = PushButton(text="Add surface mesh of this feature")
+        self.min_size = SpinBox(
+            label="min size (voxels)", value=PickSettings.min_size, min=1, max=10_000_000
+        )
+        self.method = ComboBox(
+            label="method", choices=["centroid", "peak"], value=PickSettings.method
+        )
+        self.min_distance = SpinBox(
+            label="min distance (px)", value=PickSettings.min_distance, min=1, max=1000
+        )
+        self.pick_button = PushButton(text="Pick particles")
+        self.export_path = FileEdit(label="export to", mode="w", filter="*.star *.csv")
+        self.export_button = PushButton(text="Export coordinates")
+        self.status = Label(value="")
+        self.extend(
+            [
+                self.segmentation,
+                self.show_3d,
+                self.feature,
+                self.mesh_button,
+                self.min_size,
+                self.method,
+                self.min_distance,
+                self.pick_button,
+                self.export_path,
+                self.export_button,
+                self.status,
+            ]
+        )
+        self.result: Any = None
+        self.show_3d.changed.connect(self.render_3d)
+        self.mesh_button.changed.connect(self.add_mesh)
+        self.pick_button.changed.connect(self.pick)
+        self.export_button.changed.connect(lambda: self.export(self.export_path.value))
+        viewer.layers.events.inserted.connect(self.segmentation.reset_choices)
+        viewer.layers.events.removed.connect(self.segmentation.reset_choices)
+
+    def _layer(self) -> Any:
+        layer = self.segmentation.value
+        if layer is None:
+            raise TomosegError("Choose a segmentation (a Labels layer) first.")
+        return layer
+
+    def render_3d(self, *_: Any) -> None:
+        """Switch to the 3D view with the segmentation shown as a volume."""
+        try:
+            layer = self._layer()
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return
+        self.viewer.dims.ndisplay = 3
+        layer.visible = True
+        layer.opacity = 0.8
+        self.viewer.layers.selection.active = layer
+
+    def add_mesh(self, *_: Any) -> Any:
+        """A Surface layer of one feature's boundary, on the segmentation's grid."""
+        try:
+            layer = self._layer()
+            value = int(self.feature.value)
+            mask = np.asarray(layer.data) == value
+            if not mask.any():
+                raise TomosegError(f"Label {value} does not occur in '{layer.name}'.")
+            vertices, faces = surface_mesh(mask)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        names = layer.metadata.get("class_names") or {}
+        name = names.get(value, f"feature {value}")
+        return self.viewer.add_surface(
+            (vertices, faces), name=f"{name} surface", colormap="cyan", **grid_kwargs(layer)
+        )
+
+    def pick(self, *_: Any) -> Any:
+        """Pick particles of the chosen feature into a Points layer."""
+        try:
+            layer = self._layer()
+            settings = PickSettings(
+                min_size=int(self.min_size.value),
+                method=str(self.method.value),
+                min_distance=int(self.min_distance.value),
+                classes=[int(self.feature.value)],
+            )
+            names = layer.metadata.get("class_names") or {}
+            top = max([int(k) for k in names] + [int(self.feature.value)])
+            class_names = [names.get(i, names.get(str(i), f"feature {i}")) for i in range(top + 1)]
+            self.result = pick(
+                np.asarray(layer.data),
+                voxel_size=voxel_size_of(layer),
+                class_names=class_names,
+                settings=settings,
+            )
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        particles = list(self.result.particles)
+        coords = np.array([[p.z, p.y, p.x] for p in particles], dtype=float).reshape(-1, 3)
+        name = f"{layer.name} particles"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        points = self.viewer.add_points(
+            coords,
+            name=name,
+            size=8,
+            face_color="yellow",
+            border_color="black",
+            features={
+                "class": [p.class_name for p in particles],
+                "size": [p.size for p in particles],
+            },
+            **grid_kwargs(layer),
+        )
+        self.status.value = f"{len(particles)} particles"
+        return points
+
+    def export(self, path: Any) -> Path | None:
+        """Write the picked coordinates to .star (RELION) or .csv, in Angstrom."""
+        if self.result is None:
+            notify_error("Pick particles first.")
+            return None
+        if not path or str(path) in ("", "."):
+            notify_error("Choose a file name ending in .star or .csv.")
+            return None
+        path = Path(path)
+        layer = self.segmentation.value
+        voxel_size = voxel_size_of(layer) if layer is not None else None
+        try:
+            writer = write_csv if path.suffix.lower() == ".csv" else write_star
+            out = writer(path, self.result.particles, voxel_size)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        notify_info(f"Wrote {len(self.result.particles)} coordinates to {out}.")
+        return out

@@ -1,0 +1,422 @@
+"""Training: build the training set from the boxes and train, in a worker thread.
+
+Progress bar, a live loss / validation Dice plot, a Stop button that keeps the best network
+so far, errors as notifications.  When done the training preview (box, manual label, network
+output for each sample) opens as a layer and the network can be saved.  "Copy prediction"
+puts the network's answer into the painting inside the boxes (or on the current slice) for
+the user to correct before retraining.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    SpinBox,
+)
+
+from ..boxes import box_from_shape
+from ..errors import TomosegError
+from ..model_file import load_network, save_network
+from ..models import DEFAULT_ARCHITECTURE, available
+from ..progress import Progress
+from ..training import TrainSettings, iter_train
+from ..trainset import TrainsetSettings, build_training_set
+from ._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE_LAYER
+from ._common import (
+    SESSION,
+    RememberedSettings,
+    TaskRunner,
+    describe_error,
+    layer_choices,
+    notify_error,
+    notify_info,
+    voxel_size_of,
+)
+from ._plot import LinePlot
+
+if TYPE_CHECKING:
+    import napari
+
+PREVIEW_LAYER = "training preview"
+
+
+def class_names_from_layer(labels_layer: Any, labels: np.ndarray) -> tuple[str, ...]:
+    """Class names 0..K for the painted values, from the layer's metadata where named."""
+    named = {int(k): str(v) for k, v in (labels_layer.metadata.get("class_names") or {}).items()}
+    top = max([int(labels.max())] + [k for k in named if k > 0])
+    if top < 1:
+        raise TomosegError(
+            f"Nothing is painted in '{labels_layer.name}': paint the feature inside the "
+            "positive boxes first."
+        )
+    return tuple(named.get(v, "background" if v == 0 else f"feature {v}") for v in range(top + 1))
+
+
+def preview_mosaic(stack: np.ndarray, gap: int = 4) -> np.ndarray:
+    """(N*3, H, W) box/label/output panels -> (N, H, 3W + 2 gap), one sample per slice."""
+    n3, h, w = stack.shape
+    n = n3 // 3
+    mosaic = np.full((n, h, 3 * w + 2 * gap), 0.5, np.float32)
+    for panel in range(3):
+        x0 = panel * (w + gap)
+        mosaic[:, :, x0 : x0 + w] = stack[panel::3]
+    return mosaic
+
+
+class TrainWidget(Container):
+    """Build the training set and train a network from the boxes and the painting."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.tomogram = ComboBox(label="tomogram", choices=layer_choices(viewer, "image"))
+        self.painting = ComboBox(label="painting", choices=layer_choices(viewer, "labels"))
+        self.positive = ComboBox(label="positive boxes", choices=layer_choices(viewer, "shapes"))
+        self.negative = ComboBox(
+            label="negative boxes", choices=layer_choices(viewer, "shapes"), nullable=True
+        )
+        self.ncopy = SpinBox(
+            label="ncopy",
+            value=TrainsetSettings.ncopy,
+            min=1,
+            max=100,
+            tooltip="Rotated/flipped copies per negative box; positives are "
+            "copied to balance them.",
+        )
+        self.normalisation = ComboBox(
+            label="normalise per",
+            choices=["tomogram", "box"],
+            value=TrainsetSettings.normalisation,
+        )
+        self.context = SpinBox(
+            label="context slices",
+            value=TrainsetSettings.context_slices,
+            min=0,
+            max=5,
+            tooltip="Neighbouring slices on each side used "
+            "as extra input channels (2.5D); 0 = single slices.",
+        )
+        self.architecture = ComboBox(
+            label="network", choices=available(), value=DEFAULT_ARCHITECTURE
+        )
+        self.iterations = SpinBox(
+            label="iterations", value=TrainSettings.iterations, min=1, max=1_000_000
+        )
+        self.learning_rate = FloatSpinBox(
+            label="learning rate", value=TrainSettings.learning_rate, min=1e-6, max=1.0, step=1e-4
+        )
+        self.learning_rate.native.setDecimals(6)
+        self.batch_size = SpinBox(
+            label="batch size", value=TrainSettings.batch_size, min=1, max=1024
+        )
+        self.continue_from = FileEdit(
+            label="continue from",
+            mode="r",
+            filter="*.tsnet",
+            nullable=True,
+            value=None,
+            tooltip="Continue training a saved network (use a smaller learning rate, e.g. 1e-4).",
+        )
+        self.continue_current = CheckBox(label="continue the current network", value=False)
+        self.train_button = PushButton(text="Train")
+        self.stop_button = PushButton(text="Stop", enabled=False)
+        self.status = Label(value="")
+        self.save_path = FileEdit(label="save network as", mode="w", filter="*.tsnet")
+        self.save_button = PushButton(text="Save network", enabled=False)
+        self.copy_scope = ComboBox(
+            label="copy prediction", choices=["positive boxes", "current slice"]
+        )
+        self.copy_from = ComboBox(
+            label="from mask", choices=layer_choices(viewer, "labels"), nullable=True
+        )
+        self.copy_button = PushButton(text="Copy prediction into painting")
+        self.extend(
+            [
+                self.tomogram,
+                self.painting,
+                self.positive,
+                self.negative,
+                self.ncopy,
+                self.normalisation,
+                self.context,
+                self.architecture,
+                self.iterations,
+                self.learning_rate,
+                self.batch_size,
+                self.continue_from,
+                self.continue_current,
+                self.train_button,
+                self.stop_button,
+                self.status,
+            ]
+        )
+        self.plot = LinePlot()
+        self.native.layout().addWidget(self.plot)
+        self.extend(
+            [self.save_path, self.save_button, self.copy_scope, self.copy_from, self.copy_button]
+        )
+        self.remembered = RememberedSettings(
+            "train",
+            {
+                "ncopy": self.ncopy,
+                "normalisation": self.normalisation,
+                "context": self.context,
+                "architecture": self.architecture,
+                "iterations": self.iterations,
+                "learning_rate": self.learning_rate,
+                "batch_size": self.batch_size,
+            },
+        )
+        self.runner = TaskRunner("Training")
+        self.result: Any = None
+        self.events_seen = 0
+        self.train_button.changed.connect(self.start_training)
+        self.stop_button.changed.connect(self.runner.stop)
+        self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
+        self.copy_button.changed.connect(self.copy_prediction)
+        for combo in (self.tomogram, self.painting, self.positive, self.negative, self.copy_from):
+            viewer.layers.events.inserted.connect(combo.reset_choices)
+            viewer.layers.events.removed.connect(combo.reset_choices)
+        self.select_default_layers()
+
+    def select_default_layers(self, *_: Any) -> None:
+        """Pick the layers the box widget made, by their names, when present."""
+        self.reset_choices()
+        for combo, name in (
+            (self.painting, PAINT_LAYER),
+            (self.positive, POSITIVE_LAYER),
+            (self.negative, NEGATIVE_LAYER),
+        ):
+            if name in self.viewer.layers:
+                combo.value = self.viewer.layers[name]
+
+    # -- settings -------------------------------------------------------------------------
+    def trainset_settings(self, box_size: int) -> TrainsetSettings:
+        return TrainsetSettings(
+            box_size=box_size,
+            ncopy=int(self.ncopy.value),
+            normalisation=str(self.normalisation.value),
+            context_slices=int(self.context.value),
+        )
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(
+            architecture=str(self.architecture.value),
+            iterations=int(self.iterations.value),
+            learning_rate=float(self.learning_rate.value),
+            batch_size=int(self.batch_size.value),
+        )
+
+    def _initial_network(self) -> Any:
+        if self.continue_current.value:
+            if SESSION.network is None:
+                raise TomosegError("There is no current network to continue; train one first.")
+            return SESSION.network
+        path = self.continue_from.value
+        if path and str(path) not in ("", ".") and Path(path).is_file():
+            return load_network(path)
+        return None
+
+    # -- training -------------------------------------------------------------------------
+    def start_training(self, *_: Any) -> Any:
+        """Gather the layers and train in a worker thread."""
+        try:
+            task, box_size = self._prepare()
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        self.plot.clear()
+        self.events_seen = 0
+        self.train_button.enabled = False
+        self.stop_button.enabled = True
+        self.status.value = "building the training set..."
+        return self.runner.start(
+            task, on_done=self._done, on_progress=self._progress, on_finish=self._finished
+        )
+
+    def _prepare(self) -> tuple[Any, int]:
+        tomo = self.tomogram.value
+        paint = self.painting.value
+        pos_layer = self.positive.value
+        if tomo is None or paint is None or pos_layer is None:
+            raise TomosegError(
+                "Choose the tomogram, the painting and the positive boxes "
+                "(the box widget makes them)."
+            )
+        volume = tomo.data
+        labels = np.asarray(paint.data)
+        box_size = _box_size(pos_layer)
+        positives = [box_from_shape(s, box_size, i) for i, s in enumerate(pos_layer.data)]
+        neg_layer = self.negative.value
+        negatives = (
+            []
+            if neg_layer is None
+            else [box_from_shape(s, box_size, i) for i, s in enumerate(neg_layer.data)]
+        )
+        class_names = class_names_from_layer(paint, labels)
+        voxel_size = voxel_size_of(tomo)
+        ts_settings = self.trainset_settings(box_size)
+        settings = self.train_settings()
+        init = self._initial_network()
+        if init is not None:
+            settings.architecture = init.meta.architecture
+            settings.model_params = dict(init.meta.model_params)
+        source = str((tomo.metadata or {}).get("source_path") or tomo.name)
+
+        def task(should_stop: Any) -> Any:
+            yield Progress("trainset", 0, 1, message="building the training set")
+            trainset = build_training_set(
+                volume,
+                labels,
+                positives,
+                negatives,
+                ts_settings,
+                class_names=class_names,
+                voxel_size=voxel_size,
+                source=source,
+            )
+            yield Progress("trainset", 1, 1, message=f"{len(trainset)} samples")
+            return (yield from iter_train(trainset, settings, init=init, should_stop=should_stop))
+
+        return task, box_size
+
+    def _progress(self, event: Progress) -> None:
+        self.events_seen += 1
+        if event.stage != "train":
+            self.status.value = event.message
+            return
+        loss = event.metrics.get("loss")
+        if loss is not None:
+            self.plot.add_point("loss", event.step, loss)
+        dice = event.metrics.get("val_mean_dice", event.metrics.get("val_mean_foreground_f1"))
+        if dice is not None:
+            self.plot.add_point("val Dice", event.step, dice)
+        self.status.value = f"step {event.step}/{event.total}" + (
+            f", loss {loss:.4f}" if loss is not None else ""
+        )
+
+    def _done(self, result: Any) -> None:
+        self.result = result
+        SESSION.set_network(result.network, "just trained")
+        mean_f1 = result.metrics.get("mean_foreground_f1")
+        state = "stopped" if result.stopped else "finished"
+        text = f"Training {state} in {result.seconds:.0f} s on {result.device}"
+        if mean_f1 is not None:
+            text += f"; validation Dice {mean_f1:.3f}"
+        self.status.value = text
+        self.save_button.enabled = True
+        self.show_preview(result)
+        notify_info(text)
+
+    def _finished(self) -> None:
+        self.train_button.enabled = True
+        self.stop_button.enabled = False
+
+    def show_preview(self, result: Any) -> Any:
+        """Add the training preview (box | label | output per sample) as an image layer."""
+        stack = result.preview.as_stack()
+        if stack.shape[0] == 0:
+            return None
+        mosaic = preview_mosaic(stack)
+        tomo = self.tomogram.value
+        scale = tuple(tomo.scale) if tomo is not None else (1.0, 1.0, 1.0)
+        # Beside the tomogram in X so it never covers it; one sample per Z step.
+        offset_x = (tomo.data.shape[-1] + 16) * scale[-1] if tomo is not None else 0.0
+        if PREVIEW_LAYER in self.viewer.layers:
+            self.viewer.layers.remove(PREVIEW_LAYER)
+        return self.viewer.add_image(
+            mosaic,
+            name=PREVIEW_LAYER,
+            scale=scale,
+            translate=(0.0, 0.0, offset_x),
+            colormap="gray",
+            contrast_limits=(0.0, 1.0),
+            metadata={"panels": ["box", "manual label", "network output"]},
+        )
+
+    def save_network(self, path: Any) -> Path | None:
+        """Save the network trained last (refuses to overwrite an existing file)."""
+        if SESSION.network is None:
+            notify_error("Train a network before saving it.")
+            return None
+        if not path or str(path) in ("", "."):
+            notify_error("Choose a file name for the network (e.g. membrane.tsnet).")
+            return None
+        path = Path(path)
+        if path.suffix != ".tsnet":
+            path = (
+                path.with_suffix(path.suffix + ".tsnet")
+                if path.suffix
+                else path.with_suffix(".tsnet")
+            )
+        try:
+            saved = save_network(SESSION.network, path, overwrite=False)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        notify_info(f"Network saved to {saved}.")
+        return saved
+
+    # -- correct and retrain --------------------------------------------------------------
+    def copy_prediction(self, *_: Any) -> int:
+        """Copy a predicted mask into the painting (inside the positive boxes or on the
+        current slice) so the user only corrects it; returns the number of voxels set."""
+        try:
+            mask_layer = self.copy_from.value
+            paint = self.painting.value
+            if mask_layer is None or paint is None:
+                raise TomosegError(
+                    "Choose the predicted mask (apply a network first) and the painting layer."
+                )
+            if mask_layer.data.shape != paint.data.shape:
+                raise TomosegError(f"'{mask_layer.name}' and '{paint.name}' differ in shape.")
+            regions: list[tuple[Any, ...]] = []
+            if self.copy_scope.value == "current slice":
+                z = int(round(paint.world_to_data(self.viewer.dims.point)[0]))
+                regions.append((z, slice(None), slice(None)))
+            else:
+                pos_layer = self.positive.value
+                if pos_layer is None or len(pos_layer.data) == 0:
+                    raise TomosegError("There are no positive boxes to copy into.")
+                size = _box_size(pos_layer)
+                regions.extend(
+                    box_from_shape(s, size, i).slices() for i, s in enumerate(pos_layer.data)
+                )
+            count = 0
+            for region in regions:
+                predicted = np.asarray(mask_layer.data[region])
+                paint.data[region] = predicted.astype(paint.data.dtype)
+                count += int(np.count_nonzero(predicted))
+            names = dict(paint.metadata.get("class_names") or {0: "background"})
+            for value, name in (mask_layer.metadata.get("class_names") or {}).items():
+                names.setdefault(int(value), str(name))
+            paint.metadata["class_names"] = names
+            paint.refresh()
+            notify_info(
+                f"Copied {count} predicted voxels into '{paint.name}'; correct them "
+                "with the brush, then train again."
+            )
+            return count
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return 0
+
+
+def _box_size(layer: Any) -> int:
+    """The box size of a box layer: the side of its (snapped) rectangles."""
+    if len(layer.data) == 0:
+        raise TomosegError(f"'{layer.name}' has no boxes; place some positive boxes first.")
+    if layer.metadata.get("box_size"):
+        return int(layer.metadata["box_size"])
+    first = np.asarray(layer.data[0])
+    return int(round(float(first[:, -1].max() - first[:, -1].min())))

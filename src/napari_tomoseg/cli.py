@@ -1,0 +1,580 @@
+"""The ``tomoseg`` command: the TomoSeg workflow without a viewer, for batch and cluster work.
+
+Every subcommand calls the same core functions as the napari widgets.  Exit codes: 0 done,
+1 a problem with the input (the message says what to do), 2 wrong arguments, 3 some
+tomograms of a batch failed (the others finished), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import TomosegError
+from .progress import Progress, drive
+
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class ProgressPrinter:
+    """A one-line text progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, stream: TextIO | None = None, quiet: bool = False):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last_line = 0.0
+        self._last_stage = ""
+
+    def __call__(self, event: Progress) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        stage_changed = event.stage != self._last_stage
+        finished = event.total > 0 and event.step >= event.total
+        if not (self.tty or stage_changed or finished or now - self._last_line > 5.0):
+            return
+        self._last_line, self._last_stage = now, event.stage
+        width = 30
+        filled = int(width * event.fraction)
+        bar = "#" * filled + "-" * (width - filled)
+        extra = " ".join(f"{k}={v:.4g}" for k, v in list(event.metrics.items())[:3])
+        text = f"{event.stage:>10} [{bar}] {event.step}/{event.total} {event.message} {extra}"
+        if self.tty:
+            self.stream.write("\r" + text[:150].ljust(150))
+            if finished:
+                self.stream.write("\n")
+        else:
+            self.stream.write(text.rstrip() + "\n")
+        self.stream.flush()
+
+
+class StopOnInterrupt:
+    """First Ctrl-C asks the running task to stop cleanly (keeping its result); a second
+    one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Callable[[], bool]:
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nStopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not in the main thread: no signal handling
+            self._previous = None
+        return lambda: self.requested
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# -- subcommands ------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .demo import DemoSettings, iter_demo
+
+    settings = DemoSettings(
+        feature=args.feature,
+        iterations=args.iterations,
+        seed=args.seed,
+        architecture=args.architecture,
+    )
+    result = drive(iter_demo(args.output_dir, settings, overwrite=args.overwrite), progress)
+    print(
+        f"Trained {result.architecture} on {result.n_positive} positive and "
+        f"{result.n_negative} negative boxes of '{args.feature}'."
+    )
+    val = result.validation.get("mean_foreground_f1")
+    if val is not None:
+        print(f"Validation Dice (boxes held out): {val:.3f}")
+    print(f"Dice of the whole-tomogram mask against the ground truth: {result.dice:.3f}")
+    print("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    for name, path in result.files.items():
+        print(f"  {name}: {path}")
+    if args.viewer:
+        _open_demo_viewer(result)
+    return EXIT_OK
+
+
+def _open_demo_viewer(result: Any) -> None:
+    """Show the demo's tomogram, boxes, painting and result in napari with the widgets."""
+    import napari
+    import numpy as np
+
+    from ._layers import labels_layer_kwargs
+    from .boxes import boxes_to_shapes
+    from .synthetic import CLASS_COLORS, CLASS_NAMES
+
+    sim = result.simulation
+    scale = (float(sim.voxel_size),) * 3
+    viewer = napari.Viewer(title="napari-tomoseg demo")
+    viewer.add_image(sim.tomogram, name="simulated tomogram", scale=scale, units="angstrom")
+    viewer.add_labels(
+        sim.labels,
+        **labels_layer_kwargs("ground truth", scale, CLASS_NAMES, CLASS_COLORS, visible=False),
+    )
+    viewer.add_shapes(
+        boxes_to_shapes(result.positives),
+        ndim=3,
+        name="positive boxes",
+        edge_color="#33dd55",
+        face_color="transparent",
+        scale=scale,
+    )
+    viewer.add_shapes(
+        boxes_to_shapes(result.negatives),
+        ndim=3,
+        name="negative boxes",
+        edge_color="#ee3333",
+        face_color="transparent",
+        scale=scale,
+    )
+    viewer.add_labels(np.asarray(result.mask), name="network mask", scale=scale)
+    for key in ("train_widget", "apply_widget"):
+        viewer.window.add_plugin_dock_widget("napari-tomoseg", _WIDGET_TITLES[key])
+    napari.run()
+
+
+_WIDGET_TITLES = {"train_widget": "3. Train network", "apply_widget": "4. Apply network"}
+
+
+def _cmd_simulate(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .io import write_labels, write_mrc
+    from .synthetic import CLASS_NAMES, SimulationSettings, iter_simulate_tomogram
+
+    settings = SimulationSettings(
+        shape=tuple(args.shape), seed=args.seed, voxel_size=args.voxel_size
+    )
+    sim = drive(iter_simulate_tomogram(settings), progress)
+    write_mrc(args.output, sim.tomogram, sim.voxel_size, overwrite=args.overwrite)
+    print(f"Wrote {args.output}")
+    if args.labels_output:
+        write_labels(args.labels_output, sim.labels, sim.voxel_size, overwrite=args.overwrite)
+        print(
+            f"Wrote {args.labels_output} (classes: "
+            + ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES))
+            + ")"
+        )
+    return EXIT_OK
+
+
+def _cmd_build_trainset(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .boxes import read_boxes_csv
+    from .io import read_tomogram
+    from .trainset import TrainsetSettings, build_training_set
+
+    tomo = read_tomogram(args.tomogram)
+    labels = read_tomogram(args.labels)
+    positives = read_boxes_csv(args.positive, args.box_size)
+    negatives = read_boxes_csv(args.negative, args.box_size) if args.negative else []
+    settings = TrainsetSettings(
+        box_size=args.box_size,
+        ncopy=args.ncopy,
+        normalisation=args.normalisation,
+        context_slices=args.context_slices,
+        seed=args.seed,
+    )
+    class_names = tuple(args.class_names.split(",")) if args.class_names else None
+    progress(Progress("trainset", 0, 1, message="building"))
+    trainset = build_training_set(
+        tomo.data,
+        labels.data,
+        positives,
+        negatives,
+        settings,
+        class_names=class_names,
+        voxel_size=tomo.voxel_size,
+        source=str(args.tomogram),
+    )
+    progress(Progress("trainset", 1, 1, message="done"))
+    out = trainset.save(args.output, overwrite=args.overwrite)
+    print(
+        f"Wrote {out}: {len(trainset)} samples from {len(positives)} positive and "
+        f"{len(negatives)} negative boxes, classes {', '.join(trainset.class_names)}"
+    )
+    return EXIT_OK
+
+
+def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .model_file import load_network, save_network
+    from .training import TrainSettings, iter_train
+    from .trainset import TrainingSet
+
+    trainset = TrainingSet.load(args.trainset)
+    init = load_network(args.from_trained) if args.from_trained else None
+    if init is not None:
+        settings = TrainSettings.continuing(init)
+    else:
+        settings = TrainSettings()
+        if args.architecture:
+            settings.architecture = args.architecture
+    for name in ("iterations", "batch_size", "learning_rate", "device", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise TomosegError(f"{output} already exists; choose another name or add --overwrite.")
+    with StopOnInterrupt() as should_stop:
+        result = drive(
+            iter_train(trainset, settings, init=init, should_stop=should_stop), progress
+        )
+    save_network(result.network, output, overwrite=args.overwrite)
+    state = "stopped early" if result.stopped else "finished"
+    print(f"Training {state} in {result.seconds:.0f} s on {result.device}; saved {output}")
+    for name, m in result.metrics.get("classes", {}).items():
+        print(
+            f"  {name:>18}: precision {m['precision']:.3f} recall {m['recall']:.3f} "
+            f"F1/Dice {m['f1']:.3f}"
+        )
+    return EXIT_OK
+
+
+def _output_names(out_dir: Path, tomogram: Path, feature_label: str) -> tuple[Path, Path]:
+    stem = Path(tomogram.name.removesuffix(".gz")).stem
+    return out_dir / f"{stem}_{feature_label}_mask.mrc", out_dir / f"{stem}_{feature_label}.mrc"
+
+
+def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .inference import ApplySettings, iter_apply_file
+    from .model_file import load_network
+    from .training import select_device
+
+    settings = ApplySettings(
+        threshold=args.threshold,
+        tta=args.tta,
+        shrink=args.shrink,
+        voxel_size_policy=args.voxel_size_policy,
+        device=args.device,
+        tile_size=args.tile_size,
+        batch_size=args.batch_size,
+    )
+    settings.validate()
+    network = load_network(args.network, device=select_device(args.device))
+    label = args.name or Path(args.network).stem
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed: list[tuple[str, str]] = []
+    done = 0
+    with StopOnInterrupt() as should_stop:
+        for i, tomogram in enumerate(args.tomograms, 1):
+            if should_stop():
+                break
+            tomogram = Path(tomogram)
+            mask_path, prob_path = _output_names(out_dir, tomogram, label)
+            print(f"[{i}/{len(args.tomograms)}] {tomogram} -> {mask_path}", file=sys.stderr)
+            try:
+                result = drive(
+                    iter_apply_file(
+                        network,
+                        tomogram,
+                        mask_path,
+                        None if args.no_probabilities else prob_path,
+                        settings=settings,
+                        overwrite=args.overwrite,
+                        should_stop=should_stop,
+                    ),
+                    progress,
+                )
+            except TomosegError as exc:
+                failed.append((str(tomogram), str(exc)))
+                print(f"  failed: {exc}", file=sys.stderr)
+                continue
+            if result.stopped:
+                print("  cancelled: no output written", file=sys.stderr)
+                break
+            done += 1
+            for note in result.notes:
+                print(f"  note: {note}", file=sys.stderr)
+            outputs = [result.mask_path, *result.probability_paths]
+            print("  wrote " + ", ".join(str(p) for p in outputs))
+    print(f"Applied to {done} of {len(args.tomograms)} tomograms; {len(failed)} failed.")
+    for name, reason in failed:
+        print(f"  FAILED {name}: {reason}")
+    if should_stop():
+        return EXIT_INTERRUPTED
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .io import read_tomogram, write_labels
+    from .merge import MergeInput, iter_merge
+
+    n = len(args.probabilities)
+    thresholds = _per_input(args.threshold, n, "--threshold")
+    weights = _per_input(args.weight, n, "--weight")
+    names = (
+        args.names.split(",")
+        if args.names
+        else [Path(p).stem.removesuffix("_prob") for p in args.probabilities]
+    )
+    if len(names) != n:
+        raise TomosegError(f"--names gives {len(names)} names for {n} probability maps.")
+    tomos = [read_tomogram(p) for p in args.probabilities]
+    inputs = [
+        MergeInput(t.data, name, th, w)
+        for t, name, th, w in zip(tomos, names, thresholds, weights)
+    ]
+    result = drive(iter_merge(inputs), progress)
+    write_labels(args.output, result.mask, tomos[0].voxel_size, overwrite=args.overwrite)
+    print(f"Wrote {args.output}:")
+    for value, name in enumerate(result.names):
+        print(f"  {value} = {name}: {result.voxels.get(value, 0)} voxels")
+    return EXIT_OK
+
+
+def _per_input(values: Sequence[float], n: int, flag: str) -> list[float]:
+    if len(values) == 1:
+        return list(values) * n
+    if len(values) != n:
+        raise TomosegError(f"{flag} takes one value or one per map ({n}); got {len(values)}.")
+    return list(values)
+
+
+def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .io import read_tomogram
+    from .picking import PickSettings, pick, write_csv, write_star
+
+    mask = read_tomogram(args.mask)
+    probabilities = read_tomogram(args.probabilities).data if args.probabilities else None
+    settings = PickSettings(
+        min_size=args.min_size,
+        method=args.method,
+        min_distance=args.min_distance,
+        classes=args.feature or None,
+    )
+    names = args.names.split(",") if args.names else None
+    result = pick(
+        mask.data,
+        probabilities=probabilities,
+        voxel_size=mask.voxel_size,
+        class_names=names,
+        settings=settings,
+    )
+    output = Path(args.output)
+    if output.suffix.lower() == ".csv":
+        write_csv(output, result, mask.voxel_size, overwrite=args.overwrite)
+    else:
+        write_star(
+            output,
+            result,
+            mask.voxel_size,
+            overwrite=args.overwrite,
+            tomo_name=Path(args.mask).stem,
+            shape=mask.data.shape,
+        )
+    print(result.summary())
+    print(f"Wrote {len(result.particles)} particles to {output}")
+    return EXIT_OK
+
+
+# -- the parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tomoseg",
+        description="Segment cryo-electron tomograms with networks trained from a few "
+        "painted boxes (EMAN2 TomoSeg workflow). Lengths are in Angstrom, box positions in "
+        "voxels (z, y, x).",
+        epilog="Typical path: build-trainset -> train -> apply -> merge -> pick. "
+        "'tomoseg demo' runs it all on a simulated tomogram.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the whole job on a simulated tomogram",
+        description="Simulate a cell tomogram, box and paint one feature from "
+        "its ground truth, train, apply to the whole tomogram and report the "
+        "Dice against the truth.",
+    )
+    p.add_argument(
+        "--output-dir",
+        default="tomoseg-demo",
+        help="where the MRC files and the network go (default: tomoseg-demo)",
+    )
+    p.add_argument(
+        "--feature",
+        default="single_membrane",
+        help="microtubule, ribosome, double_membrane, single_membrane (default) or carbon_edge",
+    )
+    p.add_argument(
+        "--iterations", type=int, default=600, help="training mini-batches (default 600)"
+    )
+    p.add_argument(
+        "--architecture", default=None, help="network architecture (default: the package default)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--viewer", action="store_true", help="open napari with the result (needs a display)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace earlier demo files")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("simulate", help="write a simulated tomogram and its ground truth")
+    p.add_argument("-o", "--output", required=True, help="tomogram MRC to write")
+    p.add_argument("--labels-output", help="ground-truth labels MRC to write")
+    p.add_argument("--shape", type=int, nargs=3, default=(96, 256, 256), metavar=("Z", "Y", "X"))
+    p.add_argument("--voxel-size", type=float, default=10.0, help="Angstrom (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser(
+        "build-trainset",
+        help="cut boxes into a training set",
+        description="Cut the positive boxes (with their painted labels) and negative boxes "
+        "from a tomogram into rotated/flipped copies, balanced as in EMAN2 TomoSeg.",
+    )
+    p.add_argument("tomogram", help="the tomogram (MRC)")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="painted labels (MRC, same shape; 0 = background, 1.. = features)",
+    )
+    p.add_argument(
+        "--positive",
+        required=True,
+        help="CSV of positive boxes: z,y,x[,size] "
+        "centres in voxels, or a napari Shapes CSV export",
+    )
+    p.add_argument("--negative", help="CSV of negative boxes (same formats)")
+    p.add_argument("--box-size", type=int, default=64, help="box side in pixels (default 64)")
+    p.add_argument("--ncopy", type=int, default=10, help="copies per negative box (default 10)")
+    p.add_argument("--normalisation", choices=["tomogram", "box"], default="tomogram")
+    p.add_argument(
+        "--context-slices",
+        type=int,
+        default=0,
+        help="neighbouring slices per side as extra channels (2.5D)",
+    )
+    p.add_argument(
+        "--class-names", help="comma-separated, background first, e.g. background,membrane"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="training-set file to write (.npz)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_build_trainset)
+
+    p = sub.add_parser(
+        "train",
+        help="train a network on a training set",
+        description="Train a network; Ctrl-C stops cleanly and saves the best network so far.",
+    )
+    p.add_argument("trainset", help="training-set file from build-trainset")
+    p.add_argument("-o", "--output", required=True, help="network file to write (.tsnet)")
+    p.add_argument(
+        "--architecture", help="tomoseg-cnn, unet or unet-lite (default: the package default)"
+    )
+    p.add_argument("--iterations", type=int, help="mini-batches to train")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float, help="e.g. 1e-3; use ~1e-4 to continue")
+    p.add_argument("--from-trained", help="continue training this network file")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "apply",
+        help="segment whole tomograms with a network",
+        description="Apply a network to one or many tomograms. For each, "
+        "writes <name>_<network>_mask.mrc and the probability map(s) "
+        "<name>_<network>[_<class>].mrc (uint8, probability x 255).",
+    )
+    p.add_argument("network", help="network file (.tsnet)")
+    p.add_argument("tomograms", nargs="+", help="tomograms (MRC) of the same pixel size")
+    p.add_argument("--output-dir", default=".", help="folder for the results")
+    p.add_argument("--name", help="label used in output names (default: network file name)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (8x slower)")
+    p.add_argument(
+        "--shrink",
+        type=int,
+        default=1,
+        help="apply on a copy binned by this factor, then unbin the result",
+    )
+    p.add_argument(
+        "--voxel-size-policy",
+        choices=["rescale", "refuse"],
+        default="rescale",
+        help="what to do when the tomogram's voxel size differs from the network's",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-probabilities", action="store_true", help="write only the masks")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge probability maps into one multi-level mask",
+        description="Each voxel gets the number of the map with the highest "
+        "weight x probability among those above their threshold (maps "
+        "numbered 1.. in the order given; ties go to the earlier map); 0 "
+        "where no map claims it.",
+    )
+    p.add_argument("probabilities", nargs="+", help="probability maps (MRC) of one tomogram")
+    p.add_argument("-o", "--output", required=True, help="merged mask (MRC) to write")
+    p.add_argument(
+        "--threshold", type=float, nargs="+", default=[0.5], help="one value, or one per map"
+    )
+    p.add_argument(
+        "--weight", type=float, nargs="+", default=[1.0], help="one value, or one per map"
+    )
+    p.add_argument("--names", help="comma-separated feature names, one per map")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser(
+        "pick",
+        help="extract particle coordinates from a mask",
+        description="Connected components of each feature; one particle per "
+        "component (centroid) or probability/distance peaks. Writes RELION "
+        ".star or .csv with coordinates in Angstrom.",
+    )
+    p.add_argument("mask", help="a mask (MRC) from apply or merge")
+    p.add_argument("-o", "--output", required=True, help=".star or .csv file to write")
+    p.add_argument("--feature", type=int, nargs="+", help="label value(s) to pick (default: all)")
+    p.add_argument("--names", help="comma-separated class names, background first")
+    p.add_argument("--min-size", type=int, default=50, help="smallest component in voxels")
+    p.add_argument("--method", choices=["centroid", "peak"], default="centroid")
+    p.add_argument("--min-distance", type=int, default=10, help="voxels between peaks")
+    p.add_argument("--probabilities", help="probability map (MRC) for peak picking")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_pick)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tomoseg`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    progress = ProgressPrinter(quiet=args.quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return int(args.func(args, progress))
+    except TomosegError as exc:
+        print(f"tomoseg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"tomoseg {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The whole TomoSeg job on a simulated tomogram, with boxes taken from its ground truth.
+
+Used by ``tomoseg demo`` (a headless run of the main job), by the end-to-end tests and by the
+benchmarks: boxes are chosen the way a user would (positives full of the feature, negatives
+free of it), the feature is "painted" from the ground truth, a network is trained, applied to
+the whole tomogram and scored against the truth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .boxes import DEFAULT_BOX_SIZE, Box
+from .errors import TomosegError
+from .progress import Progress, drive
+
+#: Box centres are searched on this pixel grid (finer adds little).
+_GRID_STEP = 8
+
+
+def _box_fractions(mask2d: np.ndarray, box_size: int, step: int) -> tuple[np.ndarray, ...]:
+    """Fraction of ``mask2d`` inside every box of ``box_size`` whose corner lies on the grid."""
+    ny, nx = mask2d.shape
+    integral = np.zeros((ny + 1, nx + 1), np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask2d, axis=0), axis=1)
+    y0 = np.arange(0, ny - box_size + 1, step)
+    x0 = np.arange(0, nx - box_size + 1, step)
+    yy, xx = np.meshgrid(y0, x0, indexing="ij")
+    sums = (
+        integral[yy + box_size, xx + box_size]
+        - integral[yy, xx + box_size]
+        - integral[yy + box_size, xx]
+        + integral[yy, xx]
+    )
+    return sums / float(box_size * box_size), yy, xx
+
+
+def boxes_from_ground_truth(
+    labels: np.ndarray,
+    feature: int | Sequence[int],
+    *,
+    n_positive: int = 10,
+    n_negative: int = 40,
+    box_size: int = DEFAULT_BOX_SIZE,
+    min_fraction: float = 0.04,
+    seed: int = 0,
+    z_range: tuple[float, float] = (0.2, 0.8),
+) -> tuple[list[Box], list[Box]]:
+    """Positive boxes rich in ``feature`` and negative boxes free of it, like a user's.
+
+    Slices are taken from the central part of Z (``z_range`` as fractions), where a real
+    reconstruction is best.  Positives hold at least ``min_fraction`` of feature pixels and
+    are spread over slices and positions; negatives hold none (other structures are fine,
+    as the protocol asks).  Raises :class:`TomosegError` if the volume cannot supply them.
+    """
+    values = [feature] if isinstance(feature, (int, np.integer)) else list(feature)
+    nz, ny, nx = labels.shape
+    if ny < box_size or nx < box_size:
+        raise TomosegError(f"A {box_size}-pixel box does not fit in a {ny} x {nx} slice.")
+    rng = np.random.default_rng(seed)
+    z_lo = int(nz * z_range[0])
+    z_hi = max(int(nz * z_range[1]), z_lo + 1)
+    half = box_size // 2
+    pos_candidates: list[tuple[float, int, int, int]] = []
+    neg_candidates: list[tuple[int, int, int]] = []
+    for z in range(z_lo, z_hi, 2):
+        frac, yy, xx = _box_fractions(np.isin(labels[z], values), box_size, _GRID_STEP)
+        for f, y0, x0 in zip(frac.ravel(), yy.ravel(), xx.ravel()):
+            if f >= min_fraction:
+                pos_candidates.append((float(f), z, int(y0) + half, int(x0) + half))
+            elif f == 0:
+                neg_candidates.append((z, int(y0) + half, int(x0) + half))
+    positives = _spread(pos_candidates, n_positive, box_size, rng, "positive", values)
+    negatives = _spread(
+        [(0.0, *c) for c in neg_candidates], n_negative, box_size, rng, "negative", values
+    )
+    return positives, negatives
+
+
+def _spread(
+    candidates: list[tuple[float, int, int, int]],
+    count: int,
+    box_size: int,
+    rng: np.random.Generator,
+    kind: str,
+    values: list[int],
+) -> list[Box]:
+    """Pick ``count`` candidates at random, keeping chosen boxes apart in 3D."""
+    if count == 0:
+        return []
+    order = rng.permutation(len(candidates))
+    chosen: list[Box] = []
+    for spacing in (box_size, box_size // 2, 0):
+        for i in order:
+            _, z, y, x = candidates[i]
+            if any(
+                abs(b.z - z) < 4 and abs(b.y - y) < spacing and abs(b.x - x) < spacing
+                for b in chosen
+            ) or any((b.z, b.y, b.x) == (z, y, x) for b in chosen):
+                continue
+            chosen.append(Box(z, y, x, box_size))
+            if len(chosen) == count:
+                return chosen
+    raise TomosegError(
+        f"Only {len(chosen)} {kind} boxes of {box_size} px can be placed for label(s) "
+        f"{values}; use a larger volume or fewer boxes."
+    )
+
+
+def dice_scores(prediction: np.ndarray, truth: np.ndarray, values: Sequence[int]) -> dict:
+    """Dice (= F1) of ``prediction == v`` against ``truth == v`` for each value."""
+    scores = {}
+    for v in values:
+        p, t = prediction == v, truth == v
+        denom = int(p.sum()) + int(t.sum())
+        scores[int(v)] = 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
+    return scores
+
+
+@dataclass
+class DemoSettings:
+    """What the demo simulates and trains (defaults: a few minutes on a laptop CPU)."""
+
+    feature: str = "single_membrane"
+    shape: tuple[int, int, int] = (96, 256, 256)
+    seed: int = 0
+    n_positive: int = 10
+    n_negative: int = 40
+    architecture: str | None = None  # None: the default architecture
+    iterations: int = 600
+    threshold: float = 0.5
+
+
+@dataclass
+class DemoResult:
+    """Scores and files of one demo run."""
+
+    dice: float
+    validation: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    n_positive: int = 0
+    n_negative: int = 0
+    architecture: str = ""
+    simulation: Any = None
+    positives: list[Box] = field(default_factory=list)
+    negatives: list[Box] = field(default_factory=list)
+    mask: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+
+
+def iter_demo(
+    output_dir: str | Path | None,
+    settings: DemoSettings | None = None,
+    *,
+    overwrite: bool = False,
+):
+    """Simulate, box, paint, train, apply and score; yields progress, returns DemoResult."""
+    from .inference import ApplySettings, iter_apply
+    from .io import write_labels, write_mrc
+    from .model_file import save_network
+    from .synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram
+    from .training import TrainSettings, iter_train
+    from .trainset import TrainsetSettings, build_training_set
+
+    s = settings or DemoSettings()
+    if s.feature not in CLASS_NAMES[1:]:
+        raise TomosegError(f"Unknown feature {s.feature!r}; choose one of {CLASS_NAMES[1:]}.")
+    value = CLASS_NAMES.index(s.feature)
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    yield Progress("simulate", 0, 1, message=f"simulating a {s.shape} tomogram")
+    sim = simulate_tomogram(SimulationSettings(shape=s.shape, seed=s.seed))
+    seconds["simulate"] = time.perf_counter() - t0
+
+    positives, negatives = boxes_from_ground_truth(
+        sim.labels, value, n_positive=s.n_positive, n_negative=s.n_negative, seed=s.seed
+    )
+    painting = (sim.labels == value).astype(np.uint8)  # paint the feature from the truth
+    t0 = time.perf_counter()
+    yield Progress("trainset", 0, 1, message="building the training set")
+    trainset = build_training_set(
+        sim.tomogram,
+        painting,
+        positives,
+        negatives,
+        TrainsetSettings(seed=s.seed),
+        class_names=("background", s.feature),
+        voxel_size=sim.voxel_size,
+        source="simulated",
+    )
+    seconds["trainset"] = time.perf_counter() - t0
+
+    train_settings = TrainSettings(iterations=s.iterations, seed=s.seed)
+    if s.architecture:
+        train_settings.architecture = s.architecture
+    t0 = time.perf_counter()
+    result = yield from iter_train(trainset, train_settings)
+    seconds["train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    applied = yield from iter_apply(
+        result.network,
+        sim.tomogram,
+        voxel_size=sim.voxel_size,
+        settings=ApplySettings(threshold=s.threshold),
+    )
+    seconds["apply"] = time.perf_counter() - t0
+    mask = np.asarray(applied.mask)
+    dice = dice_scores(mask, painting, [1])[1]
+
+    files: dict[str, Path] = {}
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        vs = sim.voxel_size
+        files["tomogram"] = write_mrc(
+            out / "simulated_tomogram.mrc", sim.tomogram, vs, overwrite=overwrite
+        )
+        files["truth"] = write_labels(
+            out / "ground_truth.mrc", sim.labels, vs, overwrite=overwrite
+        )
+        files["mask"] = write_labels(out / f"{s.feature}_mask.mrc", mask, vs, overwrite=overwrite)
+        files["network"] = save_network(
+            result.network, out / f"{s.feature}.tsnet", overwrite=overwrite
+        )
+    return DemoResult(
+        dice=dice,
+        validation=result.metrics,
+        files=files,
+        seconds=seconds,
+        n_positive=len(positives),
+        n_negative=len(negatives),
+        architecture=result.network.meta.architecture,
+        simulation=sim,
+        positives=positives,
+        negatives=negatives,
+        mask=mask,
+        probabilities=applied.probabilities,
+    )
+
+
+def run_demo(
+    output_dir: str | Path | None,
+    settings: DemoSettings | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+) -> DemoResult:
+    """Run :func:`iter_demo` to the end."""
+    return drive(iter_demo(output_dir, settings, overwrite=overwrite), progress)

@@ -1,0 +1,265 @@
+"""The in-viewer workflow in a real napari viewer (Qt; draws under Xvfb in CI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from napari.utils.notifications import notification_manager  # noqa: E402
+
+from napari_tomoseg._widgets import (  # noqa: E402
+    ApplyWidget,
+    BoxWidget,
+    ImportWidget,
+    MergeWidget,
+    PickWidget,
+    TrainWidget,
+)
+from napari_tomoseg._widgets._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE_LAYER  # noqa: E402
+from napari_tomoseg.demo import boxes_from_ground_truth, dice_scores  # noqa: E402
+from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _settings_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOMOSEG_CONFIG_DIR", str(tmp_path / "config"))
+
+
+@pytest.fixture
+def errors_shown():
+    """Collect the error notifications napari shows."""
+    seen: list[str] = []
+
+    def record(notification):
+        if (
+            str(notification.severity) in ("error", "ERROR")
+            or "error" in str(notification.severity).lower()
+        ):
+            seen.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(record)
+    yield seen
+    notification_manager.notification_ready.disconnect(record)
+
+
+def _small_tomogram(viewer, shape=(24, 96, 96), seed=3):
+    sim = simulate_tomogram(SimulationSettings(shape=shape, seed=seed))
+    scale = (sim.voxel_size,) * 3
+    layer = viewer.add_image(
+        sim.tomogram, name="tomo", scale=scale, metadata={"voxel_size": scale}
+    )
+    return sim, layer
+
+
+def test_new_layers_take_the_tomogram_grid(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer)
+    tomo.translate = (0.0, 50.0, -30.0)
+    widget = BoxWidget(viewer)
+    widget.tomogram.value = tomo
+    box = widget.add_box((12, 40, 50), positive=True)
+    paint = viewer.layers[PAINT_LAYER]
+    shapes = viewer.layers[POSITIVE_LAYER]
+    for layer in (paint, shapes):
+        np.testing.assert_allclose(layer.scale, tomo.scale)
+        np.testing.assert_allclose(layer.translate, tomo.translate)
+    assert paint.data.shape == tomo.data.shape and paint.data.dtype == np.uint8
+    assert (box.z, box.y, box.x) == (12, 40, 50)
+
+
+def test_drawn_rectangles_snap_to_box_size_and_count(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer)
+    widget = BoxWidget(viewer)
+    widget.tomogram.value = tomo
+    widget.box_size.value = 32
+    layer = widget.box_layer(positive=False)
+    layer.add_rectangles(np.array([[5, 10, 10], [5, 10, 70], [5, 60, 70], [5, 60, 10]], float))
+    [box] = widget.boxes(positive=False)
+    rect = np.asarray(layer.data[0])
+    assert rect[:, 1].max() - rect[:, 1].min() == pytest.approx(32)
+    assert rect[:, 2].max() - rect[:, 2].min() == pytest.approx(32)
+    # drawn centre (35, 40); the 32-px box nearest to it covers pixels 20..51 x 25..56
+    assert (box.y0, box.x0, box.y1, box.x1) == (20, 25, 52, 57)
+    assert abs(rect[:, 1].mean() - 35) <= 0.5 and abs(rect[:, 2].mean() - 40) <= 0.5
+    assert "1 negative" in widget.counts.value
+    widget.update_gallery()
+    assert widget.gallery.count == 1
+
+
+def test_click_places_box_on_current_slice(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer)
+    widget = BoxWidget(viewer)
+    widget.tomogram.value = tomo
+    widget.click_mode.value = "positive box"
+
+    class Click:
+        button = 1
+        position = tomo.data_to_world((7, 48, 50))
+
+    widget._on_click(viewer, Click())
+    [box] = widget.boxes(positive=True)
+    assert (box.z, box.y, box.x) == (7, 48, 50)
+
+
+def test_import_bins_and_keeps_voxel_size(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer)
+    widget = ImportWidget(viewer)
+    widget.source.value = tomo
+    widget.shrink.value = 2
+    widget.lowpass.value = 40.0
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=10_000)
+    binned = viewer.layers[-1]
+    assert binned.data.shape == (12, 48, 48)
+    np.testing.assert_allclose(binned.scale, np.asarray(tomo.scale) * 2)
+    assert binned.metadata["voxel_size"] == pytest.approx(tuple(np.asarray(tomo.scale) * 2))
+
+
+def test_failing_training_shows_an_error_notification(make_napari_viewer, qtbot, errors_shown):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer)
+    boxes = BoxWidget(viewer)
+    boxes.tomogram.value = tomo
+    boxes.box_size.value = 32
+    boxes.add_box((12, 48, 48), positive=True)  # a positive box with nothing painted
+    train = TrainWidget(viewer)
+    train.select_default_layers()
+    train.tomogram.value = tomo
+    viewer.layers[PAINT_LAYER].data[3, 5, 5] = 1  # painted, but outside every box
+    worker = train.start_training()
+    assert worker is not None
+    qtbot.waitUntil(lambda: not train.runner.running, timeout=60_000)
+    assert any("no painted voxels" in m for m in errors_shown), errors_shown
+    assert train.train_button.enabled
+
+
+def test_settings_are_remembered(make_napari_viewer):
+    viewer = make_napari_viewer()
+    first = TrainWidget(viewer)
+    first.iterations.value = 123
+    first.learning_rate.value = 0.0005
+    second = TrainWidget(viewer)
+    assert second.iterations.value == 123
+    assert second.learning_rate.value == pytest.approx(0.0005)
+
+
+def test_widgets_dock_side_by_side_without_overlap(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    docks = []
+    for title in (
+        "1. Import tomogram (bin, filter)",
+        "2. Boxes and painting",
+        "3. Train network",
+        "4. Apply network",
+        "5. Merge features",
+        "6. Render and pick",
+    ):
+        dock, _ = viewer.window.add_plugin_dock_widget("napari-tomoseg", title)
+        docks.append(dock)
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    visible = [d for d in docks if d.isVisible() and not d.visibleRegion().isEmpty()]
+    assert len(visible) == len(docks), [d.name for d in docks if d not in visible]
+    rects = [d.geometry() for d in visible]
+    for i in range(len(rects)):
+        for j in range(i + 1, len(rects)):
+            assert not rects[i].intersects(rects[j]), (docks[i].name, docks[j].name)
+
+
+@pytest.mark.slow
+def test_end_to_end_in_the_viewer(make_napari_viewer, qtbot, tmp_path):
+    """Sample -> boxes -> paint -> train (worker) -> apply -> merge two features -> pick."""
+    viewer = make_napari_viewer()
+    image, truth = viewer.open_sample("napari-tomoseg", "simulated_cell")
+    assert image.metadata["voxel_size"] == pytest.approx((10.0, 10.0, 10.0))
+    labels = np.asarray(truth.data)
+    membrane = CLASS_NAMES.index("single_membrane")
+    ribosome = CLASS_NAMES.index("ribosome")
+
+    # Boxes through the widget: the cursor goes where a user would click.
+    boxes = BoxWidget(viewer)
+    boxes.tomogram.value = image
+    pos_mem, negatives = boxes_from_ground_truth(labels, membrane, n_positive=6, n_negative=16)
+    pos_rib, _ = boxes_from_ground_truth(labels, ribosome, n_positive=6, n_negative=0, seed=1)
+    for box in pos_mem + pos_rib:
+        viewer.cursor.position = image.data_to_world((box.z, box.y, box.x))
+        boxes.add_box_at_cursor(positive=True)
+    for box in negatives:
+        boxes.add_box((box.z, box.y, box.x), positive=False)
+    assert len(viewer.layers[POSITIVE_LAYER].data) == 12
+    assert len(viewer.layers[NEGATIVE_LAYER].data) == 16
+
+    # Paint both features from the ground truth, named like a user would.
+    paint = viewer.layers[PAINT_LAYER]
+    for value, name in ((1, "single membrane"), (2, "ribosome")):
+        boxes.feature_value.value = value
+        boxes.feature_name.value = name
+        boxes.name_feature()
+    painted = np.zeros_like(paint.data)
+    painted[labels == membrane] = 1
+    painted[labels == ribosome] = 2
+    paint.data = painted
+
+    # Train in a worker; the event loop must keep running meanwhile.
+    train = TrainWidget(viewer)
+    train.select_default_layers()
+    train.tomogram.value = image
+    train.iterations.value = 150
+    train.ncopy.value = 4
+    ticks = []
+    from qtpy.QtCore import QTimer
+
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(train.runner.running))
+    timer.start(50)
+    worker = train.start_training()
+    assert worker is not None
+    qtbot.waitUntil(lambda: train.result is not None, timeout=600_000)
+    qtbot.waitUntil(lambda: not train.runner.running, timeout=10_000)
+    timer.stop()
+    assert sum(ticks) > 20, "the event loop stalled while training"
+    assert train.events_seen > 100
+    assert "training preview" in viewer.layers
+    assert train.result.network.meta.class_names == ("background", "single membrane", "ribosome")
+    saved = train.save_network(tmp_path / "net.tsnet")
+    assert saved is not None and saved.is_file()
+
+    # Apply: two probability maps and a mask on the tomogram's grid.
+    apply = ApplyWidget(viewer)
+    apply.tomogram.value = image
+    worker = apply.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: len(apply.layers_added) == 3, timeout=600_000)
+    prob_mem, prob_rib, mask_layer = apply.layers_added
+    np.testing.assert_allclose(mask_layer.scale, image.scale)
+    assert mask_layer.metadata["class_names"][2] == "ribosome"
+
+    # Merge the two features.
+    merge = MergeWidget(viewer)
+    assert len(merge.rows) == 2
+    merged = merge.merge()
+    assert merged is not None
+    mask = np.asarray(merged.data)
+    dice = dice_scores(mask, painted, [1, 2])
+    chance = {v: 2 * (painted == v).mean() / (1 + (painted == v).mean()) for v in (1, 2)}
+    assert dice[1] > max(0.3, 5 * chance[1]), (dice, chance)
+    assert dice[2] > max(0.2, 5 * chance[2]), (dice, chance)
+    out = merge.save(tmp_path / "merged.mrc")
+    assert out is not None and out.is_file()
+
+    # Pick ribosomes into a Points layer and export them.
+    pick = PickWidget(viewer)
+    pick.segmentation.value = merged
+    pick.feature.value = 2
+    points = pick.pick()
+    assert points is not None and len(points.data) > 0
+    star = pick.export(tmp_path / "ribosomes.star")
+    assert star is not None and star.is_file()
