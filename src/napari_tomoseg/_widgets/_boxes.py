@@ -119,7 +119,7 @@ class BoxWidget(Container):
         return layer
 
     def _layer(self, name: str) -> Any:
-        return self.viewer.layers.get(name, None)
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def box_layer(self, positive: bool) -> Any:
         """The positive or negative Shapes layer, made on the tomogram's grid if missing."""

@@ -1,0 +1,117 @@
+"""The tomoseg command line: the whole path on a simulated tomogram, errors and exit codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_tomoseg import cli
+from napari_tomoseg.boxes import read_boxes_csv, write_boxes_csv
+from napari_tomoseg.demo import boxes_from_ground_truth
+from napari_tomoseg.io import read_tomogram, write_labels
+from napari_tomoseg.picking import read_star
+from napari_tomoseg.synthetic import CLASS_NAMES
+
+MEMBRANE = CLASS_NAMES.index("single_membrane")
+RIBOSOME = CLASS_NAMES.index("ribosome")
+
+
+def run(*argv: str) -> int:
+    return cli.main(["--quiet", *map(str, argv)])
+
+
+@pytest.mark.parametrize(
+    "command", ["demo", "simulate", "build-trainset", "train", "apply", "merge", "pick"]
+)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: tomoseg " + command in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["apply"])
+    assert exit_info.value.code == cli.EXIT_USAGE
+
+
+def test_missing_input_is_a_clear_error_with_exit_1(tmp_path, capsys):
+    code = run("pick", tmp_path / "missing.mrc", "-o", tmp_path / "out.star")
+    assert code == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "missing.mrc" in err and "does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_box_files_round_trip_and_napari_csv(tmp_path):
+    from napari_tomoseg.boxes import Box
+
+    boxes = [Box(3, 40, 50, 32), Box(7, 60, 60, 32)]
+    path = write_boxes_csv(tmp_path / "b.csv", boxes)
+    assert read_boxes_csv(path) == boxes
+    shapes_csv = tmp_path / "shapes.csv"
+    shapes_csv.write_text(
+        "index,shape-type,vertex-index,axis-0,axis-1,axis-2\n"
+        "0,rectangle,0,5,10,10\n0,rectangle,1,5,10,70\n"
+        "0,rectangle,2,5,60,70\n0,rectangle,3,5,60,10\n"
+    )
+    [box] = read_boxes_csv(shapes_csv, box_size=32)
+    assert box.z == 5 and box.size == 32
+
+
+@pytest.mark.slow
+def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
+    tomo, truth = tmp_path / "tomo.mrc", tmp_path / "truth.mrc"
+    assert run("simulate", "-o", tomo, "--labels-output", truth, "--shape", 48, 160, 160,
+               "--seed", 2) == 0
+    labels = read_tomogram(truth).data
+    voxel = read_tomogram(tomo).voxel_size
+    assert voxel == pytest.approx((10.0, 10.0, 10.0))
+
+    # Paint two features (membrane = 1, ribosome = 2) and box them as a user would.
+    painting = np.zeros(labels.shape, np.uint8)
+    painting[labels == MEMBRANE] = 1
+    painting[labels == RIBOSOME] = 2
+    write_labels(tmp_path / "paint.mrc", painting, voxel)
+    pos_m, neg = boxes_from_ground_truth(labels, [MEMBRANE, RIBOSOME], n_positive=4,
+                                         n_negative=12)
+    pos_r, _ = boxes_from_ground_truth(labels, RIBOSOME, n_positive=4, n_negative=0, seed=3)
+    write_boxes_csv(tmp_path / "pos.csv", pos_m + pos_r)
+    write_boxes_csv(tmp_path / "neg.csv", neg)
+
+    assert run("build-trainset", tomo, "--labels", tmp_path / "paint.mrc", "--positive",
+               tmp_path / "pos.csv", "--negative", tmp_path / "neg.csv", "--ncopy", 3,
+               "--class-names", "background,membrane,ribosome", "-o", tmp_path / "ts.npz") == 0
+    assert run("train", tmp_path / "ts.npz", "-o", tmp_path / "net.tsnet", "--iterations", 40,
+               "--batch-size", 8) == 0
+    # Existing outputs are never replaced without --overwrite.
+    assert run("train", tmp_path / "ts.npz", "-o", tmp_path / "net.tsnet",
+               "--iterations", 1) == cli.EXIT_INPUT
+
+    # Two tomograms at once, one of them corrupt: it fails alone.
+    broken = tmp_path / "broken.mrc"
+    broken.write_bytes(b"not a tomogram" * 100)
+    out = tmp_path / "seg"
+    code = run("apply", tmp_path / "net.tsnet", tomo, broken, "--output-dir", out)
+    assert code == cli.EXIT_PARTIAL
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "broken.mrc" in printed
+    mask_path = out / "tomo_net_mask.mrc"
+    membrane_prob = out / "tomo_net_membrane.mrc"
+    ribosome_prob = out / "tomo_net_ribosome.mrc"
+    for path in (mask_path, membrane_prob, ribosome_prob):
+        assert read_tomogram(path).voxel_size == pytest.approx(voxel)
+    assert not list(out.glob("broken*"))
+
+    merged = tmp_path / "merged.mrc"
+    assert run("merge", membrane_prob, ribosome_prob, "-o", merged, "--names",
+               "membrane,ribosome", "--threshold", 0.5, 0.4) == 0
+    merged_mask = read_tomogram(merged).data
+    assert set(np.unique(merged_mask)) <= {0, 1, 2}
+    assert (merged_mask == 1).any()
+
+    star = tmp_path / "ribosomes.star"
+    assert run("pick", mask_path, "--feature", 2, "--min-size", 20, "-o", star) == 0
+    table = read_star(star)
+    assert all(p.label == 2 for p in table.particles)

@@ -1,0 +1,344 @@
+"""Tests of the cryo-ET simulator: ground truth, imaging physics, determinism, bad input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_tomoseg.errors import TomosegError
+from napari_tomoseg.progress import Progress
+from napari_tomoseg.synthetic import (
+    CARBON_EDGE,
+    CLASS_COLORS,
+    CLASS_NAMES,
+    DOUBLE_MEMBRANE,
+    MICROTUBULE,
+    RIBOSOME,
+    SINGLE_MEMBRANE,
+    SimulatedTomogram,
+    SimulationSettings,
+    _backprojector,
+    _projector,
+    ctf_1d,
+    electron_wavelength,
+    iter_simulate_tomogram,
+    simulate_tomogram,
+)
+
+SMALL = (48, 128, 128)
+
+
+@pytest.fixture(scope="module")
+def default_sim() -> SimulatedTomogram:
+    """The default 96x256x256 volume at 10 A (a few seconds)."""
+    return simulate_tomogram()
+
+
+@pytest.fixture(scope="module")
+def small_sim() -> SimulatedTomogram:
+    return simulate_tomogram(shape=SMALL, seed=0)
+
+
+def _xz_power(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fourier power in the XZ plane averaged over Y, |k| (cycles/voxel), angle from kz."""
+    v = volume - volume.mean()
+    power = (np.abs(np.fft.fft2(v, axes=(0, 2))) ** 2).mean(axis=1)
+    kz = np.fft.fftfreq(v.shape[0])[:, None]
+    kx = np.fft.fftfreq(v.shape[2])[None, :]
+    k = np.broadcast_to(np.hypot(kz, kx), power.shape)
+    angle = np.broadcast_to(np.degrees(np.arctan2(np.abs(kx), np.abs(kz))), power.shape)
+    return power, k, angle
+
+
+def _band_ratio(volume: np.ndarray, lo: float, hi: float) -> float:
+    """Mean power at lo <= angle from the Z axis < hi over mean power far from Z (> 50 deg)."""
+    power, k, angle = _xz_power(volume)
+    band = (k > 0.03) & (k < 0.3)
+    inside = band & (angle >= lo) & (angle < hi)
+    reference = band & (angle > 50)
+    return float(power[inside].mean() / power[reference].mean())
+
+
+# --------------------------------------------------------------------------- API and shapes
+
+
+def test_result_shapes_types_and_metadata(small_sim: SimulatedTomogram) -> None:
+    sim = small_sim
+    assert sim.tomogram.shape == SMALL and sim.tomogram.dtype == np.float32
+    assert sim.labels.shape == SMALL and sim.labels.dtype == np.uint8
+    assert sim.density is not None
+    assert sim.density.shape == SMALL and sim.density.dtype == np.float32
+    assert sim.voxel_size == 10.0
+    assert sim.class_names == CLASS_NAMES
+    assert sim.settings.shape == SMALL and sim.settings.seed == 0
+    assert sim.ribosome_centres.ndim == 2 and sim.ribosome_centres.shape[1] == 3
+    assert np.all(np.isfinite(sim.tomogram))
+    assert abs(float(sim.tomogram.mean())) < 1e-3
+    assert float(sim.tomogram.std()) == pytest.approx(1.0, rel=1e-3)
+    assert int(sim.labels.max()) < len(CLASS_NAMES)
+    np.testing.assert_allclose(sim.tilt_angles, np.arange(-60.0, 60.1, 3.0))
+
+
+def test_class_names_and_colours() -> None:
+    assert CLASS_NAMES == (
+        "background",
+        "microtubule",
+        "ribosome",
+        "double_membrane",
+        "single_membrane",
+        "carbon_edge",
+    )
+    assert set(CLASS_COLORS) == set(range(len(CLASS_NAMES)))
+    assert CLASS_COLORS[0] == "#00000000"
+    assert len(set(CLASS_COLORS.values())) == len(CLASS_NAMES)
+
+
+def test_voxel_size_and_density_can_be_dropped() -> None:
+    sim = simulate_tomogram(shape=(32, 64, 64), voxel_size=20.0, keep_density=False)
+    assert sim.voxel_size == 20.0
+    assert sim.density is None
+    assert sim.tomogram.shape == (32, 64, 64)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_arrays_different_seed_different() -> None:
+    a = simulate_tomogram(shape=(32, 96, 96), seed=7)
+    b = simulate_tomogram(shape=(32, 96, 96), seed=7)
+    c = simulate_tomogram(shape=(32, 96, 96), seed=8)
+    np.testing.assert_array_equal(a.tomogram, b.tomogram)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.density, b.density)
+    np.testing.assert_array_equal(a.ribosome_centres, b.ribosome_centres)
+    assert not np.array_equal(a.labels, c.labels)
+    assert float(np.abs(a.tomogram - c.tomogram).mean()) > 0.5
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+def test_default_volume_has_every_class(default_sim: SimulatedTomogram) -> None:
+    counts = np.bincount(default_sim.labels.ravel(), minlength=len(CLASS_NAMES))
+    fractions = counts / default_sim.labels.size
+    assert fractions[0] > 0.8
+    for cls in (MICROTUBULE, RIBOSOME, DOUBLE_MEMBRANE, SINGLE_MEMBRANE, CARBON_EDGE):
+        assert fractions[cls] > 0.003, (CLASS_NAMES[cls], fractions[cls])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_small_volume_has_every_class(seed: int) -> None:
+    sim = simulate_tomogram(shape=SMALL, seed=seed)
+    present = set(np.unique(sim.labels).tolist())
+    assert present == set(range(len(CLASS_NAMES)))
+
+
+def test_ribosome_centres_lie_in_ribosome_labels(default_sim: SimulatedTomogram) -> None:
+    centres = default_sim.ribosome_centres
+    assert len(centres) >= 10
+    index = np.round(centres).astype(int)
+    assert np.all(index >= 0) and np.all(index < np.array(default_sim.labels.shape))
+    values = default_sim.labels[index[:, 0], index[:, 1], index[:, 2]]
+    assert np.all(values == RIBOSOME)
+
+
+def test_one_ribosome_has_the_volume_of_a_ribosome_at_any_voxel_size() -> None:
+    """A ribosome is ~25-30 nm across (~6000-9000 nm^3), whatever the sampling."""
+    empty = dict(
+        n_microtubules=0,
+        n_vesicles=0,
+        n_mitochondria=0,
+        n_er_tubes=0,
+        n_actin=0,
+        n_gold=0,
+        cell_membrane=False,
+        carbon_edge=False,
+        n_ribosomes=1,
+    )
+    volumes = []
+    for voxel, shape in ((10.0, (48, 64, 64)), (20.0, (24, 32, 32))):
+        sim = simulate_tomogram(shape=shape, voxel_size=voxel, **empty)
+        assert set(np.unique(sim.labels).tolist()) == {0, RIBOSOME}
+        volumes.append(int((sim.labels == RIBOSOME).sum()) * (voxel / 10.0) ** 3)
+    for v in volumes:
+        assert 4000 < v < 12000
+    assert volumes[0] == pytest.approx(volumes[1], rel=0.3)
+
+
+def test_counts_and_flags_are_obeyed() -> None:
+    sim = simulate_tomogram(
+        shape=SMALL, n_ribosomes=0, carbon_edge=False, n_mitochondria=0, n_gold=0
+    )
+    present = set(np.unique(sim.labels).tolist())
+    assert RIBOSOME not in present and CARBON_EDGE not in present
+    assert DOUBLE_MEMBRANE not in present
+    assert len(sim.ribosome_centres) == 0
+    assert float(sim.density.max()) < 5  # no gold without fiducials
+    gold = simulate_tomogram(shape=SMALL, n_gold=3)
+    assert float(gold.density.max()) > 5
+
+
+def test_membrane_label_is_a_bilayer_thick(small_sim: SimulatedTomogram) -> None:
+    """Single-membrane labels are thin shells (~5 nm), not filled regions."""
+    from scipy import ndimage
+
+    membrane = small_sim.labels == SINGLE_MEMBRANE
+    eroded = ndimage.binary_erosion(membrane, iterations=3)
+    assert membrane.sum() > 1000
+    assert eroded.sum() < 0.05 * membrane.sum()
+
+
+# --------------------------------------------------------------------------- imaging physics
+
+
+def test_missing_wedge_is_present(default_sim: SimulatedTomogram) -> None:
+    """Within 30 degrees of the Z axis the reconstruction has lost its Fourier power."""
+    density = _band_ratio(default_sim.density, 0, 27)
+    recon = _band_ratio(default_sim.tomogram, 0, 27)
+    assert density > 0.2  # the clean density does have power there
+    assert recon < 0.1 * density
+
+
+def test_smaller_tilt_range_widens_the_wedge(small_sim: SimulatedTomogram) -> None:
+    narrow = simulate_tomogram(shape=SMALL, seed=0, tilt_max=45.0)
+    band = (33, 42)  # measured inside a +-45 wedge, outside a +-60 one
+    ref = _band_ratio(small_sim.density, *band)
+    assert _band_ratio(small_sim.tomogram, *band) > 0.5 * ref
+    assert _band_ratio(narrow.tomogram, *band) < 0.2 * ref
+
+
+def test_reconstruction_differs_from_density_but_follows_it(
+    small_sim: SimulatedTomogram,
+) -> None:
+    """Matter is dark; CTF and noise keep the correlation well below 1 but above 0."""
+    density = small_sim.density.ravel()
+    noisy = float(np.corrcoef(-small_sim.tomogram.ravel(), density)[0, 1])
+    clean = simulate_tomogram(shape=SMALL, seed=0, snr=math.inf)
+    noise_free = float(np.corrcoef(-clean.tomogram.ravel(), density)[0, 1])
+    assert 0.1 < noisy < 0.7
+    assert noisy < noise_free < 0.85  # noise lowers it; the CTF and wedge alone keep it < 1
+
+
+def test_matter_appears_dark(default_sim: SimulatedTomogram) -> None:
+    tomo, labels = default_sim.tomogram, default_sim.labels
+    assert float(tomo[labels == RIBOSOME].mean()) < -0.2
+    gold = default_sim.density > 5
+    assert gold.any()
+    assert float(np.median(tomo[gold])) < -3
+
+
+def test_phase_flip_changes_the_image(small_sim: SimulatedTomogram) -> None:
+    unflipped = simulate_tomogram(shape=SMALL, seed=0, phase_flip=False)
+    np.testing.assert_array_equal(unflipped.labels, small_sim.labels)
+    assert not np.allclose(unflipped.tomogram, small_sim.tomogram)
+
+
+def test_projector_gives_line_integrals() -> None:
+    """Projecting a disc of radius r gives 2r through its centre and its area in total."""
+    n, r = 65, 20.0
+    z, x = np.mgrid[:n, :n] - (n - 1) / 2
+    disc = (np.hypot(z, x) <= r).astype(np.float32)
+    angles = np.array([0.0, 30.0, 50.0, 60.0])
+    nu = 2 * n + 1
+    proj = (_projector(n, n, angles, nu) @ disc.ravel()).reshape(len(angles), nu)
+    for row in proj:
+        assert row[nu // 2] == pytest.approx(2 * r, rel=0.05)
+        assert row.sum() == pytest.approx(disc.sum(), rel=0.01)
+
+
+def test_backprojector_places_a_ray_where_it_came_from() -> None:
+    """A single detector pixel back-projects along the line x cos(t) - z sin(t) = u."""
+    n, nu = 33, 49
+    angles = np.array([30.0])
+    image = np.zeros(nu, dtype=np.float32)
+    image[nu // 2 + 5] = 1.0  # u = 5
+    back = (_backprojector(n, n, angles, nu) @ image).reshape(n, n)
+    z, x = np.mgrid[:n, :n] - (n - 1) / 2
+    u = x * math.cos(math.radians(30)) - z * math.sin(math.radians(30))
+    assert np.all(back[np.abs(u - 5) >= 1] == 0)
+    assert back[np.abs(u - 5) < 0.25].min() > 0.7
+
+
+def test_ctf_physics() -> None:
+    assert electron_wavelength(300.0) == pytest.approx(0.019687, rel=1e-3)
+    assert electron_wavelength(200.0) == pytest.approx(0.025079, rel=1e-3)
+    settings = SimulationSettings(
+        defocus_um=4.0, spherical_aberration_mm=0.0, amplitude_contrast=0.0, bfactor=0.0
+    )
+    k = np.linspace(0.001, 0.05, 5000)
+    ctf = ctf_1d(k, settings)
+    assert np.all(ctf[k < 0.02] < 0)  # matter dark at low resolution (underfocus)
+    first_zero = k[np.argmax(ctf > 0)]
+    lam = electron_wavelength(300.0)
+    assert first_zero == pytest.approx(1 / math.sqrt(lam * 4.0e4), rel=0.01)
+
+
+# --------------------------------------------------------------------------- progress, errors
+
+
+def test_iter_simulate_reports_progress_and_stops() -> None:
+    gen = iter_simulate_tomogram(shape=(16, 32, 32))
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert all(isinstance(e, Progress) for e in events)
+    assert events[-1].fraction == 1.0
+    assert isinstance(result, SimulatedTomogram)
+
+    stopped = iter_simulate_tomogram(shape=(16, 32, 32), should_stop=lambda: True)
+    with pytest.raises(StopIteration) as info:
+        while True:
+            next(stopped)
+    assert info.value.value is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"shape": (4, 64, 64)},
+        {"shape": (32, 64)},
+        {"voxel_size": 0.0},
+        {"tilt_max": 95.0},
+        {"tilt_step": 0.0},
+        {"snr": -1.0},
+        {"defocus_um": 0.0},
+        {"n_ribosomes": -3},
+        {"no_such_setting": 1},
+    ],
+)
+def test_bad_settings_raise_tomoseg_error(overrides: dict) -> None:
+    with pytest.raises(TomosegError):
+        simulate_tomogram(**overrides)
+
+
+# --------------------------------------------------------------------------- a picture
+
+
+def test_save_central_slice_png(default_sim: SimulatedTomogram) -> None:
+    """Write /tmp/sim_slice.png (tomogram and labels side by side) to look at by eye."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    z = default_sim.tomogram.shape[0] // 2
+    colours = [CLASS_COLORS[i] for i in range(len(CLASS_NAMES))]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    image = default_sim.tomogram[z]
+    lo, hi = np.percentile(image, [1, 99])
+    axes[0].imshow(image, cmap="gray", vmin=lo, vmax=hi)
+    axes[1].imshow(default_sim.labels[z], cmap=ListedColormap(colours), vmin=0, vmax=5)
+    for ax, title in zip(axes, ("reconstruction", "ground truth")):
+        ax.set_title(title)
+        ax.axis("off")
+    path = Path("/tmp/sim_slice.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    assert path.stat().st_size > 10_000
