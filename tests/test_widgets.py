@@ -249,9 +249,10 @@ def test_end_to_end_in_the_viewer(make_napari_viewer, qtbot, tmp_path):
     assert merged is not None
     mask = np.asarray(merged.data)
     dice = dice_scores(mask, painted, [1, 2])
+    # Chance: the Dice of calling every voxel the feature, 2p / (1 + p).
     chance = {v: 2 * (painted == v).mean() / (1 + (painted == v).mean()) for v in (1, 2)}
-    assert dice[1] > max(0.3, 5 * chance[1]), (dice, chance)
-    assert dice[2] > max(0.2, 5 * chance[2]), (dice, chance)
+    assert dice[1] > max(0.3, 3 * chance[1]), (dice, chance)
+    assert dice[2] > max(0.3, 3 * chance[2]), (dice, chance)
     out = merge.save(tmp_path / "merged.mrc")
     assert out is not None and out.is_file()
 
