@@ -1,0 +1,1373 @@
+"""Apply a trained network to whole tomograms: tiled, streaming, seam-free.
+
+The networks are 2D (or 2.5D: ``2 * context_slices + 1`` adjacent Z slices as channels,
+clamped at the Z ends).  A tomogram is processed a few Z slices at a time (``z_chunk``); each
+slice is cut into overlapping square tiles, the tiles of several slices are batched for the
+device, and the tiles' class probabilities are blended back into the slice.
+
+**Exactness.**  All registered architectures are fully convolutional and translation
+equivariant for shifts that are multiples of their total pooling factor (the *alignment*:
+2 for ``tomoseg-cnn``, ``2**depth`` for a U-Net).  A tile's output is then identical to
+whole-slice inference wherever the tile holds the whole receptive field of the output pixel.
+So the tiler
+
+* measures the network's receptive-field *margin* (the farthest input pixel that can change
+  an output pixel) and its alignment once per network (:func:`receptive_field`),
+* starts every tile on a multiple of the alignment,
+* gives each tile zero weight within ``margin`` pixels of an edge that borders another tile,
+  and blends the rest of the overlap with a cosine-squared ramp (a partition of unity).
+
+With ``overlap >= 2 * margin`` (what ``overlap="auto"`` chooses: ``2 * margin`` plus an
+8-pixel ramp, rounded up to the alignment) the tiled result equals whole-slice inference to
+float rounding everywhere except within ``margin`` pixels of the far (bottom / right) edges
+of a slice, where tiles see mirrored padding instead of the network's zero padding.  For
+``tomoseg-cnn`` (15x15 kernels, one 15x15 layer before and two after a 2x2 max-pool, bilinear
+2x upsampling) the measured margin is 37 pixels, so the automatic overlap is 82 pixels; a
+U-Net's is larger (57 px for ``unet-lite``, 117 px for ``unet``: overlaps 128 and 256).
+When the overlap would exceed half of ``tile_size``, the tile grows to twice the overlap.  A
+smaller explicit overlap still blends smoothly (a quarter of it is discarded at each side)
+but is no longer exact; a warning says so.
+
+**Memory.**  Input is read slice by slice (memory-mapped files stay on disk).  Held in
+float32 are only the ``2 * context_slices + 1`` normalised slices around the current one,
+the padded input and one accumulator (n_classes planes) for each slice whose tiles share
+the current batch, and the batch itself; the whole volume never is.  Results go into
+caller-provided arrays, which may be memory maps: :func:`iter_apply_file` writes MRC files
+through ``mrcfile.new_mmap`` into temporary files that are renamed only when the run
+finishes (:func:`napari_tomoseg.io.atomic_path`), so a cancelled or failed run leaves
+nothing under the final names.  Peak memory does not grow with the number of slices
+(measured in the tests with ``tracemalloc``); it grows with the slice area, ``batch_size``
+and ``tile_size``.  ``tomogram`` normalisation reads a fixed-size random sample of the
+volume once (:func:`napari_tomoseg.preprocess.robust_stats`).
+
+**Output.**  Probabilities are stored as ``uint8``: ``value = round(255 * p)``, one (Z, Y, X)
+array per foreground class (also for a binary network: a list of one), and
+:func:`probabilities_as_float` turns any such array (or an MRC read back, where mrcfile
+stores uint8 as mode 6, uint16) into float32.  One byte per voxel is a quarter of float32;
+the 1/255 resolution is far below any network's calibration.  The Labels mask is ``uint8``
+of class indices: for a binary network ``p >= threshold -> 1``; for several classes the
+argmax over all classes (background included), kept only where its probability reaches the
+threshold.
+
+**Voxel size.**  The tomogram's voxel size is compared with the network's (the in-plane
+size it was trained at).  Beyond ``voxel_size_tolerance`` (relative), policy ``"rescale"``
+resamples each slice in-plane to the network's voxel size (bilinear, antialiased when
+shrinking), applies the network and resamples the probabilities back to the tomogram's grid;
+for a 2.5D network the context slices are taken at the network's Z spacing (linear
+interpolation between slices).  Z is never resampled otherwise: a 2D network sees one slice
+at a time.  Policy ``"refuse"`` raises a :class:`TomosegError` naming both sizes.  If either
+size is unknown a warning is issued and the network is applied as is.
+
+**Binning.**  ``ApplySettings.shrink`` (or :func:`apply_binned`) applies the network to a
+mean-binned copy (held in memory, ``1/shrink**3`` of the volume) and brings the
+probabilities back to the full grid with :func:`napari_tomoseg.preprocess.unbin_volume`
+before thresholding.
+
+References: sliding-window inference with blending is the approach of nnU-Net and
+MemBrain-seg (Gaussian weights there; a cosine ramp with a discarded margin here, which
+keeps fully convolutional networks exact); test-time augmentation over the 8 rotations /
+flips of the plane follows Ais and MemBrain-seg.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import mrcfile
+import mrcfile.utils
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MissingVoxelSizeWarning, TomosegError
+from .io import _set_header, atomic_path, read_tomogram
+from .models import predict_proba
+from .preprocess import Normalisation, bin_volume, robust_stats, unbin_volume
+from .progress import Progress, StopCheck, drive, never_stop
+
+#: Stored probability ``value`` means ``p = value / PROBABILITY_SCALE``.
+PROBABILITY_SCALE = 255
+
+#: Width (pixels) of the cosine blending ramp added to ``2 * margin`` by ``overlap="auto"``.
+AUTO_BLEND = 8
+
+VOXEL_SIZE_POLICIES = ("rescale", "refuse")
+TTA_TRANSFORMS = (4, 8)
+
+VoxelSize = float | Sequence[float]
+
+
+# -- settings and results -----------------------------------------------------------------------
+@dataclass
+class ApplySettings:
+    """How a network is applied to a tomogram (shared by widget, CLI and core).
+
+    ``tile_size``: square tile side in pixels (rounded up to the network's alignment).  The
+    default, 512, wastes less work on the overlap than 256: on a CPU a 768x768 slice took
+    2.8 s with 512-px tiles and 4.1 s with 256-px tiles (``tomoseg-cnn``; ``unet-lite``
+    3.2 s and 6.2 s); 512-px tiles of batch 8 fit a few GB of GPU memory.
+    ``overlap``: pixels shared by neighbouring tiles, or ``"auto"`` (exact for fully
+    convolutional networks, see the module notes).  ``batch_size``: tiles per forward pass.
+    ``device``: ``"auto"`` (CUDA, then Apple MPS, then CPU), or a torch device string.
+    ``mixed_precision``: float16 autocast on CUDA (ignored elsewhere).  ``tta``: average the
+    probabilities over ``tta_transforms`` orientations of each tile (8: the four rotations
+    and their mirror images; 4: the flips).  ``threshold``: probability for the mask.
+    ``voxel_size_policy``: ``"rescale"`` or ``"refuse"`` when the tomogram's voxel size
+    differs from the network's by more than ``voxel_size_tolerance`` (relative).
+    ``z_chunk``: Z slices whose tiles are batched together, one progress event each
+    (groups start at multiples of it; ``should_stop`` is checked before every batch).
+    ``shrink``: apply to a copy binned by this factor and unbin the probabilities.
+    """
+
+    tile_size: int = 512
+    overlap: int | str = "auto"
+    batch_size: int = 8
+    device: str = "auto"
+    mixed_precision: bool = True
+    tta: bool = False
+    tta_transforms: int = 8
+    threshold: float = 0.5
+    voxel_size_policy: str = "rescale"
+    voxel_size_tolerance: float = 0.05
+    z_chunk: int = 8
+    shrink: int = 1
+
+    def validate(self) -> None:
+        """Raise :class:`TomosegError` for settings that cannot work."""
+        for name in ("tile_size", "batch_size", "z_chunk", "shrink"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise TomosegError(f"{name} must be a positive integer, got {value!r}.")
+        if self.tile_size < 16:
+            raise TomosegError(f"tile_size must be at least 16 pixels, got {self.tile_size}.")
+        if isinstance(self.overlap, str):
+            if self.overlap != "auto":
+                raise TomosegError(
+                    f"overlap must be a number of pixels or 'auto', got {self.overlap!r}."
+                )
+        elif (
+            isinstance(self.overlap, bool)
+            or not isinstance(self.overlap, (int, np.integer))
+            or self.overlap < 0
+        ):
+            raise TomosegError(f"overlap must be >= 0 pixels or 'auto', got {self.overlap!r}.")
+        elif self.overlap >= self.tile_size:
+            raise TomosegError(
+                f"overlap ({self.overlap}) must be smaller than tile_size ({self.tile_size})."
+            )
+        if self.tta_transforms not in TTA_TRANSFORMS:
+            raise TomosegError(
+                f"tta_transforms must be 4 (flips) or 8 (rotations and flips), "
+                f"got {self.tta_transforms!r}."
+            )
+        if not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0):
+            raise TomosegError(f"threshold must be between 0 and 1, got {self.threshold!r}.")
+        if self.voxel_size_policy not in VOXEL_SIZE_POLICIES:
+            raise TomosegError(
+                f"voxel_size_policy must be one of {VOXEL_SIZE_POLICIES}, "
+                f"got {self.voxel_size_policy!r}."
+            )
+        if not (
+            isinstance(self.voxel_size_tolerance, (int, float)) and self.voxel_size_tolerance >= 0
+        ):
+            raise TomosegError(
+                f"voxel_size_tolerance must be >= 0, got {self.voxel_size_tolerance!r}."
+            )
+        resolve_device(self.device)
+
+
+@dataclass
+class ApplyOutputs:
+    """Arrays (possibly memory maps) that receive a run's results, all of the tomogram's shape.
+
+    ``mask``: uint8 class indices.  ``probabilities``: one uint8 array per foreground class
+    (``value / 255`` is the probability), or ``None`` to keep only the mask.
+    """
+
+    mask: np.ndarray
+    probabilities: list[np.ndarray] | None = None
+
+
+@dataclass
+class ApplyResult:
+    """What a run produced.
+
+    ``probabilities``: one (Z, Y, X) uint8 array per foreground class, in the order of
+    ``foreground_names`` (empty when not kept); read with :func:`probabilities_as_float`.
+    ``mask``: (Z, Y, X) uint8 class indices.  ``class_names``: all classes, background first.
+    ``voxel_size``: the tomogram's (Z, Y, X) in Angstrom, or ``None``.  ``stopped``: the run
+    was cancelled; slices past ``slices_done`` are not filled (and no file was written).
+    For file runs, ``mask_path`` / ``probability_paths`` name the files and the arrays are
+    read-only memory maps of them.  ``notes`` list what was adapted (tile size, rescaling).
+    """
+
+    probabilities: list[np.ndarray]
+    mask: np.ndarray | None
+    class_names: list[str]
+    voxel_size: tuple[float, float, float] | None
+    seconds: float
+    stopped: bool
+    slices_done: int = 0
+    mask_path: Path | None = None
+    probability_paths: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def foreground_names(self) -> list[str]:
+        """Names of the classes that have a probability map (all but the background)."""
+        return list(self.class_names[1:])
+
+    @property
+    def slices_per_second(self) -> float:
+        return self.slices_done / self.seconds if self.seconds > 0 else 0.0
+
+
+def probabilities_as_float(array: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as float32 from stored values (integers are ``value / 255``).
+
+    Accepts what :func:`iter_apply` produces (uint8), an MRC file's data read back (uint16 on
+    disk, see the module notes) or float maps (returned as float32).  Works on slices of
+    memory-mapped volumes, e.g. ``probabilities_as_float(tomogram.data[z])``.
+    """
+    a = np.asarray(array)
+    if a.dtype.kind in "iu":
+        return a.astype(np.float32) / np.float32(PROBABILITY_SCALE)
+    if a.dtype.kind == "f":
+        return a.astype(np.float32, copy=False)
+    raise TomosegError(f"Probability maps must be numeric, got dtype {a.dtype}.")
+
+
+def quantize_probabilities(p: np.ndarray) -> np.ndarray:
+    """uint8 ``round(255 * p)`` of probabilities (clipped to [0, 1])."""
+    q = np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0) * np.float32(PROBABILITY_SCALE)
+    return np.rint(q).astype(np.uint8)
+
+
+def probability_paths(path: str | os.PathLike, foreground_names: Sequence[str]) -> list[Path]:
+    """File names for the probability maps: ``path`` itself for a single foreground class,
+    else one file per class with the class name before the extension (``prob_ribosome.mrc``).
+    """
+    path = Path(path)
+    names = list(foreground_names)
+    if len(names) == 1:
+        return [path]
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".gz") else path.suffix
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    out = []
+    for name in names:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name)) or "class"
+        out.append(path.with_name(f"{stem}_{safe}{suffix}"))
+    if len(set(out)) != len(out):
+        raise TomosegError(
+            f"The class names {names} do not give distinct probability file names; "
+            "rename the classes."
+        )
+    return out
+
+
+# -- device -------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for ``"auto"`` (CUDA, then MPS, then CPU) or a device string."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TomosegError(
+            f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TomosegError(
+            f"Device {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'."
+        )
+    return dev
+
+
+# -- receptive field ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReceptiveField:
+    """How far an output pixel looks (``margin``, pixels each way) and the shift
+    (``alignment``, pixels) for which the network is exactly translation equivariant."""
+
+    margin: int
+    alignment: int
+
+
+_RF_CACHE: weakref.WeakKeyDictionary[nn.Module, ReceptiveField] = weakref.WeakKeyDictionary()
+_MAX_PROBE = 2048
+
+
+class _SupportConv(nn.Module):
+    """Stand-in for a convolution when tracing a receptive field: the input channels are
+    summed and convolved with one positive kernel of the same geometry.
+
+    With positive weights every output channel of a convolution reaches the same pixels, so
+    one channel carries the whole support at a fraction of the cost.
+    """
+
+    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d) -> None:
+        super().__init__()
+        self.transposed = isinstance(conv, nn.ConvTranspose2d)
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.output_padding = getattr(conv, "output_padding", 0)
+        self.padding_mode = conv.padding_mode
+        kh, kw = conv.kernel_size
+        self.register_buffer("kernel", torch.full((1, 1, kh, kw), 1.0 / (kh * kw)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.sum(dim=1, keepdim=True)
+        kernel = self.kernel.to(x.dtype)
+        if self.transposed:
+            return F.conv_transpose2d(
+                x,
+                kernel,
+                stride=self.stride,
+                padding=self.padding,
+                output_padding=self.output_padding,
+                dilation=self.dilation,
+            )
+        padding = self.padding
+        if self.padding_mode != "zeros" and not isinstance(padding, str):
+            ph, pw = padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, kernel, stride=self.stride, padding=padding, dilation=self.dilation)
+
+
+def _support_copy(model: nn.Module) -> nn.Module:
+    """A cheap single-channel float64 CPU copy that reaches the same pixels as ``model``.
+
+    Convolutions become :class:`_SupportConv`, batch norm (a per-channel affine map in
+    evaluation mode) the identity; everything else (pooling, upsampling, activations, skip
+    connections) is kept.  Positive inputs then stay positive, so a positive impulse
+    reaches exactly the pixels the architecture connects it to (no cancellation, no dead
+    ReLU), and its response outlines the receptive field.
+    """
+    probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    for parent in list(probe.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d)):
+                parent._modules[name] = _SupportConv(child)
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+                parent._modules[name] = nn.Identity()
+    return probe
+
+
+def _positive_copy(model: nn.Module) -> nn.Module:
+    """A float64 CPU copy with every weight positive and every bias zero (the general,
+    slower tracer for architectures :func:`_support_copy` cannot reduce)."""
+    probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    with torch.no_grad():
+        for name, p in probe.named_parameters():
+            if p.ndim >= 2:
+                p.fill_(1.0 / max(1, p[0].numel()))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for name, b in probe.named_buffers():
+            if name.endswith("running_mean"):
+                b.zero_()
+            elif name.endswith("running_var"):
+                b.fill_(1.0)
+    return probe
+
+
+def _tracer(model: nn.Module, in_channels: int) -> tuple[nn.Module, int]:
+    """The receptive-field tracer for ``model`` and the network's alignment.
+
+    The alignment (total downsampling) is read from the smallest feature map of a probe
+    pass, rounded up to a power of two.
+    """
+    size = 256
+    for make in (_support_copy, _positive_copy):
+        probe = make(model)
+        sizes: list[int] = []
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any, sizes: list[int] = sizes) -> None:
+            if isinstance(output, torch.Tensor) and output.ndim == 4:
+                sizes.append(int(output.shape[-1]))
+
+        handles = [m.register_forward_hook(hook) for m in probe.modules() if m is not probe]
+        try:
+            with torch.no_grad():
+                probe(torch.zeros((1, in_channels, size, size), dtype=torch.float64))
+        except (RuntimeError, ValueError, TypeError):
+            continue
+        finally:
+            for h in handles:
+                h.remove()
+        smallest = min([s for s in sizes if s > 0] or [size])
+        factor = max(1, size // smallest)
+        return probe, 1 << (factor - 1).bit_length()
+    raise TomosegError(
+        "The network could not be run on a probe image; it does not look like a 2D "
+        "fully convolutional network."
+    )
+
+
+def receptive_field(model: nn.Module, in_channels: int) -> ReceptiveField:
+    """Measure the receptive-field margin and alignment of a 2D network (cached per model).
+
+    The margin is the largest distance (per axis, pixels) between an input pixel and an
+    output pixel it influences, measured on a positive-weight copy of the network (see
+    :func:`_support_copy`) with impulses at several phases of the pooling grid.  It depends
+    on the architecture only, not on the weights.
+    """
+    cached = _RF_CACHE.get(model)
+    if cached is not None:
+        return cached
+    probe, align = _tracer(model, in_channels)
+    phases = sorted({0, align // 2, align - 1})
+    size = max(128, 8 * align)
+    margin = 0
+    while True:
+        centre = (size // 2) // align * align
+        x = torch.zeros((len(phases) + 1, in_channels, size, size), dtype=torch.float64)
+        for i, ph in enumerate(phases):
+            x[i, :, centre + ph, centre + ph] = 1.0
+        with torch.no_grad():
+            y = probe(x)
+        diff = (y[:-1] - y[-1:]).abs().sum(dim=1)  # (phases, H, W)
+        margin = 0
+        touches = False
+        for i, ph in enumerate(phases):
+            ys, xs = torch.nonzero(diff[i] > 0, as_tuple=True)
+            if ys.numel() == 0:
+                continue
+            q = centre + ph
+            margin = max(margin, int((ys - q).abs().max()), int((xs - q).abs().max()))
+            if min(int(ys.min()), int(xs.min())) <= 0 or max(int(ys.max()), int(xs.max())) >= (
+                size - 1
+            ):
+                touches = True
+        if not touches:
+            break
+        if size >= _MAX_PROBE:
+            warnings.warn(
+                f"The network's receptive field is wider than {size // 2} pixels; tiles will "
+                "not reproduce whole-slice inference exactly.",
+                stacklevel=2,
+            )
+            break
+        size *= 2
+    result = ReceptiveField(margin=margin, alignment=align)
+    _RF_CACHE[model] = result
+    return result
+
+
+# -- tiling ---------------------------------------------------------------------------------------
+def _round_up(value: int, multiple: int) -> int:
+    return -(-int(value) // multiple) * multiple
+
+
+def _ramp(n: int) -> np.ndarray:
+    """Rising cosine-squared ramp of ``n`` samples, strictly between 0 and 1."""
+    t = (np.arange(n, dtype=np.float64) + 0.5) / n
+    return np.sin(0.5 * np.pi * t) ** 2
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the square tiles of a (H, W) plane go and how each is weighted."""
+
+    shape: tuple[int, int]
+    tile: int
+    overlap: int
+    margin: int
+    blend: int
+    alignment: int
+    origins_y: tuple[int, ...]
+    origins_x: tuple[int, ...]
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return (self.origins_y[-1] + self.tile, self.origins_x[-1] + self.tile)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.origins_y) * len(self.origins_x)
+
+    def axis_weights(self, index: int, count: int) -> np.ndarray:
+        """1D weights of tile ``index`` of ``count`` along one axis."""
+        w = np.ones(self.tile, dtype=np.float64)
+        m, b, t = self.margin, self.blend, self.tile
+        if index > 0:
+            w[:m] = 0.0
+            if b:
+                w[m : m + b] *= _ramp(b)
+        if index < count - 1:
+            w[t - m :] = 0.0
+            if b:
+                w[t - m - b : t - m] *= _ramp(b)[::-1]
+        return w
+
+    def tiles(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(y0, x0, weight (tile, tile) float32)`` for every tile of the plane.
+
+        A tile's weight depends only on which of its edges border other tiles, so at most
+        nine distinct weight arrays exist; they are shared (read-only) between tiles.
+        """
+        ny, nx = len(self.origins_y), len(self.origins_x)
+        cache: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}
+        for i, y0 in enumerate(self.origins_y):
+            for j, x0 in enumerate(self.origins_x):
+                key = (i > 0, i < ny - 1, j > 0, j < nx - 1)
+                if key not in cache:
+                    w = np.outer(self.axis_weights(i, ny), self.axis_weights(j, nx))
+                    cache[key] = w.astype(np.float32)
+                    cache[key].flags.writeable = False
+                yield y0, x0, cache[key]
+
+    def weight_sum(self) -> np.ndarray:
+        """Sum of all tile weights over the padded plane (> 0 on the plane itself)."""
+        total = np.zeros(self.padded_shape, dtype=np.float32)
+        for y0, x0, w in self.tiles():
+            total[y0 : y0 + self.tile, x0 : x0 + self.tile] += w
+        return total
+
+
+def plan_tiles(
+    shape: tuple[int, int],
+    tile_size: int,
+    overlap: int,
+    margin: int,
+    alignment: int = 1,
+) -> TilePlan:
+    """Lay square tiles over a (H, W) plane.
+
+    Tiles start on multiples of ``alignment`` and share ``overlap`` pixels; the tile size is
+    then trimmed (never grown past ``tile_size``) so the tiles fit the plane with as little
+    padding as possible.  ``margin`` pixels at each inner tile edge get zero weight; the rest
+    of the overlap is a cosine ramp.  Exact for a network with this receptive-field margin
+    when ``overlap >= 2 * margin``.
+    """
+    a = max(1, int(alignment))
+    h, w = (int(s) for s in shape)
+    if h < 1 or w < 1:
+        raise TomosegError(f"Cannot tile an empty plane of shape {shape}.")
+    tile = _round_up(max(int(tile_size), a), a)
+    ov = _round_up(int(overlap), a) if overlap > 0 else 0
+    if ov >= tile:
+        raise TomosegError(
+            f"The overlap ({ov} px) must be smaller than the tile ({tile} px); use larger "
+            "tiles or a smaller overlap."
+        )
+    stride = tile - ov
+    counts = [max(1, -(-(n - ov) // stride)) if n > tile else 1 for n in (h, w)]
+    need = max(n if c == 1 else -(-(n - ov) // c) + ov for n, c in zip((h, w), counts))
+    tile = min(tile, _round_up(need, a))
+    stride = tile - ov
+    origins = []
+    for n in (h, w):
+        c = 1 if n <= tile else -(-(n - ov) // stride)
+        origins.append(tuple(i * stride for i in range(c)))
+    m = int(margin) if ov >= 2 * int(margin) else ov // 4
+    return TilePlan(
+        shape=(h, w),
+        tile=tile,
+        overlap=ov,
+        margin=m,
+        blend=ov - 2 * m,
+        alignment=a,
+        origins_y=origins[0],
+        origins_x=origins[1],
+    )
+
+
+def auto_overlap(rf: ReceptiveField) -> int:
+    """The overlap that makes tiling exact for ``rf``: ``2 * margin`` plus a short ramp."""
+    return _round_up(2 * rf.margin + AUTO_BLEND, rf.alignment)
+
+
+def _effective_tiling(settings: ApplySettings, rf: ReceptiveField) -> tuple[int, int, list[str]]:
+    """Tile size and overlap for these settings and this network, with notes."""
+    notes: list[str] = []
+    tile = _round_up(settings.tile_size, rf.alignment)
+    if settings.overlap == "auto":
+        overlap = auto_overlap(rf)
+        if 2 * overlap > tile:
+            tile = _round_up(2 * overlap, rf.alignment)
+            notes.append(
+                f"tile grown to {tile} px to hold the automatic overlap of {overlap} px "
+                f"(receptive-field margin {rf.margin} px)"
+            )
+    else:
+        overlap = _round_up(int(settings.overlap), rf.alignment)
+        if overlap < 2 * rf.margin:
+            warnings.warn(
+                f"An overlap of {overlap} px is less than twice the network's receptive-field "
+                f"margin ({rf.margin} px): tiles are blended but differ slightly from "
+                f"whole-slice inference near their edges. Use overlap='auto' for exact results.",
+                stacklevel=3,
+            )
+        if overlap >= tile:
+            raise TomosegError(
+                f"overlap ({overlap}) must be smaller than tile_size ({tile}) after rounding "
+                f"to the network's alignment of {rf.alignment} px."
+            )
+    return tile, overlap, notes
+
+
+# -- test-time augmentation ----------------------------------------------------------------------
+def _tta_ops(n: int) -> list[tuple[int, bool]]:
+    """(quarter turns, mirror) pairs: 8 = the dihedral group of the square, 4 = the flips."""
+    if n == 8:
+        return [(k, f) for f in (False, True) for k in range(4)]
+    return [(0, False), (0, True), (2, False), (2, True)]  # id, flip X, rot180 = flip XY, flip Y
+
+
+def _forward_op(x: torch.Tensor, k: int, mirror: bool) -> torch.Tensor:
+    if mirror:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+def _inverse_op(x: torch.Tensor, k: int, mirror: bool) -> torch.Tensor:
+    if k:
+        x = torch.rot90(x, -k, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if mirror else x
+
+
+def _predict_batch(
+    model: nn.Module,
+    batch: np.ndarray,
+    device: torch.device,
+    *,
+    amp: bool,
+    tta: int,
+) -> np.ndarray:
+    """Class probabilities (B, K, T, T) float32 for a batch of normalised tiles."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    ops = _tta_ops(tta) if tta else [(0, False)]
+    ctx = (
+        torch.autocast(device_type="cuda", dtype=torch.float16)
+        if amp and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    total = None
+    with torch.inference_mode(), ctx:
+        for k, mirror in ops:
+            p = predict_proba(model, _forward_op(x, k, mirror)).float()
+            p = _inverse_op(p, k, mirror)
+            total = p if total is None else total + p
+    assert total is not None
+    if len(ops) > 1:
+        total = total / len(ops)
+    return total.cpu().numpy()
+
+
+def _pad_plane(stack: np.ndarray, padded: tuple[int, int]) -> np.ndarray:
+    """Mirror-pad a (C, H, W) stack at the bottom and right to ``padded``."""
+    _, h, w = stack.shape
+    ph, pw = padded[0] - h, padded[1] - w
+    if ph == 0 and pw == 0:
+        return stack
+    mode = "reflect" if h > 1 and w > 1 else "edge"
+    return np.pad(stack, ((0, 0), (0, ph), (0, pw)), mode=mode)
+
+
+def predict_slices(
+    model: nn.Module,
+    stacks: Iterator[tuple[Any, np.ndarray]] | Sequence[tuple[Any, np.ndarray]],
+    plan: TilePlan,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    amp: bool = False,
+    tta: int = 0,
+    n_classes: int | None = None,
+    should_stop: StopCheck = never_stop,
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """Tiled prediction of whole planes: yields ``(key, probabilities (K, H, W) float32)``.
+
+    ``stacks`` gives ``(key, normalised input (C, H, W))`` with H, W = ``plan.shape``.  The
+    tiles of consecutive planes share batches; each plane is yielded as soon as all its tiles
+    are done, so at most a batch's worth of planes is held.  Stops early (yielding nothing
+    more) when ``should_stop()`` is true between batches.
+    """
+    device = resolve_device(device)
+    h, w = plan.shape
+    wsum = plan.weight_sum()
+    tile_list = list(plan.tiles())
+    t = plan.tile
+    acc: dict[int, np.ndarray] = {}
+    keys: dict[int, Any] = {}
+    remaining: dict[int, int] = {}
+    batch: list[np.ndarray] = []
+    where: list[tuple[int, int, int, np.ndarray]] = []
+
+    def run_batch() -> Iterator[tuple[Any, np.ndarray]]:
+        probs = _predict_batch(model, np.stack(batch), device, amp=amp, tta=tta)
+        if n_classes is not None and probs.shape[1] != n_classes:
+            raise TomosegError(
+                f"The network gives {probs.shape[1]} class probabilities but its file "
+                f"records {n_classes} classes; the network file is inconsistent."
+            )
+        for p, (slot, y0, x0, wt) in zip(probs, where):
+            if slot not in acc:
+                acc[slot] = np.zeros((p.shape[0], *plan.padded_shape), dtype=np.float32)
+            acc[slot][:, y0 : y0 + t, x0 : x0 + t] += p * wt
+            remaining[slot] -= 1
+            if remaining[slot] == 0:
+                plane = acc.pop(slot)[:, :h, :w] / wsum[None, :h, :w]
+                yield keys.pop(slot), plane
+                del remaining[slot]
+        batch.clear()
+        where.clear()
+
+    for slot, (key, stack) in enumerate(stacks):
+        if stack.ndim != 3 or tuple(stack.shape[1:]) != (h, w):
+            raise TomosegError(f"Expected a (C, {h}, {w}) stack, got shape {stack.shape}.")
+        padded = _pad_plane(np.asarray(stack, dtype=np.float32), plan.padded_shape)
+        keys[slot] = key
+        remaining[slot] = len(tile_list)
+        for y0, x0, wt in tile_list:
+            batch.append(padded[:, y0 : y0 + t, x0 : x0 + t])
+            where.append((slot, y0, x0, wt))
+            if len(batch) >= batch_size:
+                if should_stop():
+                    return
+                yield from run_batch()
+    if batch:
+        if should_stop():
+            return
+        yield from run_batch()
+
+
+# -- voxel size -----------------------------------------------------------------------------------
+def _voxel_triple(voxel_size: VoxelSize | None) -> tuple[float, float, float] | None:
+    if voxel_size is None:
+        return None
+    values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
+    if values.size == 1:
+        values = np.repeat(values, 3)
+    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise TomosegError(
+            f"Invalid voxel size {voxel_size!r}: give one or three positive Angstrom values."
+        )
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _network_voxel_size(meta: Any) -> float | None:
+    vs = getattr(meta, "voxel_size", None)
+    if vs is None:
+        return None
+    values = np.atleast_1d(np.asarray(vs, dtype=float))
+    value = float(values[-1])
+    return value if np.isfinite(value) and value > 0 else None
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How the tomogram's grid maps onto the network's."""
+
+    plane: tuple[int, int]  # tomogram (H, W)
+    net_plane: tuple[int, int]  # (H', W') the network sees
+    z_step: float  # context spacing in tomogram slices
+
+    @property
+    def rescaled(self) -> bool:
+        return self.plane != self.net_plane
+
+
+def _check_voxel_size(
+    tomo_vs: tuple[float, float, float] | None,
+    net_vs: float | None,
+    shape: tuple[int, int, int],
+    settings: ApplySettings,
+    context: int,
+) -> tuple[_Geometry, list[str]]:
+    plane = (int(shape[1]), int(shape[2]))
+    same = _Geometry(plane=plane, net_plane=plane, z_step=1.0)
+    if tomo_vs is None or net_vs is None:
+        which = "tomogram" if tomo_vs is None else "network"
+        warnings.warn(
+            f"The {which}'s voxel size is unknown, so it cannot be checked against the "
+            f"{'network' if tomo_vs is None else 'tomogram'}'s; applying at the tomogram's "
+            "pixel size as is. Set the voxel size to get a checked (or rescaled) result.",
+            MissingVoxelSizeWarning,
+            stacklevel=4,
+        )
+        return same, []
+    axes = [tomo_vs[1], tomo_vs[2]] + ([tomo_vs[0]] if context > 0 else [])
+    worst = max(abs(v - net_vs) / net_vs for v in axes)
+    if worst <= settings.voxel_size_tolerance:
+        return same, []
+    sizes = " x ".join(f"{v:g}" for v in tomo_vs)
+    if settings.voxel_size_policy == "refuse":
+        raise TomosegError(
+            f"The tomogram's voxel size ({sizes} A, Z x Y x X) differs from the network's "
+            f"({net_vs:g} A) by {100 * worst:.0f}%, more than the tolerance of "
+            f"{100 * settings.voxel_size_tolerance:g}%. Bin or resample the tomogram to "
+            f"{net_vs:g} A, or apply with voxel_size_policy='rescale'."
+        )
+    net_plane = (
+        max(1, round(plane[0] * tomo_vs[1] / net_vs)),
+        max(1, round(plane[1] * tomo_vs[2] / net_vs)),
+    )
+    z_step = net_vs / tomo_vs[0] if context > 0 else 1.0
+    notes = []
+    if net_plane != plane:
+        notes.append(
+            f"rescaled in-plane from {tomo_vs[1]:g} x {tomo_vs[2]:g} A to the network's "
+            f"{net_vs:g} A ({plane[0]} x {plane[1]} -> {net_plane[0]} x {net_plane[1]} px) "
+            "and back"
+        )
+    if z_step != 1.0:
+        notes.append(
+            f"context slices taken {z_step:.3g} slices apart (Z voxel {tomo_vs[0]:g} A, "
+            f"network {net_vs:g} A)"
+        )
+    return _Geometry(plane=plane, net_plane=net_plane, z_step=z_step), notes
+
+
+def _resize(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resampling of (N, H, W) float32 planes to ``size`` (antialiased when shrinking)."""
+    if tuple(planes.shape[-2:]) == tuple(size):
+        return planes
+    t = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None]
+    shrinking = size[0] < planes.shape[-2] or size[1] < planes.shape[-1]
+    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return out[0].numpy()
+
+
+# -- the run --------------------------------------------------------------------------------------
+def _meta_checks(network: Any) -> tuple[Any, nn.Module, list[str], int]:
+    meta = getattr(network, "meta", None)
+    model = getattr(network, "model", None)
+    if meta is None or not isinstance(model, nn.Module):
+        raise TomosegError(
+            "Expected a loaded network (with .model and .meta); load one with "
+            "napari_tomoseg.model_file.load_network(path)."
+        )
+    class_names = [str(n) for n in meta.class_names]
+    n_classes = int(meta.n_classes)
+    if len(class_names) != n_classes or n_classes < 2:
+        raise TomosegError(
+            f"The network records {n_classes} classes but {len(class_names)} class names; "
+            "the network file is inconsistent."
+        )
+    context = int(getattr(meta, "context_slices", 0) or 0)
+    if int(meta.in_channels) != 2 * context + 1:
+        raise TomosegError(
+            f"The network takes {meta.in_channels} input channels but records "
+            f"{context} context slices (expected {2 * context + 1} channels); the network "
+            "file is inconsistent."
+        )
+    return meta, model, class_names, context
+
+
+def _make_mask(p: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 class indices from (K, H, W) probabilities (rules in the module notes)."""
+    if p.shape[0] == 2:
+        return (p[1] >= threshold).astype(np.uint8)
+    best = np.argmax(p, axis=0)
+    top = np.take_along_axis(p, best[None], axis=0)[0]
+    keep = (best > 0) & (top >= threshold)
+    return np.where(keep, best, 0).astype(np.uint8)
+
+
+def _allocate_outputs(
+    shape: tuple[int, int, int],
+    n_foreground: int,
+    out: ApplyOutputs | None,
+    keep_probabilities: bool,
+) -> ApplyOutputs:
+    if out is None:
+        probs = (
+            [np.zeros(shape, dtype=np.uint8) for _ in range(n_foreground)]
+            if keep_probabilities
+            else None
+        )
+        return ApplyOutputs(mask=np.zeros(shape, dtype=np.uint8), probabilities=probs)
+    arrays = [out.mask, *(out.probabilities or [])]
+    for a in arrays:
+        if tuple(a.shape) != shape:
+            raise TomosegError(
+                f"An output array has shape {tuple(a.shape)}; the tomogram's is {shape}."
+            )
+    if out.probabilities is not None and len(out.probabilities) != n_foreground:
+        raise TomosegError(
+            f"{len(out.probabilities)} probability outputs were given for {n_foreground} "
+            "foreground classes."
+        )
+    return out
+
+
+class _SliceSource:
+    """Prepared (rescaled, normalised) slices of the tomogram, cached for the current slab."""
+
+    def __init__(
+        self,
+        volume: np.ndarray,
+        normalisation: Normalisation,
+        stats: tuple[float, float] | None,
+        geometry: _Geometry,
+    ) -> None:
+        self.volume = volume
+        self.norm = normalisation
+        self.stats = stats
+        self.geometry = geometry
+        self.cache: dict[int, np.ndarray] = {}
+
+    def plane(self, index: int) -> np.ndarray:
+        got = self.cache.get(index)
+        if got is None:
+            raw = np.asarray(self.volume[index], dtype=np.float32)[None]
+            raw = _resize(raw, self.geometry.net_plane)
+            if self.norm.mode == "box":
+                got = self.norm.apply_to_volume(raw)[0]
+            else:
+                assert self.stats is not None
+                got = self.norm.apply_with_stats(raw, *self.stats)[0]
+            self.cache[index] = got
+        return got
+
+    def positions(self, z: int, context: int) -> list[tuple[int, int, float]]:
+        """(lower slice, upper slice, fraction) of each context channel of slice ``z``."""
+        nz = self.volume.shape[0]
+        out = []
+        for k in range(-context, context + 1):
+            pos = min(max(z + k * self.geometry.z_step, 0.0), nz - 1.0)
+            lo = int(math.floor(pos))
+            frac = pos - lo
+            hi = min(lo + 1, nz - 1)
+            out.append((lo, hi, frac))
+        return out
+
+    def stack(self, z: int, context: int) -> np.ndarray:
+        """The (C, H', W') input of slice ``z``; slices no longer needed leave the cache."""
+        positions = self.positions(z, context)
+        self.keep_from(min(lo for lo, _, _ in positions))
+        chans = []
+        for lo, hi, frac in positions:
+            a = self.plane(lo)
+            chans.append(a if frac < 1e-6 else (1.0 - frac) * a + frac * self.plane(hi))
+        return np.stack(chans).astype(np.float32, copy=False)
+
+    def keep_from(self, first: int) -> None:
+        for key in [k for k in self.cache if k < first]:
+            del self.cache[key]
+
+
+def iter_apply(
+    network: Any,
+    volume: np.ndarray,
+    *,
+    voxel_size: VoxelSize | None = None,
+    settings: ApplySettings | None = None,
+    should_stop: StopCheck = never_stop,
+    out: ApplyOutputs | None = None,
+    keep_probabilities: bool = True,
+) -> Generator[Progress, None, ApplyResult]:
+    """Apply ``network`` to a (Z, Y, X) ``volume``; yields progress, returns the result.
+
+    ``volume`` may be memory-mapped: it is read slice by slice.  ``voxel_size``
+    is the tomogram's (Z, Y, X, or one value) in Angstrom.  Results go into ``out`` (e.g.
+    memory maps) or new in-memory arrays.  When ``should_stop()`` becomes true the run ends
+    after the current batch and returns with ``stopped=True``.
+    """
+    settings = settings or ApplySettings()
+    settings.validate()
+    meta, model, class_names, context = _meta_checks(network)
+    if volume.ndim != 3:
+        raise TomosegError(
+            f"Networks are applied to 3D (Z, Y, X) tomograms; got shape {tuple(volume.shape)}."
+        )
+    if volume.dtype.kind not in "biuf" or min(volume.shape) < 1:
+        raise TomosegError(
+            f"Cannot apply a network to an array of dtype {volume.dtype} and shape "
+            f"{tuple(volume.shape)}."
+        )
+    vs = _voxel_triple(voxel_size)
+    if settings.shrink > 1:
+        result = yield from _iter_apply_binned(
+            network, volume, vs, settings, should_stop, out, keep_probabilities
+        )
+        return result
+
+    start = time.perf_counter()
+    shape = tuple(int(s) for s in volume.shape)
+    n_fg = len(class_names) - 1
+    outputs = _allocate_outputs(shape, n_fg, out, keep_probabilities)  # type: ignore[arg-type]
+    geometry, notes = _check_voxel_size(vs, _network_voxel_size(meta), shape, settings, context)
+
+    device = resolve_device(settings.device)
+    first_param = next(model.parameters(), None)
+    home = first_param.device if first_param is not None else torch.device("cpu")
+    model.to(device)
+    try:
+        yield Progress("apply", 0, shape[0], message="measuring the network and the tomogram")
+        rf = receptive_field(model, context * 2 + 1)
+        tile, overlap, tile_notes = _effective_tiling(settings, rf)
+        notes += tile_notes
+        plan = plan_tiles(geometry.net_plane, tile, overlap, rf.margin, rf.alignment)
+        norm = Normalisation.from_dict(dict(meta.normalisation))
+        stats = robust_stats(volume) if norm.mode == "tomogram" else None
+        source = _SliceSource(volume, norm, stats, geometry)
+        amp = bool(settings.mixed_precision) and device.type == "cuda"
+        tta = settings.tta_transforms if settings.tta else 0
+        done = 0
+        for z0 in range(0, shape[0], settings.z_chunk):
+            z1 = min(shape[0], z0 + settings.z_chunk)
+            stacks = ((z, source.stack(z, context)) for z in range(z0, z1))
+            for z, probs in predict_slices(
+                model,
+                stacks,
+                plan,
+                device=device,
+                batch_size=settings.batch_size,
+                amp=amp,
+                tta=tta,
+                n_classes=len(class_names),
+                should_stop=should_stop,
+            ):
+                if geometry.rescaled:
+                    probs = _resize(probs, geometry.plane)  # linear: sums stay 1
+                outputs.mask[z] = _make_mask(probs, settings.threshold)
+                if outputs.probabilities is not None:
+                    for k, arr in enumerate(outputs.probabilities):
+                        arr[z] = quantize_probabilities(probs[k + 1])
+                done += 1
+            if done < z1:  # asked to stop between two batches
+                return ApplyResult(
+                    probabilities=list(outputs.probabilities or []),
+                    mask=outputs.mask,
+                    class_names=class_names,
+                    voxel_size=vs,
+                    seconds=time.perf_counter() - start,
+                    stopped=True,
+                    slices_done=done,
+                    notes=notes,
+                )
+            elapsed = time.perf_counter() - start
+            yield Progress(
+                "apply",
+                done,
+                shape[0],
+                message=f"slices {z0}-{z1 - 1} of {shape[0]}",
+                metrics={"slices_per_second": done / elapsed if elapsed > 0 else 0.0},
+            )
+    finally:
+        model.to(home)
+    return ApplyResult(
+        probabilities=list(outputs.probabilities or []),
+        mask=outputs.mask,
+        class_names=class_names,
+        voxel_size=vs,
+        seconds=time.perf_counter() - start,
+        stopped=False,
+        slices_done=shape[0],
+        notes=notes,
+    )
+
+
+class _QuantizingSink:
+    """Array-like target for :func:`unbin_volume` that stores float blocks as uint8."""
+
+    def __init__(self, target: np.ndarray) -> None:
+        self.target = target
+        self.shape = target.shape
+        self.dtype = np.dtype(np.float32)
+
+    def __setitem__(self, key: Any, value: np.ndarray) -> None:
+        self.target[key] = quantize_probabilities(value)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return probabilities_as_float(self.target[key])
+
+
+def _iter_apply_binned(
+    network: Any,
+    volume: np.ndarray,
+    vs: tuple[float, float, float] | None,
+    settings: ApplySettings,
+    should_stop: StopCheck,
+    out: ApplyOutputs | None,
+    keep_probabilities: bool,
+) -> Generator[Progress, None, ApplyResult]:
+    """Apply to a copy binned by ``settings.shrink`` and bring the result to full size."""
+    start = time.perf_counter()
+    shrink = int(settings.shrink)
+    _, _, class_names, _ = _meta_checks(network)
+    shape = tuple(int(s) for s in volume.shape)
+    n_fg = len(class_names) - 1
+    outputs = _allocate_outputs(shape, n_fg, out, keep_probabilities)  # type: ignore[arg-type]
+    yield Progress("bin", 0, 1, message=f"binning by {shrink}")
+    binned = bin_volume(volume, shrink)
+    small_vs = None if vs is None else (vs[0] * shrink, vs[1] * shrink, vs[2] * shrink)
+    inner = yield from iter_apply(
+        network,
+        binned,
+        voxel_size=small_vs,
+        settings=replace(settings, shrink=1),
+        should_stop=should_stop,
+    )
+    notes = [f"applied to a copy binned by {shrink}", *inner.notes]
+    if inner.stopped or should_stop():
+        return ApplyResult(
+            probabilities=list(outputs.probabilities or []),
+            mask=outputs.mask,
+            class_names=class_names,
+            voxel_size=vs,
+            seconds=time.perf_counter() - start,
+            stopped=True,
+            slices_done=0,
+            notes=notes,
+        )
+    del binned
+    full = outputs.probabilities or [np.zeros(shape, dtype=np.uint8) for _ in range(n_fg)]
+    for k, small in enumerate(inner.probabilities):
+        yield Progress("unbin", k, n_fg, message=f"unbinning {class_names[k + 1]}")
+        unbin_volume(
+            probabilities_as_float(small),
+            shrink,
+            shape,
+            clip=(0.0, 1.0),
+            out=_QuantizingSink(full[k]),  # type: ignore[arg-type]
+        )
+        if should_stop():
+            return ApplyResult(
+                probabilities=list(outputs.probabilities or []),
+                mask=outputs.mask,
+                class_names=class_names,
+                voxel_size=vs,
+                seconds=time.perf_counter() - start,
+                stopped=True,
+                slices_done=0,
+                notes=notes,
+            )
+    for z in range(shape[0]):
+        fg = np.stack([probabilities_as_float(f[z]) for f in full])
+        probs = np.concatenate([np.clip(1.0 - fg.sum(axis=0), 0.0, 1.0)[None], fg])
+        outputs.mask[z] = _make_mask(probs, settings.threshold)
+    yield Progress("unbin", n_fg, n_fg, message="done")
+    return ApplyResult(
+        probabilities=list(outputs.probabilities or []),
+        mask=outputs.mask,
+        class_names=class_names,
+        voxel_size=vs,
+        seconds=time.perf_counter() - start,
+        stopped=False,
+        slices_done=shape[0],
+        notes=notes,
+    )
+
+
+def apply_network(
+    network: Any,
+    volume: np.ndarray,
+    callback: Callable[[Progress], None] | None = None,
+    **kw: Any,
+) -> ApplyResult:
+    """Run :func:`iter_apply` to the end (``kw`` as there); ``callback`` sees the progress."""
+    return drive(iter_apply(network, volume, **kw), callback)
+
+
+def apply_binned(
+    network: Any,
+    volume: np.ndarray,
+    shrink: int,
+    *,
+    settings: ApplySettings | None = None,
+    **kw: Any,
+) -> ApplyResult:
+    """Apply to ``volume`` binned by ``shrink``; probabilities and mask come back full size."""
+    settings = replace(settings or ApplySettings(), shrink=shrink)
+    return apply_network(network, volume, settings=settings, **kw)
+
+
+# -- files ----------------------------------------------------------------------------------------
+class _Stopped(Exception):
+    """Raised inside the atomic-write block so a cancelled run's temporary files go away."""
+
+
+class _HeaderStats:
+    """Running min / max / mean / rms of what is written, for the MRC header."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total = 0.0
+        self.total_sq = 0.0
+        self.low = math.inf
+        self.high = -math.inf
+
+    def add(self, plane: np.ndarray) -> None:
+        values = np.asarray(plane, dtype=np.float64)
+        self.n += values.size
+        self.total += float(values.sum())
+        self.total_sq += float(np.square(values).sum())
+        self.low = min(self.low, float(values.min()))
+        self.high = max(self.high, float(values.max()))
+
+    def write(self, header: Any) -> None:
+        if self.n == 0:
+            return
+        mean = self.total / self.n
+        header.dmin = self.low
+        header.dmax = self.high
+        header.dmean = mean
+        header.rms = math.sqrt(max(self.total_sq / self.n - mean * mean, 0.0))
+
+
+class _RecordingArray:
+    """Wraps an output memory map: writes go through and are counted for the header."""
+
+    def __init__(self, target: np.ndarray, stats: _HeaderStats) -> None:
+        self.target = target
+        self.stats = stats
+        self.shape = target.shape
+        self.dtype = np.dtype(np.uint8)
+
+    def __setitem__(self, key: Any, value: np.ndarray) -> None:
+        self.target[key] = value
+        self.stats.add(value)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.target[key]).astype(np.uint8)
+
+
+def iter_apply_file(
+    network: Any,
+    tomogram_path: str | os.PathLike,
+    output_mask_path: str | os.PathLike,
+    output_prob_path: str | os.PathLike | None = None,
+    *,
+    settings: ApplySettings | None = None,
+    overwrite: bool = False,
+    should_stop: StopCheck = never_stop,
+    voxel_size: VoxelSize | None = None,
+) -> Generator[Progress, None, ApplyResult]:
+    """Apply ``network`` to an MRC file, streaming, writing MRC files with the voxel size kept.
+
+    The tomogram is memory-mapped; the mask (uint8 class indices) and, if
+    ``output_prob_path`` is given, the probability maps (``round(255 * p)``, one file per
+    foreground class, see :func:`probability_paths`) are written through memory maps into
+    temporary files renamed at the end.  A cancelled run returns ``stopped=True`` and leaves
+    no file under the final names.  ``voxel_size`` overrides the header's.  The returned
+    result's arrays are read-only memory maps of the written files.
+    """
+    settings = settings or ApplySettings()
+    settings.validate()
+    _, _, class_names, _ = _meta_checks(network)
+    src = Path(tomogram_path)
+    tomo = read_tomogram(src)
+    if tomo.data.ndim != 3:
+        raise TomosegError(f"{src} holds a 2D image; networks are applied to 3D tomograms.")
+    vs = _voxel_triple(voxel_size) if voxel_size is not None else tomo.voxel_size
+    shape = tuple(int(s) for s in tomo.data.shape)
+    mask_path = Path(output_mask_path)
+    prob_paths = probability_paths(output_prob_path, class_names[1:]) if output_prob_path else []
+    targets = [mask_path, *prob_paths]
+    for p in targets:
+        if p.resolve() == src.resolve():
+            raise TomosegError(
+                f"The output {p} would replace the input tomogram; choose another name."
+            )
+        if str(p).lower().endswith(".gz"):
+            raise TomosegError(f"{p}: compressed outputs cannot be streamed; drop the .gz ending.")
+    if len(set(targets)) != len(targets):
+        raise TomosegError("The mask and probability outputs must have different file names.")
+
+    mode = int(mrcfile.utils.mode_from_dtype(np.dtype(np.uint8)))
+    result: ApplyResult | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            tmps = [stack.enter_context(atomic_path(p, overwrite=overwrite)) for p in targets]
+            mrcs = [
+                stack.enter_context(
+                    mrcfile.new_mmap(t, shape=shape, mrc_mode=mode, overwrite=True)
+                )
+                for t in tmps
+            ]
+            stats = [_HeaderStats() for _ in mrcs]
+            arrays = [_RecordingArray(m.data, s) for m, s in zip(mrcs, stats)]
+            outputs = ApplyOutputs(
+                mask=arrays[0],  # type: ignore[arg-type]
+                probabilities=arrays[1:] or None,  # type: ignore[arg-type]
+            )
+            result = yield from iter_apply(
+                network,
+                tomo.data,
+                voxel_size=vs,
+                settings=settings,
+                should_stop=should_stop,
+                out=outputs,
+                keep_probabilities=bool(prob_paths),
+            )
+            if result.stopped:
+                raise _Stopped
+            for m, s in zip(mrcs, stats):
+                s.write(m.header)
+                _set_header(m, vs, tomo.origin)
+                m.flush()
+    except _Stopped:
+        assert result is not None
+        result.mask = None
+        result.probabilities = []
+        return result
+    assert result is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingVoxelSizeWarning)
+        result.mask = read_tomogram(mask_path).data
+        result.probabilities = [read_tomogram(p).data for p in prob_paths]
+    result.mask_path = mask_path
+    result.probability_paths = prob_paths
+    return result
+
+
+def apply_file(
+    network: Any,
+    tomogram_path: str | os.PathLike,
+    output_mask_path: str | os.PathLike,
+    output_prob_path: str | os.PathLike | None = None,
+    callback: Callable[[Progress], None] | None = None,
+    **kw: Any,
+) -> ApplyResult:
+    """Run :func:`iter_apply_file` to the end; ``callback`` sees the progress."""
+    gen = iter_apply_file(network, tomogram_path, output_mask_path, output_prob_path, **kw)
+    return drive(gen, callback)
+
+
+__all__ = [
+    "PROBABILITY_SCALE",
+    "ApplyOutputs",
+    "ApplyResult",
+    "ApplySettings",
+    "ReceptiveField",
+    "TilePlan",
+    "apply_binned",
+    "apply_file",
+    "apply_network",
+    "auto_overlap",
+    "iter_apply",
+    "iter_apply_file",
+    "plan_tiles",
+    "predict_slices",
+    "probabilities_as_float",
+    "probability_paths",
+    "quantize_probabilities",
+    "receptive_field",
+    "resolve_device",
+]

@@ -1,0 +1,845 @@
+"""From a segmentation to numbers: components, counts, volumes, particle coordinates, meshes.
+
+* **Components**: for each feature (label value) the connected regions of the mask
+  (6-connectivity: voxels touching by a face), smaller than ``min_size`` voxels dropped.
+* **Counts and volumes** per feature: components, particles, voxels and cubic nanometres
+  (voxel volume = product of the (Z, Y, X) voxel size in Angstrom / 1000).
+* **Coordinates** (Z, Y, X in voxels; voxel ``i`` has its centre at ``i``, so Angstrom =
+  voxels * voxel size): ``method="centroid"``: one particle per component at its centre
+  of mass; ``method="peak"``: local maxima of a map inside each component, at least
+  ``min_distance`` voxels apart (greedy, strongest first; a plateau gives one peak at its
+  centre).  The map is the class's probability map when given (smoothed with a Gaussian
+  of 1 voxel), else the Euclidean distance to the component's boundary, whose maxima are
+  the centres of touching blobs.
+* **Export**: CSV (``label,class,z,y,x,z_A,y_A,x_A,size,component,score``) and a STAR file
+  for RELION, read back with :func:`read_csv` / :func:`read_star`.
+* **Memory**: one feature at a time, a 1-byte mask and a 4-byte component map of the whole
+  volume (scipy's labelling needs them in memory); everything else is done inside each
+  component's bounding box.  For very large tomograms, pick on a binned mask.
+* **Meshes**: :func:`surface_mesh` extracts a closed, consistently oriented triangle
+  surface (naive surface nets; scipy is not needed and scikit-image is not a dependency)
+  for napari's Surface layer.
+
+STAR convention (one decision, written in every file's comments).  A ``data_general``
+block holds ``_rlnTomoName``, ``_rlnImagePixelSize`` (Angstrom) and ``_rlnTomoSizeX/Y/Z``;
+the ``data_particles`` loop holds ``_rlnTomoName``, ``_rlnCoordinateX/Y/Z`` **in voxels** of
+the picked tomogram (as RELION 4 imports coordinates for a tomogram of that pixel size),
+``_rlnCenteredCoordinateX/Y/ZAngst`` **in Angstrom from the tomogram centre** (RELION 5:
+``(coordinate - size / 2) * voxel size``; written when the voxel size and the tomogram shape
+are known), ``_rlnClassNumber`` (the label value) and ``_rlnAutopickFigureOfMerit`` (the
+score), plus ``_tomosegClassName``, ``_tomosegComponent`` and ``_tomosegSize`` (RELION keeps
+labels it does not know).  Numbers are written with full precision, so a file reads back
+exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from . import __version__
+from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
+from .inference import probabilities_as_float
+from .io import atomic_path
+
+PICK_METHODS = ("centroid", "peak")
+CSV_COLUMNS = ("label", "class", "z", "y", "x", "z_A", "y_A", "x_A", "size", "component", "score")
+
+
+# -- settings and results -----------------------------------------------------------------------
+@dataclass
+class PickSettings:
+    """How particles are found in a mask.
+
+    ``min_size``: components with fewer voxels are ignored.  ``method``: ``"centroid"``
+    (one particle per component) or ``"peak"`` (maxima of the probability or distance map,
+    ``min_distance`` voxels apart).  ``classes``: the label values to pick (``None``: every
+    non-zero label in the mask).
+    """
+
+    min_size: int = 50
+    method: str = "centroid"
+    min_distance: int = 10
+    classes: Sequence[int] | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`TomosegError` for settings that cannot work."""
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)):
+            raise TomosegError(f"min_size must be an integer, got {self.min_size!r}.")
+        if self.min_size < 1:
+            raise TomosegError(f"min_size must be at least 1 voxel, got {self.min_size}.")
+        if self.method not in PICK_METHODS:
+            raise TomosegError(f"method must be one of {PICK_METHODS}, got {self.method!r}.")
+        if (
+            isinstance(self.min_distance, bool)
+            or not isinstance(self.min_distance, (int, np.integer))
+            or self.min_distance < 1
+        ):
+            raise TomosegError(f"min_distance must be >= 1 voxel, got {self.min_distance!r}.")
+        if self.classes is not None:
+            for c in self.classes:
+                if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+                    raise TomosegError(
+                        f"classes must list label values >= 1 (0 is background), got {c!r}."
+                    )
+
+
+@dataclass
+class Particle:
+    """One picked particle: its feature (``label`` value and ``class_name``), position
+    (Z, Y, X in voxels), the ``size`` (voxels) of its component, the component's number
+    within its feature and a ``score`` (peak value, or the component's mean probability)."""
+
+    label: int
+    class_name: str
+    z: float
+    y: float
+    x: float
+    size: int
+    component: int = 0
+    score: float = 1.0
+
+    def position(self) -> tuple[float, float, float]:
+        return (self.z, self.y, self.x)
+
+
+@dataclass
+class FeatureStats:
+    """Counts and volumes of one feature (label value)."""
+
+    label: int
+    name: str
+    components: int
+    particles: int
+    voxels: int
+    volume_nm3: float | None
+
+    @property
+    def mean_component_voxels(self) -> float:
+        return self.voxels / self.components if self.components else 0.0
+
+
+@dataclass
+class PickResult:
+    """Particles and per-feature statistics of one mask."""
+
+    particles: list[Particle]
+    stats: dict[int, FeatureStats]
+    voxel_size: tuple[float, float, float] | None
+    shape: tuple[int, int, int]
+    settings: PickSettings = field(default_factory=PickSettings)
+
+    def coordinates(self) -> np.ndarray:
+        """(N, 3) Z, Y, X positions in voxels."""
+        return np.array([p.position() for p in self.particles], dtype=np.float64).reshape(-1, 3)
+
+    def coordinates_angstrom(self) -> np.ndarray:
+        """(N, 3) Z, Y, X positions in Angstrom (needs the voxel size)."""
+        if self.voxel_size is None:
+            raise TomosegError("The voxel size is unknown, so positions cannot be in Angstrom.")
+        return self.coordinates() * np.asarray(self.voxel_size)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Particles per feature name."""
+        return {s.name: s.particles for s in self.stats.values()}
+
+    @property
+    def volumes_nm3(self) -> dict[str, float | None]:
+        """Volume (nm^3) of the kept components per feature name."""
+        return {s.name: s.volume_nm3 for s in self.stats.values()}
+
+    def summary(self) -> str:
+        """One line per feature, for a log or a notification."""
+        lines = []
+        for s in self.stats.values():
+            vol = f", {s.volume_nm3:.4g} nm^3" if s.volume_nm3 is not None else ""
+            lines.append(
+                f"{s.name}: {s.particles} particles in {s.components} components, "
+                f"{s.voxels} voxels{vol}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class ParticleTable:
+    """What :func:`read_csv` / :func:`read_star` return."""
+
+    particles: list[Particle]
+    voxel_size: tuple[float, float, float] | None = None
+    tomo_name: str | None = None
+    shape: tuple[int, int, int] | None = None
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _voxel_triple(voxel_size: Any) -> tuple[float, float, float] | None:
+    if voxel_size is None:
+        return None
+    values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
+    if values.size == 1:
+        values = np.repeat(values, 3)
+    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise TomosegError(
+            f"Invalid voxel size {voxel_size!r}: give one or three positive Angstrom values."
+        )
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _class_name(class_names: Any, label: int) -> str:
+    if class_names is None:
+        return f"feature {label}"
+    if isinstance(class_names, Mapping):
+        return str(class_names.get(label, f"feature {label}"))
+    names = list(class_names)
+    return str(names[label]) if 0 <= label < len(names) else f"feature {label}"
+
+
+def _probability_for(probabilities: Any, label: int, n_picked: int) -> np.ndarray | None:
+    if probabilities is None:
+        return None
+    if isinstance(probabilities, Mapping):
+        return probabilities.get(label)
+    if hasattr(probabilities, "ndim") and probabilities.ndim == 3:
+        if n_picked != 1:
+            raise TomosegError(
+                "One probability map was given for several features; give a list (one map "
+                "per foreground class) or a dict label -> map."
+            )
+        return probabilities
+    maps = list(probabilities)
+    return maps[label - 1] if 1 <= label <= len(maps) else None
+
+
+# -- picking --------------------------------------------------------------------------------------
+def _bincount(labels: np.ndarray, minlength: int) -> np.ndarray:
+    """Voxels per value of a non-negative integer volume, a block of slices at a time (so
+    no full-size int64 copy is made)."""
+    counts = np.zeros(max(1, minlength), dtype=np.int64)
+    step = max(1, 4_000_000 // max(1, int(np.prod(labels.shape[1:]))))
+    for z0 in range(0, labels.shape[0], step):
+        part = np.bincount(np.asarray(labels[z0 : z0 + step]).ravel())
+        if part.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(part.size - counts.size, np.int64)])
+        counts[: part.size] += part
+    return counts
+
+
+def _peaks(
+    value: np.ndarray, region: np.ndarray, min_distance: int
+) -> list[tuple[np.ndarray, float]]:
+    """Greedy non-maximum suppression of the local maxima of ``value`` inside ``region``.
+
+    Returns ``(position (3,), value)`` per peak; a peak's position is the mean of the
+    equally high candidates it suppressed (the centre of a plateau).
+    """
+    footprint = 2 * min_distance + 1
+    filled = np.where(region, value, -np.inf)
+    local_max = ndimage.maximum_filter(filled, size=footprint, mode="constant", cval=-np.inf)
+    cand = np.argwhere(region & (filled >= local_max))
+    if cand.size == 0:
+        return []
+    vals = filled[tuple(cand.T)]
+    order = np.lexsort((cand[:, 2], cand[:, 1], cand[:, 0], -vals))
+    cand = cand[order].astype(np.float64)
+    vals = vals[order]
+    owner = np.full(len(cand), -1)
+    peaks: list[int] = []
+    for i in range(len(cand)):
+        if owner[i] >= 0:
+            continue
+        owner[i] = i
+        peaks.append(i)
+        d = np.sqrt(((cand - cand[i]) ** 2).sum(axis=1))
+        near = (d < min_distance) & (owner < 0)
+        owner[near] = i
+    out = []
+    scale = max(1.0, float(np.max(np.abs(vals))))
+    for i in peaks:
+        same = (owner == i) & (vals >= vals[i] - 1e-6 * scale)
+        out.append((cand[same].mean(axis=0), float(vals[i])))
+    return out
+
+
+def pick(
+    mask: np.ndarray,
+    *,
+    probabilities: Any = None,
+    voxel_size: Any = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    settings: PickSettings | None = None,
+) -> PickResult:
+    """Find the components of each feature of ``mask`` and their particles.
+
+    ``probabilities``: a (Z, Y, X) map when one feature is picked, a list with one map per
+    foreground class (label ``k`` uses entry ``k - 1``, as :mod:`napari_tomoseg.inference`
+    returns them) or a dict label -> map; float or stored ``value / 255`` integers.  They
+    place ``"peak"`` particles and give centroids a score.  ``voxel_size`` (Z, Y, X or one
+    value, Angstrom) gives volumes in nm^3.  ``class_names``: index (or dict key) = label.
+    """
+    settings = settings or PickSettings()
+    settings.validate()
+    if not hasattr(mask, "ndim") or mask.ndim != 3:
+        raise TomosegError(
+            f"Picking needs a 3D (Z, Y, X) mask, got shape {getattr(mask, 'shape', None)}."
+        )
+    if np.dtype(mask.dtype).kind not in "biu":
+        raise TomosegError(f"The mask must hold integer labels, got dtype {mask.dtype}.")
+    vs = _voxel_triple(voxel_size)
+    labels_arr = np.asarray(mask)
+    if labels_arr.dtype == np.bool_:
+        labels_arr = labels_arr.astype(np.uint8)
+    if labels_arr.size and int(labels_arr.min()) < 0:
+        raise TomosegError("The mask has negative labels; labels are 0 (background) or more.")
+    present = _bincount(labels_arr, 1)
+    if settings.classes is None:
+        classes = [v for v in range(1, len(present)) if present[v] > 0]
+    else:
+        classes = sorted({int(c) for c in settings.classes})
+    voxel_nm3 = None if vs is None else vs[0] * vs[1] * vs[2] / 1000.0
+    particles: list[Particle] = []
+    stats: dict[int, FeatureStats] = {}
+    for label in classes:
+        name = _class_name(class_names, label)
+        prob = _probability_for(probabilities, label, len(classes))
+        if prob is not None and tuple(prob.shape) != tuple(labels_arr.shape):
+            raise TomosegError(
+                f"The probability map for {name!r} has shape {tuple(prob.shape)}, the mask "
+                f"{tuple(labels_arr.shape)}."
+            )
+        comps, n = ndimage.label(labels_arr == label)
+        sizes = _bincount(comps, n + 1)
+        kept = [c for c in range(1, n + 1) if sizes[c] >= settings.min_size]
+        boxes = ndimage.find_objects(comps) if kept else []
+        before = len(particles)
+        for number, c in enumerate(kept, start=1):
+            box = boxes[c - 1]
+            assert box is not None
+            if settings.method == "peak":  # one voxel of background around the component
+                box = tuple(
+                    slice(max(0, s.start - 1), min(n_ax, s.stop + 1))
+                    for s, n_ax in zip(box, comps.shape)
+                )
+            region = comps[box] == c
+            offset = np.array([s.start for s in box], dtype=np.float64)
+            if settings.method == "centroid":
+                where = np.argwhere(region)
+                score = (
+                    float(probabilities_as_float(prob[box])[region].mean())
+                    if prob is not None
+                    else 1.0
+                )
+                found = [(where.mean(axis=0), score)]
+            else:
+                if prob is not None:
+                    value = ndimage.gaussian_filter(probabilities_as_float(prob[box]), 1.0)
+                else:
+                    value = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
+                found = _peaks(value, region, int(settings.min_distance))
+            for pos, score in found:
+                z, y, x = pos + offset
+                particles.append(
+                    Particle(
+                        label=label,
+                        class_name=name,
+                        z=float(z),
+                        y=float(y),
+                        x=float(x),
+                        size=int(sizes[c]),
+                        component=number,
+                        score=float(score),
+                    )
+                )
+        del comps
+        voxels = int(sum(int(sizes[c]) for c in kept))
+        stats[label] = FeatureStats(
+            label=label,
+            name=name,
+            components=len(kept),
+            particles=len(particles) - before,
+            voxels=voxels,
+            volume_nm3=None if voxel_nm3 is None else voxels * voxel_nm3,
+        )
+    return PickResult(
+        particles=particles,
+        stats=stats,
+        voxel_size=vs,
+        shape=tuple(int(s) for s in labels_arr.shape),  # type: ignore[arg-type]
+        settings=settings,
+    )
+
+
+# -- CSV ------------------------------------------------------------------------------------------
+def _particles_of(particles: Sequence[Particle] | PickResult) -> list[Particle]:
+    if isinstance(particles, PickResult):
+        return list(particles.particles)
+    out = list(particles)
+    for p in out:
+        if not isinstance(p, Particle):
+            raise TomosegError(f"Expected Particle objects, got {type(p).__name__}.")
+    return out
+
+
+def _num(value: float) -> str:
+    """A float that reads back exactly (shortest round-trip form)."""
+    return repr(float(value))
+
+
+def write_csv(
+    path: str | os.PathLike,
+    particles: Sequence[Particle] | PickResult,
+    voxel_size: Any = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write particles as CSV (header ``label,class,z,y,x,z_A,y_A,x_A,size,component,score``).
+
+    Positions in voxels and in Angstrom (empty when the voxel size is unknown, with a
+    warning).  Written atomically; an existing file is replaced only with ``overwrite``.
+    """
+    items = _particles_of(particles)
+    if voxel_size is None and isinstance(particles, PickResult):
+        voxel_size = particles.voxel_size
+    vs = _voxel_triple(voxel_size)
+    if vs is None:
+        warnings.warn(
+            "No voxel size: the Angstrom columns of the CSV are left empty.",
+            MissingVoxelSizeWarning,
+            stacklevel=2,
+        )
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for p in items:
+        ang = ["", "", ""] if vs is None else [_num(v * s) for v, s in zip(p.position(), vs)]
+        writer.writerow(
+            [
+                p.label,
+                p.class_name,
+                _num(p.z),
+                _num(p.y),
+                _num(p.x),
+                *ang,
+                p.size,
+                p.component,
+                _num(p.score),
+            ]
+        )
+    path = Path(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    return path
+
+
+def read_csv(path: str | os.PathLike) -> ParticleTable:
+    """Read a CSV written by :func:`write_csv` (the voxel size comes from the Angstrom columns)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TomosegIOError(f"Cannot read {path}: the file does not exist.")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [
+            c for c in ("label", "class", "z", "y", "x") if c not in (reader.fieldnames or [])
+        ]
+        if missing:
+            raise TomosegIOError(
+                f"Cannot read {path}: the columns {missing} are missing; expected a header row "
+                f"{','.join(CSV_COLUMNS)}."
+            )
+        particles = []
+        ratios: list[list[float]] = [[], [], []]
+        try:
+            for row in reader:
+                p = Particle(
+                    label=int(row["label"]),
+                    class_name=row["class"],
+                    z=float(row["z"]),
+                    y=float(row["y"]),
+                    x=float(row["x"]),
+                    size=int(row.get("size") or 0),
+                    component=int(row.get("component") or 0),
+                    score=float(row.get("score") or 1.0),
+                )
+                particles.append(p)
+                for k, (axis, col) in enumerate((("z", "z_A"), ("y", "y_A"), ("x", "x_A"))):
+                    if row.get(col) and float(row[axis]) != 0.0:
+                        ratios[k].append(float(row[col]) / float(row[axis]))
+        except (TypeError, ValueError) as exc:
+            raise TomosegIOError(f"Cannot read {path}: a row is malformed ({exc}).") from None
+    vs = None
+    if all(ratios):
+        vs = tuple(float(np.median(r)) for r in ratios)
+    return ParticleTable(particles=particles, voxel_size=vs)  # type: ignore[arg-type]
+
+
+# -- STAR -----------------------------------------------------------------------------------------
+_STAR_COLUMNS_BASE = (
+    "_rlnTomoName",
+    "_rlnCoordinateX",
+    "_rlnCoordinateY",
+    "_rlnCoordinateZ",
+)
+_STAR_CENTERED = (
+    "_rlnCenteredCoordinateXAngst",
+    "_rlnCenteredCoordinateYAngst",
+    "_rlnCenteredCoordinateZAngst",
+)
+_STAR_TAIL = (
+    "_rlnClassNumber",
+    "_rlnAutopickFigureOfMerit",
+    "_tomosegClassName",
+    "_tomosegComponent",
+    "_tomosegSize",
+)
+
+
+def _star_token(text: str) -> str:
+    """A STAR value: quoted when it holds spaces or is empty."""
+    text = str(text)
+    if text == "" or any(ch.isspace() for ch in text) or text.startswith(("_", "#", "data_")):
+        if '"' in text:
+            raise TomosegError(f"Cannot write {text!r} to a STAR file (it holds a quote).")
+        return f'"{text}"'
+    return text
+
+
+def write_star(
+    path: str | os.PathLike,
+    particles: Sequence[Particle] | PickResult,
+    voxel_size: Any = None,
+    *,
+    tomo_name: str = "tomogram",
+    shape: Sequence[int] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write particles as a RELION STAR file (convention in the module notes).
+
+    ``tomo_name`` fills ``_rlnTomoName`` (RELION matches it to its tomogram set);
+    ``shape`` (Z, Y, X) of the tomogram enables the RELION 5 centred Angstrom columns.
+    """
+    items = _particles_of(particles)
+    if isinstance(particles, PickResult):
+        voxel_size = particles.voxel_size if voxel_size is None else voxel_size
+        shape = particles.shape if shape is None else shape
+    vs = _voxel_triple(voxel_size)
+    if vs is None:
+        warnings.warn(
+            "No voxel size: the STAR file has coordinates in voxels only.",
+            MissingVoxelSizeWarning,
+            stacklevel=2,
+        )
+    size = None if shape is None else tuple(int(s) for s in shape)
+    if size is not None and len(size) != 3:
+        raise TomosegError(f"shape must be the tomogram's (Z, Y, X), got {shape!r}.")
+    centred = vs is not None and size is not None
+    lines = [
+        f"# written by napari-tomoseg {__version__}",
+        "# _rlnCoordinateX/Y/Z: voxels of the picked tomogram (voxel i has its centre at i)",
+        "# _rlnCenteredCoordinate*Angst: (coordinate - size / 2) * voxel size (RELION 5)",
+        "",
+        "data_general",
+        "",
+        f"_rlnTomoName {_star_token(tomo_name)}",
+    ]
+    if vs is not None:
+        lines.append(f"_rlnImagePixelSize {_num(vs[2])}")
+        if not (vs[0] == vs[1] == vs[2]):
+            lines.append(f"_tomosegVoxelSizeZYX {_num(vs[0])},{_num(vs[1])},{_num(vs[2])}")
+    if size is not None:
+        lines += [
+            f"_rlnTomoSizeX {size[2]}",
+            f"_rlnTomoSizeY {size[1]}",
+            f"_rlnTomoSizeZ {size[0]}",
+        ]
+    columns = (
+        list(_STAR_COLUMNS_BASE) + (list(_STAR_CENTERED) if centred else []) + list(_STAR_TAIL)
+    )
+    lines += ["", "data_particles", "", "loop_"]
+    lines += [f"{c} #{i}" for i, c in enumerate(columns, start=1)]
+    for p in items:
+        row = [_star_token(tomo_name), _num(p.x), _num(p.y), _num(p.z)]
+        if centred:
+            assert vs is not None and size is not None
+            row += [
+                _num((p.x - size[2] / 2) * vs[2]),
+                _num((p.y - size[1] / 2) * vs[1]),
+                _num((p.z - size[0] / 2) * vs[0]),
+            ]
+        row += [
+            str(p.label),
+            _num(p.score),
+            _star_token(p.class_name),
+            str(p.component),
+            str(p.size),
+        ]
+        lines.append(" ".join(row))
+    lines.append("")
+    path = Path(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _star_split(line: str) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if ch.isspace():
+            i += 1
+        elif ch in "\"'":
+            j = line.find(ch, i + 1)
+            if j < 0:
+                raise ValueError(f"unbalanced quote in {line!r}")
+            out.append(line[i + 1 : j])
+            i = j + 1
+        else:
+            j = i
+            while j < len(line) and not line[j].isspace():
+                j += 1
+            out.append(line[i:j])
+            i = j
+    return out
+
+
+def _parse_star(text: str) -> dict[str, dict[str, Any]]:
+    """Blocks of a STAR file: ``{"general": {"pairs": {...}}, "particles": {"columns":
+    [...], "rows": [...]}}``."""
+    blocks: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    in_loop = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            if not line and current is not None and in_loop and current["rows"]:
+                in_loop = False
+            continue
+        if line.startswith("data_"):
+            current = {"pairs": {}, "columns": [], "rows": []}
+            blocks[line[5:]] = current
+            in_loop = False
+            continue
+        if current is None:
+            raise ValueError("text before the first data_ block")
+        if line == "loop_":
+            in_loop = True
+            continue
+        if line.startswith("_"):
+            parts = _star_split(line)
+            if in_loop and not current["rows"]:
+                current["columns"].append(parts[0])
+            else:
+                in_loop = False
+                current["pairs"][parts[0]] = parts[1] if len(parts) > 1 else ""
+            continue
+        if in_loop:
+            values = _star_split(line)
+            if len(values) != len(current["columns"]):
+                raise ValueError(
+                    f"a row has {len(values)} values for {len(current['columns'])} columns"
+                )
+            current["rows"].append(values)
+    return blocks
+
+
+def read_star(path: str | os.PathLike) -> ParticleTable:
+    """Read a STAR file written by :func:`write_star` (or any with ``data_particles`` and
+    ``_rlnCoordinateX/Y/Z``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TomosegIOError(f"Cannot read {path}: the file does not exist.")
+    try:
+        blocks = _parse_star(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TomosegIOError(f"Cannot read {path}: not a valid STAR file ({exc}).") from None
+    table = blocks.get("particles") or next(
+        (b for b in blocks.values() if "_rlnCoordinateX" in b["columns"]), None
+    )
+    if table is None or not all(
+        c in table["columns"] for c in ("_rlnCoordinateX", "_rlnCoordinateY", "_rlnCoordinateZ")
+    ):
+        raise TomosegIOError(
+            f"Cannot read {path}: no particle table with _rlnCoordinateX/Y/Z was found."
+        )
+    general = blocks.get("general", {"pairs": {}})["pairs"]
+    col = {name: i for i, name in enumerate(table["columns"])}
+
+    def get(row: list[str], name: str, default: Any = None) -> Any:
+        return row[col[name]] if name in col else default
+
+    particles = []
+    try:
+        for row in table["rows"]:
+            label = int(float(get(row, "_rlnClassNumber", 1)))
+            particles.append(
+                Particle(
+                    label=label,
+                    class_name=str(get(row, "_tomosegClassName", f"feature {label}")),
+                    z=float(get(row, "_rlnCoordinateZ")),
+                    y=float(get(row, "_rlnCoordinateY")),
+                    x=float(get(row, "_rlnCoordinateX")),
+                    size=int(get(row, "_tomosegSize", 0)),
+                    component=int(get(row, "_tomosegComponent", 0)),
+                    score=float(get(row, "_rlnAutopickFigureOfMerit", 1.0)),
+                )
+            )
+        vs = None
+        if "_tomosegVoxelSizeZYX" in general:
+            vs = tuple(float(v) for v in general["_tomosegVoxelSizeZYX"].split(","))
+        elif "_rlnImagePixelSize" in general:
+            vs = (float(general["_rlnImagePixelSize"]),) * 3
+        shape = None
+        if all(f"_rlnTomoSize{a}" in general for a in "XYZ"):
+            shape = tuple(int(general[f"_rlnTomoSize{a}"]) for a in "ZYX")
+    except (TypeError, ValueError) as exc:
+        raise TomosegIOError(f"Cannot read {path}: a value is malformed ({exc}).") from None
+    tomo = general.get("_rlnTomoName")
+    if tomo is None and table["rows"] and "_rlnTomoName" in col:
+        tomo = table["rows"][0][col["_rlnTomoName"]]
+    return ParticleTable(
+        particles=particles,
+        voxel_size=vs,  # type: ignore[arg-type]
+        tomo_name=tomo,
+        shape=shape,  # type: ignore[arg-type]
+    )
+
+
+# -- surface meshes ---------------------------------------------------------------------------
+def _block_mean(volume: np.ndarray, step: int) -> np.ndarray:
+    """Mean over ``step``-sided blocks (zero-padded to a multiple of ``step``)."""
+    if step == 1:
+        return volume
+    pad = [(0, (-n) % step) for n in volume.shape]
+    v = np.pad(volume, pad)
+    nz, ny, nx = (n // step for n in v.shape)
+    return v.reshape(nz, step, ny, step, nx, step).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def surface_mesh(
+    mask: np.ndarray,
+    level: float = 0.5,
+    step: int = 1,
+    *,
+    label: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A closed triangle mesh of the ``level`` surface of ``mask``: ``(vertices, faces)``.
+
+    ``vertices`` (N, 3) are Z, Y, X in voxels of ``mask`` (scale by the voxel size for
+    Angstrom, or give napari's Surface layer the image's scale); ``faces`` (M, 3) index them,
+    wound so that normals point outwards (from values above ``level`` to values below).
+    Integer masks are binarised (``mask == label``, or ``mask > 0`` without a label); float
+    maps (e.g. probabilities) are used as they are.  ``step`` > 1 averages ``step``-sided
+    blocks first (coarser, faster).  The volume is padded with background, so surfaces are
+    closed at the volume's faces too.
+
+    Method: naive surface nets (Gibson 1998, "Constrained elastic surface nets"): one vertex
+    per grid cell the surface crosses, at the mean of the crossing points on the cell's
+    edges (linear interpolation of ``level``), and one quad (two triangles) per grid edge
+    that crosses the surface, joining the four cells around it.
+    """
+    if not hasattr(mask, "ndim") or mask.ndim != 3:
+        raise TomosegError("A surface mesh needs a 3D (Z, Y, X) volume.")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise TomosegError(f"step must be a positive integer, got {step!r}.")
+    a = np.asarray(mask)
+    if label is not None:
+        f = (a == label).astype(np.float32)
+    elif a.dtype == np.bool_ or a.dtype.kind in "iu":
+        f = (a > 0).astype(np.float32)
+    else:
+        f = a.astype(np.float32)
+    outside = 0.0 if level > 0 else level - 1.0
+    f = np.pad(_block_mean(f, int(step)), 1, mode="constant", constant_values=outside)
+    inside = f > level
+    shape = np.array(f.shape)
+    cells = shape - 1
+    cell_stride = np.array([cells[1] * cells[2], cells[2], 1])
+    point_chunks: list[np.ndarray] = []
+    cell_chunks: list[np.ndarray] = []
+    quads: list[np.ndarray] = []
+    for axis in range(3):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis] = slice(0, -1)
+        hi[axis] = slice(1, None)
+        cross = inside[tuple(lo)] != inside[tuple(hi)]
+        base = np.argwhere(cross)
+        if base.size == 0:
+            continue
+        f0 = f[tuple(lo)][cross]
+        f1 = f[tuple(hi)][cross]
+        t = (level - f0) / (f1 - f0)
+        point = base.astype(np.float64)
+        point[:, axis] += t
+        b, c = (axis + 1) % 3, (axis + 2) % 3
+        eb = np.zeros(3, dtype=np.int64)
+        ec = np.zeros(3, dtype=np.int64)
+        eb[b] = 1
+        ec[c] = 1
+        corners = [base, base - eb, base - eb - ec, base - ec]
+        ids = np.stack([(k * cell_stride).sum(axis=1) for k in corners], axis=1)
+        outward_positive = inside[tuple(base.T)]
+        ids[~outward_positive] = ids[~outward_positive][:, ::-1]
+        quads.append(ids)
+        for k in range(4):
+            cell_chunks.append(ids[:, k])
+            point_chunks.append(point)
+    if not quads:
+        return np.zeros((0, 3), dtype=np.float64), np.zeros((0, 3), dtype=np.int64)
+    all_cells = np.concatenate(cell_chunks)
+    all_points = np.concatenate(point_chunks)
+    unique, inverse = np.unique(all_cells, return_inverse=True)
+    counts = np.bincount(inverse)
+    vertices = np.stack(
+        [np.bincount(inverse, weights=all_points[:, d]) / counts for d in range(3)], axis=1
+    )
+    vertices = (vertices - 1.0) * step + (step - 1) / 2.0
+    quad = np.searchsorted(unique, np.concatenate(quads))
+    faces = np.concatenate([quad[:, [0, 1, 2]], quad[:, [0, 2, 3]]])
+    return vertices, faces.astype(np.int64)
+
+
+def mesh_area(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """Total area of a triangle mesh (in the units of ``vertices``)."""
+    if len(faces) == 0:
+        return 0.0
+    v = np.asarray(vertices, dtype=np.float64)
+    tri = v[np.asarray(faces)]
+    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    return float(0.5 * np.sqrt((cross**2).sum(axis=1)).sum())
+
+
+def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """Signed volume enclosed by a closed mesh (positive when the normals point outwards)."""
+    if len(faces) == 0:
+        return 0.0
+    v = np.asarray(vertices, dtype=np.float64)
+    tri = v[np.asarray(faces)]
+    return float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0)
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "PICK_METHODS",
+    "FeatureStats",
+    "Particle",
+    "ParticleTable",
+    "PickResult",
+    "PickSettings",
+    "mesh_area",
+    "mesh_volume",
+    "pick",
+    "read_csv",
+    "read_star",
+    "surface_mesh",
+    "write_csv",
+    "write_star",
+]
