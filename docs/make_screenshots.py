@@ -60,8 +60,7 @@ def shot(viewer: napari.Viewer, name: str) -> None:
 
 
 def dock(viewer: napari.Viewer, key: str):
-    for name in list(viewer.window.dock_widgets):
-        viewer.window.remove_dock_widget(viewer.window.dock_widgets[name])
+    viewer.window.remove_dock_widget("all")
     _, widget = viewer.window.add_plugin_dock_widget("napari-tomoseg", WIDGETS[key])
     return widget
 
@@ -70,8 +69,11 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(title="napari-tomoseg")
     viewer.window._qt_window.resize(1500, 950)
+    settle()
     image, truth = viewer.open_sample("napari-tomoseg", "simulated_cell")
     viewer.dims.set_point(0, 48 * image.scale[0])
+    settle()
+    viewer.reset_view()
     shot(viewer, "sample")
 
     truth.visible = False

@@ -360,8 +360,10 @@ def test_apply_file_binary_single_probability_file_and_header(tmp_path):
     assert dice(result.mask, labels) > 0.95
     import mrcfile
 
+    assert read_tomogram(tmp_path / "p.mrc").data.dtype == np.uint8  # one byte per voxel
     with mrcfile.open(tmp_path / "p.mrc", permissive=True) as mrc:
-        data = np.asarray(mrc.data)
+        assert mrc.header.mode == 0  # IMOD-style unsigned bytes
+        data = np.asarray(mrc.data).view(np.uint8)
         assert mrc.header.dmax == pytest.approx(float(data.max()))
         assert mrc.header.dmean == pytest.approx(float(data.mean()), rel=1e-4)
         assert float(mrc.voxel_size.x) == pytest.approx(7.5)

@@ -28,26 +28,26 @@ When the overlap would exceed half of ``tile_size``, the tile grows to twice the
 smaller explicit overlap still blends smoothly (a quarter of it is discarded at each side)
 but is no longer exact; a warning says so.
 
-**Memory.**  Input is read slice by slice (memory-mapped files stay on disk).  Held in
-float32 are only the ``2 * context_slices + 1`` normalised slices around the current one,
-the padded input and one accumulator (n_classes planes) for each slice whose tiles share
-the current batch, and the batch itself; the whole volume never is.  Results go into
-caller-provided arrays, which may be memory maps: :func:`iter_apply_file` writes MRC files
-through ``mrcfile.new_mmap`` into temporary files that are renamed only when the run
-finishes (:func:`napari_tomoseg.io.atomic_path`), so a cancelled or failed run leaves
-nothing under the final names.  Peak memory does not grow with the number of slices
-(measured in the tests with ``tracemalloc``); it grows with the slice area, ``batch_size``
-and ``tile_size``.  ``tomogram`` normalisation reads a fixed-size random sample of the
-volume once (:func:`napari_tomoseg.preprocess.robust_stats`).
+**Memory.** Input is read slice by slice (memory-mapped files stay on disk). Held in float32
+are only the ``2 * context_slices + 1`` normalised slices around the current one, the padded
+input and one accumulator (n_classes planes) for each slice whose tiles share the current
+batch, and the batch itself; the whole volume never is. Results go into caller-provided
+arrays, which may be memory maps: :func:`iter_apply_file` writes MRC files through
+:func:`napari_tomoseg.io.new_mrc_mmap` into temporary files that are renamed only when the
+run finishes (:func:`napari_tomoseg.io.atomic_path`), so a cancelled or failed run leaves
+nothing under the final names. Peak memory does not grow with the number of slices (measured
+in the tests with ``tracemalloc``); it grows with the slice area, ``batch_size`` and
+``tile_size``. ``tomogram`` normalisation reads a fixed-size random sample of the volume
+once (:func:`napari_tomoseg.preprocess.robust_stats`).
 
-**Output.**  Probabilities are stored as ``uint8``: ``value = round(255 * p)``, one (Z, Y, X)
+**Output.** Probabilities are stored as ``uint8``: ``value = round(255 * p)``, one (Z, Y, X)
 array per foreground class (also for a binary network: a list of one), and
-:func:`probabilities_as_float` turns any such array (or an MRC read back, where mrcfile
-stores uint8 as mode 6, uint16) into float32.  One byte per voxel is a quarter of float32;
-the 1/255 resolution is far below any network's calibration.  The Labels mask is ``uint8``
-of class indices: for a binary network ``p >= threshold -> 1``; for several classes the
-argmax over all classes (background included), kept only where its probability reaches the
-threshold.
+:func:`probabilities_as_float` turns any such array (or an MRC read back: one byte per
+voxel, mode 0 marked unsigned as IMOD does) into float32. One byte per voxel is a quarter of
+float32; the 1/255 resolution is far below any network's calibration. The Labels mask is
+``uint8`` of class indices: for a binary network ``p >= threshold -> 1``; for several
+classes the argmax over all classes (background included), kept only where its probability
+reaches the threshold.
 
 **Voxel size.**  The tomogram's voxel size is compared with the network's (the in-plane
 size it was trained at).  Beyond ``voxel_size_tolerance`` (relative), policy ``"rescale"``
@@ -83,15 +83,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import mrcfile
-import mrcfile.utils
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import MissingVoxelSizeWarning, TomosegError
-from .io import _set_header, atomic_path, read_tomogram
+from .io import HeaderStats, atomic_path, finish_header, new_mrc_mmap, read_tomogram
 from .models import predict_proba
 from .preprocess import Normalisation, bin_volume, robust_stats, unbin_volume
 from .progress import Progress, StopCheck, drive, never_stop
@@ -1203,32 +1201,7 @@ class _Stopped(Exception):
     """Raised inside the atomic-write block so a cancelled run's temporary files go away."""
 
 
-class _HeaderStats:
-    """Running min / max / mean / rms of what is written, for the MRC header."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.total = 0.0
-        self.total_sq = 0.0
-        self.low = math.inf
-        self.high = -math.inf
-
-    def add(self, plane: np.ndarray) -> None:
-        values = np.asarray(plane, dtype=np.float64)
-        self.n += values.size
-        self.total += float(values.sum())
-        self.total_sq += float(np.square(values).sum())
-        self.low = min(self.low, float(values.min()))
-        self.high = max(self.high, float(values.max()))
-
-    def write(self, header: Any) -> None:
-        if self.n == 0:
-            return
-        mean = self.total / self.n
-        header.dmin = self.low
-        header.dmax = self.high
-        header.dmean = mean
-        header.rms = math.sqrt(max(self.total_sq / self.n - mean * mean, 0.0))
+_HeaderStats = HeaderStats
 
 
 class _RecordingArray:
@@ -1290,19 +1263,14 @@ def iter_apply_file(
     if len(set(targets)) != len(targets):
         raise TomosegError("The mask and probability outputs must have different file names.")
 
-    mode = int(mrcfile.utils.mode_from_dtype(np.dtype(np.uint8)))
     result: ApplyResult | None = None
     try:
         with contextlib.ExitStack() as stack:
             tmps = [stack.enter_context(atomic_path(p, overwrite=overwrite)) for p in targets]
-            mrcs = [
-                stack.enter_context(
-                    mrcfile.new_mmap(t, shape=shape, mrc_mode=mode, overwrite=True)
-                )
-                for t in tmps
-            ]
-            stats = [_HeaderStats() for _ in mrcs]
-            arrays = [_RecordingArray(m.data, s) for m, s in zip(mrcs, stats)]
+            opened = [stack.enter_context(new_mrc_mmap(t, shape, np.uint8)) for t in tmps]
+            mrcs = [mrc for mrc, _ in opened]
+            stats = [HeaderStats() for _ in mrcs]
+            arrays = [_RecordingArray(data, s) for (_, data), s in zip(opened, stats)]
             outputs = ApplyOutputs(
                 mask=arrays[0],  # type: ignore[arg-type]
                 probabilities=arrays[1:] or None,  # type: ignore[arg-type]
@@ -1319,8 +1287,7 @@ def iter_apply_file(
             if result.stopped:
                 raise _Stopped
             for m, s in zip(mrcs, stats):
-                s.write(m.header)
-                _set_header(m, vs, tomo.origin)
+                finish_header(m, vs, tomo.origin, s)
                 m.flush()
     except _Stopped:
         assert result is not None

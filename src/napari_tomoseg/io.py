@@ -8,6 +8,7 @@ segmentation line up in world coordinates, and picked coordinates come out in An
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import warnings
@@ -313,30 +314,80 @@ def write_mrc(
         if compressed:
             with mrcfile.new(tmp, overwrite=True, compression="gzip") as mrc:
                 mrc.set_data(np.asarray(data, dtype=target))
-                _set_header(mrc, vs, origin)
+                finish_header(mrc, vs, origin)
         else:
             shape = tuple(int(s) for s in data.shape)
-            unsigned_bytes = target == np.uint8
-            mrc_mode = 0 if unsigned_bytes else int(mrcfile.utils.mode_from_dtype(target))
-            with mrcfile.new_mmap(tmp, shape=shape, mrc_mode=mrc_mode, overwrite=True) as mrc:
-                # uint8 goes into the mode-0 byte block unchanged, marked unsigned below.
-                out = mrc.data.view(np.uint8) if unsigned_bytes else mrc.data
+            with new_mrc_mmap(tmp, shape, target) as (mrc, out):
+                stats = HeaderStats()
                 if data.ndim == 2:
                     out[...] = np.asarray(data, dtype=target)
+                    stats.add(out)
                 else:
                     for z in range(0, shape[0], _WRITE_CHUNK_SLICES):
-                        chunk = np.asarray(data[z : z + _WRITE_CHUNK_SLICES])
-                        out[z : z + chunk.shape[0]] = chunk.astype(target, copy=False)
-                _set_header(mrc, vs, origin)
-                if unsigned_bytes:
-                    _set_unsigned_stats(mrc, out)
-                    _mark_unsigned_bytes(mrc.header)
-                else:
-                    mrc.update_header_stats()
+                        chunk = np.asarray(data[z : z + _WRITE_CHUNK_SLICES]).astype(
+                            target, copy=False
+                        )
+                        out[z : z + chunk.shape[0]] = chunk
+                        stats.add(chunk)
+                finish_header(mrc, vs, origin, stats)
     return path
 
 
-def _set_header(mrc: Any, vs: tuple[float, float, float] | None, origin: Any) -> None:
+class HeaderStats:
+    """Running min / max / mean / rms of data written in pieces, for the MRC header."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total = 0.0
+        self.total_sq = 0.0
+        self.low = math.inf
+        self.high = -math.inf
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        if values.size == 0:
+            return
+        self.n += values.size
+        self.total += float(values.sum())
+        self.total_sq += float(np.square(values).sum())
+        self.low = min(self.low, float(values.min()))
+        self.high = max(self.high, float(values.max()))
+
+    def write(self, header: Any) -> None:
+        if self.n == 0:
+            return
+        mean = self.total / self.n
+        header.dmin, header.dmax, header.dmean = self.low, self.high, mean
+        header.rms = math.sqrt(max(self.total_sq / self.n - mean * mean, 0.0))
+
+
+@contextlib.contextmanager
+def new_mrc_mmap(
+    path: str | os.PathLike, shape: tuple[int, ...], dtype: np.dtype | type
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """A new memory-mapped MRC file for ``dtype`` data: yields ``(mrc, writable array)``.
+
+    uint8 goes into a mode-0 file whose header marks the bytes unsigned the way IMOD does
+    (one byte per voxel, read back as uint8 by :func:`read_tomogram`).  Pass the header
+    statistics to :func:`finish_header` for such files (mrcfile would count signed bytes).
+    """
+    dtype = np.dtype(dtype)
+    unsigned_bytes = dtype == np.uint8
+    mode = 0 if unsigned_bytes else int(mrcfile.utils.mode_from_dtype(dtype))
+    with mrcfile.new_mmap(path, shape=shape, mrc_mode=mode, overwrite=True) as mrc:
+        if unsigned_bytes:
+            _mark_unsigned_bytes(mrc.header)
+        yield mrc, (mrc.data.view(np.uint8) if unsigned_bytes else mrc.data)
+
+
+def finish_header(
+    mrc: Any,
+    voxel_size: Any = None,
+    origin: tuple[float, float, float] | None = None,
+    stats: HeaderStats | None = None,
+) -> None:
+    """Write voxel size (Angstrom, Z Y X), origin and statistics into a new file's header."""
+    vs = _normalise_voxel_size(voxel_size, 3)
     if vs is not None:
         mrc.voxel_size = (vs[2], vs[1], vs[0])
     if origin is not None:
@@ -344,20 +395,15 @@ def _set_header(mrc: Any, vs: tuple[float, float, float] | None, origin: Any) ->
         mrc.header.origin = (ox, oy, oz)
     if mrc.data is not None and mrc.data.ndim == 3:
         mrc.header.ispg = 1  # a volume, not an image stack
+    if stats is not None:
+        stats.write(mrc.header)
+    else:
+        mrc.update_header_stats()
 
 
-def _set_unsigned_stats(mrc: Any, data: np.ndarray) -> None:
-    """Header min/max/mean/rms of uint8 data (mrcfile would read the bytes as signed)."""
-    total, total_sq, low, high = 0.0, 0.0, 255, 0
-    for z in range(0, data.shape[0], _WRITE_CHUNK_SLICES):
-        chunk = np.asarray(data[z : z + _WRITE_CHUNK_SLICES], dtype=np.float64)
-        total += chunk.sum()
-        total_sq += (chunk**2).sum()
-        low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
-    count = max(data.size, 1)
-    mean = total / count
-    mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = low, high, mean
-    mrc.header.rms = float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+def _set_header(mrc: Any, voxel_size: Any, origin: Any) -> None:
+    """Header facts without statistics (kept for callers written before finish_header)."""
+    finish_header(mrc, voxel_size, origin)
 
 
 def write_labels(

@@ -35,6 +35,8 @@ class _Thumb(QLabel):
                 THUMB_PIXELS, THUMB_PIXELS, Qt.KeepAspectRatio, Qt.SmoothTransformation
             )
         )
+        self.setFixedSize(THUMB_PIXELS + 4, THUMB_PIXELS + 4)
+        self.setAlignment(Qt.AlignCenter)
         self.setToolTip(caption)
         self.setStyleSheet(f"border: 2px solid {color};")
         self._on_click = on_click
