@@ -77,16 +77,21 @@ class PickWidget(Container):
         return layer
 
     def render_3d(self, *_: Any) -> None:
-        """Switch to the 3D view with the segmentation shown as a volume."""
+        """Switch to the 3D view showing the segmentation (and surfaces, points) alone:
+        images and boxes would hide it, so they are hidden (tick them to bring them back)."""
         try:
             layer = self._layer()
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return
+        for other in self.viewer.layers:
+            if other is not layer and other._type_string in ("image", "shapes", "labels"):
+                other.visible = False
         self.viewer.dims.ndisplay = 3
         layer.visible = True
         layer.opacity = 0.8
         self.viewer.layers.selection.active = layer
+        self.status.value = "3D view: other images, labels and boxes hidden"
 
     def add_mesh(self, *_: Any) -> Any:
         """A Surface layer of one feature's boundary, on the segmentation's grid."""

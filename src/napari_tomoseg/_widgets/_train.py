@@ -62,14 +62,20 @@ def class_names_from_layer(labels_layer: Any, labels: np.ndarray) -> tuple[str, 
     return tuple(named.get(v, "background" if v == 0 else f"feature {v}") for v in range(top + 1))
 
 
-def preview_mosaic(stack: np.ndarray, gap: int = 4) -> np.ndarray:
-    """(N*3, H, W) box/label/output panels -> (N, H, 3W + 2 gap), one sample per slice."""
+def preview_mosaic(stack: np.ndarray, per_row: int = 4, gap: int = 4) -> np.ndarray:
+    """(N*3, H, W) box/label/output panels -> one 2D image: ``per_row`` samples a row, each
+    sample as box | manual label | network output (EMAN2's trainout, laid out flat)."""
     n3, h, w = stack.shape
     n = n3 // 3
-    mosaic = np.full((n, h, 3 * w + 2 * gap), 0.5, np.float32)
-    for panel in range(3):
-        x0 = panel * (w + gap)
-        mosaic[:, :, x0 : x0 + w] = stack[panel::3]
+    rows = max(1, -(-n // per_row))
+    sample_w = 3 * w + 2 * gap
+    mosaic = np.full((rows * (h + 2 * gap), per_row * (sample_w + 3 * gap)), 0.5, np.float32)
+    for i in range(n):
+        y0 = (i // per_row) * (h + 2 * gap)
+        x0 = (i % per_row) * (sample_w + 3 * gap)
+        for panel in range(3):
+            x = x0 + panel * (w + gap)
+            mosaic[y0 : y0 + h, x : x + w] = stack[3 * i + panel]
     return mosaic
 
 
