@@ -46,3 +46,21 @@ def test_save_labels_layer_as_mrc_from_viewer(make_napari_viewer, tmp_path):
     np.testing.assert_array_equal(tomo.data, labels)
     assert tomo.voxel_size == pytest.approx((9.0, 9.0, 9.0))
     assert layer.data.dtype == np.int32  # the layer itself is untouched
+
+
+def test_sample_data_opens_in_viewer_with_class_names(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, truth = viewer.open_sample("napari-tomoseg", "simulated_cell")
+    assert image.data.shape == truth.data.shape == (96, 256, 256)
+    np.testing.assert_allclose(image.scale, (10.0, 10.0, 10.0))
+    np.testing.assert_allclose(truth.scale, image.scale)
+    assert truth.metadata["class_names"] == {
+        0: "background",
+        1: "microtubule",
+        2: "ribosome",
+        3: "double_membrane",
+        4: "single_membrane",
+        5: "carbon_edge",
+    }
+    assert set(np.unique(truth.data)) == {0, 1, 2, 3, 4, 5}
+    assert truth.data.dtype == np.uint8
