@@ -264,3 +264,51 @@ def test_end_to_end_in_the_viewer(make_napari_viewer, qtbot, tmp_path):
     assert points is not None and len(points.data) > 0
     star = pick.export(tmp_path / "ribosomes.star")
     assert star is not None and star.is_file()
+
+
+def test_annotations_save_and_restore(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer)
+    widget = BoxWidget(viewer)
+    widget.tomogram.value = tomo
+    widget.box_size.value = 32
+    widget.add_box((10, 40, 40), positive=True)
+    widget.add_box((12, 60, 60), positive=False)
+    widget.feature_name.value = "vesicle"
+    widget.name_feature()
+    viewer.layers[PAINT_LAYER].data[10, 35:45, 35:45] = 1
+    folder = widget.save_annotations(tmp_path / "session")
+    assert folder is not None
+
+    fresh = make_napari_viewer()
+    _, tomo2 = _small_tomogram(fresh)
+    restored = BoxWidget(fresh)
+    restored.tomogram.value = tomo2
+    assert restored.load_annotations(tmp_path / "session") is not None
+    paint = fresh.layers[PAINT_LAYER]
+    np.testing.assert_array_equal(paint.data, viewer.layers[PAINT_LAYER].data)
+    assert paint.metadata["class_names"][1] == "vesicle"
+    assert restored.boxes(True) == widget.boxes(True)
+    assert restored.boxes(False) == widget.boxes(False)
+
+
+def test_copy_prediction_can_be_undone(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer)
+    boxes = BoxWidget(viewer)
+    boxes.tomogram.value = tomo
+    boxes.box_size.value = 32
+    boxes.add_box((10, 40, 40), positive=True)
+    paint = viewer.layers[PAINT_LAYER]
+    paint.data[10, 30:50, 30:50] = 1  # the user's work
+    before = np.array(paint.data)
+    predicted = np.zeros(tomo.data.shape, np.uint8)
+    predicted[10, 24:40, 24:40] = 2
+    mask = viewer.add_labels(predicted, name="prediction", scale=tomo.scale)
+    train = TrainWidget(viewer)
+    train.select_default_layers()
+    train.copy_from.value = mask
+    assert train.copy_prediction() == 16 * 16
+    assert (paint.data[10, 24:40, 24:40] == 2).all()
+    train.undo_copy()
+    np.testing.assert_array_equal(paint.data, before)

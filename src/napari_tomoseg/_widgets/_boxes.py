@@ -11,9 +11,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, SpinBox
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+)
 
 from .._layers import UNIT
+from ..annotations import Annotations, load_annotations, save_annotations
 from ..boxes import DEFAULT_BOX_SIZE, Box, box_from_shape, crop
 from ..errors import TomosegError
 from ._common import (
@@ -22,6 +31,8 @@ from ._common import (
     grid_kwargs,
     layer_choices,
     notify_error,
+    notify_info,
+    voxel_size_of,
 )
 from ._gallery import Gallery
 
@@ -75,6 +86,13 @@ class BoxWidget(Container):
         self.name_button = PushButton(text="Name this feature and paint it")
         self.counts = Label(value="")
         self.refresh_gallery = PushButton(text="Refresh gallery")
+        self.folder = FileEdit(
+            label="annotations folder",
+            mode="d",
+            tooltip="Where Save/Load keep the painting and the boxes.",
+        )
+        self.save_button = PushButton(text="Save annotations")
+        self.load_button = PushButton(text="Load annotations")
         self.extend(
             [
                 self.tomogram,
@@ -96,6 +114,7 @@ class BoxWidget(Container):
             {
                 "box_size": self.box_size,
                 "feature_name": self.feature_name,
+                "folder": self.folder,
             },
         )
         self._snapping = False
@@ -103,6 +122,8 @@ class BoxWidget(Container):
         self.add_negative.changed.connect(lambda: self.add_box_at_cursor(False))
         self.name_button.changed.connect(self.name_feature)
         self.refresh_gallery.changed.connect(self.update_gallery)
+        self.save_button.changed.connect(lambda: self.save_annotations(self.folder.value))
+        self.load_button.changed.connect(lambda: self.load_annotations(self.folder.value))
         self.box_size.changed.connect(self.snap_all)
         viewer.layers.events.inserted.connect(self.tomogram.reset_choices)
         viewer.layers.events.removed.connect(self.tomogram.reset_choices)
@@ -301,3 +322,62 @@ class BoxWidget(Container):
         world = tomo.data_to_world((box.z, box.y, box.x))
         self.viewer.dims.set_point(0, world[0])
         self.viewer.camera.center = tuple(world)
+
+    # -- saving and restoring -------------------------------------------------------------
+    def save_annotations(self, folder: Any) -> Any:
+        """Save the painting and both box sets into ``folder`` (painting.mrc + CSVs)."""
+        try:
+            tomo = self._tomogram_layer()
+            paint = self._layer(PAINT_LAYER)
+            if paint is None:
+                raise TomosegError("There is nothing to save yet: add boxes and paint first.")
+            if not folder or str(folder) in ("", "."):
+                raise TomosegError("Choose an annotations folder first.")
+            annotations = Annotations(
+                painting=np.asarray(paint.data),
+                positives=self.boxes(True),
+                negatives=self.boxes(False),
+                class_names={
+                    int(k): str(v) for k, v in (paint.metadata.get("class_names") or {}).items()
+                },
+                box_size=int(self.box_size.value),
+                voxel_size=voxel_size_of(tomo),
+                source=str((tomo.metadata or {}).get("source_path") or tomo.name),
+            )
+            # The user chose this folder and pressed Save: replacing the annotations of the
+            # same tomogram there is what they asked for; another tomogram's are refused.
+            out = save_annotations(folder, annotations, overwrite=True)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        notify_info(
+            f"Saved the painting and {len(annotations.positives)} + "
+            f"{len(annotations.negatives)} boxes to {out}."
+        )
+        return out
+
+    def load_annotations(self, folder: Any) -> Any:
+        """Restore a saved painting and boxes onto the current tomogram."""
+        try:
+            tomo = self._tomogram_layer()
+            if not folder or str(folder) in ("", "."):
+                raise TomosegError("Choose the annotations folder to load.")
+            annotations = load_annotations(folder, expected_shape=tomo.data.shape)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        self.box_size.value = annotations.box_size
+        paint = self.paint_layer()
+        paint.data = annotations.painting.astype(np.uint8, copy=False)
+        paint.metadata["class_names"] = dict(annotations.class_names)
+        for positive, boxes in ((True, annotations.positives), (False, annotations.negatives)):
+            layer = self.box_layer(positive)
+            self._snapping = True
+            try:
+                layer.data = [b.to_shape() for b in boxes]
+                layer.shape_type = ["rectangle"] * len(boxes)
+                layer.edge_color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
+            finally:
+                self._snapping = False
+        self.update_counts()
+        return annotations

@@ -146,6 +146,7 @@ class TrainWidget(Container):
             label="from mask", choices=layer_choices(viewer, "labels"), nullable=True
         )
         self.copy_button = PushButton(text="Copy prediction into painting")
+        self.undo_copy_button = PushButton(text="Undo the copy", enabled=False)
         self.extend(
             [
                 self.tomogram,
@@ -169,7 +170,14 @@ class TrainWidget(Container):
         self.plot = LinePlot()
         self.native.layout().addWidget(self.plot)
         self.extend(
-            [self.save_path, self.save_button, self.copy_scope, self.copy_from, self.copy_button]
+            [
+                self.save_path,
+                self.save_button,
+                self.copy_scope,
+                self.copy_from,
+                self.copy_button,
+                self.undo_copy_button,
+            ]
         )
         self.remembered = RememberedSettings(
             "train",
@@ -190,6 +198,8 @@ class TrainWidget(Container):
         self.stop_button.changed.connect(self.runner.stop)
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
         self.copy_button.changed.connect(self.copy_prediction)
+        self.undo_copy_button.changed.connect(self.undo_copy)
+        self._undo: list[tuple[Any, tuple[Any, ...], np.ndarray]] = []
         for combo in (self.tomogram, self.painting, self.positive, self.negative, self.copy_from):
             viewer.layers.events.inserted.connect(combo.reset_choices)
             viewer.layers.events.removed.connect(combo.reset_choices)
@@ -350,6 +360,17 @@ class TrainWidget(Container):
             metadata={"panels": ["box", "manual label", "network output"]},
         )
 
+    def undo_copy(self, *_: Any) -> int:
+        """Put back the painting that the last "Copy prediction" replaced."""
+        restored = 0
+        for paint, region, previous in reversed(self._undo):
+            paint.data[region] = previous
+            restored += previous.size
+            paint.refresh()
+        self._undo = []
+        self.undo_copy_button.enabled = False
+        return restored
+
     def save_network(self, path: Any) -> Path | None:
         """Save the network trained last (refuses to overwrite an existing file)."""
         if SESSION.network is None:
@@ -399,6 +420,9 @@ class TrainWidget(Container):
                     box_from_shape(s, size, i).slices() for i, s in enumerate(pos_layer.data)
                 )
             count = 0
+            # Keep what the copy replaces, so painted work is never lost ("Undo the copy").
+            self._undo = [(paint, region, np.array(paint.data[region])) for region in regions]
+            self.undo_copy_button.enabled = True
             for region in regions:
                 predicted = np.asarray(mask_layer.data[region])
                 paint.data[region] = predicted.astype(paint.data.dtype)

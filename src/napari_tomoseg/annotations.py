@@ -1,0 +1,122 @@
+"""Save and restore a user's annotations: the painting and the boxes of one tomogram.
+
+An annotation folder holds ``painting.mrc`` (labels, with the voxel size),
+``positive_boxes.csv`` and ``negative_boxes.csv`` (box centres in voxels, see
+:func:`napari_tomoseg.boxes.write_boxes_csv`) and ``annotations.json`` (feature names, box
+size, the tomogram's shape and source).  Every file is written atomically, so an
+interrupted save leaves the previous annotations intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .boxes import DEFAULT_BOX_SIZE, Box, read_boxes_csv, write_boxes_csv
+from .errors import TomosegError
+from .io import atomic_path, read_tomogram, write_labels
+
+PAINTING_FILE = "painting.mrc"
+POSITIVE_FILE = "positive_boxes.csv"
+NEGATIVE_FILE = "negative_boxes.csv"
+INFO_FILE = "annotations.json"
+FORMAT = "napari-tomoseg annotations"
+
+
+@dataclass
+class Annotations:
+    """A painting (Z, Y, X labels) with its boxes and feature names."""
+
+    painting: np.ndarray
+    positives: list[Box] = field(default_factory=list)
+    negatives: list[Box] = field(default_factory=list)
+    class_names: dict[int, str] = field(default_factory=lambda: {0: "background"})
+    box_size: int = DEFAULT_BOX_SIZE
+    voxel_size: tuple[float, float, float] | None = None
+    source: str | None = None
+
+
+def save_annotations(
+    folder: str | os.PathLike, annotations: Annotations, *, overwrite: bool = False
+) -> Path:
+    """Write ``annotations`` into ``folder`` (created if needed).
+
+    Annotations already in the folder are replaced only with ``overwrite=True``, and never
+    those of a tomogram of another shape.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info_path = folder / INFO_FILE
+    shape = [int(s) for s in annotations.painting.shape]
+    if info_path.exists():
+        previous = _read_info(info_path)
+        if previous.get("shape") != shape:
+            raise TomosegError(
+                f"{folder} holds annotations of a tomogram of shape {previous.get('shape')}, "
+                f"not {shape}; choose another folder."
+            )
+        if not overwrite:
+            raise TomosegError(
+                f"{folder} already holds annotations; allow overwriting to replace them."
+            )
+    write_labels(
+        folder / PAINTING_FILE, annotations.painting, annotations.voxel_size, overwrite=True
+    )
+    write_boxes_csv(folder / POSITIVE_FILE, annotations.positives, overwrite=True)
+    write_boxes_csv(folder / NEGATIVE_FILE, annotations.negatives, overwrite=True)
+    info = {
+        "format": FORMAT,
+        "version": 1,
+        "shape": shape,
+        "box_size": int(annotations.box_size),
+        "class_names": {str(k): str(v) for k, v in annotations.class_names.items()},
+        "voxel_size": None if annotations.voxel_size is None else list(annotations.voxel_size),
+        "source": annotations.source,
+    }
+    with atomic_path(info_path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(info, indent=1))
+    return folder
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TomosegError(f"Cannot read {path}: {exc}.") from None
+    if not isinstance(info, Mapping) or info.get("format") != FORMAT:
+        raise TomosegError(f"{path} is not a napari-tomoseg annotations file.")
+    return dict(info)
+
+
+def load_annotations(
+    folder: str | os.PathLike, expected_shape: Sequence[int] | None = None
+) -> Annotations:
+    """Read annotations saved by :func:`save_annotations` (checks the tomogram's shape)."""
+    folder = Path(folder)
+    info = _read_info(folder / INFO_FILE)
+    shape = [int(s) for s in info.get("shape", [])]
+    if expected_shape is not None and shape != [int(s) for s in expected_shape]:
+        raise TomosegError(
+            f"The annotations in {folder} belong to a tomogram of shape {shape}, not "
+            f"{list(expected_shape)}; open the matching tomogram."
+        )
+    painting = read_tomogram(folder / PAINTING_FILE)
+    if list(painting.data.shape) != shape:
+        raise TomosegError(f"{folder / PAINTING_FILE} does not match {INFO_FILE}.")
+    box_size = int(info.get("box_size", DEFAULT_BOX_SIZE))
+    names = {int(k): str(v) for k, v in (info.get("class_names") or {}).items()}
+    return Annotations(
+        painting=np.array(painting.data),
+        positives=read_boxes_csv(folder / POSITIVE_FILE, box_size),
+        negatives=read_boxes_csv(folder / NEGATIVE_FILE, box_size),
+        class_names=names or {0: "background"},
+        box_size=box_size,
+        voxel_size=painting.voxel_size,
+        source=info.get("source"),
+    )
