@@ -145,7 +145,9 @@ def predict_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     logit becomes ``[1 - p, p]``; a multi-class model's logits go through a softmax.
     """
     if x.ndim != 4:
-        raise TomosegError(f"Expected a batch (B, C, H, W), got an array of shape {tuple(x.shape)}.")
+        raise TomosegError(
+            f"Expected a batch (B, C, H, W), got an array of shape {tuple(x.shape)}."
+        )
     was_training = model.training
     model.eval()
     try:
