@@ -3,8 +3,9 @@
 An annotation folder holds ``painting.mrc`` (labels, with the voxel size),
 ``positive_boxes.csv`` and ``negative_boxes.csv`` (box centres in voxels, see
 :func:`napari_tomoseg.boxes.write_boxes_csv`) and ``annotations.json`` (feature names, box
-size, the tomogram's shape and source).  Every file is written atomically, so an
-interrupted save leaves the previous annotations intact.
+size, the tomogram's shape and source).  The files are written together, all or nothing
+(:func:`napari_tomoseg.io.atomic_paths`), so an interrupted save leaves the previous
+annotations intact.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from .boxes import DEFAULT_BOX_SIZE, Box, read_boxes_csv, write_boxes_csv
-from .errors import TomosegError
-from .io import atomic_path, read_tomogram, write_labels
+from .errors import TomosegError, TomosegIOError
+from .io import atomic_paths, read_tomogram, write_labels
 
 PAINTING_FILE = "painting.mrc"
 POSITIVE_FILE = "positive_boxes.csv"
@@ -47,11 +48,24 @@ def save_annotations(
 ) -> Path:
     """Write ``annotations`` into ``folder`` (created if needed).
 
-    Annotations already in the folder are replaced only with ``overwrite=True``, and never
-    those of a tomogram of another shape.
+    Annotations already in the folder (or any file of the same names) are replaced only
+    with ``overwrite=True``, and never those of a tomogram of another shape.  The four files
+    are written to temporaries first and renamed together at the end
+    (:func:`napari_tomoseg.io.atomic_paths`), so a failed save (a full disk, an error)
+    leaves the previous annotations as they were.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if getattr(annotations.painting, "ndim", None) != 3:
+        raise TomosegError(
+            "The painting must be a 3D (Z, Y, X) labels array of the tomogram's shape, got "
+            f"shape {getattr(annotations.painting, 'shape', None)}."
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TomosegIOError(
+            f"Cannot save annotations in {folder}: {exc.strerror or exc}."
+        ) from None
     info_path = folder / INFO_FILE
     shape = [int(s) for s in annotations.painting.shape]
     if info_path.exists():
@@ -65,11 +79,13 @@ def save_annotations(
             raise TomosegError(
                 f"{folder} already holds annotations; allow overwriting to replace them."
             )
-    write_labels(
-        folder / PAINTING_FILE, annotations.painting, annotations.voxel_size, overwrite=True
-    )
-    write_boxes_csv(folder / POSITIVE_FILE, annotations.positives, overwrite=True)
-    write_boxes_csv(folder / NEGATIVE_FILE, annotations.negatives, overwrite=True)
+    names = (PAINTING_FILE, POSITIVE_FILE, NEGATIVE_FILE, INFO_FILE)
+    present = [n for n in names if (folder / n).exists()]
+    if present and not overwrite:
+        raise TomosegError(
+            f"{folder} already has {', '.join(present)}; choose another folder or allow "
+            "overwriting."
+        )
     info = {
         "format": FORMAT,
         "version": 1,
@@ -79,8 +95,13 @@ def save_annotations(
         "voxel_size": None if annotations.voxel_size is None else list(annotations.voxel_size),
         "source": annotations.source,
     }
-    with atomic_path(info_path, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(info, indent=1))
+    # info last: it is renamed last, so it only ever describes files already in place
+    with atomic_paths([folder / n for n in names], overwrite=True) as tmps:
+        painting, positives, negatives, info_tmp = tmps
+        write_labels(painting, annotations.painting, annotations.voxel_size, overwrite=True)
+        write_boxes_csv(positives, annotations.positives, overwrite=True)
+        write_boxes_csv(negatives, annotations.negatives, overwrite=True)
+        info_tmp.write_text(json.dumps(info, indent=1))
     return folder
 
 
@@ -94,13 +115,41 @@ def _read_info(path: Path) -> dict[str, Any]:
     return dict(info)
 
 
+def _checked_info(info: dict[str, Any], path: Path) -> tuple[list[int], int, dict[int, str]]:
+    """Shape, box size and class names of an annotations file, checked to be usable."""
+    shape = info.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise TomosegError(f"{path} is damaged: 'shape' must be three positive integers.")
+    box_size = info.get("box_size", DEFAULT_BOX_SIZE)
+    if isinstance(box_size, bool) or not isinstance(box_size, int) or box_size < 2:
+        raise TomosegError(f"{path} is damaged: 'box_size' must be an integer of at least 2.")
+    raw_names = info.get("class_names") or {}
+    if not isinstance(raw_names, Mapping):
+        raise TomosegError(f"{path} is damaged: 'class_names' must map labels to names.")
+    try:
+        names = {int(k): str(v) for k, v in raw_names.items()}
+    except (TypeError, ValueError):
+        raise TomosegError(f"{path} is damaged: class labels must be integers.") from None
+    return [int(n) for n in shape], int(box_size), names
+
+
 def load_annotations(
     folder: str | os.PathLike, expected_shape: Sequence[int] | None = None
 ) -> Annotations:
     """Read annotations saved by :func:`save_annotations` (checks the tomogram's shape)."""
     folder = Path(folder)
-    info = _read_info(folder / INFO_FILE)
-    shape = [int(s) for s in info.get("shape", [])]
+    info_path = folder / INFO_FILE
+    if not info_path.is_file():
+        raise TomosegError(
+            f"{folder} holds no saved annotations ({INFO_FILE} is missing); choose the folder "
+            "the annotations were saved in."
+        )
+    info = _read_info(info_path)
+    shape, box_size, names = _checked_info(info, info_path)
     if expected_shape is not None and shape != [int(s) for s in expected_shape]:
         raise TomosegError(
             f"The annotations in {folder} belong to a tomogram of shape {shape}, not "
@@ -109,8 +158,6 @@ def load_annotations(
     painting = read_tomogram(folder / PAINTING_FILE)
     if list(painting.data.shape) != shape:
         raise TomosegError(f"{folder / PAINTING_FILE} does not match {INFO_FILE}.")
-    box_size = int(info.get("box_size", DEFAULT_BOX_SIZE))
-    names = {int(k): str(v) for k, v in (info.get("class_names") or {}).items()}
     return Annotations(
         painting=np.array(painting.data),
         positives=read_boxes_csv(folder / POSITIVE_FILE, box_size),

@@ -33,12 +33,20 @@ are only the ``2 * context_slices + 1`` normalised slices around the current one
 input and one accumulator (n_classes planes) for each slice whose tiles share the current
 batch, and the batch itself; the whole volume never is. Results go into caller-provided
 arrays, which may be memory maps: :func:`iter_apply_file` writes MRC files through
-:func:`napari_tomoseg.io.new_mrc_mmap` into temporary files that are renamed only when the
-run finishes (:func:`napari_tomoseg.io.atomic_path`), so a cancelled or failed run leaves
-nothing under the final names. Peak memory does not grow with the number of slices (measured
-in the tests with ``tracemalloc``); it grows with the slice area, ``batch_size`` and
-``tile_size``. ``tomogram`` normalisation reads a fixed-size random sample of the volume
-once (:func:`napari_tomoseg.preprocess.robust_stats`).
+:func:`napari_tomoseg.io.new_mrc_mmap` into temporary files (their disk space reserved up
+front, so a full disk is an error before the run, not a crash during it) that are renamed
+only when the run finishes, all together (:func:`napari_tomoseg.io.atomic_paths`), so a
+cancelled or failed run leaves nothing under the final names and previous outputs intact.
+Peak memory does not grow with the number of slices (measured in the tests with
+``tracemalloc``); it grows with the slice area, ``batch_size`` and ``tile_size``.
+``tomogram`` normalisation reads a fixed-size random sample of the volume once
+(:func:`napari_tomoseg.preprocess.robust_stats`).
+
+**Faults.** A device out-of-memory error during a forward pass is survived: the cache is
+emptied and the same tiles are tried again with half the batch size, down to one tile, then
+as smaller tiles (same overlap and blending); ``ApplyResult.notes`` says so.  NaN or
+infinite voxels are, by ``ApplySettings.nonfinite``, filled (the network sees the
+tomogram's mean; the voxels are labelled background with probability 0) or refused.
 
 **Output.** Probabilities are stored as ``uint8``: ``value = round(255 * p)``, one (Z, Y, X)
 array per foreground class (also for a binary network: a list of one), and
@@ -88,8 +96,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MissingVoxelSizeWarning, TomosegError
-from .io import HeaderStats, atomic_path, finish_header, new_mrc_mmap, read_tomogram
+from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
+from .io import HeaderStats, atomic_paths, finish_header, new_mrc_mmap, read_tomogram
 from .models import predict_proba
 from .preprocess import Normalisation, bin_volume, robust_stats, unbin_volume
 from .progress import Progress, StopCheck, drive, never_stop
@@ -101,6 +109,9 @@ PROBABILITY_SCALE = 255
 AUTO_BLEND = 8
 
 VOXEL_SIZE_POLICIES = ("rescale", "refuse")
+#: What :func:`iter_apply` does with NaN or infinite voxels: fill them (and label them
+#: background) or refuse the tomogram.
+NONFINITE_POLICIES = ("fill", "refuse")
 TTA_TRANSFORMS = (4, 8)
 
 VoxelSize = float | Sequence[float]
@@ -126,6 +137,10 @@ class ApplySettings:
     ``z_chunk``: Z slices whose tiles are batched together, one progress event each
     (groups start at multiples of it; ``should_stop`` is checked before every batch).
     ``shrink``: apply to a copy binned by this factor and unbin the probabilities.
+    ``nonfinite``: what to do with NaN or infinite voxels (see :data:`NONFINITE_POLICIES`):
+    ``"fill"`` gives the network the tomogram's mean in their place and labels them
+    background (probability 0), with a warning and a note in the result; ``"refuse"`` raises
+    a :class:`TomosegError` naming the first slice that has one.
     """
 
     tile_size: int = 512
@@ -140,6 +155,7 @@ class ApplySettings:
     voxel_size_tolerance: float = 0.05
     z_chunk: int = 8
     shrink: int = 1
+    nonfinite: str = "fill"
 
     def validate(self) -> None:
         """Raise :class:`TomosegError` for settings that cannot work."""
@@ -181,6 +197,10 @@ class ApplySettings:
         ):
             raise TomosegError(
                 f"voxel_size_tolerance must be >= 0, got {self.voxel_size_tolerance!r}."
+            )
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise TomosegError(
+                f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}."
             )
         resolve_device(self.device)
 
@@ -685,6 +705,136 @@ def _pad_plane(stack: np.ndarray, padded: tuple[int, int]) -> np.ndarray:
     return np.pad(stack, ((0, 0), (0, ph), (0, pw)), mode=mode)
 
 
+class DeviceMemoryError(TomosegError, RuntimeError):
+    """The device ran out of memory even for one tile of the smallest usable size."""
+
+
+@dataclass
+class MemoryBudget:
+    """How many tiles go through the network at once, shrunk after an out-of-memory error.
+
+    One budget is shared by all batches of a run, so once a batch size failed the rest of
+    the run uses the smaller one.  ``notes`` receives a line for each adaptation.
+    """
+
+    batch_size: int
+    notes: list[str] = field(default_factory=list)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (``torch.cuda.OutOfMemoryError``, or a
+    ``RuntimeError`` that says "out of memory", as MPS and older CUDA builds raise)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _release_device_memory(device: torch.device) -> None:
+    """Hand cached blocks back to the device after an out-of-memory error."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        mps = getattr(torch, "mps", None)
+        if mps is not None and hasattr(mps, "empty_cache"):
+            mps.empty_cache()
+
+
+def _predict_within_memory(
+    model: nn.Module,
+    tiles: np.ndarray,
+    plan: TilePlan,
+    device: torch.device,
+    *,
+    amp: bool,
+    tta: int,
+    budget: MemoryBudget,
+) -> np.ndarray:
+    """Probabilities (B, K, T, T) for ``tiles`` (B, C, T, T), surviving device OOM.
+
+    The tiles go through in chunks of ``budget.batch_size``.  When a chunk runs out of
+    device memory, the cache is emptied and the same tiles are tried again with half the
+    batch size, down to one tile; a single tile that does not fit is split into smaller
+    tiles with the same overlap and blending (:func:`_predict_split_tile`).  Each tile's
+    result does not depend on the batch it was in, so the output is unchanged.
+    """
+    out: list[np.ndarray] = []
+    start = 0
+    while start < tiles.shape[0]:
+        size = min(budget.batch_size, tiles.shape[0] - start)
+        chunk = tiles[start : start + size]
+        failed = False
+        try:
+            out.append(_predict_batch(model, chunk, device, amp=amp, tta=tta))
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            failed = True  # handled below, once the traceback no longer holds tensors
+        if not failed:
+            start += size
+            continue
+        _release_device_memory(device)
+        if size > 1:
+            budget.batch_size = max(1, size // 2)
+            budget.notes.append(
+                f"out of device memory with {size} tiles per batch; continued with "
+                f"{budget.batch_size}"
+            )
+            continue
+        out.append(
+            _predict_split_tile(model, chunk[0], plan, device, amp=amp, tta=tta, budget=budget)[
+                None
+            ]
+        )
+        start += 1
+    return np.concatenate(out) if len(out) > 1 else out[0]
+
+
+def _predict_split_tile(
+    model: nn.Module,
+    tile: np.ndarray,
+    plan: TilePlan,
+    device: torch.device,
+    *,
+    amp: bool,
+    tta: int,
+    budget: MemoryBudget,
+) -> np.ndarray:
+    """Probabilities (K, T, T) of one (C, T, T) tile computed as smaller tiles.
+
+    The sub-tiles keep the plan's overlap, receptive-field margin and alignment, so they
+    blend exactly as the tiles of a slice do (see the module notes); the smallest usable
+    sub-tile is the overlap plus one alignment step.
+    """
+    side = int(tile.shape[-1])
+    align, overlap = plan.alignment, plan.overlap
+    smaller = _round_up(max(side // 2, overlap + align), align)
+    if smaller >= side:
+        raise DeviceMemoryError(
+            f"The {device.type} device ran out of memory even for one {side}-px tile; free "
+            "device memory (other programs may hold it), or apply with device='cpu'."
+        )
+    sub = plan_tiles((side, side), smaller, overlap, plan.margin, align)
+    note = (
+        f"out of device memory for one {side}-px tile; it was computed as {sub.n_tiles} "
+        f"tiles of {sub.tile} px"
+    )
+    if note not in budget.notes:
+        budget.notes.append(note)
+    ((_, probs),) = list(
+        predict_slices(
+            model,
+            [(0, tile)],
+            sub,
+            device=device,
+            batch_size=budget.batch_size,
+            amp=amp,
+            tta=tta,
+            budget=budget,
+        )
+    )
+    return probs
+
+
 def predict_slices(
     model: nn.Module,
     stacks: Iterator[tuple[Any, np.ndarray]] | Sequence[tuple[Any, np.ndarray]],
@@ -696,15 +846,19 @@ def predict_slices(
     tta: int = 0,
     n_classes: int | None = None,
     should_stop: StopCheck = never_stop,
+    budget: MemoryBudget | None = None,
 ) -> Iterator[tuple[Any, np.ndarray]]:
     """Tiled prediction of whole planes: yields ``(key, probabilities (K, H, W) float32)``.
 
     ``stacks`` gives ``(key, normalised input (C, H, W))`` with H, W = ``plan.shape``.  The
     tiles of consecutive planes share batches; each plane is yielded as soon as all its tiles
     are done, so at most a batch's worth of planes is held.  Stops early (yielding nothing
-    more) when ``should_stop()`` is true between batches.
+    more) when ``should_stop()`` is true between batches.  A device out-of-memory error is
+    survived by smaller batches, then smaller tiles (``budget`` carries the reduced batch
+    size from call to call and collects notes; see :func:`_predict_within_memory`).
     """
     device = resolve_device(device)
+    budget = budget if budget is not None else MemoryBudget(batch_size)
     h, w = plan.shape
     wsum = plan.weight_sum()
     tile_list = list(plan.tiles())
@@ -716,7 +870,9 @@ def predict_slices(
     where: list[tuple[int, int, int, np.ndarray]] = []
 
     def run_batch() -> Iterator[tuple[Any, np.ndarray]]:
-        probs = _predict_batch(model, np.stack(batch), device, amp=amp, tta=tta)
+        probs = _predict_within_memory(
+            model, np.stack(batch), plan, device, amp=amp, tta=tta, budget=budget
+        )
         if n_classes is not None and probs.shape[1] != n_classes:
             raise TomosegError(
                 f"The network gives {probs.shape[1]} class probabilities but its file "
@@ -914,7 +1070,13 @@ def _allocate_outputs(
 
 
 class _SliceSource:
-    """Prepared (rescaled, normalised) slices of the tomogram, cached for the current slab."""
+    """Prepared (rescaled, normalised) slices of the tomogram, cached for the current slab.
+
+    NaN and infinite voxels are refused (``refuse=True``) or replaced by the tomogram's
+    mean (the plane's finite mean for box normalisation) before normalising, so they do not
+    spread through the network; ``nonfinite[z]`` then holds slice ``z``'s mask of them (on
+    the tomogram's grid) until the run has labelled them background.
+    """
 
     def __init__(
         self,
@@ -922,17 +1084,60 @@ class _SliceSource:
         normalisation: Normalisation,
         stats: tuple[float, float] | None,
         geometry: _Geometry,
+        *,
+        refuse: bool = False,
     ) -> None:
         self.volume = volume
         self.norm = normalisation
         self.stats = stats
         self.geometry = geometry
+        self.refuse = refuse
         self.cache: dict[int, np.ndarray] = {}
+        self.nonfinite: dict[int, np.ndarray] = {}
+        self.filled_voxels = 0
+        self.filled_slices: set[int] = set()
+
+    def _finite(self, index: int, raw: np.ndarray) -> np.ndarray:
+        finite = np.isfinite(raw)
+        if finite.all():
+            return raw
+        count = int(raw.size - np.count_nonzero(finite))
+        if self.refuse:
+            raise TomosegError(
+                f"Slice z={index} of the tomogram has {count} NaN or infinite voxels; repair "
+                "the tomogram (e.g. re-run the reconstruction or filter), or apply with "
+                "nonfinite='fill' to label them background."
+            )
+        if index not in self.filled_slices:
+            if not self.filled_slices:
+                warnings.warn(
+                    f"Slice z={index} of the tomogram has {count} NaN or infinite voxels; "
+                    "the network sees the tomogram's mean there and they are labelled "
+                    "background.",
+                    UserWarning,
+                    stacklevel=5,
+                )
+            self.filled_slices.add(index)
+            self.filled_voxels += count
+            self.nonfinite[index] = ~finite
+        if self.stats is not None:
+            fill = self.stats[0]
+        else:
+            fill = float(raw[finite].mean()) if finite.any() else 0.0
+        return np.where(finite, raw, np.float32(fill))
+
+    def add_note(self, notes: list[str]) -> None:
+        """Say in ``notes`` how many NaN / infinite voxels were filled."""
+        if self.filled_voxels:
+            notes.append(
+                f"{self.filled_voxels} NaN or infinite voxels in {len(self.filled_slices)} "
+                "slice(s) were given the tomogram's mean and labelled background"
+            )
 
     def plane(self, index: int) -> np.ndarray:
         got = self.cache.get(index)
         if got is None:
-            raw = np.asarray(self.volume[index], dtype=np.float32)[None]
+            raw = self._finite(index, np.asarray(self.volume[index], dtype=np.float32))[None]
             raw = _resize(raw, self.geometry.net_plane)
             if self.norm.mode == "box":
                 got = self.norm.apply_to_volume(raw)[0]
@@ -1023,9 +1228,10 @@ def iter_apply(
         plan = plan_tiles(geometry.net_plane, tile, overlap, rf.margin, rf.alignment)
         norm = Normalisation.from_dict(dict(meta.normalisation))
         stats = robust_stats(volume) if norm.mode == "tomogram" else None
-        source = _SliceSource(volume, norm, stats, geometry)
+        source = _SliceSource(volume, norm, stats, geometry, refuse=settings.nonfinite == "refuse")
         amp = bool(settings.mixed_precision) and device.type == "cuda"
         tta = settings.tta_transforms if settings.tta else 0
+        budget = MemoryBudget(int(settings.batch_size), notes)
         done = 0
         for z0 in range(0, shape[0], settings.z_chunk):
             z1 = min(shape[0], z0 + settings.z_chunk)
@@ -1040,15 +1246,21 @@ def iter_apply(
                 tta=tta,
                 n_classes=len(class_names),
                 should_stop=should_stop,
+                budget=budget,
             ):
                 if geometry.rescaled:
                     probs = _resize(probs, geometry.plane)  # linear: sums stay 1
+                bad = source.nonfinite.pop(z, None)
+                if bad is not None:  # no data there: background, probability 0
+                    probs[:, bad] = 0.0
+                    probs[0, bad] = 1.0
                 outputs.mask[z] = _make_mask(probs, settings.threshold)
                 if outputs.probabilities is not None:
                     for k, arr in enumerate(outputs.probabilities):
                         arr[z] = quantize_probabilities(probs[k + 1])
                 done += 1
             if done < z1:  # asked to stop between two batches
+                source.add_note(notes)
                 return ApplyResult(
                     probabilities=list(outputs.probabilities or []),
                     mask=outputs.mask,
@@ -1069,6 +1281,7 @@ def iter_apply(
             )
     finally:
         model.to(home)
+    source.add_note(notes)
     return ApplyResult(
         probabilities=list(outputs.probabilities or []),
         mask=outputs.mask,
@@ -1266,8 +1479,16 @@ def iter_apply_file(
     result: ApplyResult | None = None
     try:
         with contextlib.ExitStack() as stack:
-            tmps = [stack.enter_context(atomic_path(p, overwrite=overwrite)) for p in targets]
-            opened = [stack.enter_context(new_mrc_mmap(t, shape, np.uint8)) for t in tmps]
+            # all outputs are renamed together at the end, or none is (io.atomic_paths)
+            tmps = stack.enter_context(atomic_paths(targets, overwrite=overwrite))
+            try:
+                opened = [stack.enter_context(new_mrc_mmap(t, shape, np.uint8)) for t in tmps]
+            except OSError as exc:
+                raise TomosegIOError(
+                    f"Cannot write {', '.join(str(t) for t in targets)}: {exc.strerror or exc} "
+                    f"(they need {len(targets) * math.prod(shape) / 1e6:.0f} MB); free disk "
+                    "space or write elsewhere. Nothing was replaced."
+                ) from None
             mrcs = [mrc for mrc, _ in opened]
             stats = [HeaderStats() for _ in mrcs]
             arrays = [_RecordingArray(data, s) for (_, data), s in zip(opened, stats)]
@@ -1322,6 +1543,8 @@ __all__ = [
     "ApplyOutputs",
     "ApplyResult",
     "ApplySettings",
+    "DeviceMemoryError",
+    "MemoryBudget",
     "ReceptiveField",
     "TilePlan",
     "apply_binned",
@@ -1329,6 +1552,7 @@ __all__ = [
     "apply_network",
     "auto_overlap",
     "iter_apply",
+    "is_out_of_memory",
     "iter_apply_file",
     "plan_tiles",
     "predict_slices",

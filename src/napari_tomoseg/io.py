@@ -8,11 +8,17 @@ segmentation line up in world coordinates, and picked coordinates come out in An
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import math
 import os
+import secrets
+import stat
 import tempfile
+import time
 import warnings
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,8 @@ SUPPORTED_MODES: dict[int, str] = {
 }
 
 _HEADER_BYTES = 1024
+#: errno values of a full disk or quota (EDQUOT is missing on some systems).
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # IMOD marks mode-0 files whose bytes are unsigned: a stamp at header byte 152 and a flags word
 # at 156 whose bit 0 is clear (IMOD "MRC file format" documentation).  Both sit in `extra2`.
 _IMOD_STAMP = 1146047817
@@ -135,7 +143,9 @@ def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
             with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
                 header = mrc.header.copy()
                 ext_bytes = int(mrc.header.nsymbt)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, OverflowError, zlib.error) as exc:
+        if compressed and _is_decode_error(exc):
+            raise _damaged_gzip(path, exc) from None
         raise _fail(path, f"the header is not a valid MRC header ({exc})") from None
     if header is None or bytes(header.map).strip(b"\x00 ") != b"MAP":
         raise _fail(
@@ -159,19 +169,30 @@ def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
         dtype = np.dtype(np.uint8)
     shape = (nz, ny, nx) if nz > 1 else (ny, nx)
     offset = _HEADER_BYTES + max(ext_bytes, 0)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a header's three int32 sizes can overflow any fixed-width product.
+    nbytes = nx * ny * nz * dtype.itemsize
 
+    if not compressed and size < offset:
+        raise _fail(
+            path,
+            f"the header announces an extended header of {ext_bytes} bytes, which runs past "
+            f"the end of the file ({size} bytes)",
+            "The file is damaged or was not copied completely.",
+        )
+    if not compressed and size < offset + nbytes:
+        raise _fail(
+            path,
+            f"the file is truncated: the header promises {nbytes} bytes of data "
+            f"({nx} x {ny} x {nz}, mode {mode}) but only {max(size - offset, 0)} follow",
+            "The file may not have been copied completely.",
+        )
     if compressed or not mmap:
         data = _read_in_memory(path, shape, dtype)
     else:
-        if size < offset + nbytes:
-            raise _fail(
-                path,
-                f"the file is truncated: the header promises {nbytes} bytes of data "
-                f"({nx} x {ny} x {nz}, mode {mode}) but only {max(size - offset, 0)} follow",
-                "The file may not have been copied completely.",
-            )
-        data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        try:
+            data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        except (ValueError, OSError, OverflowError) as exc:
+            raise _fail(path, f"the data cannot be mapped ({exc})") from None
 
     voxel_size = voxel_size_from_header(header)
     if voxel_size is None:
@@ -193,17 +214,42 @@ def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
 
 
 def _read_in_memory(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Read the whole data block (compressed files cannot be memory-mapped)."""
+    """Read the whole data block (compressed files cannot be memory-mapped).
+
+    Any failure of the decoder (a damaged gzip stream raises ``zlib.error``, a short one
+    ``EOFError``) becomes a :class:`TomosegIOError` naming the file.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with mrcfile.open(path, mode="r", permissive=True) as mrc:
                 data = mrc.data
-                if data is None or data.size != int(np.prod(shape)):
-                    raise _fail(path, "the file is truncated: the data block is incomplete")
+                if data is None or data.size != math.prod(shape):
+                    raise _fail(
+                        path,
+                        "the file is truncated: the data block is shorter than the header says",
+                        "The file may not have been copied completely.",
+                    )
                 return np.array(data, dtype=dtype.newbyteorder("="), copy=True).reshape(shape)
-    except (ValueError, OSError, EOFError) as exc:
+    except TomosegIOError:
+        raise
+    except (ValueError, OSError, EOFError, OverflowError, zlib.error) as exc:
+        if _is_decode_error(exc):
+            raise _damaged_gzip(path, exc) from None
         raise _fail(path, f"the data could not be read ({exc})") from None
+
+
+def _is_decode_error(exc: BaseException) -> bool:
+    """True for the errors of a damaged or cut-short gzip stream."""
+    return isinstance(exc, (zlib.error, EOFError, gzip.BadGzipFile))
+
+
+def _damaged_gzip(path: Path, exc: BaseException) -> TomosegIOError:
+    return _fail(
+        path,
+        f"the gzip-compressed data is damaged or cut short ({exc})",
+        "The file may not have been copied completely; copy it again.",
+    )
 
 
 def _imod_unsigned_bytes(header: Any) -> bool:
@@ -235,15 +281,32 @@ def labels_dtype(max_label: int) -> np.dtype:
     raise TomosegIOError(f"{max_label} labels do not fit in an MRC file (65535 at most).")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+#: Suffix of the temporary file a write goes into before it is renamed onto its target.
+#: Temporaries are hidden (``.NAME.XXXXXXXX.part``) and have no MRC extension, so readers
+#: and folder listings of napari-tomoseg never take one for a result.
+TEMP_SUFFIX = ".part"
+#: Suffix of the hidden hard link that keeps a replaced file until a multi-file write has
+#: committed (``.NAME.XXXXXXXX.old``): it is the previous file, byte for byte.
+BACKUP_SUFFIX = ".old"
 
-    If the body raises (or the process dies), ``path`` is untouched and the temporary file is
-    removed, so a failed write never leaves a half-written or clobbered file.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
+
+def _new_file_mode() -> int:
+    """Permission bits a plain ``open(path, "w")`` would give a new file (0o666 & ~umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: Read once at import (``os.umask`` can only be read by setting it, which is not
+#: thread-safe); temporaries are made with 0o600 and are given these bits before renaming.
+_FILE_MODE = _new_file_mode()
+
+
+def _check_target(path: Path, overwrite: bool) -> Path:
+    """The folder ``path`` will be written in; refuses what cannot or must not be replaced."""
+    if path.is_dir():
+        raise TomosegIOError(f"Cannot write {path}: it is a folder; give a file name.")
+    if (path.exists() or path.is_symlink()) and not overwrite:
         raise TomosegIOError(
             f"{path} already exists; choose another name or allow overwriting explicitly."
         )
@@ -252,18 +315,183 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         raise TomosegIOError(f"Cannot write {path}: the folder {folder} does not exist.")
     if not os.access(folder, os.W_OK):
         raise TomosegIOError(f"Cannot write {path}: the folder {folder} is not writable.")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    return folder
+
+
+def _write_failed(path: Path, exc: OSError, what: str = "") -> TomosegIOError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in _DISK_FULL:
+        reason += " (the disk or your quota is full; free space and try again)"
+    text = f"Cannot write {path}: {reason}."
+    if what:
+        text += f" {what}"
+    return TomosegIOError(text)
+
+
+def _make_temp(path: Path, folder: Path) -> Path:
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise _write_failed(path, exc, "Nothing was written.") from None
+    os.close(fd)
+    return Path(name)
+
+
+def _sync(tmp: Path, mode: int) -> None:
+    """Flush a finished temporary to disk and give it its final permission bits."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, mode)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (best effort: not every system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _backup_link(path: Path) -> Path | None:
+    """A hidden hard link to ``path`` (its previous content), or None if links are refused."""
+    for _ in range(16):
+        backup = path.with_name(f".{path.name}.{secrets.token_hex(4)}{BACKUP_SUFFIX}")
+        try:
+            os.link(path, backup)
+        except FileExistsError:
+            continue
+        except OSError:  # e.g. a file system without hard links: no rollback possible
+            return None
+        return backup
+    return None
+
+
+def _commit(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Rename every temporary onto its target; if one rename fails, put back the targets
+    already replaced (from hard-link backups) and remove the new ones, then raise."""
+    done: list[tuple[Path, Path | None, bool]] = []  # (target, backup, existed before)
+    pending: Path | None = None
+    current = pairs[0][1] if pairs else Path(".")
+    try:
+        for tmp, current in pairs:
+            existed = current.exists()
+            pending = _backup_link(current) if existed and len(pairs) > 1 else None
+            os.replace(tmp, current)
+            done.append((current, pending, existed))
+            pending = None
+    except BaseException as exc:
+        for target, backup, existed in reversed(done):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, target)
+                elif not existed:
+                    target.unlink()
+        if pending is not None:
+            with contextlib.suppress(OSError):
+                pending.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, TomosegIOError):
+            raise _write_failed(current, exc, "The previous file (if any) is unchanged.") from None
         raise
+    for _, backup, _ in done:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                backup.unlink()
+
+
+@contextlib.contextmanager
+def atomic_paths(
+    paths: Sequence[str | os.PathLike], *, overwrite: bool = False
+) -> Iterator[list[Path]]:
+    """Yield one temporary path beside each of ``paths``; on success all are renamed onto
+    their targets together.
+
+    If the body raises, nothing is renamed and every temporary is removed, so the targets
+    keep their previous content (or stay absent).  If a rename fails, the targets already
+    replaced get their previous content back (kept meanwhile as hidden hard links), so a
+    multi-file write is all or nothing.  A process killed while writing leaves at most its
+    hidden temporaries (``.NAME.XXXXXXXX.part``, see :func:`stale_temporaries`) and, when
+    killed during the final renames, a hidden ``.NAME.XXXXXXXX.old`` link to a previous
+    file.  Existing targets are replaced only with ``overwrite=True``; a written file gets
+    the permissions a new file would (``0o666`` less the umask) or those of the file it
+    replaces.  Failures to write raise :class:`TomosegIOError` naming the file.
+    """
+    targets = [Path(p) for p in paths]
+    if len({os.path.abspath(t) for t in targets}) != len(targets):
+        raise TomosegIOError(f"The same file is named twice among {[str(t) for t in targets]}.")
+    folders = [_check_target(t, overwrite) for t in targets]
+    tmps: list[Path] = []
+    try:
+        for target, folder in zip(targets, folders):
+            tmps.append(_make_temp(target, folder))
+        yield list(tmps)
+        for tmp, target in zip(tmps, targets):
+            mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else _FILE_MODE
+            try:
+                _sync(tmp, mode)
+            except OSError as exc:
+                raise _write_failed(
+                    target, exc, "The previous file (if any) is unchanged."
+                ) from None
+        _commit(list(zip(tmps, targets)))
+        for folder in dict.fromkeys(folders):
+            _sync_folder(folder)
+    except BaseException:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+
+    If the body raises (or the process dies), ``path`` is untouched and the temporary file is
+    removed (a killed process leaves it, hidden, see :func:`stale_temporaries`), so a failed
+    write never leaves a half-written or clobbered file.  See :func:`atomic_paths`.
+    """
+    with atomic_paths([path], overwrite=overwrite) as (tmp,):
+        yield tmp
+
+
+def stale_temporaries(folder: str | os.PathLike, min_age_s: float = 3600.0) -> list[Path]:
+    """Hidden temporaries and backups that writes in ``folder`` left behind when killed.
+
+    Only files named like napari-tomoseg's temporaries (``.NAME.XXXXXXXX.part`` or
+    ``.NAME.XXXXXXXX.old``) and unchanged for ``min_age_s`` seconds are listed, so a write
+    still running (in this or another process) is not.  They hold no result that is not
+    also under its real name (a ``.part`` never became a file; an ``.old`` is the previous
+    version of a file that was replaced), and can be deleted with
+    :func:`remove_stale_temporaries`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TomosegIOError(f"{folder} is not a folder.")
+    now = time.time()
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if not name.startswith(".") or not name.endswith((TEMP_SUFFIX, BACKUP_SUFFIX)):
+            continue
+        parts = name[1:].rsplit(".", 2)
+        if len(parts) != 3 or not parts[0]:
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file() and now - entry.stat().st_mtime >= min_age_s:
+                found.append(entry)
+    return sorted(found)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 3600.0) -> list[Path]:
+    """Delete what :func:`stale_temporaries` lists; returns the removed paths."""
+    removed = []
+    for path in stale_temporaries(folder, min_age_s):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _normalise_voxel_size(voxel_size: Any, ndim: int) -> tuple[float, float, float] | None:
@@ -310,27 +538,42 @@ def write_mrc(
         )
     vs = _normalise_voxel_size(voxel_size, data.ndim)
     compressed = str(path).lower().endswith(".gz")
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        if compressed:
-            with mrcfile.new(tmp, overwrite=True, compression="gzip") as mrc:
-                mrc.set_data(np.asarray(data, dtype=target))
-                finish_header(mrc, vs, origin)
-        else:
-            shape = tuple(int(s) for s in data.shape)
-            with new_mrc_mmap(tmp, shape, target) as (mrc, out):
-                stats = HeaderStats()
-                if data.ndim == 2:
-                    out[...] = np.asarray(data, dtype=target)
-                    stats.add(out)
-                else:
-                    for z in range(0, shape[0], _WRITE_CHUNK_SLICES):
-                        chunk = np.asarray(data[z : z + _WRITE_CHUNK_SLICES]).astype(
-                            target, copy=False
-                        )
-                        out[z : z + chunk.shape[0]] = chunk
-                        stats.add(chunk)
-                finish_header(mrc, vs, origin, stats)
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            _write_mrc_body(tmp, data, target, vs, origin, compressed)
+    except OSError as exc:
+        if isinstance(exc, TomosegIOError):
+            raise
+        raise _write_failed(path, exc, "The previous file (if any) is unchanged.") from None
     return path
+
+
+def _write_mrc_body(
+    tmp: Path,
+    data: np.ndarray,
+    target: np.dtype,
+    vs: tuple[float, float, float] | None,
+    origin: tuple[float, float, float] | None,
+    compressed: bool,
+) -> None:
+    """Write ``data`` as ``target`` dtype into the temporary file of :func:`write_mrc`."""
+    if compressed:
+        with mrcfile.new(tmp, overwrite=True, compression="gzip") as mrc:
+            mrc.set_data(np.asarray(data, dtype=target))
+            finish_header(mrc, vs, origin)
+        return
+    shape = tuple(int(s) for s in data.shape)
+    with new_mrc_mmap(tmp, shape, target) as (mrc, out):
+        stats = HeaderStats()
+        if data.ndim == 2:
+            out[...] = np.asarray(data, dtype=target)
+            stats.add(out)
+        else:
+            for z in range(0, shape[0], _WRITE_CHUNK_SLICES):
+                chunk = np.asarray(data[z : z + _WRITE_CHUNK_SLICES]).astype(target, copy=False)
+                out[z : z + chunk.shape[0]] = chunk
+                stats.add(chunk)
+        finish_header(mrc, vs, origin, stats)
 
 
 class HeaderStats:
@@ -375,9 +618,34 @@ def new_mrc_mmap(
     unsigned_bytes = dtype == np.uint8
     mode = 0 if unsigned_bytes else int(mrcfile.utils.mode_from_dtype(dtype))
     with mrcfile.new_mmap(path, shape=shape, mrc_mode=mode, overwrite=True) as mrc:
+        _preallocate(Path(path))
         if unsigned_bytes:
             _mark_unsigned_bytes(mrc.header)
         yield mrc, (mrc.data.view(np.uint8) if unsigned_bytes else mrc.data)
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve the disk blocks of a new (sparse) memory-mapped file before it is written.
+
+    Writing through a memory map onto a full disk kills the process with SIGBUS instead of
+    raising an error; reserving the space first turns a full disk into an ``OSError``
+    (ENOSPC) up front, before anything is written.  Systems without ``posix_fallocate``
+    (or file systems that do not support it) skip the reservation.
+    """
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size > 0:
+            try:
+                allocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in _DISK_FULL or exc.errno == errno.EFBIG:
+                    raise
+    finally:
+        os.close(fd)
 
 
 def finish_header(
@@ -415,9 +683,13 @@ def write_labels(
     """Write an integer segmentation as uint8 (or uint16 past 255 labels)."""
     labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
     if labels.dtype.kind not in "biu":
-        raise TomosegIOError(f"Labels must be integers; got dtype {labels.dtype}.")
+        raise TomosegIOError(
+            f"Cannot write {path}: labels must be integers; got dtype {labels.dtype}."
+        )
     top = int(labels.max()) if labels.size else 0
     low = int(labels.min()) if labels.size else 0
     if low < 0:
-        raise TomosegIOError(f"Labels must be non-negative (found {low}).")
+        raise TomosegIOError(
+            f"Cannot write {path}: labels must be non-negative (found {low}); 0 is background."
+        )
     return write_mrc(path, labels, voxel_size, dtype=labels_dtype(top), **kwargs)

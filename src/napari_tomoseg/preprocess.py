@@ -340,6 +340,19 @@ def _gauss_axis(block: np.ndarray, axis: int, sigma_f: float) -> np.ndarray:
     return np.take(filtered, np.arange(pad, pad + n), axis=axis)
 
 
+def _refuse_nonfinite(block: np.ndarray, first_slice: int) -> None:
+    """Refuse NaN / Inf before a Fourier filter, which would spread them everywhere."""
+    finite = np.isfinite(block)
+    if finite.all():
+        return
+    bad = np.nonzero(~finite.reshape(block.shape[0], -1).all(axis=1))[0]
+    raise TomosegError(
+        f"The tomogram has NaN or infinite voxels (first in slice z={first_slice + int(bad[0])})"
+        "; a filter would spread them over the whole volume. Repair the tomogram or replace "
+        "them (e.g. with numpy.nan_to_num) before filtering."
+    )
+
+
 def lowpass(
     volume: np.ndarray,
     cutoff_angstrom: float,
@@ -351,6 +364,7 @@ def lowpass(
 
     3D (isotropic in Angstrom, also anisotropic voxels) unless ``per_slice``, which filters
     each Z slice in Y and X only.  Separable, on blocks: memory is the output plus a block.
+    NaN or infinite voxels are refused (:class:`TomosegError`): the filter would spread them.
     """
     _check_3d(volume, "Low-pass filtering")
     voxel = _voxel_triple(voxel_size)
@@ -361,6 +375,7 @@ def lowpass(
     step = _block_len(ny * nx * 3)
     for start in range(0, nz, step):
         block = np.asarray(volume[start : start + step], dtype=np.float64)
+        _refuse_nonfinite(block, start)
         block = _gauss_axis(block, 2, sigma[2])
         block = _gauss_axis(block, 1, sigma[1])
         out[start : start + block.shape[0]] = block

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,11 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+try:  # optional in some Python builds; zipfile then cannot decode LZMA members either
+    import lzma
+except ImportError:  # pragma: no cover
+    lzma = None  # type: ignore[assignment]
 
 from . import __version__
 from .boxes import DEFAULT_BOX_SIZE, Box, validate_boxes
@@ -67,6 +73,17 @@ IGNORE_INDEX = 255
 _SPLINE_MARGIN = 3
 _OUTSIDE_BOX_MODES = ("background", "ignore")
 _ARRAY_KEYS = ("images", "labels", "box_ids", "positive", "class_names", "metadata")
+#: What a damaged zip member raises while it is decoded: an unknown compression method or
+#: flag (NotImplementedError), the encryption flag (RuntimeError), a corrupt deflate / LZMA
+#: stream, absurd sizes.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    OverflowError,
+)
+if lzma is not None:
+    _DECODE_ERRORS += (lzma.LZMAError,)
 
 
 @dataclass
@@ -269,6 +286,22 @@ class TrainingSet:
             return TomosegIOError(f"Cannot read training set {path}: {reason}.")
 
         try:
+            with open(path, "rb") as handle:
+                magic = handle.read(6)
+        except OSError as exc:
+            raise refuse(f"the file cannot be opened ({exc.strerror or exc})") from None
+        if magic.startswith(b"\x93NUMPY"):
+            raise refuse("it is a single numpy array, not a napari-tomoseg training set")
+        if not magic.startswith(b"PK"):  # numpy would take any other file for a pickle
+            if magic[:1] == b"\x80":
+                raise refuse(
+                    "it holds pickled Python objects, which are never loaded (a training set "
+                    "is a .npz archive of plain arrays)"
+                )
+            raise refuse(
+                "it is not a .npz archive (a training set is a .npz file saved by napari-tomoseg)"
+            )
+        try:
             with np.load(path, allow_pickle=False) as archive:
                 if not isinstance(archive, np.lib.npyio.NpzFile):
                     raise refuse("it is a single numpy array, not a napari-tomoseg training set")
@@ -285,17 +318,24 @@ class TrainingSet:
                 if missing:
                     raise refuse(f"entries {missing} are missing (incomplete file)")
                 arrays = {k: archive[k] for k in _ARRAY_KEYS}
+                raw = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+                if raw:  # a zip member without the .npy format: numpy hands back its bytes
+                    raise refuse(f"entries {raw} are not numpy arrays (the file was altered)")
         except TomosegIOError:
             raise
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             if "pickle" in str(exc).lower():
                 raise refuse(
                     "it contains pickled Python objects, which are never loaded (a training "
                     "set holds plain arrays only)"
                 ) from None
             raise refuse(f"the file is damaged ({exc})") from None
-        except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        except (OSError, EOFError, zipfile.BadZipFile, KeyError, *_DECODE_ERRORS) as exc:
             raise refuse(f"the file is damaged or not a numpy archive ({exc})") from None
+        except MemoryError:
+            raise refuse(
+                "an entry claims to be larger than the memory available; the file is damaged"
+            ) from None
         try:
             metadata = json.loads(str(arrays["metadata"]))
         except json.JSONDecodeError as exc:
@@ -313,6 +353,8 @@ class TrainingSet:
             )
         except TomosegError as exc:
             raise refuse(str(exc).rstrip(".")) from None
+        except (ValueError, TypeError) as exc:
+            raise refuse(f"its arrays or metadata are inconsistent ({exc})") from None
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -389,6 +431,11 @@ def build_training_set(
     volume_shape = tuple(int(s) for s in volume.shape)
     if volume.ndim != 3:
         raise TomosegError(f"The tomogram must be 3D (Z, Y, X); got shape {volume_shape}.")
+    if np.dtype(volume.dtype).kind not in "biuf":
+        raise TomosegError(
+            f"The tomogram must hold real numbers; got dtype {volume.dtype}. Convert it "
+            "(e.g. to float32) first."
+        )
     if tuple(labels.shape) != volume_shape:
         raise TomosegError(
             f"The labels (shape {tuple(labels.shape)}) do not match the tomogram (shape "
