@@ -620,7 +620,7 @@ def test_training_set_entries_hostile(files, entry, shape, dtype, meta):
     check_trainset(files.write(_npz(arrays), ".npz"))
 
 
-# -- known defects of the network loader (model_file.py) ------------------------------------------
+# -- hostile files that once escaped the network loader (model_file.py) ------------------------------------------
 def _meta_with(**changes) -> bytes:
     meta = json.loads(str(_arrays(NET_BASES["cnn"])["__meta__"]))
     meta.update(changes)
@@ -694,12 +694,6 @@ KNOWN_DEFECTS = {
 
 
 @pytest.mark.parametrize("name", list(KNOWN_DEFECTS))
-@pytest.mark.xfail(
-    strict=True,
-    reason="model_file.load_network lets zipfile / torch / numpy errors of a damaged or hostile "
-    "file escape (NotImplementedError, RuntimeError, OverflowError, MemoryError) instead of a "
-    "TomosegError: see the comments of KNOWN_DEFECTS",
-)
 def test_known_loader_defects_are_refused_cleanly(tmp_path, name):
     path = tmp_path / "hostile.tsnet"
     path.write_bytes(KNOWN_DEFECTS[name]())

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import zipfile
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,20 @@ FORMAT_VERSION = 1
 _META_KEY = "__meta__"
 _STATE_PREFIX = "state:"
 _MAX_META_CHARS = 64 * 1024 * 1024
+#: Largest network a file may ask for (parameters); far beyond any architecture here.
+_MAX_PARAMETERS = 500_000_000
+#: What reading a damaged or hostile zip member can raise (zipfile, zlib, numpy).
+_READ_ERRORS = (
+    OSError,
+    zipfile.BadZipFile,
+    EOFError,
+    KeyError,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    OverflowError,
+    MemoryError,
+)
 _MAX_CLASSES = 65535
 _MAX_IN_CHANNELS = 1024
 
@@ -382,12 +397,24 @@ def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     path = Path(path)
     with _open_npz(path) as npz:
         meta = _read_meta(path, npz)
-        try:
-            model = build_model(
-                meta.architecture, meta.in_channels, meta.n_classes, **meta.model_params
-            )
-        except TomosegError as exc:
-            raise _refuse(path, str(exc)) from None
+        # Build on the "meta" device first: sizes are checked before anything is allocated,
+        # so a file cannot make the loader take unbounded memory.
+        skeleton = _build(path, meta, torch.device("meta"))
+        n_params = sum(p.numel() for p in skeleton.parameters())
+        if n_params > _MAX_PARAMETERS:
+            raise _refuse(path, f"its metadata asks for a network of {n_params} parameters")
+        for name, reference in skeleton.state_dict().items():
+            key = _STATE_PREFIX + name
+            if key in npz.files:
+                shape = _entry_shape(path, npz, key)
+                if shape != tuple(reference.shape):
+                    raise _refuse(
+                        path,
+                        f"tensor {name!r} has shape {shape}, but architecture "
+                        f"{meta.architecture!r} needs {tuple(reference.shape)}",
+                        "The file is damaged or was altered.",
+                    )
+        model = _build(path, meta, torch.device("cpu"))
         expected = model.state_dict()
         present = {k[len(_STATE_PREFIX) :] for k in npz.files if k.startswith(_STATE_PREFIX)}
         others = sorted(k for k in npz.files if k != _META_KEY and not k.startswith(_STATE_PREFIX))
@@ -438,6 +465,42 @@ def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return Network(model=model, meta=meta)
 
 
+def _build(path: Path, meta: NetworkMeta, device: torch.device) -> nn.Module:
+    """The architecture the metadata names, on ``device``; any failure is a refusal."""
+    try:
+        with device:
+            return build_model(
+                meta.architecture, meta.in_channels, meta.n_classes, **meta.model_params
+            )
+    except TomosegError as exc:
+        raise _refuse(path, str(exc)) from None
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        raise _refuse(path, f"its architecture settings cannot be built ({exc})") from None
+
+
+def _entry_shape(path: Path, npz: Any, key: str) -> tuple[int, ...]:
+    """The shape an entry's .npy header declares, read without loading the data (an entry
+    of Python objects is refused here already: it would be unpickled)."""
+    try:
+        with npz.zip.open(key + ".npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(handle)
+    except (*_READ_ERRORS, ValueError) as exc:
+        raise _refuse(path, f"entry {key!r} cannot be read ({exc})") from None
+    if np.dtype(dtype).hasobject:
+        raise _refuse(
+            path,
+            f"entry {key!r} holds a pickled Python object, which could run code",
+            "Refused for safety; only files saved by napari-tomoseg can be loaded.",
+        )
+    return tuple(int(s) for s in shape)
+
+
 class _NpzHandle:
     """Context manager around ``np.load`` that turns every failure into a refusal."""
 
@@ -459,7 +522,7 @@ class _NpzHandle:
             )
         try:
             self.npz = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        except (*_READ_ERRORS, ValueError) as exc:
             raise _refuse(path, f"the archive cannot be read ({exc})") from None
         return self.npz
 
@@ -474,7 +537,7 @@ def _open_npz(path: Path) -> _NpzHandle:
 
 def _read_array(path: Path, npz: Any, key: str) -> np.ndarray:
     try:
-        return npz[key]
+        value = npz[key]
     except ValueError as exc:
         if "pickle" in str(exc).lower() or "object" in str(exc).lower():
             raise _refuse(
@@ -483,8 +546,16 @@ def _read_array(path: Path, npz: Any, key: str) -> np.ndarray:
                 "Refused for safety; only files saved by napari-tomoseg can be loaded.",
             ) from None
         raise _refuse(path, f"entry {key!r} cannot be read ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+    except _READ_ERRORS as exc:
         raise _refuse(path, f"entry {key!r} cannot be read ({exc})") from None
+    if not isinstance(value, np.ndarray):  # a raw (non-.npy) member comes back as bytes
+        raise _refuse(path, f"entry {key!r} is not an array")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON; a file that holds them was not written here."""
+    raise ValueError(f"{name} is not a valid number here")
 
 
 def _read_meta(path: Path, npz: Any) -> NetworkMeta:
@@ -498,8 +569,8 @@ def _read_meta(path: Path, npz: Any) -> NetworkMeta:
     if raw.dtype.kind != "U" or raw.ndim != 0 or len(str(raw)) > _MAX_META_CHARS:
         raise _refuse(path, "the metadata entry is not a JSON text")
     try:
-        data = json.loads(str(raw))
-    except json.JSONDecodeError as exc:
+        data = json.loads(str(raw), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
         raise _refuse(path, f"the metadata is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_MAGIC:
         raise _refuse(
