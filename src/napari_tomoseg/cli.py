@@ -262,50 +262,154 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         batch_size=args.batch_size,
     )
     settings.validate()
-    network = load_network(args.network, device=select_device(args.device))
-    label = args.name or Path(args.network).stem
+    networks = [args.network, *(args.also_network or [])]
+    if args.name and len(networks) > 1:
+        raise TomosegError(
+            "--name labels a single network; with several networks the outputs are named "
+            "after the network files."
+        )
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if _cluster_requested(args):
+        return _cmd_apply_batch(args, settings, networks, out_dir, progress)
     failed: list[tuple[str, str]] = []
     done = 0
+    total = len(args.tomograms) * len(networks)
     with StopOnInterrupt() as should_stop:
-        for i, tomogram in enumerate(args.tomograms, 1):
+        for net_path in networks:
             if should_stop():
                 break
-            tomogram = Path(tomogram)
-            mask_path, prob_path = _output_names(out_dir, tomogram, label)
-            print(f"[{i}/{len(args.tomograms)}] {tomogram} -> {mask_path}", file=sys.stderr)
-            try:
-                result = drive(
-                    iter_apply_file(
-                        network,
-                        tomogram,
-                        mask_path,
-                        None if args.no_probabilities else prob_path,
-                        settings=settings,
-                        overwrite=args.overwrite,
-                        should_stop=should_stop,
-                    ),
-                    progress,
-                )
-            except TomosegError as exc:
-                failed.append((str(tomogram), str(exc)))
-                print(f"  failed: {exc}", file=sys.stderr)
-                continue
-            if result.stopped:
-                print("  cancelled: no output written", file=sys.stderr)
-                break
-            done += 1
-            for note in result.notes:
-                print(f"  note: {note}", file=sys.stderr)
-            outputs = [result.mask_path, *result.probability_paths]
-            print("  wrote " + ", ".join(str(p) for p in outputs))
-    print(f"Applied to {done} of {len(args.tomograms)} tomograms; {len(failed)} failed.")
+            network = load_network(net_path, device=select_device(args.device))
+            label = args.name or Path(net_path).stem
+            for i, tomogram in enumerate(args.tomograms, 1):
+                if should_stop():
+                    break
+                tomogram = Path(tomogram)
+                mask_path, prob_path = _output_names(out_dir, tomogram, label)
+                print(f"[{i}/{len(args.tomograms)}] {tomogram} -> {mask_path}", file=sys.stderr)
+                try:
+                    result = drive(
+                        iter_apply_file(
+                            network,
+                            tomogram,
+                            mask_path,
+                            None if args.no_probabilities else prob_path,
+                            settings=settings,
+                            overwrite=args.overwrite,
+                            should_stop=should_stop,
+                        ),
+                        progress,
+                    )
+                except TomosegError as exc:
+                    failed.append((str(tomogram), str(exc)))
+                    print(f"  failed: {exc}", file=sys.stderr)
+                    continue
+                if result.stopped:
+                    print("  cancelled: no output written", file=sys.stderr)
+                    break
+                done += 1
+                for note in result.notes:
+                    print(f"  note: {note}", file=sys.stderr)
+                outputs = [result.mask_path, *result.probability_paths]
+                print("  wrote " + ", ".join(str(p) for p in outputs))
+    print(f"Applied to {done} of {total} tomograms; {len(failed)} failed.")
     for name, reason in failed:
         print(f"  FAILED {name}: {reason}")
     if should_stop():
         return EXIT_INTERRUPTED
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _cluster_requested(args: argparse.Namespace) -> bool:
+    """Whether the apply options ask for the Dask batch engine (see ``docs/cluster.md``)."""
+    cluster_flags = [
+        name
+        for name, value in (
+            ("--workers", args.workers),
+            ("--scheduler", args.scheduler),
+            ("--z-split", args.z_split),
+            ("--threads", args.threads),
+            ("--gpus", args.gpus),
+            ("--manifest", args.manifest),
+            ("--dashboard", args.dashboard),
+        )
+        if value is not None
+    ] + (["--verify-hashes"] if args.verify_hashes else [])
+    if args.cluster == "none":
+        if cluster_flags:
+            raise TomosegError(
+                f"--cluster none runs in this process; drop {', '.join(cluster_flags)} "
+                "or choose --cluster local."
+            )
+        return False
+    return args.cluster == "local" or bool(cluster_flags)
+
+
+def _cmd_apply_batch(
+    args: argparse.Namespace,
+    settings: Any,
+    networks: Sequence[str],
+    out_dir: Path,
+    progress: ProgressPrinter,
+) -> int:
+    """``tomoseg apply`` on a Dask cluster: local, or a running scheduler."""
+    from .cluster import BatchJob, BatchSettings, JobOutcome, iter_run_batch
+
+    batch = BatchSettings(
+        scheduler=args.scheduler,
+        n_workers=args.workers,
+        torch_threads=args.threads,
+        gpus=args.gpus or "auto",
+        dashboard_address=args.dashboard,
+        z_split=args.z_split,
+        verify_hashes=args.verify_hashes,
+    )
+    batch.validate()
+    jobs = []
+    for net_path in networks:
+        label = args.name or Path(net_path).stem
+        for tomogram in args.tomograms:
+            mask_path, prob_path = _output_names(out_dir, Path(tomogram), label)
+            jobs.append(
+                BatchJob(
+                    Path(tomogram),
+                    Path(net_path),
+                    mask_path,
+                    None if args.no_probabilities else prob_path,
+                )
+            )
+    where = args.scheduler or "a local Dask cluster"
+    print(f"Applying {len(jobs)} job(s) on {where}", file=sys.stderr)
+
+    def show(event: Progress) -> None:
+        outcome = event.payload
+        if isinstance(outcome, JobOutcome):
+            if outcome.status == "failed":
+                print(f"  FAILED {outcome.job.name}: {outcome.reason}", file=sys.stderr)
+            elif outcome.status in ("done", "skipped"):
+                word = "wrote" if outcome.status == "done" else "already done"
+                paths = ", ".join(str(p) for p in outcome.outputs)
+                print(f"  {outcome.job.name}: {word} {paths}", file=sys.stderr)
+                for note in outcome.notes:
+                    print(f"    note: {note}", file=sys.stderr)
+        progress(event)
+
+    with StopOnInterrupt() as should_stop:
+        result = drive(
+            iter_run_batch(
+                jobs,
+                settings,
+                batch,
+                manifest=args.manifest,
+                overwrite=args.overwrite,
+                should_stop=should_stop,
+            ),
+            show,
+        )
+    print(result.summary())
+    if result.stopped:
+        return EXIT_INTERRUPTED
+    return EXIT_PARTIAL if result.failed else EXIT_OK
 
 
 def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
@@ -517,6 +621,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-probabilities", action="store_true", help="write only the masks")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--network",
+        dest="also_network",
+        action="append",
+        metavar="NETWORK",
+        help="apply this network too (repeat for more); outputs are named after each file",
+    )
+    c = p.add_argument_group(
+        "cluster",
+        "Run the tomograms x networks on a Dask cluster (needs napari-tomoseg[cluster]). "
+        "Any of these options switches it on; without them everything runs in this process. "
+        "A rerun skips the jobs the manifest records as finished. See docs/cluster.md.",
+    )
+    c.add_argument(
+        "--cluster",
+        choices=["none", "local"],
+        help="local: start a Dask cluster on this machine (one worker per GPU, else "
+        "one single-threaded worker per core); none: run in this process (the default)",
+    )
+    c.add_argument("--workers", type=int, help="local cluster with this many worker processes")
+    c.add_argument("--threads", type=int, help="torch CPU threads per worker")
+    c.add_argument("--gpus", help="local cluster GPUs: auto (default), none, or ids like 0,1")
+    c.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="use a running Dask scheduler: tcp://host:8786 or a scheduler JSON file",
+    )
+    c.add_argument(
+        "--z-split",
+        type=int,
+        metavar="SLICES",
+        help="split tomograms of more slices into Z chunks of about this many slices, "
+        "computed on different workers and stitched (identical result)",
+    )
+    c.add_argument(
+        "--manifest",
+        help="batch manifest (JSON) recording finished jobs "
+        "(default: OUTPUT_DIR/tomoseg-batch.json)",
+    )
+    c.add_argument(
+        "--verify-hashes",
+        action="store_true",
+        help="re-hash recorded outputs (SHA-256) before skipping them",
+    )
+    c.add_argument("--dashboard", metavar="ADDRESS", help="local cluster dashboard, e.g. :8787")
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser(
