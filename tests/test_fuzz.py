@@ -620,7 +620,7 @@ def test_training_set_entries_hostile(files, entry, shape, dtype, meta):
     check_trainset(files.write(_npz(arrays), ".npz"))
 
 
-# -- hostile files that once escaped the network loader (model_file.py) ------------------------------------------
+# -- hostile files that once escaped the network loader (model_file.py) ---------------
 def _meta_with(**changes) -> bytes:
     meta = json.loads(str(_arrays(NET_BASES["cnn"])["__meta__"]))
     meta.update(changes)
