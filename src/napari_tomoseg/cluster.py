@@ -64,21 +64,16 @@ from typing import Any
 
 import numpy as np
 
-from . import inference as _inf
 from .errors import MissingVoxelSizeWarning, TomosegError
 from .inference import (
+    ApplyOutputs,
     ApplySettings,
-    MemoryBudget,
+    iter_apply,
     iter_apply_file,
-    plan_tiles,
-    predict_slices,
     probability_paths,
-    quantize_probabilities,
-    receptive_field,
     resolve_device,
 )
 from .io import HeaderStats, atomic_path, atomic_paths, finish_header, new_mrc_mmap, read_tomogram
-from .preprocess import Normalisation, robust_stats
 from .progress import Progress, StopCheck, drive, never_stop
 
 #: Value of ``format`` in a batch manifest.
@@ -686,62 +681,18 @@ def _iter_apply_slab(
     mask: np.ndarray,
     probabilities: list[np.ndarray],
 ) -> Generator[Progress, None, list[str]]:
-    """Slices ``z0:z1`` of what ``inference.iter_apply`` computes for the whole ``volume``.
-
-    The same steps as ``iter_apply`` (shrink 1): tiles, receptive field and voxel-size
-    geometry from the whole tomogram, normalisation by the whole tomogram's statistics,
-    context slices read from the neighbouring slices (the halo) of the memory-mapped volume,
-    and tiles batched per group of ``settings.z_chunk`` slices from a multiple of it.
-    Results go into ``mask`` / ``probabilities`` (slab-sized, index ``z - z0``).  Returns
-    the notes.  The byte-identity tests guard that this stays equal to ``iter_apply``.
-    """
-    meta, model, class_names, context = _inf._meta_checks(network)
-    shape = tuple(int(s) for s in volume.shape)
-    geometry, notes = _inf._check_voxel_size(
-        voxel_size, _inf._network_voxel_size(meta), shape, settings, context
+    """Slices ``z0:z1`` of what ``inference.iter_apply`` computes for the whole ``volume``,
+    into slab-sized ``mask`` / ``probabilities``; returns the run's notes."""
+    result = yield from iter_apply(
+        network,
+        volume,
+        voxel_size=voxel_size,
+        settings=settings,
+        out=ApplyOutputs(mask=mask, probabilities=list(probabilities) or None),
+        keep_probabilities=bool(probabilities),
+        z_range=(z0, z1),
     )
-    device = resolve_device(settings.device)
-    model.to(device)
-    rf = receptive_field(model, context * 2 + 1)
-    tile, overlap, tile_notes = _inf._effective_tiling(settings, rf)
-    notes = [*notes, *tile_notes]
-    plan = plan_tiles(geometry.net_plane, tile, overlap, rf.margin, rf.alignment)
-    norm = Normalisation.from_dict(dict(meta.normalisation))
-    stats = robust_stats(volume) if norm.mode == "tomogram" else None
-    source = _inf._SliceSource(
-        volume, norm, stats, geometry, refuse=settings.nonfinite == "refuse"
-    )
-    amp = bool(settings.mixed_precision) and device.type == "cuda"
-    tta = settings.tta_transforms if settings.tta else 0
-    budget = MemoryBudget(int(settings.batch_size), notes)
-    done = 0
-    for g0 in range(z0, z1, settings.z_chunk):
-        g1 = min(z1, g0 + settings.z_chunk)
-        stacks = ((z, source.stack(z, context)) for z in range(g0, g1))
-        for z, probs in predict_slices(
-            model,
-            stacks,
-            plan,
-            device=device,
-            batch_size=settings.batch_size,
-            amp=amp,
-            tta=tta,
-            n_classes=len(class_names),
-            budget=budget,
-        ):
-            if geometry.rescaled:
-                probs = _inf._resize(probs, geometry.plane)
-            bad = source.nonfinite.pop(z, None)
-            if bad is not None:  # NaN / inf voxels: background, probability 0
-                probs[:, bad] = 0.0
-                probs[0, bad] = 1.0
-            mask[z - z0] = _inf._make_mask(probs, settings.threshold)
-            for k, arr in enumerate(probabilities):
-                arr[z - z0] = quantize_probabilities(probs[k + 1])
-            done += 1
-        yield Progress("apply", done, z1 - z0, message=f"slices {g0}-{g1 - 1}")
-    source.add_note(notes)
-    return notes
+    return result.notes
 
 
 def _part_paths(spec: _TaskSpec, z0: int) -> list[Path]:

@@ -1183,6 +1183,7 @@ def iter_apply(
     should_stop: StopCheck = never_stop,
     out: ApplyOutputs | None = None,
     keep_probabilities: bool = True,
+    z_range: tuple[int, int] | None = None,
 ) -> Generator[Progress, None, ApplyResult]:
     """Apply ``network`` to a (Z, Y, X) ``volume``; yields progress, returns the result.
 
@@ -1190,6 +1191,12 @@ def iter_apply(
     is the tomogram's (Z, Y, X, or one value) in Angstrom.  Results go into ``out`` (e.g.
     memory maps) or new in-memory arrays.  When ``should_stop()`` becomes true the run ends
     after the current batch and returns with ``stopped=True``.
+
+    ``z_range=(z0, z1)`` computes only those slices, exactly as a whole run would (the
+    whole tomogram's normalisation, neighbouring context slices, the same tile batches):
+    the outputs then hold ``z1 - z0`` slices.  ``z0`` must be a multiple of
+    ``settings.z_chunk`` (batches start there); this is how a tomogram is split across
+    cluster workers.
     """
     settings = settings or ApplySettings()
     settings.validate()
@@ -1204,7 +1211,10 @@ def iter_apply(
             f"{tuple(volume.shape)}."
         )
     vs = _voxel_triple(voxel_size)
+    z_lo, z_hi = _check_z_range(z_range, int(volume.shape[0]), settings)
     if settings.shrink > 1:
+        if z_range is not None:
+            raise TomosegError("A slice range cannot be combined with shrink > 1.")
         result = yield from _iter_apply_binned(
             network, volume, vs, settings, should_stop, out, keep_probabilities
         )
@@ -1213,7 +1223,8 @@ def iter_apply(
     start = time.perf_counter()
     shape = tuple(int(s) for s in volume.shape)
     n_fg = len(class_names) - 1
-    outputs = _allocate_outputs(shape, n_fg, out, keep_probabilities)  # type: ignore[arg-type]
+    slab = (z_hi - z_lo, shape[1], shape[2])
+    outputs = _allocate_outputs(slab, n_fg, out, keep_probabilities)
     geometry, notes = _check_voxel_size(vs, _network_voxel_size(meta), shape, settings, context)
 
     device = resolve_device(settings.device)
@@ -1221,7 +1232,7 @@ def iter_apply(
     home = first_param.device if first_param is not None else torch.device("cpu")
     model.to(device)
     try:
-        yield Progress("apply", 0, shape[0], message="measuring the network and the tomogram")
+        yield Progress("apply", 0, slab[0], message="measuring the network and the tomogram")
         rf = receptive_field(model, context * 2 + 1)
         tile, overlap, tile_notes = _effective_tiling(settings, rf)
         notes += tile_notes
@@ -1233,8 +1244,8 @@ def iter_apply(
         tta = settings.tta_transforms if settings.tta else 0
         budget = MemoryBudget(int(settings.batch_size), notes)
         done = 0
-        for z0 in range(0, shape[0], settings.z_chunk):
-            z1 = min(shape[0], z0 + settings.z_chunk)
+        for z0 in range(z_lo, z_hi, settings.z_chunk):
+            z1 = min(z_hi, z0 + settings.z_chunk)
             stacks = ((z, source.stack(z, context)) for z in range(z0, z1))
             for z, probs in predict_slices(
                 model,
@@ -1254,12 +1265,12 @@ def iter_apply(
                 if bad is not None:  # no data there: background, probability 0
                     probs[:, bad] = 0.0
                     probs[0, bad] = 1.0
-                outputs.mask[z] = _make_mask(probs, settings.threshold)
+                outputs.mask[z - z_lo] = _make_mask(probs, settings.threshold)
                 if outputs.probabilities is not None:
                     for k, arr in enumerate(outputs.probabilities):
-                        arr[z] = quantize_probabilities(probs[k + 1])
+                        arr[z - z_lo] = quantize_probabilities(probs[k + 1])
                 done += 1
-            if done < z1:  # asked to stop between two batches
+            if done < z1 - z_lo:  # asked to stop between two batches
                 source.add_note(notes)
                 return ApplyResult(
                     probabilities=list(outputs.probabilities or []),
@@ -1275,7 +1286,7 @@ def iter_apply(
             yield Progress(
                 "apply",
                 done,
-                shape[0],
+                slab[0],
                 message=f"slices {z0}-{z1 - 1} of {shape[0]}",
                 metrics={"slices_per_second": done / elapsed if elapsed > 0 else 0.0},
             )
@@ -1289,9 +1300,26 @@ def iter_apply(
         voxel_size=vs,
         seconds=time.perf_counter() - start,
         stopped=False,
-        slices_done=shape[0],
+        slices_done=slab[0],
         notes=notes,
     )
+
+
+def _check_z_range(
+    z_range: tuple[int, int] | None, depth: int, settings: ApplySettings
+) -> tuple[int, int]:
+    """``(z0, z1)`` of the slices to compute (all of them when ``z_range`` is None)."""
+    if z_range is None:
+        return 0, depth
+    z0, z1 = (int(v) for v in z_range)
+    if not 0 <= z0 < z1 <= depth:
+        raise TomosegError(f"Slice range {z_range} is outside the tomogram's 0..{depth}.")
+    if z0 % settings.z_chunk:
+        raise TomosegError(
+            f"A slice range must start on a multiple of z_chunk ({settings.z_chunk}), "
+            f"got {z0}, so that its tiles are batched as in a whole run."
+        )
+    return z0, z1
 
 
 class _QuantizingSink:

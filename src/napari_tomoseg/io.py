@@ -669,11 +669,6 @@ def finish_header(
         mrc.update_header_stats()
 
 
-def _set_header(mrc: Any, voxel_size: Any, origin: Any) -> None:
-    """Header facts without statistics (kept for callers written before finish_header)."""
-    finish_header(mrc, voxel_size, origin)
-
-
 def write_labels(
     path: str | os.PathLike,
     labels: np.ndarray,
