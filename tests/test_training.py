@@ -10,6 +10,7 @@ just the darkness.  Each box gives several rotated/flipped copies.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -23,9 +24,12 @@ from napari_tomoseg.models import DEFAULT_ARCHITECTURE
 from napari_tomoseg.progress import Progress
 from napari_tomoseg.training import (
     AUTO_WEIGHT_MAX,
+    LR_FLOOR,
+    WARMUP_STEPS,
     TrainingPreview,
     TrainSettings,
     _Loss,
+    _lr_schedule,
     auto_class_weights,
     class_metrics,
     iter_train,
@@ -237,6 +241,22 @@ def test_weighted_loss_matches_definition_and_skips_ignored_pixels():
     torch.testing.assert_close(binary, reference)
 
 
+def test_learning_rate_schedule():
+    cosine = _lr_schedule(TrainSettings(learning_rate=1e-3, iterations=2000, lr_schedule="cosine"))
+    assert cosine(0) == pytest.approx(1e-3 / WARMUP_STEPS)  # warm-up from the first step
+    assert cosine(WARMUP_STEPS - 1) == pytest.approx(
+        1e-3 * (1 + math.cos(math.pi * 99 / 2000)) / 2 * (1 - LR_FLOOR) + 1e-3 * LR_FLOOR
+    )
+    assert cosine(1000) == pytest.approx(1e-3 * (LR_FLOOR + (1 - LR_FLOOR) / 2))
+    assert cosine(2000) == pytest.approx(1e-3 * LR_FLOOR)
+    steps = [cosine(i) for i in range(2000)]
+    assert max(steps) <= 1e-3 and steps.index(max(steps)) == WARMUP_STEPS - 1
+    constant = _lr_schedule(
+        TrainSettings(learning_rate=2e-4, iterations=50, lr_schedule="constant")
+    )
+    assert [constant(i) for i in (0, 4, 5, 49)] == pytest.approx([4e-5, 2e-4, 2e-4, 2e-4])
+
+
 # -- devices ----------------------------------------------------------------------------
 
 
@@ -282,6 +302,7 @@ def test_cuda_training_with_mixed_precision(rings, tmp_path):
         ({"class_weights": "balanced"}, "class_weights"),
         ({"class_weights": [1.0, -2.0]}, "positive"),
         ({"architecture": "resnet"}, "available"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"model_params": {"depht": 3}}, "depht"),
     ],
 )
