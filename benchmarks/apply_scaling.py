@@ -35,8 +35,8 @@ result = apply_file(net, sys.argv[2], sys.argv[3], sys.argv[4], settings=setting
 seconds = time.perf_counter() - t0
 peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-print(json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024, "gpu_peak_mib": gpu_peak / 2**20,
-                  "slices": result.slices_done}))
+print(json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024,
+                  "gpu_peak_mib": gpu_peak / 2**20, "slices": result.slices_done}))
 """
 
 
@@ -44,8 +44,9 @@ def write_tomogram(path: Path, depth: int, xy: int, seed: int = 0) -> None:
     from napari_tomoseg.io import write_mrc
 
     rng = np.random.default_rng(seed)
-    data = np.lib.format.open_memmap(path.with_suffix(".npy"), mode="w+", dtype=np.float32,
-                                     shape=(depth, xy, xy))
+    data = np.lib.format.open_memmap(
+        path.with_suffix(".npy"), mode="w+", dtype=np.float32, shape=(depth, xy, xy)
+    )
     for z in range(depth):
         data[z] = rng.standard_normal((xy, xy), dtype=np.float32)
     write_mrc(path, data, 10.0, overwrite=True)
@@ -69,8 +70,14 @@ def main() -> int:
 
     arch = args.architecture or DEFAULT_ARCHITECTURE
     torch.manual_seed(0)
-    network = Network.create(arch, 1, 2, voxel_size=10.0, box_size=64,
-                             normalisation={"mode": "tomogram", "clamp_sigma": 5.0})
+    network = Network.create(
+        arch,
+        1,
+        2,
+        voxel_size=10.0,
+        box_size=64,
+        normalisation={"mode": "tomogram", "clamp_sigma": 5.0},
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -78,9 +85,17 @@ def main() -> int:
         for depth in args.sizes:
             tomo = tmp_path / f"tomo_{depth}.mrc"
             write_tomogram(tomo, depth, args.xy)
-            cmd = [sys.executable, "-c", CHILD, str(net_path), str(tomo),
-                   str(tmp_path / f"mask_{depth}.mrc"), str(tmp_path / f"prob_{depth}.mrc"),
-                   args.device, str(args.batch_size)]
+            cmd = [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(net_path),
+                str(tomo),
+                str(tmp_path / f"mask_{depth}.mrc"),
+                str(tmp_path / f"prob_{depth}.mrc"),
+                args.device,
+                str(args.batch_size),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             stats = json.loads(out.stdout.strip().splitlines()[-1])
             voxels = depth * args.xy * args.xy
@@ -89,15 +104,21 @@ def main() -> int:
                 leftover.unlink()
             tomo.unlink(missing_ok=True)
 
-    print(f"# apply scaling: {arch}, {args.xy}x{args.xy} slices, device {args.device}, "
-          f"batch {args.batch_size}")
-    print(f"# {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(
+        f"# apply scaling: {arch}, {args.xy}x{args.xy} slices, device {args.device}, "
+        f"batch {args.batch_size}"
+    )
+    print(
+        f"# {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
     print("| slices | voxels | seconds | Mvoxels/s | peak RSS (MiB) | GPU peak (MiB) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for depth, voxels, s in rows:
-        print(f"| {depth} | {voxels:,} | {s['seconds']:.1f} | {voxels / s['seconds'] / 1e6:.2f} "
-              f"| {s['peak_mib']:.0f} | {s['gpu_peak_mib']:.0f} |")
+        print(
+            f"| {depth} | {voxels:,} | {s['seconds']:.1f} | {voxels / s['seconds'] / 1e6:.2f} "
+            f"| {s['peak_mib']:.0f} | {s['gpu_peak_mib']:.0f} |"
+        )
     return 0
 
 

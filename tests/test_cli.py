@@ -63,8 +63,10 @@ def test_box_files_round_trip_and_napari_csv(tmp_path):
 @pytest.mark.slow
 def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     tomo, truth = tmp_path / "tomo.mrc", tmp_path / "truth.mrc"
-    assert run("simulate", "-o", tomo, "--labels-output", truth, "--shape", 48, 160, 160,
-               "--seed", 2) == 0
+    assert (
+        run("simulate", "-o", tomo, "--labels-output", truth, "--shape", 48, 160, 160, "--seed", 2)
+        == 0
+    )
     labels = read_tomogram(truth).data
     voxel = read_tomogram(tomo).voxel_size
     assert voxel == pytest.approx((10.0, 10.0, 10.0))
@@ -74,20 +76,48 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     painting[labels == MEMBRANE] = 1
     painting[labels == RIBOSOME] = 2
     write_labels(tmp_path / "paint.mrc", painting, voxel)
-    pos_m, neg = boxes_from_ground_truth(labels, [MEMBRANE, RIBOSOME], n_positive=4,
-                                         n_negative=12)
+    pos_m, neg = boxes_from_ground_truth(labels, [MEMBRANE, RIBOSOME], n_positive=4, n_negative=12)
     pos_r, _ = boxes_from_ground_truth(labels, RIBOSOME, n_positive=4, n_negative=0, seed=3)
     write_boxes_csv(tmp_path / "pos.csv", pos_m + pos_r)
     write_boxes_csv(tmp_path / "neg.csv", neg)
 
-    assert run("build-trainset", tomo, "--labels", tmp_path / "paint.mrc", "--positive",
-               tmp_path / "pos.csv", "--negative", tmp_path / "neg.csv", "--ncopy", 3,
-               "--class-names", "background,membrane,ribosome", "-o", tmp_path / "ts.npz") == 0
-    assert run("train", tmp_path / "ts.npz", "-o", tmp_path / "net.tsnet", "--iterations", 40,
-               "--batch-size", 8) == 0
+    assert (
+        run(
+            "build-trainset",
+            tomo,
+            "--labels",
+            tmp_path / "paint.mrc",
+            "--positive",
+            tmp_path / "pos.csv",
+            "--negative",
+            tmp_path / "neg.csv",
+            "--ncopy",
+            3,
+            "--class-names",
+            "background,membrane,ribosome",
+            "-o",
+            tmp_path / "ts.npz",
+        )
+        == 0
+    )
+    assert (
+        run(
+            "train",
+            tmp_path / "ts.npz",
+            "-o",
+            tmp_path / "net.tsnet",
+            "--iterations",
+            40,
+            "--batch-size",
+            8,
+        )
+        == 0
+    )
     # Existing outputs are never replaced without --overwrite.
-    assert run("train", tmp_path / "ts.npz", "-o", tmp_path / "net.tsnet",
-               "--iterations", 1) == cli.EXIT_INPUT
+    assert (
+        run("train", tmp_path / "ts.npz", "-o", tmp_path / "net.tsnet", "--iterations", 1)
+        == cli.EXIT_INPUT
+    )
 
     # Two tomograms at once, one of them corrupt: it fails alone.
     broken = tmp_path / "broken.mrc"
@@ -105,8 +135,21 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     assert not list(out.glob("broken*"))
 
     merged = tmp_path / "merged.mrc"
-    assert run("merge", membrane_prob, ribosome_prob, "-o", merged, "--names",
-               "membrane,ribosome", "--threshold", 0.5, 0.4) == 0
+    assert (
+        run(
+            "merge",
+            membrane_prob,
+            ribosome_prob,
+            "-o",
+            merged,
+            "--names",
+            "membrane,ribosome",
+            "--threshold",
+            0.5,
+            0.4,
+        )
+        == 0
+    )
     merged_mask = read_tomogram(merged).data
     assert set(np.unique(merged_mask)) <= {0, 1, 2}
     assert (merged_mask == 1).any()

@@ -312,3 +312,18 @@ def test_copy_prediction_can_be_undone(make_napari_viewer):
     assert (paint.data[10, 24:40, 24:40] == 2).all()
     train.undo_copy()
     np.testing.assert_array_equal(paint.data, before)
+
+
+def test_preview_mosaic_lays_out_box_label_output():
+    from napari_tomoseg._widgets._train import preview_mosaic
+
+    n, h, w = 5, 8, 8
+    stack = np.zeros((3 * n, h, w), np.float32)
+    stack[0::3], stack[1::3], stack[2::3] = 0.1, 0.6, 0.9  # box, label, output
+    mosaic = preview_mosaic(stack, per_row=4, gap=2)
+    assert mosaic.ndim == 2
+    assert mosaic.shape[0] == 2 * (h + 4)  # 5 samples, 4 a row: 2 rows
+    first_row = mosaic[:h]
+    assert np.isclose(first_row[:, :w], 0.1).all()
+    assert np.isclose(first_row[:, w + 2 : 2 * w + 2], 0.6).all()
+    assert np.isclose(first_row[:, 2 * w + 4 : 3 * w + 4], 0.9).all()

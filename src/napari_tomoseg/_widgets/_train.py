@@ -345,19 +345,27 @@ class TrainWidget(Container):
             return None
         mosaic = preview_mosaic(stack)
         tomo = self.tomogram.value
-        scale = tuple(tomo.scale) if tomo is not None else (1.0, 1.0, 1.0)
-        # Beside the tomogram in X so it never covers it; one sample per Z step.
-        offset_x = (tomo.data.shape[-1] + 16) * scale[-1] if tomo is not None else 0.0
+        extra: dict[str, Any] = {}
+        if tomo is not None:
+            # A 2D image shows on every slice: put it beside the tomogram in X, same pixels.
+            scale = tuple(tomo.scale)[-2:]
+            extra = {
+                "scale": scale,
+                "units": tuple(str(u) for u in tomo.units)[-2:],
+                "translate": (0.0, (tomo.data.shape[-1] + 16) * scale[-1]),
+            }
         if PREVIEW_LAYER in self.viewer.layers:
             self.viewer.layers.remove(PREVIEW_LAYER)
         return self.viewer.add_image(
             mosaic,
             name=PREVIEW_LAYER,
-            scale=scale,
-            translate=(0.0, 0.0, offset_x),
             colormap="gray",
             contrast_limits=(0.0, 1.0),
-            metadata={"panels": ["box", "manual label", "network output"]},
+            metadata={
+                "panels": ["box", "manual label", "network output"],
+                "samples": int(stack.shape[0] // 3),
+            },
+            **extra,
         )
 
     def undo_copy(self, *_: Any) -> int:
