@@ -786,11 +786,6 @@ def test_documented_case_count():
         assert name.split(": ", 1)[-1] in text, f"{name!r} is not in docs/robustness.md"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training.iter_train does not compare the network's voxel size with the training "
-    "set's when continuing (the continued network silently takes the new voxel size)",
-)
 def test_continuing_training_at_another_voxel_size_is_refused():
     net = tiny_network(voxel_size=10.0, class_names=("background", "membrane"))
     ts = small_trainset(voxel_size=20.0)

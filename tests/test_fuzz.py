@@ -7,9 +7,9 @@ loads it.  The only acceptable outcomes are a load whose data is sane or a clean
 deadline per example catches hangs.  Runs are derandomized (the same examples every run, so
 CI is reproducible); set ``TOMOSEG_FUZZ_SCALE=N`` to run N times as many random examples.
 
-Known defects of :mod:`napari_tomoseg.model_file` (zip members it cannot decode, model
-parameters that make it allocate without bound) have one strict ``xfail`` test each, with
-the exact input; the random properties leave those bytes and values alone so that they test
+Inputs that once escaped :mod:`napari_tomoseg.model_file` (zip members it could not decode,
+model parameters that made it allocate without bound) have one test each, with the exact
+input; the random properties leave those bytes and values alone so that they test
 everything else.
 """
 
@@ -271,8 +271,8 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
 def _zip_decode_fields(raw: bytes) -> set[int]:
     """Byte offsets of each member's flags and compression method (local and central).
 
-    model_file does not catch what zipfile raises for an unknown method or flag (see the
-    xfail tests below), so the random properties leave these bytes alone.
+    An unknown method or flag has its own tests below (it once escaped the loader), so the
+    random properties leave these bytes alone.
     """
     keep: set[int] = set()
     for signature, first in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
@@ -330,7 +330,7 @@ json_values = st.recursive(
 )
 #: Text that int() cannot read ("999999" would be a positive magnitude, see below).
 words = st.text(alphabet="abcxyz _-.", max_size=6)
-#: Model parameters of every type but positive magnitudes (those are the xfail tests below).
+#: Model parameters of every type but positive magnitudes (those have their own tests below).
 model_param_junk = st.dictionaries(
     st.sampled_from(
         ["n_kernels", "kernel_size", "base_channels", "depth", "dropout", "upsample", "extra"]

@@ -58,6 +58,8 @@ from .progress import Progress, drive, never_stop
 if TYPE_CHECKING:
     from .trainset import TrainingSet
 
+#: Relative voxel-size difference above which a network is not continued on a training set.
+VOXEL_SIZE_TOLERANCE = 0.05
 #: Upper clip of automatic class weights (inverse frequency relative to the background).
 AUTO_WEIGHT_MAX = 20.0
 #: Final learning rate of the cosine schedule, as a fraction of the initial one.
@@ -739,6 +741,13 @@ def iter_train(
             problems.append(
                 f"the network's classes {list(meta0.class_names)} differ from the training "
                 f"set's {list(names)}"
+            )
+        net_vs = _voxel_size(meta0.voxel_size)
+        set_vs = _voxel_size(trainset.metadata.get("voxel_size"))
+        if net_vs and set_vs and abs(net_vs - set_vs) > VOXEL_SIZE_TOLERANCE * net_vs:
+            problems.append(
+                f"the network was trained at voxel size {net_vs:g} A, the training set is at "
+                f"{set_vs:g} A (bin or rescale the tomogram to the network's voxel size)"
             )
         if problems:
             raise TomosegError("Cannot continue training: " + "; ".join(problems) + ".")
