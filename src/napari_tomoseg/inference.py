@@ -97,7 +97,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
-from .io import HeaderStats, atomic_paths, finish_header, new_mrc_mmap, read_tomogram
+from .io import (
+    HeaderStats,
+    atomic_paths,
+    finish_header,
+    new_mrc_mmap,
+    read_tomogram,
+    voxel_triple,
+)
 from .models import predict_proba
 from .preprocess import Normalisation, bin_volume, robust_stats, unbin_volume
 from .progress import Progress, StopCheck, drive, never_stop
@@ -910,17 +917,6 @@ def predict_slices(
 
 
 # -- voxel size -----------------------------------------------------------------------------------
-def _voxel_triple(voxel_size: VoxelSize | None) -> tuple[float, float, float] | None:
-    if voxel_size is None:
-        return None
-    values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
-    if values.size == 1:
-        values = np.repeat(values, 3)
-    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise TomosegError(
-            f"Invalid voxel size {voxel_size!r}: give one or three positive Angstrom values."
-        )
-    return (float(values[0]), float(values[1]), float(values[2]))
 
 
 def _network_voxel_size(meta: Any) -> float | None:
@@ -1210,7 +1206,7 @@ def iter_apply(
             f"Cannot apply a network to an array of dtype {volume.dtype} and shape "
             f"{tuple(volume.shape)}."
         )
-    vs = _voxel_triple(voxel_size)
+    vs = voxel_triple(voxel_size)
     z_lo, z_hi = _check_z_range(z_range, int(volume.shape[0]), settings)
     if settings.shrink > 1:
         if z_range is not None:
@@ -1489,7 +1485,7 @@ def iter_apply_file(
     tomo = read_tomogram(src)
     if tomo.data.ndim != 3:
         raise TomosegError(f"{src} holds a 2D image; networks are applied to 3D tomograms.")
-    vs = _voxel_triple(voxel_size) if voxel_size is not None else tomo.voxel_size
+    vs = voxel_triple(voxel_size) if voxel_size is not None else tomo.voxel_size
     shape = tuple(int(s) for s in tomo.data.shape)
     mask_path = Path(output_mask_path)
     prob_paths = probability_paths(output_prob_path, class_names[1:]) if output_prob_path else []

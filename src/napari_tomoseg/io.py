@@ -27,7 +27,7 @@ import mrcfile
 import mrcfile.utils
 import numpy as np
 
-from .errors import MissingVoxelSizeWarning, TomosegIOError
+from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
 
 #: File name endings the reader accepts (tomograms, stacks, tilt series, aligned stacks).
 MRC_EXTENSIONS: tuple[str, ...] = (".mrc", ".rec", ".map", ".st", ".ali", ".mrcs", ".mrc.gz")
@@ -494,16 +494,25 @@ def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 3600.
     return removed
 
 
-def _normalise_voxel_size(voxel_size: Any, ndim: int) -> tuple[float, float, float] | None:
+def voxel_triple(voxel_size: Any) -> tuple[float, float, float] | None:
+    """A voxel size as (Z, Y, X) Angstrom from one value, (Y, X) or (Z, Y, X); None stays None.
+
+    The one place every module turns a user's voxel size into three numbers.
+    """
     if voxel_size is None:
         return None
-    values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
+    try:
+        values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
+    except (TypeError, ValueError):
+        values = np.array([np.nan])
     if values.size == 1:
         values = np.repeat(values, 3)
     if values.size == 2:  # (Y, X) of a 2D image
         values = np.array([values[0], values[0], values[1]])
     if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise TomosegIOError(f"Invalid voxel size {voxel_size!r}: give positive Angstrom values.")
+        raise TomosegError(
+            f"Invalid voxel size {voxel_size!r}: give one or three positive Angstrom values."
+        )
     return (float(values[0]), float(values[1]), float(values[2]))
 
 
@@ -536,7 +545,7 @@ def write_mrc(
             f"Cannot write {path}: dtype {target} has no MRC mode; convert to float32, "
             "int16, uint16 or uint8 first."
         )
-    vs = _normalise_voxel_size(voxel_size, data.ndim)
+    vs = voxel_triple(voxel_size)
     compressed = str(path).lower().endswith(".gz")
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:
@@ -655,7 +664,7 @@ def finish_header(
     stats: HeaderStats | None = None,
 ) -> None:
     """Write voxel size (Angstrom, Z Y X), origin and statistics into a new file's header."""
-    vs = _normalise_voxel_size(voxel_size, 3)
+    vs = voxel_triple(voxel_size)
     if vs is not None:
         mrc.voxel_size = (vs[2], vs[1], vs[0])
     if origin is not None:

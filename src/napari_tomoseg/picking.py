@@ -49,7 +49,7 @@ from scipy import ndimage
 from . import __version__
 from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
 from .inference import probabilities_as_float
-from .io import atomic_path
+from .io import atomic_path, voxel_triple
 
 PICK_METHODS = ("centroid", "peak")
 CSV_COLUMNS = ("label", "class", "z", "y", "x", "z_A", "y_A", "x_A", "size", "component", "score")
@@ -181,17 +181,6 @@ class ParticleTable:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _voxel_triple(voxel_size: Any) -> tuple[float, float, float] | None:
-    if voxel_size is None:
-        return None
-    values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
-    if values.size == 1:
-        values = np.repeat(values, 3)
-    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise TomosegError(
-            f"Invalid voxel size {voxel_size!r}: give one or three positive Angstrom values."
-        )
-    return (float(values[0]), float(values[1]), float(values[2]))
 
 
 def _class_name(class_names: Any, label: int) -> str:
@@ -293,7 +282,7 @@ def pick(
         )
     if np.dtype(mask.dtype).kind not in "biu":
         raise TomosegError(f"The mask must hold integer labels, got dtype {mask.dtype}.")
-    vs = _voxel_triple(voxel_size)
+    vs = voxel_triple(voxel_size)
     labels_arr = np.asarray(mask)
     if labels_arr.dtype == np.bool_:
         labels_arr = labels_arr.astype(np.uint8)
@@ -408,7 +397,7 @@ def write_csv(
     items = _particles_of(particles)
     if voxel_size is None and isinstance(particles, PickResult):
         voxel_size = particles.voxel_size
-    vs = _voxel_triple(voxel_size)
+    vs = voxel_triple(voxel_size)
     if vs is None:
         warnings.warn(
             "No voxel size: the Angstrom columns of the CSV are left empty.",
@@ -529,7 +518,7 @@ def write_star(
     if isinstance(particles, PickResult):
         voxel_size = particles.voxel_size if voxel_size is None else voxel_size
         shape = particles.shape if shape is None else shape
-    vs = _voxel_triple(voxel_size)
+    vs = voxel_triple(voxel_size)
     if vs is None:
         warnings.warn(
             "No voxel size: the STAR file has coordinates in voxels only.",

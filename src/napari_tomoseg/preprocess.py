@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from .boxes import DEFAULT_BOX_SIZE
 from .errors import TomosegError
+from .io import voxel_triple
 from .progress import Progress, StopCheck, drive, never_stop
 
 #: Target size (in float64 elements) of one block of a volume processed at a time.
@@ -66,18 +67,13 @@ def _check_factor(factor: Any) -> int:
 
 
 def _voxel_triple(voxel_size: VoxelSize | None) -> tuple[float, float, float]:
-    if voxel_size is None:
+    """The voxel size as (Z, Y, X); filtering in Angstrom needs one."""
+    vs = voxel_triple(voxel_size)
+    if vs is None:
         raise TomosegError(
             "Filtering in Angstrom needs the voxel size; set the tomogram's pixel size."
         )
-    values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
-    if values.size == 1:
-        values = np.repeat(values, 3)
-    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise TomosegError(
-            f"Invalid voxel size {voxel_size!r}: give one or three positive Angstrom values."
-        )
-    return (float(values[0]), float(values[1]), float(values[2]))
+    return vs
 
 
 def _block_len(other_elements: int) -> int:

@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover
 from . import __version__
 from .boxes import DEFAULT_BOX_SIZE, Box, validate_boxes
 from .errors import TomosegError, TomosegIOError
-from .io import atomic_path
+from .io import atomic_path, voxel_triple
 from .preprocess import Normalisation, robust_stats
 
 #: Value of ``TrainingSet.metadata["format"]`` and of the file's ``format`` entry.
@@ -558,7 +558,7 @@ def build_training_set(
         "normalisation": norm.to_dict(),
         "tomogram_stats": None if stats is None else {"mean": stats[0], "std": stats[1]},
         "context_slices": context,
-        "voxel_size": _voxel_list(voxel_size),
+        "voxel_size": None if voxel_size is None else list(voxel_triple(voxel_size)),
         "n_positive_boxes": n_pos,
         "n_negative_boxes": n_neg,
         "positive_boxes": [b.as_list() for b in positive],
@@ -590,16 +590,3 @@ def _rotate_classes(class_maps: list[tuple[int, np.ndarray]], grid: np.ndarray) 
     )
     values = np.array([v for v, _ in class_maps], dtype=np.uint8)
     return values[np.argmax(weights, axis=0)]
-
-
-def _voxel_list(voxel_size: float | Sequence[float] | None) -> list[float] | None:
-    if voxel_size is None:
-        return None
-    values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
-    if values.size == 1:
-        values = np.repeat(values, 3)
-    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise TomosegError(
-            f"Invalid voxel size {voxel_size!r}: give one or three positive Angstrom values."
-        )
-    return [float(v) for v in values]
