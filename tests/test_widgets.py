@@ -327,3 +327,27 @@ def test_preview_mosaic_lays_out_box_label_output():
     assert np.isclose(first_row[:, :w], 0.1).all()
     assert np.isclose(first_row[:, w + 2 : 2 * w + 2], 0.6).all()
     assert np.isclose(first_row[:, 2 * w + 4 : 3 * w + 4], 0.9).all()
+
+
+def test_stop_button_stops_training_and_keeps_the_network(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    sim, tomo = _small_tomogram(viewer, shape=(24, 96, 96), seed=3)
+    boxes = BoxWidget(viewer)
+    boxes.tomogram.value = tomo
+    boxes.box_size.value = 32
+    boxes.add_box((12, 48, 48), positive=True)
+    boxes.add_box((12, 20, 20), positive=False)
+    viewer.layers[PAINT_LAYER].data[12, 40:56, 46:50] = 1
+    train = TrainWidget(viewer)
+    train.select_default_layers()
+    train.tomogram.value = tomo
+    train.architecture.value = "unet-lite"
+    train.iterations.value = 100_000  # far more than the test will wait for
+    train.ncopy.value = 2
+    train.start_training()
+    qtbot.waitUntil(lambda: train.events_seen > 5, timeout=120_000)
+    train.stop_button.changed.emit(True)  # what a click on Stop does
+    qtbot.waitUntil(lambda: not train.runner.running, timeout=120_000)
+    assert train.result is not None and train.result.stopped
+    assert len(train.result.history) < 1000
+    assert train.train_button.enabled and not train.stop_button.enabled
