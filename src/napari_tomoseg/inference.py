@@ -1240,6 +1240,19 @@ def iter_apply(
         tta = settings.tta_transforms if settings.tta else 0
         budget = MemoryBudget(int(settings.batch_size), notes)
         done = 0
+
+        def finish(stopped: bool) -> ApplyResult:
+            return ApplyResult(
+                probabilities=list(outputs.probabilities or []),
+                mask=outputs.mask,
+                class_names=class_names,
+                voxel_size=vs,
+                seconds=time.perf_counter() - start,
+                stopped=stopped,
+                slices_done=done,
+                notes=notes,
+            )
+
         for z0 in range(z_lo, z_hi, settings.z_chunk):
             z1 = min(z_hi, z0 + settings.z_chunk)
             stacks = ((z, source.stack(z, context)) for z in range(z0, z1))
@@ -1268,16 +1281,7 @@ def iter_apply(
                 done += 1
             if done < z1 - z_lo:  # asked to stop between two batches
                 source.add_note(notes)
-                return ApplyResult(
-                    probabilities=list(outputs.probabilities or []),
-                    mask=outputs.mask,
-                    class_names=class_names,
-                    voxel_size=vs,
-                    seconds=time.perf_counter() - start,
-                    stopped=True,
-                    slices_done=done,
-                    notes=notes,
-                )
+                return finish(stopped=True)
             elapsed = time.perf_counter() - start
             yield Progress(
                 "apply",
@@ -1289,16 +1293,7 @@ def iter_apply(
     finally:
         model.to(home)
     source.add_note(notes)
-    return ApplyResult(
-        probabilities=list(outputs.probabilities or []),
-        mask=outputs.mask,
-        class_names=class_names,
-        voxel_size=vs,
-        seconds=time.perf_counter() - start,
-        stopped=False,
-        slices_done=slab[0],
-        notes=notes,
-    )
+    return finish(stopped=False)
 
 
 def _check_z_range(

@@ -231,34 +231,29 @@ def iter_merge(
     colors = _colors(inputs)
     nz = shape[0]
     done = 0
+
+    def result(stopped: bool) -> MergeResult:
+        return MergeResult(
+            mask=out,
+            names=names,
+            colors=colors,
+            thresholds=thresholds,
+            weights=weights,
+            voxels={v: int(c) for v, c in enumerate(counts)},
+            stopped=stopped,
+            slices_done=done,
+        )
+
     for z0 in range(0, nz, int(z_chunk)):
         if should_stop():
-            return MergeResult(
-                mask=out,
-                names=names,
-                colors=colors,
-                thresholds=thresholds,
-                weights=weights,
-                voxels={v: int(c) for v, c in enumerate(counts)},
-                stopped=True,
-                slices_done=done,
-            )
+            return result(stopped=True)
         z1 = min(nz, z0 + int(z_chunk))
         label = merge_chunk([item.probabilities[z0:z1] for item in inputs], thresholds, weights)
         out[z0:z1] = label
         counts += np.bincount(label.ravel(), minlength=n + 1)
         done = z1
         yield Progress("merge", done, nz, message=f"slices {z0}-{z1 - 1} of {nz}")
-    return MergeResult(
-        mask=out,
-        names=names,
-        colors=colors,
-        thresholds=thresholds,
-        weights=weights,
-        voxels={v: int(c) for v, c in enumerate(counts)},
-        stopped=False,
-        slices_done=nz,
-    )
+    return result(stopped=False)
 
 
 def merge_probability_maps(
