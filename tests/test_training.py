@@ -10,16 +10,20 @@ just the darkness.  Each box gives several rotated/flipped copies.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
+from napari_tomoseg.checkpoint import read_checkpoint_meta
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.model_file import load_network, save_network
+from napari_tomoseg.model_file import Network, load_network, save_network
 from napari_tomoseg.models import DEFAULT_ARCHITECTURE
 from napari_tomoseg.progress import Progress
 from napari_tomoseg.training import (
@@ -304,6 +308,8 @@ def test_cuda_training_with_mixed_precision(rings, tmp_path):
         ({"architecture": "resnet"}, "available"),
         ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"model_params": {"depht": 3}}, "depht"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"checkpoint": 5}, "checkpoint must be a file path"),
     ],
 )
 def test_invalid_settings_are_refused(rings, changes, message):
@@ -535,3 +541,254 @@ def test_default_architecture_is_registered_and_used(rings):
         warnings.simplefilter("error")
         result = train(rings, TrainSettings(iterations=1, batch_size=2, eval_every=1))
     assert result.network.meta.architecture == DEFAULT_ARCHITECTURE
+
+
+# -- checkpoints: a crashed or stopped run continues exactly ---------------------------------
+
+#: A short run that checkpoints every 4 mini-batches and evaluates every 5.
+CK = dict(
+    architecture="unet-lite",
+    iterations=12,
+    batch_size=4,
+    eval_every=5,
+    preview_samples=2,
+    checkpoint_every=4,
+)
+
+
+def _interrupt(*, stop_after: int | None = None, crash_after: int | None = None):
+    """A ``should_stop`` that asks to stop after ``stop_after`` mini-batches of this run, or
+    crashes (raises, as a killed process would end the loop) after ``crash_after``."""
+    calls = {"n": 0}
+
+    def check() -> bool:
+        done = calls["n"]
+        calls["n"] += 1
+        if crash_after is not None and done >= crash_after:
+            raise RuntimeError("power cut")
+        return stop_after is not None and done >= stop_after
+
+    return check
+
+
+def _assert_same_weights(a: Network, b: Network) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def _arrays(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _rewrite(arrays: dict[str, np.ndarray], path):
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(rings):
+    """The reference: the same run, never interrupted (and never checkpointed)."""
+    return train(rings, TrainSettings(**CK))
+
+
+@pytest.fixture(scope="module")
+def stopped_checkpoint(rings, tmp_path_factory):
+    """A checkpoint of the run stopped by request after 6 mini-batches (best from step 5)."""
+    path = tmp_path_factory.mktemp("ckpt") / "stopped.ckpt"
+    settings = TrainSettings(**CK, checkpoint=str(path))
+    result = train(rings, settings, should_stop=_interrupt(stop_after=6))
+    assert result.stopped
+    return path, settings
+
+
+def test_a_crashed_run_resumes_to_exactly_the_uninterrupted_result(rings, uninterrupted, tmp_path):
+    path = tmp_path / "run.ckpt"
+    settings = TrainSettings(**CK, checkpoint=str(path))
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(rings, settings, should_stop=_interrupt(crash_after=10))
+    assert read_checkpoint_meta(path)["step"] == 8  # the last checkpoint before the crash
+    events: list[Progress] = []
+    resumed = train(rings, settings, resume=True, progress=events.append)
+    assert [e.step for e in events] == [9, 10, 11, 12]  # mini-batches 9 and 10 are redone
+    assert resumed.history == uninterrupted.history
+    assert resumed.metrics == uninterrupted.metrics
+    assert resumed.metadata["best_step"] == uninterrupted.metadata["best_step"]
+    assert resumed.metadata["split"] == uninterrupted.metadata["split"]
+    assert resumed.metadata["resumed_from_step"] == 8
+    assert uninterrupted.metadata["resumed_from_step"] is None
+    _assert_same_weights(resumed.network, uninterrupted.network)
+    assert not resumed.stopped
+    assert not path.exists()  # a finished run leaves no checkpoint behind
+    with pytest.raises(TomosegError, match="no checkpoint"):
+        next(iter_train(rings, settings, resume=True))
+
+
+def test_a_resumed_run_holds_the_same_state_tensor_for_tensor(rings, uninterrupted, tmp_path):
+    """Stopped at mini-batch 11, a run that crashed at 6 and was resumed holds, bit for bit,
+    the weights, Adam moments, random generators and batch order of one never interrupted;
+    resumed again from that stop it finishes as the uninterrupted run."""
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    straight = train(
+        rings, TrainSettings(**CK, checkpoint=str(a)), should_stop=_interrupt(stop_after=11)
+    )
+    assert straight.stopped and a.exists()  # a stop request keeps the checkpoint
+    settings_b = TrainSettings(**CK, checkpoint=str(b))
+    with pytest.raises(RuntimeError):
+        train(rings, settings_b, should_stop=_interrupt(crash_after=6))
+    assert read_checkpoint_meta(b)["step"] == 4
+    again = train(rings, settings_b, resume=True, should_stop=_interrupt(stop_after=7))
+    assert again.stopped and again.history == straight.history
+    arrays_a, arrays_b = _arrays(a), _arrays(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    assert {k.split(":")[0] for k in arrays_a} == {
+        "__meta__",
+        "model",
+        "best",
+        "optim",
+        "split",
+        "batches",
+        "rng",
+    }
+    for key in arrays_a:
+        if key != "__meta__":
+            assert arrays_a[key].dtype == arrays_b[key].dtype, key
+            np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
+    meta_a, meta_b = (json.loads(str(x["__meta__"])) for x in (arrays_a, arrays_b))
+    meta_a.pop("created"), meta_b.pop("created")
+    assert meta_a == meta_b and meta_a["step"] == 11
+    finished = train(rings, settings_b, resume=True)
+    assert finished.history == uninterrupted.history
+    _assert_same_weights(finished.network, uninterrupted.network)
+    assert not b.exists()
+
+
+def test_a_checkpoint_of_another_run_is_refused(rings, stopped_checkpoint):
+    path, settings = stopped_checkpoint
+    before = path.read_bytes()
+    n = len(rings.box_ids)
+    repainted = rings.subset(np.arange(n))
+    repainted.labels[0, 0, 0] ^= 1  # one pixel painted differently
+    with pytest.raises(TomosegError, match="training set differs in its painted labels") as info:
+        next(iter_train(repainted, settings, resume=True))
+    assert str(path) in str(info.value) and "delete the checkpoint" in str(info.value)
+    with pytest.raises(TomosegError, match="number of samples"):
+        next(iter_train(rings.subset(np.arange(n - 4)), settings, resume=True))
+    with pytest.raises(TomosegError, match="learning_rate was 0.001, now 0.0005"):
+        next(iter_train(rings, dataclasses.replace(settings, learning_rate=5e-4), resume=True))
+    with pytest.raises(TomosegError, match="iterations was 12, now 20"):
+        next(iter_train(rings, dataclasses.replace(settings, iterations=20), resume=True))
+    other = Network.create("unet-lite", 1, 2, class_names=rings.class_names)
+    with pytest.raises(TomosegError, match="continues one"):
+        next(iter_train(rings, settings, init=other, resume=True))
+    with pytest.raises(TomosegError, match="TrainSettings.checkpoint"):
+        next(iter_train(rings, dataclasses.replace(settings, checkpoint=None), resume=True))
+    assert path.read_bytes() == before  # a refused resume leaves the checkpoint alone
+
+
+def _damage(path, tmp_path, how: str):
+    arrays = _arrays(path)
+    meta = json.loads(str(arrays["__meta__"]))
+    weight = next(k for k in arrays if k.startswith("model:") and arrays[k].ndim == 4)
+    bad = tmp_path / f"{how.replace(' ', '_')}.ckpt"
+    if how == "truncated":
+        bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "a byte changed":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    elif how == "not a zip":
+        bad.write_text("checkpoint")
+    elif how == "a network file":
+        arrays["__meta__"] = np.array(json.dumps({**meta, "format": "napari-tomoseg-network"}))
+        _rewrite(arrays, bad)
+    elif how == "another format version":
+        arrays["__meta__"] = np.array(json.dumps({**meta, "format_version": 99}))
+        _rewrite(arrays, bad)
+    elif how == "a weight of another shape":
+        arrays[weight] = arrays[weight][:1]
+        _rewrite(arrays, bad)
+    elif how == "a NaN weight":
+        arrays[weight] = np.full_like(arrays[weight], np.nan)
+        _rewrite(arrays, bad)
+    elif how == "a missing Adam moment":
+        del arrays[next(k for k in arrays if k.startswith("optim:"))]
+        _rewrite(arrays, bad)
+    elif how == "an impossible step":
+        arrays["__meta__"] = np.array(json.dumps({**meta, "step": 500}))
+        _rewrite(arrays, bad)
+    elif how == "indices off the training set":
+        arrays["batches:order"] = arrays["batches:order"] + 10_000
+        _rewrite(arrays, bad)
+    elif how == "a malformed random state":
+        arrays["__meta__"] = np.array(json.dumps({**meta, "rng": {"bit_generator": "MT19937"}}))
+        _rewrite(arrays, bad)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("truncated", "not a .ckpt zip archive"),
+        ("a byte changed", "Cannot"),
+        ("not a zip", "not a .ckpt zip archive"),
+        ("a network file", "format marker"),
+        ("another format version", "format version 99"),
+        ("a weight of another shape", "has shape"),
+        ("a NaN weight", "NaN"),
+        ("a missing Adam moment", "missing"),
+        ("an impossible step", "step count 500"),
+        ("indices off the training set", "outside the training set"),
+        ("a malformed random state", "does not fit this run"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_cleanly(
+    rings, stopped_checkpoint, tmp_path, how, message
+):
+    path, settings = stopped_checkpoint
+    bad = _damage(path, tmp_path, how)
+    with pytest.raises(TomosegError, match=message) as info:
+        next(iter_train(rings, dataclasses.replace(settings, checkpoint=str(bad)), resume=True))
+    assert str(bad) in str(info.value)
+
+
+def test_a_pickled_payload_in_a_checkpoint_never_runs(rings, stopped_checkpoint, tmp_path):
+    from test_model_file import MARKER_NAME, _Exploit
+
+    path, settings = stopped_checkpoint
+    marker = tmp_path / MARKER_NAME
+    arrays = _arrays(path)
+    keys = ["__meta__", next(k for k in arrays if k.startswith("model:")), "rng:torch"]
+    keys.append(next(k for k in arrays if k.startswith("optim:")))
+    for key in keys:
+        evil = np.empty(() if key == "__meta__" else (1,), dtype=object)
+        evil[() if key == "__meta__" else 0] = _Exploit(marker)
+        bad = _rewrite({**arrays, key: evil}, tmp_path / f"evil_{key.replace(':', '_')}.ckpt")
+        with zipfile.ZipFile(bad) as zf:  # the payload really is a pickle in the archive
+            assert b"write_text" in zf.read(key + ".npy")
+        with pytest.raises(TomosegError, match="pickled"):
+            next(
+                iter_train(rings, dataclasses.replace(settings, checkpoint=str(bad)), resume=True)
+            )
+        assert not marker.exists(), key
+    # control: a loader that unpickles would have run it
+    with np.load(bad, allow_pickle=True) as npz:
+        npz[keys[-1]]
+    assert marker.read_text() == "pwned"
+
+
+def test_a_checkpoint_that_cannot_be_written_warns_and_training_goes_on(rings, tmp_path):
+    settings = TrainSettings(
+        architecture="unet-lite",
+        iterations=3,
+        batch_size=4,
+        eval_every=3,
+        checkpoint=str(tmp_path / "missing-folder" / "run.ckpt"),
+        checkpoint_every=1,
+    )
+    with pytest.warns(UserWarning, match="Could not write the training checkpoint"):
+        result = train(rings, settings)
+    assert len(result.history) == 3 and not result.stopped

@@ -137,8 +137,29 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _refuse(path: Path | str, problem: str, advice: str = "") -> TomosegError:
-    text = f"Cannot load network {path}: {problem}."
+@dataclass(frozen=True)
+class SafeFileKind:
+    """What a safely read archive is, for the messages that refuse one: ``noun`` names it
+    ("network"), ``extension`` is its file name extension, ``advice`` says what to do with
+    a file that is not one and ``damaged_advice`` what to do with one that cannot be read."""
+
+    noun: str
+    extension: str
+    advice: str
+    damaged_advice: str = ""
+
+
+NETWORK_FILE = SafeFileKind(
+    "network",
+    NETWORK_EXTENSION,
+    f"Choose a file saved by napari-tomoseg (extension {NETWORK_EXTENSION}).",
+)
+
+
+def _refuse(
+    path: Path | str, problem: str, advice: str = "", kind: SafeFileKind = NETWORK_FILE
+) -> TomosegError:
+    text = f"Cannot load {kind.noun} {path}: {problem}."
     if advice:
         text += f" {advice}"
     return TomosegError(text)
@@ -479,8 +500,14 @@ def _build(path: Path, meta: NetworkMeta, device: torch.device) -> nn.Module:
 
 
 def _entry_shape(path: Path, npz: Any, key: str) -> tuple[int, ...]:
-    """The shape an entry's .npy header declares, read without loading the data (an entry
-    of Python objects is refused here already: it would be unpickled)."""
+    return entry_header(path, npz, key)[0]
+
+
+def entry_header(
+    path: Path, npz: Any, key: str, kind: SafeFileKind = NETWORK_FILE
+) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an entry's .npy header declares, read without loading the data
+    (an entry of Python objects is refused here already: it would be unpickled)."""
     try:
         with npz.zip.open(key + ".npy") as handle:
             version = np.lib.format.read_magic(handle)
@@ -490,40 +517,49 @@ def _entry_shape(path: Path, npz: Any, key: str) -> tuple[int, ...]:
                 else np.lib.format.read_array_header_2_0
             )
             shape, _, dtype = read_header(handle)
-    except (*_READ_ERRORS, ValueError) as exc:
-        raise _refuse(path, f"entry {key!r} cannot be read ({exc})") from None
-    if np.dtype(dtype).hasobject:
+    except (*_READ_ERRORS, ValueError, TypeError) as exc:
+        raise _refuse(
+            path, f"entry {key!r} cannot be read ({exc})", kind.damaged_advice, kind
+        ) from None
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
         raise _refuse(
             path,
             f"entry {key!r} holds a pickled Python object, which could run code",
             "Refused for safety; only files saved by napari-tomoseg can be loaded.",
+            kind,
         )
-    return tuple(int(s) for s in shape)
+    return tuple(int(s) for s in shape), dtype
 
 
 class _NpzHandle:
     """Context manager around ``np.load`` that turns every failure into a refusal."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kind: SafeFileKind = NETWORK_FILE) -> None:
         self.path = path
+        self.kind = kind
         self.npz: Any = None
 
     def __enter__(self) -> Any:
-        path = self.path
+        path, kind = self.path, self.kind
         if not path.exists():
-            raise TomosegIOError(f"Cannot load network {path}: the file does not exist.")
+            raise TomosegIOError(f"Cannot load {kind.noun} {path}: the file does not exist.")
         if not path.is_file():
-            raise TomosegIOError(f"Cannot load network {path}: it is not a file.")
+            raise TomosegIOError(f"Cannot load {kind.noun} {path}: it is not a file.")
         if not zipfile.is_zipfile(path):
             raise _refuse(
                 path,
-                "it is not a napari-tomoseg network file (not a .tsnet zip archive)",
-                f"Choose a file saved by napari-tomoseg (extension {NETWORK_EXTENSION}).",
+                f"it is not a napari-tomoseg {kind.noun} file (not a {kind.extension} zip "
+                "archive)",
+                kind.advice,
+                kind,
             )
         try:
             self.npz = np.load(path, allow_pickle=False)
         except (*_READ_ERRORS, ValueError) as exc:
-            raise _refuse(path, f"the archive cannot be read ({exc})") from None
+            raise _refuse(
+                path, f"the archive cannot be read ({exc})", kind.damaged_advice, kind
+            ) from None
         return self.npz
 
     def __exit__(self, *exc: object) -> None:
@@ -531,11 +567,17 @@ class _NpzHandle:
             self.npz.close()
 
 
-def _open_npz(path: Path) -> _NpzHandle:
-    return _NpzHandle(path)
+def _open_npz(path: Path, kind: SafeFileKind = NETWORK_FILE) -> _NpzHandle:
+    return _NpzHandle(path, kind)
 
 
-def _read_array(path: Path, npz: Any, key: str) -> np.ndarray:
+def open_safe_npz(path: Path, kind: SafeFileKind) -> _NpzHandle:
+    """Open an ``.npz`` archive of plain arrays (``allow_pickle=False``) as a context
+    manager; a missing, foreign or unreadable file is refused in ``kind``'s words."""
+    return _NpzHandle(Path(path), kind)
+
+
+def _read_array(path: Path, npz: Any, key: str, kind: SafeFileKind = NETWORK_FILE) -> np.ndarray:
     try:
         value = npz[key]
     except ValueError as exc:
@@ -544,13 +586,38 @@ def _read_array(path: Path, npz: Any, key: str) -> np.ndarray:
                 path,
                 f"entry {key!r} holds a pickled Python object, which could run code",
                 "Refused for safety; only files saved by napari-tomoseg can be loaded.",
+                kind,
             ) from None
-        raise _refuse(path, f"entry {key!r} cannot be read ({exc})") from None
+        raise _refuse(
+            path, f"entry {key!r} cannot be read ({exc})", kind.damaged_advice, kind
+        ) from None
     except _READ_ERRORS as exc:
-        raise _refuse(path, f"entry {key!r} cannot be read ({exc})") from None
+        raise _refuse(
+            path, f"entry {key!r} cannot be read ({exc})", kind.damaged_advice, kind
+        ) from None
     if not isinstance(value, np.ndarray):  # a raw (non-.npy) member comes back as bytes
-        raise _refuse(path, f"entry {key!r} is not an array")
+        raise _refuse(path, f"entry {key!r} is not an array", kind.damaged_advice, kind)
     return value
+
+
+def read_safe_array(path: Path, npz: Any, key: str, kind: SafeFileKind) -> np.ndarray:
+    """Read one entry of an archive from :func:`open_safe_npz`; anything but a plain
+    array (a pickled object, a damaged member) is refused in ``kind``'s words."""
+    return _read_array(path, npz, key, kind)
+
+
+def read_json_entry(path: Path, npz: Any, key: str, kind: SafeFileKind) -> Any:
+    """Parse an archive entry that holds a JSON text (a 0-d unicode array), as data only:
+    ``NaN`` and ``Infinity`` are refused, so are texts over 64 MiB."""
+    raw = _read_array(path, npz, key, kind)
+    if raw.dtype.kind != "U" or raw.ndim != 0 or len(str(raw)) > _MAX_META_CHARS:
+        raise _refuse(path, f"entry {key!r} is not a JSON text", kind.advice, kind)
+    try:
+        return json.loads(str(raw), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise _refuse(
+            path, f"entry {key!r} is not valid JSON ({exc})", kind.advice, kind
+        ) from None
 
 
 def _refuse_constant(name: str) -> Any:

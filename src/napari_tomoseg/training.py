@@ -33,16 +33,25 @@ What it does, and why:
   maybe flipped (exact, no interpolation); the training set already holds arbitrary copies.
 - **Mixed precision** (``torch.autocast`` + ``GradScaler``) only on CUDA.  The number of CPU
   threads is left to the caller (``torch.set_num_threads``).
+- **Checkpoints.**  With ``TrainSettings.checkpoint`` set, the full state of the run (weights,
+  Adam moments, random generators, position in the mini-batches, history, best so far) is
+  written there every ``checkpoint_every`` mini-batches and when the run is stopped by
+  request; ``iter_train(..., resume=True)`` continues from it, and on the same device gives
+  exactly the weights and history of a run that was never interrupted (see
+  :mod:`napari_tomoseg.checkpoint`).  The checkpoint is deleted when the run finishes all
+  its mini-batches, and kept when it stops early or fails, so that it can be resumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,6 +59,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import (
+    TrainingState,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+    state_dict_crc,
+    trainset_fingerprint,
+)
 from .errors import TomosegError
 from .model_file import Network, NetworkMeta, jsonable, package_versions
 from .models import DEFAULT_ARCHITECTURE, get_spec, logits_to_proba, resolved_params
@@ -79,7 +96,10 @@ class TrainSettings:
     a typical training set of about 2000 samples; add more for harder features.
     ``lr_schedule`` is ``"constant"`` or ``"cosine"`` (decay to ``LR_FLOOR`` times
     ``learning_rate``); both start with a short linear warm-up.  ``augment`` applies a random
-    90-degree rotation and flip to each mini-batch.
+    90-degree rotation and flip to each mini-batch.  ``checkpoint`` is a file the run
+    writes its full state to every ``checkpoint_every`` mini-batches and when stopped, so
+    that a crashed or stopped run can be resumed (``iter_train(..., resume=True)``); it is
+    deleted when the run finishes.
     """
 
     architecture: str = DEFAULT_ARCHITECTURE
@@ -96,6 +116,8 @@ class TrainSettings:
     preview_samples: int = 16
     augment: bool = True
     lr_schedule: str = "constant"
+    checkpoint: str | None = None
+    checkpoint_every: int = 100
 
     @classmethod
     def continuing(cls, network: Network, **changes: Any) -> TrainSettings:
@@ -128,6 +150,15 @@ class TrainSettings:
             (_positive_int(self.iterations), "iterations must be a positive integer"),
             (_positive_int(self.batch_size), "batch_size must be a positive integer"),
             (_positive_int(self.eval_every), "eval_every must be a positive integer"),
+            (
+                _positive_int(self.checkpoint_every),
+                "checkpoint_every must be a positive integer (mini-batches)",
+            ),
+            (
+                self.checkpoint is None
+                or (isinstance(self.checkpoint, (str, os.PathLike)) and str(self.checkpoint)),
+                "checkpoint must be a file path or None",
+            ),
             (
                 _is_int(self.preview_samples) and self.preview_samples >= 0,
                 "preview_samples must be a non-negative integer",
@@ -696,6 +727,66 @@ def _voxel_size(value: Any) -> float | None:
     return float(arr[-1])
 
 
+def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues (JSON data)."""
+    cw = settings.class_weights
+    return jsonable(
+        {
+            "architecture": arch,
+            "model_params": params,
+            "iterations": int(settings.iterations),
+            "batch_size": int(settings.batch_size),
+            "learning_rate": float(settings.learning_rate),
+            "lr_schedule": settings.lr_schedule,
+            "seed": int(settings.seed),
+            "validation_fraction": float(settings.validation_fraction),
+            "class_weights": cw if cw is None or isinstance(cw, str) else [float(w) for w in cw],
+            "augment": bool(settings.augment),
+            "eval_every": int(settings.eval_every),
+        }
+    )
+
+
+def _init_fingerprint(init: Network | None) -> dict[str, Any] | None:
+    """What identifies the network a run continues (its weights and history length)."""
+    if init is None:
+        return None
+    return {
+        "weights_crc": state_dict_crc(init.model.state_dict()),
+        "steps": len(init.meta.history),
+    }
+
+
+def _restore(
+    saved: TrainingState,
+    path: Path,
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    scaler: Any,
+    rng: np.random.Generator,
+    batches: _Batches,
+    device: torch.device,
+) -> None:
+    """Put a checkpoint's state into the run's objects (all checked by the loader)."""
+    try:
+        model.load_state_dict(saved.model, strict=True)
+        groups = optimiser.state_dict()["param_groups"]
+        optimiser.load_state_dict({"state": saved.optimizer, "param_groups": groups})
+        if scaler.is_enabled() and saved.scaler:
+            scaler.load_state_dict(saved.scaler)
+        rng.bit_generator.state = saved.rng
+        torch.set_rng_state(saved.torch_rng)
+        if device.type == "cuda" and saved.cuda_rng is not None:
+            torch.cuda.set_rng_state(saved.cuda_rng, device)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise TomosegError(
+            f"Cannot resume training from {path}: its state does not fit this run ({exc}). "
+            "The checkpoint is damaged; delete it and train from the start."
+        ) from None
+    batches.order = np.asarray(saved.batches_order, np.int64)
+    batches.pos = int(saved.batches_pos)
+
+
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -706,6 +797,7 @@ def iter_train(
     *,
     init: Network | None = None,
     should_stop: Callable[[], bool] = never_stop,
+    resume: bool = False,
 ) -> Generator[Progress, None, TrainResult]:
     """Train a network on ``trainset``; yields progress each mini-batch, returns the result.
 
@@ -713,10 +805,28 @@ def iter_train(
     channels as the settings and training set, else :class:`TomosegError`); it is not
     modified.  ``should_stop`` is checked before every mini-batch: when it returns True the
     loop ends and the best network so far is returned with ``stopped=True``.
+
+    With ``settings.checkpoint`` set, the run's state is written there every
+    ``settings.checkpoint_every`` mini-batches and when stopped (an existing file is
+    replaced), and deleted when all mini-batches are done.  ``resume=True`` continues the
+    run saved there; the training set, ``init`` and the settings that shape the run
+    (architecture, its parameters, iterations, batch size, learning rate and schedule,
+    seed, validation fraction, class weights, augmentation, evaluation interval) must be
+    those it was started with, else :class:`TomosegError` says what differs.
     """
     settings = settings or TrainSettings()
     settings.validate()
     _check_trainset(trainset)
+    ckpt_path = Path(settings.checkpoint) if settings.checkpoint is not None else None
+    if resume and ckpt_path is None:
+        raise TomosegError(
+            "Resuming needs the checkpoint file to resume from (TrainSettings.checkpoint)."
+        )
+    if resume and not ckpt_path.is_file():  # type: ignore[union-attr]
+        raise TomosegError(
+            f"There is no checkpoint {ckpt_path} to resume from (a run that finished "
+            "deletes its checkpoint); train without resuming to start afresh."
+        )
     t_start = time.perf_counter()
     names = tuple(str(n) for n in trainset.class_names)
     n_classes = len(names)
@@ -756,6 +866,14 @@ def iter_train(
         arch = settings.architecture
         params = resolved_params(arch, settings.model_params)
 
+    fingerprint: dict[str, Any] = {}
+    if ckpt_path is not None:
+        fingerprint = {
+            "trainset": trainset_fingerprint(trainset),
+            "settings": _run_settings(settings, arch, params),
+            "init": _init_fingerprint(init),
+        }
+
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     meta_in = dict(getattr(trainset, "metadata", {}) or {})
@@ -769,6 +887,29 @@ def iter_train(
     train_idx, val_idx, split = split_by_box(
         trainset.box_ids, trainset.positive, float(settings.validation_fraction), rng
     )
+    saved: TrainingState | None = None
+    if resume:
+        saved = load_checkpoint(
+            ckpt_path,  # type: ignore[arg-type]
+            fingerprint=fingerprint,
+            model=model,
+            parameters=list(model.parameters()),
+            n_samples=int(n_samples),
+        )
+        train_idx, val_idx, split = saved.train_idx, saved.val_idx, dict(saved.split)
+        if len(saved.class_weights) != n_classes:
+            raise TomosegError(
+                f"Cannot resume training from {ckpt_path}: it holds {len(saved.class_weights)} "
+                f"class weights for {n_classes} classes. The checkpoint is damaged; delete it "
+                "and train from the start."
+            )
+        if saved.device.split(":")[0] != device.type:
+            warnings.warn(
+                f"Resuming on {device} a run checkpointed on {saved.device}: it continues "
+                "correctly, but not bit for bit as it would have on the same device.",
+                UserWarning,
+                stacklevel=2,
+            )
     if not split["held_out"]:
         warnings.warn(
             f"Validating on the training boxes ({split['reason']}); the validation metrics "
@@ -780,7 +921,9 @@ def iter_train(
     labels_np = trainset.labels
     train_labels = labels_np[train_idx]
     counts = np.bincount(train_labels.ravel(), minlength=n_classes)[:n_classes]
-    if settings.class_weights == "auto":
+    if saved is not None:
+        weights = list(saved.class_weights)
+    elif settings.class_weights == "auto":
         weights, _ = auto_class_weights(train_labels, n_classes)
     elif settings.class_weights is None:
         weights = [1.0] * n_classes
@@ -819,6 +962,49 @@ def iter_train(
     stopped = False
     steps_done = 0
     total = int(settings.iterations)
+    if saved is not None:
+        _restore(saved, ckpt_path, model, optimiser, scaler, rng, batches, device)  # type: ignore[arg-type]
+        history, best, steps_done = saved.history, saved.best, saved.step
+    checkpointed = steps_done if saved is not None else -1
+
+    def write_checkpoint() -> None:
+        """Save the run's state (a failed write warns: training goes on without it)."""
+        nonlocal checkpointed
+        state = TrainingState(
+            step=steps_done,
+            fingerprint=fingerprint,
+            model=model.state_dict(),
+            optimizer=optimiser.state_dict()["state"],
+            scaler=scaler.state_dict(),
+            history=jsonable(history),
+            best=None
+            if best is None
+            else {
+                **jsonable({k: v for k, v in best.items() if k != "state"}),
+                "state": best["state"],
+            },
+            rng=rng.bit_generator.state,
+            torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            batches_order=batches.order,
+            batches_pos=batches.pos,
+            train_idx=train_idx,
+            val_idx=val_idx,
+            split=jsonable(split),
+            class_weights=[float(w) for w in weights],
+            device=str(device),
+        )
+        try:
+            save_checkpoint(ckpt_path, state)  # type: ignore[arg-type]
+        except TomosegError as exc:
+            warnings.warn(
+                f"Could not write the training checkpoint ({exc}); training goes on, but a "
+                "crash now could not be resumed.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        checkpointed = steps_done
 
     def evaluate(step: int) -> dict[str, float]:
         nonlocal best
@@ -845,9 +1031,11 @@ def iter_train(
             out[f"val_dice_{cname}"] = metrics["classes"][cname]["f1"]
         return out
 
-    for i in range(total):
+    for i in range(steps_done, total):
         if should_stop():
             stopped = True
+            if ckpt_path is not None and checkpointed != steps_done:
+                write_checkpoint()
             break
         idx = torch.from_numpy(batches.next())
         x = images_t[idx]
@@ -877,6 +1065,12 @@ def iter_train(
         if steps_done % settings.eval_every == 0 or steps_done == total:
             entry.update(evaluate(step))
         history.append(entry)
+        if (
+            ckpt_path is not None
+            and steps_done % settings.checkpoint_every == 0
+            and steps_done < total
+        ):
+            write_checkpoint()
         yield Progress(
             stage="train",
             step=steps_done,
@@ -921,6 +1115,7 @@ def iter_train(
         "seed": int(settings.seed),
         "validation_fraction": float(settings.validation_fraction),
         "mixed_precision": use_amp,
+        "resumed_from_step": None if saved is None else int(saved.step),
     }
     box_size = meta_in.get("box_size")
     context = meta_in.get("context_slices", (in_channels - 1) // 2)
@@ -948,7 +1143,7 @@ def iter_train(
         metrics=jsonable({**best["metrics"], "training": metadata}),
         versions=package_versions(),
     )
-    return TrainResult(
+    result = TrainResult(
         network=network,
         history=full_history,
         metrics=best["metrics"],
@@ -958,6 +1153,9 @@ def iter_train(
         device=str(device),
         metadata=metadata,
     )
+    if not stopped:
+        remove_checkpoint(ckpt_path)  # the run is complete: nothing left to resume
+    return result
 
 
 def train(
@@ -967,10 +1165,13 @@ def train(
     init: Network | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Run :func:`iter_train` to the end, passing each progress event to ``progress``."""
     return drive(
-        iter_train(trainset, settings, init=init, should_stop=should_stop or never_stop),
+        iter_train(
+            trainset, settings, init=init, should_stop=should_stop or never_stop, resume=resume
+        ),
         progress,
     )
 
