@@ -7,8 +7,10 @@ import pytest
 
 from napari_tomoseg import cli
 from napari_tomoseg.boxes import read_boxes_csv, write_boxes_csv
+from napari_tomoseg.checkpoint import read_checkpoint_meta
 from napari_tomoseg.demo import boxes_from_ground_truth
 from napari_tomoseg.io import read_tomogram, write_labels
+from napari_tomoseg.model_file import load_network
 from napari_tomoseg.picking import read_star
 from napari_tomoseg.synthetic import CLASS_NAMES
 
@@ -158,3 +160,85 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     assert run("pick", mask_path, "--feature", 2, "--min-size", 20, "-o", star) == 0
     table = read_star(star)
     assert all(p.label == 2 for p in table.particles)
+
+
+class _Interrupts:
+    """Stands in for Ctrl-C handling: a stop request after ``stop_after`` mini-batches, or a
+    second Ctrl-C (KeyboardInterrupt, the run dies) after ``kill_after``."""
+
+    def __init__(self, stop_after: int | None = None, kill_after: int | None = None):
+        self.stop_after, self.kill_after, self.calls = stop_after, kill_after, 0
+
+    def __call__(self) -> _Interrupts:  # used as the class: StopOnInterrupt()
+        return self
+
+    def __enter__(self):
+        def should_stop() -> bool:
+            done, self.calls = self.calls, self.calls + 1
+            if self.kill_after is not None and done >= self.kill_after:
+                raise KeyboardInterrupt
+            return self.stop_after is not None and done >= self.stop_after
+
+        return should_stop
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+@pytest.fixture
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_keeps_a_checkpoint_until_done_and_resumes(
+    tmp_path, capsys, monkeypatch, one_torch_thread
+):
+    import torch
+
+    from test_training import ring_trainset
+
+    ts_path = ring_trainset(n_pos=6, n_neg=6, copies=(4, 2)).save(tmp_path / "ts.npz")
+    common = ("--architecture", "unet-lite", "--iterations", 10, "--batch-size", 4)
+    common += ("--checkpoint-every", 4, "--device", "cpu")
+    ref, net = tmp_path / "ref.tsnet", tmp_path / "net.tsnet"
+    ckpt = tmp_path / "net.tsnet.ckpt"
+
+    assert run("train", ts_path, "-o", ref, *common) == 0
+    assert ref.is_file() and not (tmp_path / "ref.tsnet.ckpt").exists()  # finished: removed
+
+    # The run dies (a second Ctrl-C) after 6 mini-batches: the checkpoint of 4 is kept.
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "StopOnInterrupt", _Interrupts(kill_after=6))
+    assert run("train", ts_path, "-o", net, *common) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert f"last checkpoint is {ckpt}" in err and "--resume" in err
+    assert not net.exists() and read_checkpoint_meta(ckpt)["step"] == 4
+    monkeypatch.undo()
+
+    # Starting again without --resume would throw the checkpoint away: refused.
+    assert run("train", ts_path, "-o", net, *common) == cli.EXIT_INPUT
+    assert "add --resume" in capsys.readouterr().err
+
+    # A stop request (Ctrl-C once) after 3 more: the network is saved, the checkpoint kept.
+    monkeypatch.setattr(cli, "StopOnInterrupt", _Interrupts(stop_after=3))
+    assert run("train", ts_path, "-o", net, *common, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "stopped early" in out and f"mini-batch 7 of 10: {ckpt}" in out
+    assert net.is_file() and read_checkpoint_meta(ckpt)["step"] == 7
+    monkeypatch.undo()
+
+    # Resumed to the end: the very network of the uninterrupted run; checkpoint removed.
+    assert run("train", ts_path, "-o", net, *common, "--resume") == 0
+    assert "finished" in capsys.readouterr().out and not ckpt.exists()
+    a, b = load_network(ref), load_network(net)
+    assert a.meta.history == b.meta.history
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
+
+    assert run("train", ts_path, "-o", net, *common, "--resume") == cli.EXIT_INPUT
+    assert "there is no checkpoint" in capsys.readouterr().err

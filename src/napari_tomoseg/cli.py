@@ -208,6 +208,7 @@ def _cmd_build_trainset(args: argparse.Namespace, progress: ProgressPrinter) -> 
 
 
 def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .checkpoint import default_checkpoint_path
     from .model_file import load_network, save_network
     from .training import TrainSettings, iter_train
     from .trainset import TrainingSet
@@ -220,20 +221,59 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         settings = TrainSettings()
         if args.architecture:
             settings.architecture = args.architecture
-    for name in ("iterations", "batch_size", "learning_rate", "device", "seed"):
+    for name in (
+        "iterations",
+        "batch_size",
+        "learning_rate",
+        "device",
+        "seed",
+        "checkpoint_every",
+    ):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
+    # --resume may replace the network that the stopped run it continues saved there
+    if output.exists() and not (args.overwrite or args.resume):
         raise TomosegError(f"{output} already exists; choose another name or add --overwrite.")
-    with StopOnInterrupt() as should_stop:
-        result = drive(
-            iter_train(trainset, settings, init=init, should_stop=should_stop), progress
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(output)
+    settings.checkpoint = str(checkpoint)
+    if args.resume and not checkpoint.is_file():
+        raise TomosegError(
+            f"--resume: there is no checkpoint {checkpoint} (a run that finished deletes its "
+            "checkpoint; give --checkpoint if it was written elsewhere). Leave out --resume "
+            "to start afresh."
         )
-    save_network(result.network, output, overwrite=args.overwrite)
+    if not args.resume and checkpoint.exists() and not args.overwrite:
+        raise TomosegError(
+            f"{checkpoint} holds the checkpoint of an unfinished run: add --resume to continue "
+            "it, or --overwrite (or delete it) to start afresh."
+        )
+    with StopOnInterrupt() as should_stop:
+        try:
+            result = drive(
+                iter_train(
+                    trainset, settings, init=init, should_stop=should_stop, resume=args.resume
+                ),
+                progress,
+            )
+        except BaseException as exc:  # a crash or a second Ctrl-C: say how to go on
+            if checkpoint.is_file() and not isinstance(exc, TomosegError):
+                print(
+                    f"Training did not finish; its last checkpoint is {checkpoint}: run "
+                    "the same command with --resume to continue from it.",
+                    file=sys.stderr,
+                )
+            raise
+    save_network(result.network, output, overwrite=args.overwrite or args.resume)
     state = "stopped early" if result.stopped else "finished"
     print(f"Training {state} in {result.seconds:.0f} s on {result.device}; saved {output}")
+    if result.stopped and checkpoint.is_file():
+        steps = result.metadata["steps_done"]
+        print(
+            f"Checkpoint after mini-batch {steps} of {settings.iterations}: {checkpoint}; "
+            "to continue, run the same command with --resume."
+        )
     for name, m in result.metrics.get("classes", {}).items():
         print(
             f"  {name:>18}: precision {m['precision']:.3f} recall {m['recall']:.3f} "
@@ -575,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a network on a training set",
-        description="Train a network; Ctrl-C stops cleanly and saves the best network so far.",
+        description="Train a network; Ctrl-C stops cleanly and saves the best network so far. "
+        "The run keeps a checkpoint (by default OUTPUT.ckpt) while it is unfinished: after a "
+        "crash or a Ctrl-C, the same command with --resume continues it exactly.",
     )
     p.add_argument("trainset", help="training-set file from build-trainset")
     p.add_argument("-o", "--output", required=True, help="network file to write (.tsnet)")
@@ -588,7 +630,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-trained", help="continue training this network file")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--checkpoint",
+        help="checkpoint file of the run (default: the output name + .ckpt); deleted when "
+        "the run finishes",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="mini-batches between checkpoints (default 100)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run saved in the checkpoint (same training set and "
+        "settings); replaces the network that a stopped run saved",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output and checkpoint"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
