@@ -25,6 +25,19 @@ from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_t
 @pytest.fixture(autouse=True)
 def _settings_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TOMOSEG_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("TOMOSEG_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Training in a widget test: one thread is as fast on small tensors, and the machine
+    may be busy."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -351,3 +364,44 @@ def test_stop_button_stops_training_and_keeps_the_network(make_napari_viewer, qt
     assert train.result is not None and train.result.stopped
     assert len(train.result.history) < 1000
     assert train.train_button.enabled and not train.stop_button.enabled
+
+
+def test_stopped_training_is_offered_for_resuming_and_finishes(
+    make_napari_viewer, qtbot, tmp_path, one_torch_thread
+):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer, shape=(24, 96, 96), seed=3)
+    boxes = BoxWidget(viewer)
+    boxes.tomogram.value = tomo
+    boxes.box_size.value = 32
+    boxes.add_box((12, 48, 48), positive=True)
+    boxes.add_box((12, 20, 20), positive=False)
+    viewer.layers[PAINT_LAYER].data[12, 40:56, 46:50] = 1
+    train = TrainWidget(viewer)
+    train.select_default_layers()
+    train.tomogram.value = tomo
+    train.architecture.value = "unet-lite"
+    train.iterations.value = 40
+    train.batch_size.value = 4
+    train.ncopy.value = 2
+    path = train.checkpoint_path()
+    assert path.parent == tmp_path / "cache" / "checkpoints" and path.name.startswith("tomo-")
+    assert not train.resume.enabled and not train.resume.value
+
+    train.start_training()
+    qtbot.waitUntil(lambda: train.events_seen > 4, timeout=120_000)
+    train.stop_button.changed.emit(True)
+    qtbot.waitUntil(lambda: not train.runner.running, timeout=120_000)
+    stopped_at = len(train.result.history)
+    assert train.result.stopped and 0 < stopped_at < 40 and path.is_file()
+    # the interrupted run is offered, ticked, with where it stopped
+    assert train.resume.enabled and train.resume.value
+    assert f"mini-batch {stopped_at} of 40" in train.resume.text
+
+    train.start_training()
+    qtbot.waitUntil(lambda: not train.runner.running, timeout=120_000)
+    qtbot.waitUntil(lambda: train.result is not None and not train.result.stopped, timeout=10_000)
+    assert train.result.metadata["resumed_from_step"] == stopped_at
+    assert [h["step"] for h in train.result.history] == list(range(1, 41))
+    assert not path.exists()  # finished: the checkpoint is gone, nothing to resume
+    assert not train.resume.enabled and train.resume.text == "resume interrupted training"

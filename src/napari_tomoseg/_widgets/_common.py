@@ -1,10 +1,13 @@
 """Pieces every widget shares: layer lookup, the worker + progress + error pattern,
-remembered settings, and the session that hands a trained network from Train to Apply."""
+remembered settings, the per-user folders, and the session that hands a trained network
+from Train to Apply."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import zlib
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,11 @@ if TYPE_CHECKING:
 CONFIG_ENV = "TOMOSEG_CONFIG_DIR"
 
 
+#: Where files that may be lost without harm live (training checkpoints);
+#: TOMOSEG_CACHE_DIR overrides it (tests use that).
+CACHE_ENV = "TOMOSEG_CACHE_DIR"
+
+
 def config_dir() -> Path:
     """The per-user folder for remembered widget settings."""
     override = os.environ.get(CONFIG_ENV)
@@ -29,6 +37,24 @@ def config_dir() -> Path:
         return Path(override)
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "napari-tomoseg"
+
+
+def cache_dir() -> Path:
+    """The per-user folder for files that may be lost without harm
+    (``$XDG_CACHE_HOME/napari-tomoseg``, by default ``~/.cache/napari-tomoseg``)."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "napari-tomoseg"
+
+
+def checkpoint_path_for(source: str) -> Path:
+    """The training checkpoint of the tomogram ``source`` (a file path or a layer name):
+    ``<cache>/checkpoints/<name>-<CRC of source>.ckpt``, one per tomogram."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).name or "tomogram")[:60]
+    crc = zlib.crc32(source.encode("utf-8", "surrogateescape"))
+    return cache_dir() / "checkpoints" / f"{name}-{crc:08x}.ckpt"
 
 
 class RememberedSettings:

@@ -1,10 +1,13 @@
 """Training: build the training set from the boxes and train, in a worker thread.
 
 Progress bar, a live loss / validation Dice plot, a Stop button that keeps the best network
-so far, errors as notifications.  When done the training preview (box, manual label, network
-output for each sample) opens as a layer and the network can be saved.  "Copy prediction"
-puts the network's answer into the painting inside the boxes (or on the current slice) for
-the user to correct before retraining.
+so far, errors as notifications.  Each run keeps a checkpoint per tomogram in the user's
+cache folder (``~/.cache/napari-tomoseg/checkpoints``) until it finishes; when one exists
+(a run stopped, or napari closed or crashed), "resume interrupted training" continues it.
+When done the training preview (box, manual label, network output for each sample) opens
+as a layer and the network can be saved.  "Copy prediction" puts the network's answer
+into the painting inside the boxes (or on the current slice) for the user to correct before
+retraining.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from magicgui.widgets import (
 )
 
 from ..boxes import box_from_shape
+from ..checkpoint import read_checkpoint_meta
 from ..errors import TomosegError
 from ..model_file import load_network, save_network
 from ..models import DEFAULT_ARCHITECTURE, available
@@ -36,6 +40,7 @@ from ._common import (
     SESSION,
     RememberedSettings,
     TaskRunner,
+    checkpoint_path_for,
     describe_error,
     layer_choices,
     notify_error,
@@ -48,6 +53,7 @@ if TYPE_CHECKING:
     import napari
 
 PREVIEW_LAYER = "training preview"
+RESUME_TEXT = "resume interrupted training"
 
 
 def class_names_from_layer(labels_layer: Any, labels: np.ndarray) -> tuple[str, ...]:
@@ -134,6 +140,13 @@ class TrainWidget(Container):
             tooltip="Continue training a saved network (use a smaller learning rate, e.g. 1e-4).",
         )
         self.continue_current = CheckBox(label="continue the current network", value=False)
+        self.resume = CheckBox(
+            label=RESUME_TEXT,
+            value=False,
+            enabled=False,
+            tooltip="Continue the interrupted run of this tomogram from its last checkpoint "
+            "(same boxes, painting and settings). Untick to start afresh.",
+        )
         self.train_button = PushButton(text="Train")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.status = Label(value="")
@@ -162,6 +175,7 @@ class TrainWidget(Container):
                 self.batch_size,
                 self.continue_from,
                 self.continue_current,
+                self.resume,
                 self.train_button,
                 self.stop_button,
                 self.status,
@@ -193,7 +207,9 @@ class TrainWidget(Container):
         )
         self.runner = TaskRunner("Training")
         self.result: Any = None
+        self._resuming = False
         self.events_seen = 0
+        self.tomogram.changed.connect(self.update_resume)
         self.train_button.changed.connect(self.start_training)
         self.stop_button.changed.connect(self.runner.stop)
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
@@ -204,6 +220,7 @@ class TrainWidget(Container):
             viewer.layers.events.inserted.connect(combo.reset_choices)
             viewer.layers.events.removed.connect(combo.reset_choices)
         self.select_default_layers()
+        self.update_resume()
 
     def select_default_layers(self, *_: Any) -> None:
         """Pick the layers the box widget made, by their names, when present."""
@@ -243,6 +260,31 @@ class TrainWidget(Container):
             return load_network(path)
         return None
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint_path(self) -> Path | None:
+        """Where the training run of the chosen tomogram keeps its checkpoint."""
+        tomo = self.tomogram.value
+        if tomo is None:
+            return None
+        return checkpoint_path_for(str((tomo.metadata or {}).get("source_path") or tomo.name))
+
+    def update_resume(self, *_: Any) -> None:
+        """Offer to resume (ticked) when the chosen tomogram has an interrupted run."""
+        path = self.checkpoint_path()
+        if path is None or not path.is_file():
+            self.resume.text, self.resume.value, self.resume.enabled = RESUME_TEXT, False, False
+            return
+        try:
+            meta = read_checkpoint_meta(path)
+            total = meta["fingerprint"]["settings"]["iterations"]
+            where = f"mini-batch {int(meta['step'])} of {int(total)}"
+        except (TomosegError, KeyError, TypeError, ValueError):
+            self.resume.text = f"{RESUME_TEXT} (its checkpoint is unreadable)"
+            self.resume.value, self.resume.enabled = False, False
+            return
+        self.resume.text = f"{RESUME_TEXT} (stopped at {where})"
+        self.resume.enabled, self.resume.value = True, True
+
     # -- training -------------------------------------------------------------------------
     def start_training(self, *_: Any) -> Any:
         """Gather the layers and train in a worker thread."""
@@ -257,7 +299,11 @@ class TrainWidget(Container):
         self.stop_button.enabled = True
         self.status.value = "building the training set..."
         return self.runner.start(
-            task, on_done=self._done, on_progress=self._progress, on_finish=self._finished
+            task,
+            on_done=self._done,
+            on_progress=self._progress,
+            on_error=self._failed,
+            on_finish=self._finished,
         )
 
     def _prepare(self) -> tuple[Any, int]:
@@ -288,6 +334,15 @@ class TrainWidget(Container):
             settings.architecture = init.meta.architecture
             settings.model_params = dict(init.meta.model_params)
         source = str((tomo.metadata or {}).get("source_path") or tomo.name)
+        checkpoint = self.checkpoint_path()
+        resume = bool(self.resume.enabled and self.resume.value)
+        if checkpoint is not None:
+            try:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                settings.checkpoint = str(checkpoint)
+            except OSError:
+                resume = False  # no cache folder: train without a checkpoint
+        self._resuming = resume
 
         def task(should_stop: Any) -> Any:
             yield Progress("trainset", 0, 1, message="building the training set")
@@ -302,7 +357,11 @@ class TrainWidget(Container):
                 source=source,
             )
             yield Progress("trainset", 1, 1, message=f"{len(trainset)} samples")
-            return (yield from iter_train(trainset, settings, init=init, should_stop=should_stop))
+            return (
+                yield from iter_train(
+                    trainset, settings, init=init, should_stop=should_stop, resume=resume
+                )
+            )
 
         return task, box_size
 
@@ -334,9 +393,16 @@ class TrainWidget(Container):
         self.show_preview(result)
         notify_info(text)
 
+    def _failed(self, exc: BaseException) -> None:
+        if self._resuming and "Cannot resume training" in str(exc):
+            self.status.value = f"Could not resume; untick '{RESUME_TEXT}' to start afresh."
+        else:
+            self.status.value = "Training failed (see the message)."
+
     def _finished(self) -> None:
         self.train_button.enabled = True
         self.stop_button.enabled = False
+        self.update_resume()
 
     def show_preview(self, result: Any) -> Any:
         """Add the training preview (box | label | output per sample) as an image layer."""
