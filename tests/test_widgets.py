@@ -16,9 +16,17 @@ from napari_tomoseg._widgets import (  # noqa: E402
     MergeWidget,
     PickWidget,
     TrainWidget,
+    _common,  # noqa: E402
 )
-from napari_tomoseg._widgets._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE_LAYER  # noqa: E402
+from napari_tomoseg._widgets._boxes import (  # noqa: E402
+    NEGATIVE_LAYER,
+    PAINT_LAYER,
+    POSITIVE_LAYER,
+    UNSAVED_MARK,
+)
+from napari_tomoseg.annotations import PAINTING_FILE  # noqa: E402
 from napari_tomoseg.demo import boxes_from_ground_truth, dice_scores  # noqa: E402
+from napari_tomoseg.io import read_tomogram  # noqa: E402
 from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram  # noqa: E402
 
 
@@ -26,6 +34,44 @@ from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_t
 def _settings_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TOMOSEG_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("TOMOSEG_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _no_modal_questions(monkeypatch):
+    """A modal dialog would block the test: every question must be answered by the test
+    (the ``answers`` fixture); an unexpected one fails it."""
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError(f"unexpected question to the user: {args}")
+
+    monkeypatch.setattr(_common, "ask_unsaved_changes", unexpected)
+    monkeypatch.setattr(_common, "ask_annotations_folder", unexpected)
+
+
+class Answers:
+    """Answers the unsaved-annotations question (and the folder question) like a user."""
+
+    def __init__(self) -> None:
+        self.reply = "cancel"
+        self.folder: str | None = None
+        self.asked: list[str] = []
+        self.folder_asked = 0
+
+    def question(self, action: str, parent=None) -> str:
+        self.asked.append(action)
+        return self.reply
+
+    def choose_folder(self, parent=None) -> str | None:
+        self.folder_asked += 1
+        return self.folder
+
+
+@pytest.fixture
+def answers(monkeypatch) -> Answers:
+    given = Answers()
+    monkeypatch.setattr(_common, "ask_unsaved_changes", given.question)
+    monkeypatch.setattr(_common, "ask_annotations_folder", given.choose_folder)
+    return given
 
 
 @pytest.fixture
@@ -305,7 +351,8 @@ def test_annotations_save_and_restore(make_napari_viewer, tmp_path):
     assert restored.boxes(False) == widget.boxes(False)
 
 
-def test_copy_prediction_can_be_undone(make_napari_viewer):
+def test_copy_prediction_can_be_undone(make_napari_viewer, answers):
+    answers.reply = "discard"  # the new box is not saved: the copy asks first
     viewer = make_napari_viewer()
     _, tomo = _small_tomogram(viewer)
     boxes = BoxWidget(viewer)
@@ -322,9 +369,11 @@ def test_copy_prediction_can_be_undone(make_napari_viewer):
     train.select_default_layers()
     train.copy_from.value = mask
     assert train.copy_prediction() == 16 * 16
+    assert answers.asked == ["Copying the prediction into the painting"]
     assert (paint.data[10, 24:40, 24:40] == 2).all()
     train.undo_copy()
     np.testing.assert_array_equal(paint.data, before)
+    assert len(answers.asked) == 1  # nothing corrected since the copy: the undo just undoes
 
 
 def test_preview_mosaic_lays_out_box_label_output():
@@ -405,3 +454,113 @@ def test_stopped_training_is_offered_for_resuming_and_finishes(
     assert [h["step"] for h in train.result.history] == list(range(1, 41))
     assert not path.exists()  # finished: the checkpoint is gone, nothing to resume
     assert not train.resume.enabled and train.resume.text == "resume interrupted training"
+
+
+def _boxes_with_painting(viewer, tmp_path):
+    """A box widget with one positive box and some painting, saved in tmp_path/'saved'."""
+    _, tomo = _small_tomogram(viewer)
+    widget = BoxWidget(viewer)
+    widget.tomogram.value = tomo
+    widget.box_size.value = 32
+    widget.add_box((10, 40, 40), positive=True)
+    paint = viewer.layers[PAINT_LAYER]
+    paint.paint((10, 40, 40), 1)  # a brush stroke, as the user paints
+    assert UNSAVED_MARK in widget.counts.value
+    assert widget.save_annotations(tmp_path / "saved") is not None
+    assert UNSAVED_MARK not in widget.counts.value
+    return widget, paint
+
+
+def test_load_asks_before_replacing_unsaved_annotations(make_napari_viewer, tmp_path, answers):
+    viewer = make_napari_viewer()
+    widget, paint = _boxes_with_painting(viewer, tmp_path)
+    saved = np.array(paint.data)
+    saved_file = (tmp_path / "saved" / PAINTING_FILE).read_bytes()
+
+    # Nothing changed since the save: Load just loads.
+    assert widget.load_annotations(tmp_path / "saved") is not None
+    assert answers.asked == []
+
+    # Paint more: the counts line says so, and Load asks first.
+    paint.paint((10, 50, 50), 2)
+    assert widget.counts.value.endswith(UNSAVED_MARK)
+    edited = np.array(paint.data)
+    assert not np.array_equal(edited, saved)
+
+    answers.reply = "cancel"  # nothing changes
+    assert widget.load_annotations(tmp_path / "saved") is None
+    assert answers.asked == ["Loading annotations"]
+    np.testing.assert_array_equal(paint.data, edited)
+    assert len(viewer.layers[POSITIVE_LAYER].data) == 1
+    assert UNSAVED_MARK in widget.counts.value
+
+    answers.reply = "discard"  # loads without saving anything
+    assert widget.load_annotations(tmp_path / "saved") is not None
+    np.testing.assert_array_equal(paint.data, saved)
+    assert (tmp_path / "saved" / PAINTING_FILE).read_bytes() == saved_file
+    assert UNSAVED_MARK not in widget.counts.value
+
+    paint.paint((10, 50, 50), 2)
+    widget.add_box((12, 60, 60), positive=False)
+    edited = np.array(paint.data)
+    widget.folder.value = tmp_path / "work"  # the annotations folder Save writes to
+    answers.reply = "save"  # saves into the annotations folder, then loads
+    assert widget.load_annotations(tmp_path / "saved") is not None
+    assert answers.asked == ["Loading annotations"] * 3
+    kept = read_tomogram(tmp_path / "work" / PAINTING_FILE).data
+    np.testing.assert_array_equal(kept, edited)
+    assert (tmp_path / "work" / "negative_boxes.csv").read_text().count("\n") == 2
+    np.testing.assert_array_equal(paint.data, saved)
+    assert len(viewer.layers[NEGATIVE_LAYER].data) == 0
+    assert UNSAVED_MARK not in widget.counts.value
+
+
+def test_copy_prediction_asks_and_save_asks_for_a_folder(make_napari_viewer, tmp_path, answers):
+    viewer = make_napari_viewer()
+    boxes, paint = _boxes_with_painting(viewer, tmp_path)
+    predicted = np.zeros(paint.data.shape, np.uint8)
+    predicted[10, 24:56, 24:56] = 3
+    mask = viewer.add_labels(predicted, name="prediction", scale=paint.scale)
+    train = TrainWidget(viewer)
+    train.select_default_layers()
+    train.copy_from.value = mask
+
+    # Saved just now: the copy does not ask.
+    assert train.copy_prediction() == 32 * 32 and answers.asked == []
+    assert UNSAVED_MARK in boxes.counts.value  # the copy is an unsaved change
+    paint.paint((10, 30, 30), 1)  # a correction of the copied prediction
+    corrected = np.array(paint.data)
+
+    answers.reply = "cancel"  # undoing would replace the correction: asked, and cancelled
+    assert train.undo_copy() == 0
+    assert answers.asked == ["Undoing the copy"]
+    np.testing.assert_array_equal(paint.data, corrected)
+    assert train.undo_copy_button.enabled
+
+    answers.reply = "cancel"
+    assert train.copy_prediction() == 0
+    np.testing.assert_array_equal(paint.data, corrected)
+
+    # Save with no annotations folder chosen: the user is asked for one.
+    assert str(boxes.folder.value) == "."  # none chosen yet
+    answers.reply, answers.folder = "save", None  # ... and cancels it: nothing happens
+    assert train.copy_prediction() == 0
+    assert answers.folder_asked == 1 and str(boxes.folder.value) == "."
+    np.testing.assert_array_equal(paint.data, corrected)
+    answers.folder = str(tmp_path / "chosen")  # ... and chooses one: saved, then copied
+    assert train.copy_prediction() == 32 * 32
+    assert answers.folder_asked == 2 and str(boxes.folder.value) == answers.folder
+    np.testing.assert_array_equal(
+        read_tomogram(tmp_path / "chosen" / PAINTING_FILE).data, corrected
+    )
+    assert (paint.data[10, 24:56, 24:56] == 3).all()
+
+
+def test_an_unchosen_annotations_folder_is_not_remembered_as_one(make_napari_viewer):
+    viewer = make_napari_viewer()
+    first = BoxWidget(viewer)
+    first.box_size.value = 48  # remembered settings are written
+    assert str(first.folder.value) == "."
+    second = BoxWidget(viewer)
+    assert second.box_size.value == 48
+    assert str(second.folder.value) == "."  # not the working folder: Save will ask

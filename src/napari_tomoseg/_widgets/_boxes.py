@@ -4,6 +4,11 @@ Boxes live in two Shapes layers ("positive boxes", green; "negative boxes", red)
 painting in a Labels layer, all on the tomogram's exact voxel grid (same scale and
 translate), so data coordinates are voxel indices.  Rectangles of any drawn size snap to the
 box size around their centre.
+
+The widget follows whether the painting and the boxes changed since they were last saved
+or loaded (the counts line says "unsaved changes"); before Load replaces them it asks to
+save, discard or cancel (:class:`~._common.AnnotationChanges`, shared with the Train
+widget's "Copy prediction").
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from .._layers import UNIT
 from ..annotations import Annotations, load_annotations, save_annotations
 from ..boxes import DEFAULT_BOX_SIZE, Box, box_from_shape, crop
 from ..errors import TomosegError
+from . import _common
 from ._common import (
+    SESSION,
     RememberedSettings,
     describe_error,
     grid_kwargs,
@@ -45,6 +52,8 @@ PAINT_LAYER = "painting"
 POSITIVE_COLOR = "#33dd55"
 NEGATIVE_COLOR = "#ee3333"
 CLICK_MODES = ("off", "positive box", "negative box")
+#: What the counts line shows while the annotations have changes that are not saved.
+UNSAVED_MARK = "unsaved changes"
 
 
 def place_box(centre_zyx: np.ndarray, size: int, volume_shape: tuple[int, ...]) -> Box:
@@ -118,6 +127,12 @@ class BoxWidget(Container):
             },
         )
         self._snapping = False
+        self.changes = SESSION.annotations(viewer)
+        self.changes.saver = self.save_before_replacing
+        self.changes.listeners.append(self.update_counts)
+        for name in (POSITIVE_LAYER, NEGATIVE_LAYER, PAINT_LAYER):
+            self.changes.watch(self._layer(name))
+        viewer.layers.events.inserted.connect(self._watch_inserted)
         self.add_positive.changed.connect(lambda: self.add_box_at_cursor(True))
         self.add_negative.changed.connect(lambda: self.add_box_at_cursor(False))
         self.name_button.changed.connect(self.name_feature)
@@ -142,6 +157,11 @@ class BoxWidget(Container):
     def _layer(self, name: str) -> Any:
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
+    def _watch_inserted(self, event: Any) -> None:
+        layer = event.value
+        if layer.name in (POSITIVE_LAYER, NEGATIVE_LAYER, PAINT_LAYER):
+            self.changes.watch(layer)
+
     def box_layer(self, positive: bool) -> Any:
         """The positive or negative Shapes layer, made on the tomogram's grid if missing."""
         name = POSITIVE_LAYER if positive else NEGATIVE_LAYER
@@ -162,6 +182,7 @@ class BoxWidget(Container):
         layer.metadata["tomoseg_boxes"] = "positive" if positive else "negative"
         layer.metadata["box_size"] = int(self.box_size.value)
         layer.events.data.connect(lambda event: self._on_shapes_changed(layer, event))
+        self.changes.watch(layer)
         self.viewer.layers.selection.active = tomo
         return layer
 
@@ -184,6 +205,7 @@ class BoxWidget(Container):
         )
         layer.brush_size = 6
         layer.n_edit_dimensions = 2  # paint on the current slice only
+        self.changes.watch(layer)
         return layer
 
     # -- boxes ----------------------------------------------------------------------------
@@ -271,7 +293,10 @@ class BoxWidget(Container):
         neg = self._layer(NEGATIVE_LAYER)
         n_pos = 0 if pos is None else len(pos.data)
         n_neg = 0 if neg is None else len(neg.data)
-        self.counts.value = f"{n_pos} positive (aim ~10), {n_neg} negative (aim ~100)"
+        text = f"{n_pos} positive (aim ~10), {n_neg} negative (aim ~100)"
+        if self.changes.unsaved:
+            text += f" \N{EM DASH} {UNSAVED_MARK}"
+        self.counts.value = text
 
     # -- painting -------------------------------------------------------------------------
     def name_feature(self, *_: Any) -> None:
@@ -350,18 +375,35 @@ class BoxWidget(Container):
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
+        self.changes.mark_saved()
         notify_info(
             f"Saved the painting and {len(annotations.positives)} + "
             f"{len(annotations.negatives)} boxes to {out}."
         )
         return out
 
+    def save_before_replacing(self) -> Any:
+        """Save the annotations into the annotations folder (asking for one if none is
+        set) before an action replaces them; returns the folder, or None if not saved."""
+        folder = self.folder.value
+        if not folder or str(folder) in ("", "."):
+            folder = _common.ask_annotations_folder(self.native)
+            if not folder:
+                return None
+            self.folder.value = folder
+        return self.save_annotations(folder)
+
     def load_annotations(self, folder: Any) -> Any:
-        """Restore a saved painting and boxes onto the current tomogram."""
+        """Restore a saved painting and boxes onto the current tomogram.
+
+        With unsaved changes, asks first (save, discard or cancel); Cancel changes nothing.
+        """
         try:
             tomo = self._tomogram_layer()
             if not folder or str(folder) in ("", "."):
                 raise TomosegError("Choose the annotations folder to load.")
+            if not self.changes.confirm_replace("Loading annotations", self.native):
+                return None
             annotations = load_annotations(folder, expected_shape=tomo.data.shape)
         except TomosegError as exc:
             notify_error(describe_error(exc))
@@ -375,9 +417,11 @@ class BoxWidget(Container):
             self._snapping = True
             try:
                 layer.data = [b.to_shape() for b in boxes]
-                layer.shape_type = ["rectangle"] * len(boxes)
-                layer.edge_color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
+                if boxes:  # napari refuses to set the types of no shapes
+                    layer.shape_type = ["rectangle"] * len(boxes)
+                    layer.edge_color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
             finally:
                 self._snapping = False
+        self.changes.mark_saved()
         self.update_counts()
         return annotations

@@ -1,12 +1,14 @@
 """Pieces every widget shares: layer lookup, the worker + progress + error pattern,
-remembered settings, the per-user folders, and the session that hands a trained network
-from Train to Apply."""
+remembered settings, the per-user folders, the session that hands a trained network from
+Train to Apply, and the record of unsaved annotations that is checked before an action
+replaces them."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import weakref
 import zlib
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -86,6 +88,8 @@ class RememberedSettings:
         for name, widget in self.fields.items():
             value = widget.value
             if isinstance(value, Path):
+                if value == Path("."):
+                    continue  # no file chosen: restoring "." would choose the working folder
                 value = str(value)
             if isinstance(value, (str, int, float, bool)) or value is None:
                 values[name] = value
@@ -133,6 +137,100 @@ def grid_kwargs(layer: Any) -> dict[str, Any]:
     return kwargs
 
 
+#: The answers to :func:`ask_unsaved_changes`.
+SAVE, DISCARD, CANCEL = "save", "discard", "cancel"
+
+
+def ask_unsaved_changes(action: str, parent: Any = None) -> str:
+    """Ask whether to save the annotations before ``action`` replaces them: returns
+    ``"save"``, ``"discard"`` or ``"cancel"``.
+
+    A modal message box.  Every such question goes through this one function, so a test (or
+    an embedding application) can answer it by replacing it on this module.
+    """
+    from qtpy.QtWidgets import QMessageBox
+
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Warning)
+    box.setWindowTitle("Unsaved annotations")
+    box.setText("The painting or the boxes have changes that are not saved.")
+    box.setInformativeText(f"{action} will replace them. Save them first?")
+    buttons = QMessageBox.StandardButton
+    box.setStandardButtons(buttons.Save | buttons.Discard | buttons.Cancel)
+    box.setDefaultButton(buttons.Save)
+    box.exec()
+    clicked = box.standardButton(box.clickedButton())
+    if clicked == buttons.Save:
+        return SAVE
+    if clicked == buttons.Discard:
+        return DISCARD
+    return CANCEL
+
+
+def ask_annotations_folder(parent: Any = None) -> str | None:
+    """Ask for the folder to save annotations in; None when the user cancels."""
+    from qtpy.QtWidgets import QFileDialog
+
+    chosen = QFileDialog.getExistingDirectory(parent, "Folder for the annotations")
+    return chosen or None
+
+
+class AnnotationChanges:
+    """Whether a viewer's annotations (the painting and both box layers) changed since they
+    were last saved or loaded, and the question asked before an action replaces them.
+
+    Layers are followed through their events (Labels ``paint`` and ``data``, Shapes
+    ``data``); code that edits a layer's array in place calls :meth:`mark_changed`.
+    ``saver`` (set by the box widget) saves the annotations and returns where, or None.
+    """
+
+    def __init__(self) -> None:
+        self.unsaved = False
+        self.saver: Callable[[], Any] | None = None
+        self.listeners: list[Callable[[], None]] = []
+        self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def watch(self, layer: Any) -> None:
+        """Follow the edits of an annotation layer (once per layer)."""
+        if layer is None or layer in self._watched:
+            return
+        self._watched.add(layer)
+        layer.events.data.connect(self.mark_changed)
+        paint = getattr(layer.events, "paint", None)
+        if paint is not None:
+            paint.connect(self.mark_changed)
+
+    def mark_changed(self, *_: Any) -> None:
+        self._set(True)
+
+    def mark_saved(self, *_: Any) -> None:
+        """The annotations are as saved (just saved, or just loaded)."""
+        self._set(False)
+
+    def _set(self, unsaved: bool) -> None:
+        changed = unsaved != self.unsaved
+        self.unsaved = unsaved
+        if changed:
+            for listener in list(self.listeners):
+                listener()
+
+    def confirm_replace(self, action: str, parent: Any = None) -> bool:
+        """May ``action`` replace the annotations now?  Without unsaved changes, yes;
+        otherwise the user is asked: Save (then yes if saving worked), Discard (yes) or
+        Cancel (no: the action must leave everything as it is)."""
+        if not self.unsaved:
+            return True
+        answer = ask_unsaved_changes(action, parent)
+        if answer == SAVE:
+            if self.saver is None:
+                notify_error(
+                    "Open '2. Boxes and painting' to save the annotations, or choose Discard."
+                )
+                return False
+            return self.saver() is not None
+        return answer == DISCARD
+
+
 @dataclass
 class Session:
     """What one widget hands to another in this napari session."""
@@ -140,12 +238,22 @@ class Session:
     network: Any = None  # the network trained last (model_file.Network)
     network_source: str = ""
     listeners: list[Callable[[], None]] = field(default_factory=list)
+    _changes: weakref.WeakKeyDictionary[Any, AnnotationChanges] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
 
     def set_network(self, network: Any, source: str) -> None:
         self.network = network
         self.network_source = source
         for listener in list(self.listeners):
             listener()
+
+    def annotations(self, viewer: Any) -> AnnotationChanges:
+        """The record of unsaved annotations of one viewer (shared by its widgets)."""
+        changes = self._changes.get(viewer)
+        if changes is None:
+            changes = self._changes[viewer] = AnnotationChanges()
+        return changes
 
 
 SESSION = Session()

@@ -215,7 +215,9 @@ class TrainWidget(Container):
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
         self.copy_button.changed.connect(self.copy_prediction)
         self.undo_copy_button.changed.connect(self.undo_copy)
-        self._undo: list[tuple[Any, tuple[Any, ...], np.ndarray]] = []
+        # (painting, region, what the copy replaced, what it wrote) per region
+        self._undo: list[tuple[Any, tuple[Any, ...], np.ndarray, np.ndarray]] = []
+        self.changes = SESSION.annotations(viewer)
         for combo in (self.tomogram, self.painting, self.positive, self.negative, self.copy_from):
             viewer.layers.events.inserted.connect(combo.reset_choices)
             viewer.layers.events.removed.connect(combo.reset_choices)
@@ -435,12 +437,23 @@ class TrainWidget(Container):
         )
 
     def undo_copy(self, *_: Any) -> int:
-        """Put back the painting that the last "Copy prediction" replaced."""
+        """Put back the painting that the last "Copy prediction" replaced.
+
+        If the painting was corrected there since (and not saved), asks first: the undo
+        would replace the corrections.  Returns the number of voxels put back."""
+        edited = any(
+            not np.array_equal(np.asarray(paint.data[region]), written)
+            for paint, region, _, written in self._undo
+        )
+        if edited and not self.changes.confirm_replace("Undoing the copy", self.native):
+            return 0
         restored = 0
-        for paint, region, previous in reversed(self._undo):
+        for paint, region, previous, _ in reversed(self._undo):
             paint.data[region] = previous
             restored += previous.size
             paint.refresh()
+        if self._undo:
+            self.changes.mark_changed()  # an in-place edit: no layer event
         self._undo = []
         self.undo_copy_button.enabled = False
         return restored
@@ -493,14 +506,21 @@ class TrainWidget(Container):
                 regions.extend(
                     box_from_shape(s, size, i).slices() for i, s in enumerate(pos_layer.data)
                 )
+            if not self.changes.confirm_replace(
+                "Copying the prediction into the painting", self.native
+            ):
+                return 0
             count = 0
             # Keep what the copy replaces, so painted work is never lost ("Undo the copy").
-            self._undo = [(paint, region, np.array(paint.data[region])) for region in regions]
-            self.undo_copy_button.enabled = True
+            self._undo = []
             for region in regions:
-                predicted = np.asarray(mask_layer.data[region])
-                paint.data[region] = predicted.astype(paint.data.dtype)
+                previous = np.array(paint.data[region])
+                predicted = np.asarray(mask_layer.data[region]).astype(paint.data.dtype)
+                paint.data[region] = predicted
+                self._undo.append((paint, region, previous, np.array(paint.data[region])))
                 count += int(np.count_nonzero(predicted))
+            self.undo_copy_button.enabled = True
+            self.changes.mark_changed()  # an in-place edit: no layer event
             names = dict(paint.metadata.get("class_names") or {0: "background"})
             for value, name in (mask_layer.metadata.get("class_names") or {}).items():
                 names.setdefault(int(value), str(name))
