@@ -666,6 +666,24 @@ def test_a_resumed_run_holds_the_same_state_tensor_for_tensor(rings, uninterrupt
     assert not b.exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_crashed_cuda_run_with_mixed_precision_resumes(rings, tmp_path):
+    path = tmp_path / "gpu.ckpt"
+    settings = TrainSettings(**{**CK, "device": "cuda"}, checkpoint=str(path))
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(rings, settings, should_stop=_interrupt(crash_after=6))
+    arrays = _arrays(path)
+    meta = json.loads(str(arrays["__meta__"]))
+    assert "rng:cuda" in arrays and meta["device"].startswith("cuda")
+    assert meta["step"] == 4 and meta["scaler"]["scale"] > 0  # the AMP scaler is kept
+    resumed = train(rings, settings, resume=True)
+    assert resumed.metadata["mixed_precision"] is True
+    assert resumed.metadata["resumed_from_step"] == 4
+    assert [h["step"] for h in resumed.history] == list(range(1, 13))
+    assert all(np.isfinite(h["loss"]) for h in resumed.history)
+    assert not path.exists()
+
+
 def test_a_checkpoint_of_another_run_is_refused(rings, stopped_checkpoint):
     path, settings = stopped_checkpoint
     before = path.read_bytes()

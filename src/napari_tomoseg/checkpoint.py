@@ -260,12 +260,14 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def remove_checkpoint(path: str | os.PathLike | None) -> bool:
-    """Delete a checkpoint (a finished run no longer needs it); True if one was removed."""
+    """Delete a checkpoint (a finished run no longer needs it); True if one was removed.
+    A checkpoint that cannot be deleted is left (it is harmless: resuming a finished run
+    only finishes it again)."""
     if path is None:
         return False
     try:
         Path(path).unlink()
-    except FileNotFoundError:
+    except OSError:
         return False
     return True
 
