@@ -1,6 +1,7 @@
 """Accuracy on simulated tomograms the training never saw: per-class precision, recall, F1.
 
     python benchmarks/accuracy.py [--iterations N] [--features F ...] [--architectures A ...]
+                                  [--compare-features F ...]
                                   [--multiclass-architectures A ...] [--box-counts 2 5 10 20]
                                   [--box-features F ...] [--test-seeds 1 2]
                                   [--snrs 0.8 0.5 1.5] [--shape 96 256 256] [--threads T]
@@ -22,7 +23,9 @@ confusion matrices of all test tomograms are summed before precision, recall and
 
 Reported:
 
-1. one binary network per feature and architecture (TomoSeg's way: one network per feature);
+1. one binary network per feature and architecture (TomoSeg's way: one network per feature;
+   ``--compare-features`` limits the architecture comparison to some features, to bound
+   the run time, the other features getting a network of the default architecture);
 2. one multi-class network for all six classes (positive boxes of every feature, the full
    six-class ground truth painted in them, negatives free of every feature), per class,
    next to the test F1 of the multi-class U-Net in Zhao & Zhou's Table 1 (real tomograms,
@@ -70,6 +73,9 @@ class AccuracyOptions:
 
     iterations: int | None = None  # None: TrainSettings' default
     features: list[str] = field(default_factory=list)  # empty: all five
+    # features on which every architecture is trained (empty: all of ``features``); the
+    # others get a network of the default architecture only
+    compare_features: list[str] = field(default_factory=list)
     architectures: list[str] = field(default_factory=list)  # empty: all registered
     multiclass_architectures: list[str] = field(default_factory=list)  # empty: the default
     box_counts: list[int] = field(default_factory=lambda: [2, 5, 10, 20])
@@ -272,7 +278,8 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         ts = binary_trainset(
             train_sim, feature, options.n_positive, options.n_negative, options.train_seed
         )
-        for arch in archs:
+        compared = not options.compare_features or feature in options.compare_features
+        for arch in archs if compared else [DEFAULT_ARCHITECTURE]:
             say(f"binary {feature} / {arch}: training ...")
             t0 = time.perf_counter()
             result = _train(ts, arch, options)
@@ -410,8 +417,8 @@ def format_report(report: dict[str, Any]) -> str:
             "tomograms (a PC-12 cell, neuron cells and EMPIAR-10064 ribosome tomograms,",
             "labelled semi-automatically with EMAN2 and cleaned by hand; 512 x 512 crops",
             "split 80/10/10). Ours are measured on simulated tomograms with exact ground",
-            "truth, other scenes and other noise levels than the training tomogram. The data",
-            "differ: compare the pattern, not the digits.",
+            "truth, other scenes and other noise levels than the training tomogram.",
+            "The data differ: compare the pattern, not the digits.",
             "",
         ]
         binary_default = {
@@ -466,6 +473,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
     parser.add_argument("--features", nargs="+", help="binary networks for (default: all)")
     parser.add_argument("--architectures", nargs="+", help="default: all registered")
     parser.add_argument(
+        "--compare-features",
+        nargs="+",
+        help="features on which every architecture is trained (default: all of --features; "
+        "the others get the default architecture only)",
+    )
+    parser.add_argument(
         "--multiclass-architectures", nargs="+", help="default: the default architecture"
     )
     parser.add_argument("--box-counts", type=int, nargs="+")
@@ -484,6 +497,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         "iterations",
         "features",
         "architectures",
+        "compare_features",
         "multiclass_architectures",
         "box_counts",
         "box_features",
