@@ -48,6 +48,16 @@ as smaller tiles (same overlap and blending); ``ApplyResult.notes`` says so.  Na
 infinite voxels are, by ``ApplySettings.nonfinite``, filled (the network sees the
 tomogram's mean; the voxels are labelled background with probability 0) or refused.
 
+**Speed** (measured in ``benchmarks/speed.py``, results in ``docs/benchmarks.md``).  The
+network is applied as a prepared copy (:func:`prepare_for_inference`: batch norm folded
+into the convolutions, channels-last layout, and on a CPU the large-kernel convolutions of
+``tomoseg-cnn`` computed by FFT, :class:`FFTConv2d`); the caller's model is left as it is.
+Each input slice goes to the device once; tiles are cut, blended, thresholded and quantised
+there, and only the uint8 results come back.  A helper thread reads and normalises the next
+slices while the network runs.  On a CPU, glibc keeps freed memory for the next forward
+pass during the run (:func:`_keep_freed_memory`); on CUDA, cuDNN picks its fastest
+algorithms.  Results equal those of the plain model to float rounding.
+
 **Output.** Probabilities are stored as ``uint8``: ``value = round(255 * p)``, one (Z, Y, X)
 array per foreground class (also for a binary network: a list of one), and
 :func:`probabilities_as_float` turns any such array (or an MRC read back: one byte per
@@ -138,9 +148,9 @@ class ApplySettings:
     ``tile_size``: square tile side in pixels (rounded up to the network's alignment).  The
     default, 1024 with ``batch_size`` 2, holds the same number of pixels per forward pass
     (so the same memory) as 8 tiles of 512 but wastes far less work on the overlap that
-    makes tiling exact (a 1024 x 1024 slice is one tile): on a CPU, one thread, 1024 x 1024
-    slices, it applied ``tomoseg-cnn`` 1.5 times, ``unet-lite`` 1.5 times and ``unet``
-    2.1 times as fast as 512-px tiles of batch 8 (``docs/benchmarks.md``).
+    makes tiling exact (a 1024 x 1024 slice is one tile).  On a CPU, one thread, 1024 x 1024
+    slices (``docs/benchmarks.md``) it applied ``tomoseg-cnn`` at 1.58 against 1.50
+    Mvoxel/s, ``unet-lite`` at 1.73 against 1.33 and ``unet`` at 0.34 against 0.16.
     ``overlap``: pixels shared by neighbouring tiles, or ``"auto"`` (exact for fully
     convolutional networks, see the module notes).  ``batch_size``: tiles per forward pass.
     ``device``: ``"auto"`` (CUDA, then Apple MPS, then CPU), or a torch device string.
