@@ -403,6 +403,7 @@ class SpeedOptions:
     threads: list[int] = field(default_factory=list)
     architectures: list[str] = field(default_factory=list)
     training: bool = True
+    apply: bool = True
     train_target: float = 0.5
     train_steps: int = 400
     eval_every: int = 20
@@ -483,7 +484,7 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
         report["peak_gflops"] = {str(t): v for t, v in peaks.items()}
         rows: list[Row] = []
         have_tf = tensorflow_available()
-        for t in threads:
+        for t in threads if options.apply else []:
             if have_tf:
                 r = _measure(
                     options,
@@ -518,7 +519,7 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
                     }
                     label = f"apply_network, {tile}-px tiles, batch {batch}"
                     rows.append(_row(label, arch, "cpu", t, _measure(options, spec)))
-        if options.gpu and torch.cuda.is_available():
+        if options.apply and options.gpu and torch.cuda.is_available():
             gpu_peak = measure_peak_gflops(1, "cuda")
             report["peak_gflops"]["cuda"] = gpu_peak
             for arch in archs:
@@ -555,7 +556,13 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
                 rows.append(row)
                 big.unlink()
         else:
-            why = "disabled (--no-gpu)" if not options.gpu else "CUDA is not available here"
+            why = (
+                "not asked for (--no-apply)"
+                if not options.apply
+                else "disabled (--no-gpu)"
+                if not options.gpu
+                else "CUDA is not available here"
+            )
             report["skipped"].append(f"GPU rows: {why}")
         training: list[dict[str, Any]] = []
         if options.training:
@@ -788,6 +795,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SpeedOptions, argparse.Na
     )
     parser.add_argument("--architectures", nargs="+", help="default: all registered")
     parser.add_argument("--no-training", action="store_true", help="skip the training rows")
+    parser.add_argument(
+        "--no-apply", action="store_true", help="skip the throughput rows (training only)"
+    )
     parser.add_argument("--train-target", type=float, default=0.5)
     parser.add_argument("--train-steps", type=int, default=400, help="most mini-batches")
     parser.add_argument("--eval-every", type=int, default=20)
@@ -825,6 +835,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SpeedOptions, argparse.Na
     if args.quick and args.architectures:
         options.architectures = args.architectures
     options.training = options.training and not args.no_training
+    options.apply = not args.no_apply
     options.gpu = not args.no_gpu
     options.in_process = args.in_process
     try:

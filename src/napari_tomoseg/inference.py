@@ -147,7 +147,7 @@ class ApplySettings:
 
     ``tile_size``: square tile side in pixels (rounded up to the network's alignment).  The
     default, 1024 with ``batch_size`` 2, holds the same number of pixels per forward pass
-    (so the same memory) as 8 tiles of 512 but wastes far less work on the overlap that
+    (about the same memory) as 8 tiles of 512 but wastes far less work on the overlap that
     makes tiling exact (a 1024 x 1024 slice is one tile).  On a CPU, one thread, 1024 x 1024
     slices (``docs/benchmarks.md``) it applied ``tomoseg-cnn`` at 1.58 against 1.50
     Mvoxel/s, ``unet-lite`` at 1.73 against 1.33 and ``unet`` at 0.34 against 0.16.
