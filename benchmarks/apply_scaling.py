@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import command_line, describe_machine, machine_info, markdown_table
 
 CHILD = r"""
 import json, resource, sys, time
@@ -29,7 +27,9 @@ import torch
 from napari_tomoseg.inference import ApplySettings, apply_file
 from napari_tomoseg.model_file import load_network
 net = load_network(sys.argv[1])
-settings = ApplySettings(device=sys.argv[5], batch_size=int(sys.argv[6]))
+settings = ApplySettings(device=sys.argv[5])
+if sys.argv[6] != "default":
+    settings.batch_size = int(sys.argv[6])
 t0 = time.perf_counter()
 result = apply_file(net, sys.argv[2], sys.argv[3], sys.argv[4], settings=settings)
 seconds = time.perf_counter() - t0
@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--xy", type=int, default=512)
     parser.add_argument("--architecture", default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="tiles per pass (default: ApplySettings')")
     args = parser.parse_args()
 
     import torch
@@ -94,7 +94,7 @@ def main() -> int:
                 str(tmp_path / f"mask_{depth}.mrc"),
                 str(tmp_path / f"prob_{depth}.mrc"),
                 args.device,
-                str(args.batch_size),
+                str(args.batch_size or "default"),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             stats = json.loads(out.stdout.strip().splitlines()[-1])
@@ -106,19 +106,23 @@ def main() -> int:
 
     print(
         f"# apply scaling: {arch}, {args.xy}x{args.xy} slices, device {args.device}, "
-        f"batch {args.batch_size}"
+        f"batch {args.batch_size or 'default'}"
     )
-    print(
-        f"# {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}"
-    )
-    print("| slices | voxels | seconds | Mvoxels/s | peak RSS (MiB) | GPU peak (MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for depth, voxels, s in rows:
-        print(
-            f"| {depth} | {voxels:,} | {s['seconds']:.1f} | {voxels / s['seconds'] / 1e6:.2f} "
-            f"| {s['peak_mib']:.0f} | {s['gpu_peak_mib']:.0f} |"
-        )
+    print(f"# command: {command_line()}")
+    print(describe_machine(machine_info()))
+    table = [
+        [
+            depth,
+            f"{voxels:,}",
+            f"{s['seconds']:.1f}",
+            f"{voxels / s['seconds'] / 1e6:.2f}",
+            f"{s['peak_mib']:.0f}",
+            f"{s['gpu_peak_mib']:.0f}",
+        ]
+        for depth, voxels, s in rows
+    ]
+    headers = ["slices", "voxels", "seconds", "Mvoxels/s", "peak RSS (MiB)", "GPU peak (MiB)"]
+    print(markdown_table(headers, table, align="r" * len(headers)))
     return 0
 
 

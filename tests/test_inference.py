@@ -546,7 +546,7 @@ def test_apply_binned_comes_back_full_size_and_agrees_with_labels():
     [
         {"tile_size": 0},
         {"overlap": "lots"},
-        {"overlap": 600},
+        {"overlap": 600, "tile_size": 512},
         {"batch_size": 0},
         {"threshold": 1.5},
         {"voxel_size_policy": "guess"},

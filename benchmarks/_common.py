@@ -1,0 +1,202 @@
+"""Shared helpers of the benchmark scripts: machine description, tables, child processes.
+
+Every benchmark prints the machine, the date and the software versions next to its
+tables, and measures memory in a fresh process (``ru_maxrss`` is a per-process peak), so
+these live in one place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else what platform says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_gib() -> float | None:
+    """Total RAM in GiB, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def module_version(name: str) -> str | None:
+    """Installed version of ``name`` (without importing it), or None when absent."""
+    if importlib.util.find_spec(name) is None:
+        return None
+    from importlib import metadata
+
+    for dist in (name, name.replace("_", "-"), f"{name}-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "installed"
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran the benchmark: CPU, cores, RAM, GPU, OS, date, load and software versions."""
+    import numpy as np
+    import torch
+
+    import napari_tomoseg
+
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    versions = {
+        "python": platform.python_version(),
+        "napari_tomoseg": napari_tomoseg.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+    for optional in ("tensorflow", "keras"):
+        v = module_version(optional)
+        if v is not None:
+            versions[optional] = v
+    return {
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "ram_gib": memory_gib(),
+        "gpu": gpu,
+        "load_average": load,
+        "versions": versions,
+    }
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One comment line per fact of :func:`machine_info`, for the top of a printed report."""
+    ram = f"{info['ram_gib']:.0f} GiB RAM" if info.get("ram_gib") else "RAM unknown"
+    load = info.get("load_average")
+    load_text = ", ".join(f"{v:.2f}" for v in load) if load else "unknown"
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    return "\n".join(
+        [
+            f"# date: {info['date']}",
+            f"# machine: {info['cpu']}, {info['cpus']} CPUs, {ram}, {info['platform']}",
+            f"# GPU: {info['gpu'] or 'none (CUDA not available)'}",
+            f"# load average at start (1, 5, 15 min): {load_text}",
+            f"# versions: {versions}",
+        ]
+    )
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it."""
+    return " ".join(["python", *sys.argv])
+
+
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None
+) -> str:
+    """A markdown table; ``align`` has one character per column: ``l`` or ``r``."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    if len(align) != len(headers):
+        raise ValueError("align needs one character per column")
+    marks = {"l": "---", "r": "---:"}
+    lines = [
+        "| " + " | ".join(str(h) for h in headers) + " |",
+        "|" + "|".join(marks[a] for a in align) + "|",
+    ]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row!r} has {len(row)} cells for {len(headers)} columns")
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A number for a table (``-`` for None)."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def run_child(script: str, spec: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
+    """Run ``script --child SPEC`` in a fresh Python and return the JSON it printed last.
+
+    ``threads`` caps the OpenMP / MKL / TensorFlow thread pools of the child through the
+    environment (torch's own count is set by the child).  A failing child raises
+    ``RuntimeError`` with its stderr.
+    """
+    env = dict(os.environ)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+    cmd = [sys.executable, script, "--child", json.dumps(spec)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"benchmark child {spec.get('mode')} failed ({out.returncode}):\n{out.stderr[-4000:]}"
+        )
+    lines = [ln for ln in out.stdout.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"benchmark child printed no result:\n{out.stdout[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def binary_trainset(
+    sim: Any, feature: str, n_positive: int = 10, n_negative: int = 100, seed: int = 0
+) -> Any:
+    """A TomoSeg training set for one feature of a simulated tomogram, boxed like a user.
+
+    ``n_positive`` boxes rich in the feature and ``n_negative`` boxes free of it
+    (:func:`napari_tomoseg.demo.boxes_from_ground_truth`), the feature painted from the
+    ground truth inside the positive boxes, default :class:`TrainsetSettings`.
+    """
+    import numpy as np
+
+    from napari_tomoseg.demo import boxes_from_ground_truth
+    from napari_tomoseg.synthetic import CLASS_NAMES
+    from napari_tomoseg.trainset import TrainsetSettings, build_training_set
+
+    value = CLASS_NAMES.index(feature)
+    positives, negatives = boxes_from_ground_truth(
+        sim.labels, value, n_positive=n_positive, n_negative=n_negative, seed=seed
+    )
+    painting = (sim.labels == value).astype(np.uint8)
+    return build_training_set(
+        sim.tomogram,
+        painting,
+        positives,
+        negatives,
+        TrainsetSettings(seed=seed),
+        class_names=("background", feature),
+        voxel_size=sim.voxel_size,
+        source=f"simulated seed {sim.settings.seed}",
+    )

@@ -1,0 +1,114 @@
+"""The benchmark scripts run end to end in their quick modes and report what they claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` (the scripts import their shared ``_common``)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"tomoseg_bench_{name}", BENCHMARKS / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return _load("speed.py")
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return _load("accuracy.py")
+
+
+def test_flops_per_voxel_of_the_chen_network_from_its_layer_shapes(speed):
+    from napari_tomoseg.models import build_model
+
+    model = build_model("tomoseg-cnn", 1, 2)
+    # 15x15 kernels: 1 -> 40 at full resolution, then 40 -> 40 and 40 -> 1 after a 2x2 pool
+    want = 2 * 225 * (1 * 40 + (40 * 40 + 40 * 1) / 4)
+    assert speed.conv_flops_per_voxel(model) == pytest.approx(want)
+
+
+def test_flops_count_transposed_convolutions_by_their_input(speed):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ConvTranspose2d(4, 2, 2, 2))
+    # conv: 4 x 9 multiply-adds per output pixel at half resolution (a quarter of the pixels);
+    # transposed: every input pixel sends 4 channels x 2 x 2 x 2 outputs
+    want = 2 * (4 * 9 / 4 + 4 * 2 * 4 / 4)
+    assert speed.conv_flops_per_voxel(model, size=64) == pytest.approx(want)
+
+
+def test_speed_quick_run_prints_every_row_and_skips_keras_without_tensorflow(speed, monkeypatch):
+    monkeypatch.setattr(speed, "tensorflow_available", lambda: False)
+    options = speed.quick_options()
+    options.in_process = True
+    options.architectures = ["unet-lite"]
+    options.train_steps = 2
+    report = speed.run_speed(options)
+    text = speed.format_report(report)
+    names = [r["name"] for r in report["rows"]]
+    assert names[0].startswith("seed figure")
+    assert report["rows"][0]["voxels_per_second"] == pytest.approx(4096**2 / (0.24 * 3600))
+    for label in ("naive PyTorch", "apply_network", "apply_file"):
+        assert sum(n.startswith(label) for n in names) == 1
+    assert not any(n.startswith("Keras") for n in names)
+    assert any("Keras peer: TensorFlow is not installed" in s for s in report["skipped"])
+    assert "# skipped: Keras peer" in text
+    assert all(r["ratio_to_peer"] is None for r in report["rows"])
+    for r in report["rows"][1:]:
+        assert r["voxels_per_second"] > 0 and r["gflops"] > 0
+    if not torch.cuda.is_available():
+        assert any("CUDA is not available" in s for s in report["skipped"])
+    assert report["training"][0]["steps"] == 2
+    assert "| unet-lite | not reached in 2 steps |" in text or "| unet-lite | step" in text
+
+
+def test_keras_twin_gives_our_probabilities(speed):
+    pytest.importorskip("tensorflow")
+    from napari_tomoseg.models import build_model
+
+    torch.manual_seed(3)
+    model = build_model("tomoseg-cnn", 1, 2).eval()
+    with torch.no_grad():
+        for conv in model.convs:
+            conv.bias.normal_(0, 0.1)
+    image = np.random.default_rng(0).standard_normal((48, 64), dtype=np.float32)
+    twin = speed.build_keras_twin(model)
+    assert speed.keras_twin_difference(model, twin, image) < 1e-4
+
+
+def test_accuracy_quick_run_prints_the_three_tables(accuracy):
+    options = accuracy.quick_options()
+    report = accuracy.run_accuracy(options)
+    text = accuracy.format_report(report)
+    assert len(report["binary"]) == 1 and len(report["multiclass"]) == 1
+    entry = report["binary"][0]
+    assert [t["snr"] for t in entry["per_test"]] == [0.8, 1.5]
+    f1 = entry["pooled"]["classes"]["single_membrane"]["f1"]
+    assert 0.0 <= f1 <= 1.0
+    assert "| single_membrane | unet-lite | " in text
+    # the multi-class table has every class next to the seed's Table 1
+    for cls, seed_f1 in accuracy.SEED_TABLE1_TEST_F1.items():
+        assert f"| {cls} | " in text and f"| {seed_f1:.2f} |" in text
+    assert "The data differ" in text
+    assert "| 2 positive boxes | 4 positive boxes |" in text
+    assert [e["n_positive"] for e in report["box_counts"]] == [2, 4]
+    z0, z1 = report["scored_slices"]
+    assert (z0, z1) == (8, 32)
+    # scored voxels: the central slices of two test tomograms
+    support = sum(c["support"] for c in entry["pooled"]["classes"].values())
+    assert support == 2 * (z1 - z0) * 96 * 96
