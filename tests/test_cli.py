@@ -112,9 +112,21 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
             40,
             "--batch-size",
             8,
+            "--class-weights",
+            "1,5,5",
+            "--dice-weight",
+            0.5,
         )
         == 0
     )
+    recorded = load_network(tmp_path / "net.tsnet").meta.metrics["training"]
+    assert recorded["class_weights"] == [1.0, 5.0, 5.0] and recorded["dice_weight"] == 0.5
+    bad = ("train", tmp_path / "ts.npz", "-o", tmp_path / "bad.tsnet", "--class-weights")
+    assert run(*bad, "1,x") == cli.EXIT_INPUT
+    assert "--class-weights must be none, auto or numbers" in capsys.readouterr().err
+    assert run(*bad, "1,2") == cli.EXIT_INPUT  # three classes need three weights
+    assert "3 classes" in capsys.readouterr().err
+    assert not (tmp_path / "bad.tsnet").exists()
     # Existing outputs are never replaced without --overwrite.
     assert (
         run("train", tmp_path / "ts.npz", "-o", tmp_path / "net.tsnet", "--iterations", 1)

@@ -245,6 +245,32 @@ def test_weighted_loss_matches_definition_and_skips_ignored_pixels():
     torch.testing.assert_close(binary, reference)
 
 
+def test_dice_term_matches_its_definition():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 3, 6, 7)
+    target = torch.randint(0, 3, (3, 6, 7))
+    target[1, 2, :] = 255
+    ce = _Loss([1.0, 1.0, 1.0], 3, torch.device("cpu"), ignore_index=255)(logits, target)
+    both = _Loss([1.0, 1.0, 1.0], 3, torch.device("cpu"), 255, dice_weight=0.5)(logits, target)
+    # by hand: soft Dice of classes 1 and 2 over the valid pixels of the whole batch
+    p = torch.softmax(logits, dim=1).permute(1, 0, 2, 3).reshape(3, -1)
+    t = target.reshape(-1)
+    valid = t != 255
+    dices = []
+    for k in (1, 2):
+        pk, tk = p[k][valid], (t[valid] == k).float()
+        dices.append((2 * (pk * tk).sum() + 1) / (pk.sum() + tk.sum() + 1))
+    torch.testing.assert_close(both, ce + 0.5 * (1 - torch.stack(dices).mean()))
+    # a binary network's single logit: the feature's probability is its sigmoid
+    logit = torch.randn(2, 1, 5, 5)
+    y = torch.randint(0, 2, (2, 5, 5))
+    q = torch.sigmoid(logit[:, 0])
+    dice = (2 * (q * y).sum() + 1) / (q.sum() + y.sum() + 1)
+    ce1 = _Loss([1.0, 1.0], 1, torch.device("cpu"))(logit, y)
+    with_dice = _Loss([1.0, 1.0], 1, torch.device("cpu"), dice_weight=1.0)(logit, y)
+    torch.testing.assert_close(with_dice, ce1 + 1 - dice)
+
+
 def test_learning_rate_schedule():
     cosine = _lr_schedule(TrainSettings(learning_rate=1e-3, iterations=2000, lr_schedule="cosine"))
     assert cosine(0) == pytest.approx(1e-3 / WARMUP_STEPS)  # warm-up from the first step
@@ -310,6 +336,8 @@ def test_cuda_training_with_mixed_precision(rings, tmp_path):
         ({"model_params": {"depht": 3}}, "depht"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"checkpoint": 5}, "checkpoint must be a file path"),
+        ({"dice_weight": -1.0}, "dice_weight"),
+        ({"dice_weight": float("nan")}, "dice_weight"),
     ],
 )
 def test_invalid_settings_are_refused(rings, changes, message):

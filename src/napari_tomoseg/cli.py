@@ -207,6 +207,19 @@ def _cmd_build_trainset(args: argparse.Namespace, progress: ProgressPrinter) -> 
     return EXIT_OK
 
 
+def _parse_class_weights(text: str) -> str | list[float] | None:
+    """``--class-weights``: "none", "auto" or comma-separated numbers (one per class)."""
+    word = text.strip().lower()
+    if word in ("none", "auto"):
+        return None if word == "none" else "auto"
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise TomosegError(
+            f"--class-weights must be none, auto or numbers separated by commas, got {text!r}."
+        ) from None
+
+
 def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     from .checkpoint import default_checkpoint_path
     from .model_file import load_network, save_network
@@ -228,10 +241,13 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         "device",
         "seed",
         "checkpoint_every",
+        "dice_weight",
     ):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    if args.class_weights is not None:
+        settings.class_weights = _parse_class_weights(args.class_weights)
     output = Path(args.output)
     # --resume may replace the network that the stopped run it continues saved there
     if output.exists() and not (args.overwrite or args.resume):
@@ -630,6 +646,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-trained", help="continue training this network file")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--dice-weight",
+        type=float,
+        help="weight of the soft Dice term added to the cross-entropy (default 1; 0: "
+        "cross-entropy alone)",
+    )
+    p.add_argument(
+        "--class-weights",
+        help="cross-entropy class weights: none (default), auto (inverse pixel frequency) "
+        "or one number per class, comma-separated (e.g. 1,20)",
+    )
     p.add_argument(
         "--checkpoint",
         help="checkpoint file of the run (default: the output name + .ckpt); deleted when "

@@ -15,11 +15,19 @@ What it does, and why:
   validation by *box* (``box_ids``), separately for positive and negative boxes.  With too
   few boxes for that (fewer than two positive boxes, or ``validation_fraction=0``) it
   validates on the training boxes, warns, and says so in ``TrainResult.metadata``.
-- **Loss.**  Class-weighted cross-entropy; for binary networks (one output) the equivalent
-  binary cross-entropy with logits and ``pos_weight``.  ``class_weights="auto"`` weights
-  each feature class by its inverse pixel frequency relative to the background (clipped to
-  ``[1, AUTO_WEIGHT_MAX]``) in the training labels: features are a few percent of the pixels
-  (Zhao & Zhou used fixed weights of 2000-3000 for the same reason).
+- **Loss.**  Cross-entropy (for binary networks, with one output, the equivalent binary
+  cross-entropy with logits) plus ``dice_weight`` times a soft Dice loss: one minus the
+  mean Dice of the feature classes, computed from the probabilities over the whole
+  mini-batch.  Features are a few percent of the pixels; the Dice term does not let the
+  background's majority decide, and in our measurements (single membrane of the simulated
+  tomogram, 10 positive and 30 negative boxes, ``unet-lite``, 400 mini-batches) it raised
+  the Dice over the whole tomogram from 0.55 (cross-entropy alone) or 0.39 (weighted
+  cross-entropy) to 0.71, and on a tomogram of another scene to 0.59.  Class-weighted
+  cross-entropy (Zhao & Zhou used fixed weights of 2000-3000 for the imbalance) is kept as
+  an option: ``class_weights="auto"`` weights each feature class by its inverse pixel
+  frequency relative to the background (clipped to ``[1, AUTO_WEIGHT_MAX]``) in the
+  training labels, or give one weight per class; with the Dice term it measured worse
+  (0.62 and 0.50 on the same task), hence the default ``None``.
 - **Optimiser.**  Adam.  The learning rate rises linearly over a short warm-up (without
   it the faithful ``tomoseg-cnn`` can lose all its ReLUs in the first steps at 1e-3) and
   then stays constant; ``lr_schedule="cosine"`` decays it to ``LR_FLOOR`` times the rate
@@ -96,7 +104,9 @@ class TrainSettings:
     a typical training set of about 2000 samples; add more for harder features.
     ``lr_schedule`` is ``"constant"`` or ``"cosine"`` (decay to ``LR_FLOOR`` times
     ``learning_rate``); both start with a short linear warm-up.  ``augment`` applies a random
-    90-degree rotation and flip to each mini-batch.  ``checkpoint`` is a file the run
+    90-degree rotation and flip to each mini-batch.  The loss is cross-entropy (weighted by
+    ``class_weights``: ``None``, ``"auto"`` or one weight per class) plus ``dice_weight``
+    times a soft Dice loss of the feature classes (module notes).  ``checkpoint`` is a file the run
     writes its full state to every ``checkpoint_every`` mini-batches and when stopped, so
     that a crashed or stopped run can be resumed (``iter_train(..., resume=True)``); it is
     deleted when the run finishes.
@@ -108,7 +118,7 @@ class TrainSettings:
     batch_size: int = 16
     learning_rate: float = 1e-3
     validation_fraction: float = 0.2
-    class_weights: str | list[float] | None = "auto"
+    class_weights: str | list[float] | None = None
     device: str = "auto"
     mixed_precision: bool = True
     seed: int = 0
@@ -116,6 +126,7 @@ class TrainSettings:
     preview_samples: int = 16
     augment: bool = True
     lr_schedule: str = "constant"
+    dice_weight: float = 1.0
     checkpoint: str | None = None
     checkpoint_every: int = 100
 
@@ -175,6 +186,13 @@ class TrainSettings:
                 "validation_fraction must be in [0, 1) (0.2 holds out a fifth of the boxes)",
             ),
             (_is_int(self.seed), "seed must be an integer"),
+            (
+                isinstance(self.dice_weight, (int, float))
+                and not isinstance(self.dice_weight, bool)
+                and math.isfinite(self.dice_weight)
+                and self.dice_weight >= 0,
+                "dice_weight must be a number >= 0 (0: cross-entropy alone; 1: the default)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -518,8 +536,10 @@ class _Loss:
         n_outputs: int,
         device: torch.device,
         ignore_index: int | None = None,
+        dice_weight: float = 0.0,
     ) -> None:
         self.binary = n_outputs == 1
+        self.dice_weight = float(dice_weight)
         self.weights = torch.tensor(weights, dtype=torch.float32, device=device)
         self.ignore_index = ignore_index
 
@@ -547,7 +567,31 @@ class _Loss:
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         total, norm = self.parts(logits, target)
-        return total / norm.clamp_min(1e-12)
+        loss = total / norm.clamp_min(1e-12)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * self.soft_dice(logits, target)
+        return loss
+
+    def soft_dice(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """1 - mean soft Dice of the feature classes over the whole mini-batch.
+
+        Summed over the batch ("batch Dice"), so samples from negative boxes, which hold no
+        feature, count through their false positives instead of scoring 0 or 1 alone.
+        """
+        proba = logits_to_proba(logits)
+        valid = None
+        if self.ignore_index is not None:
+            valid = (target != self.ignore_index).unsqueeze(1).to(proba.dtype)
+            target = torch.where(target != self.ignore_index, target, torch.zeros_like(target))
+        k = proba.shape[1]
+        onehot = F.one_hot(target, k).permute(0, 3, 1, 2).to(proba.dtype)
+        if valid is not None:
+            proba, onehot = proba * valid, onehot * valid
+        dims = (0, 2, 3)
+        overlap = (proba * onehot).sum(dims)[1:]
+        size = (proba + onehot).sum(dims)[1:]
+        dice = (2.0 * overlap + 1.0) / (size + 1.0)
+        return 1.0 - dice.mean()
 
 
 def _lr_schedule(settings: TrainSettings) -> Callable[[int], float]:
@@ -742,6 +786,7 @@ def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) ->
             "validation_fraction": float(settings.validation_fraction),
             "class_weights": cw if cw is None or isinstance(cw, str) else [float(w) for w in cw],
             "augment": bool(settings.augment),
+            "dice_weight": float(settings.dice_weight),
             "eval_every": int(settings.eval_every),
         }
     )
@@ -949,7 +994,9 @@ def iter_train(
         pin = device.type == "cuda"
         if pin:
             images_t, labels_t = images_t.pin_memory(), labels_t.pin_memory()
-    loss_fn = _Loss(weights, model.n_outputs, device, _ignore_index(trainset))
+    loss_fn = _Loss(
+        weights, model.n_outputs, device, _ignore_index(trainset), float(settings.dice_weight)
+    )
     optimiser = torch.optim.Adam(model.parameters(), lr=float(settings.learning_rate))
     schedule = _lr_schedule(settings)
     scaler = _grad_scaler(use_amp)
@@ -1106,6 +1153,7 @@ def iter_train(
         "n_train_samples": int(train_idx.size),
         "n_validation_samples": int(val_idx.size),
         "class_weights": [float(w) for w in weights],
+        "dice_weight": float(settings.dice_weight),
         "class_pixel_counts": [int(c) for c in counts],
         "best_step": int(best["step"]),
         "steps_done": int(steps_done),
