@@ -254,3 +254,26 @@ def test_train_keeps_a_checkpoint_until_done_and_resumes(
 
     assert run("train", ts_path, "-o", net, *common, "--resume") == cli.EXIT_INPUT
     assert "there is no checkpoint" in capsys.readouterr().err
+
+    # The run finishes but its network cannot be written (a full disk): the checkpoint,
+    # holding the final state, is kept, and --resume saves that network without training.
+    from napari_tomoseg import model_file
+    from napari_tomoseg.errors import TomosegIOError
+
+    full = tmp_path / "full.tsnet"
+
+    def disk_full(*args, **kwargs):
+        raise TomosegIOError(f"Cannot write {full}: No space left on device.")
+
+    monkeypatch.setattr(model_file, "save_network", disk_full)
+    assert run("train", ts_path, "-o", full, *common) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "No space left" in err and "--resume" in err
+    assert not full.exists() and read_checkpoint_meta(f"{full}.ckpt")["step"] == 10
+    monkeypatch.undo()
+    assert run("train", ts_path, "-o", full, *common, "--resume") == 0
+    assert full.is_file() and not (tmp_path / "full.tsnet.ckpt").exists()
+    c = load_network(full)
+    assert c.meta.history == a.meta.history
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, c.model.state_dict()[name]), name

@@ -221,7 +221,7 @@ def _parse_class_weights(text: str) -> str | list[float] | None:
 
 
 def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .checkpoint import default_checkpoint_path
+    from .checkpoint import default_checkpoint_path, remove_checkpoint
     from .model_file import load_network, save_network
     from .training import TrainSettings, iter_train
     from .trainset import TrainingSet
@@ -269,7 +269,12 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         try:
             result = drive(
                 iter_train(
-                    trainset, settings, init=init, should_stop=should_stop, resume=args.resume
+                    trainset,
+                    settings,
+                    init=init,
+                    should_stop=should_stop,
+                    resume=args.resume,
+                    keep_checkpoint=True,  # deleted below, once the network is saved
                 ),
                 progress,
             )
@@ -281,7 +286,17 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
                     file=sys.stderr,
                 )
             raise
-    save_network(result.network, output, overwrite=args.overwrite or args.resume)
+    try:
+        save_network(result.network, output, overwrite=args.overwrite or args.resume)
+    except TomosegError as exc:
+        if checkpoint.is_file():  # e.g. a full disk: the trained state is not lost
+            raise TomosegError(
+                f"{exc} The trained state is kept in {checkpoint}: free space (or fix the "
+                "output folder) and run the same command with --resume to save it."
+            ) from exc
+        raise
+    if not result.stopped:
+        remove_checkpoint(checkpoint)
     state = "stopped early" if result.stopped else "finished"
     print(f"Training {state} in {result.seconds:.0f} s on {result.device}; saved {output}")
     if result.stopped and checkpoint.is_file():

@@ -843,6 +843,7 @@ def iter_train(
     init: Network | None = None,
     should_stop: Callable[[], bool] = never_stop,
     resume: bool = False,
+    keep_checkpoint: bool = False,
 ) -> Generator[Progress, None, TrainResult]:
     """Train a network on ``trainset``; yields progress each mini-batch, returns the result.
 
@@ -858,6 +859,9 @@ def iter_train(
     (architecture, its parameters, iterations, batch size, learning rate and schedule,
     seed, validation fraction, class weights, augmentation, evaluation interval) must be
     those it was started with, else :class:`TomosegError` says what differs.
+    ``keep_checkpoint=True`` keeps the checkpoint of a finished run too (with its final
+    state, so resuming it gives the same result at once): for a caller that deletes it only
+    once the network is safely saved.
     """
     settings = settings or TrainSettings()
     settings.validate()
@@ -1126,6 +1130,8 @@ def iter_train(
             metrics={k: float(v) for k, v in entry.items() if k != "step"},
         )
 
+    if not stopped and keep_checkpoint and ckpt_path is not None and checkpointed != steps_done:
+        write_checkpoint()
     if best is None:
         # stopped before the first evaluation: judge the weights as they are
         extra = evaluate(step0 + steps_done)
@@ -1201,7 +1207,7 @@ def iter_train(
         device=str(device),
         metadata=metadata,
     )
-    if not stopped:
+    if not stopped and not keep_checkpoint:
         remove_checkpoint(ckpt_path)  # the run is complete: nothing left to resume
     return result
 
