@@ -63,6 +63,8 @@ SEED_TABLE1_TEST_F1: dict[str, float] = {
     "single_membrane": 0.79,
     "carbon_edge": 0.40,
 }
+#: The parts of the benchmark, in the order they run.
+PARTS = ("binary", "multiclass", "boxes")
 #: Fraction of the depth scored (and boxed): the central slices.
 Z_FRACTION = (0.2, 0.8)
 
@@ -72,6 +74,10 @@ class AccuracyOptions:
     """What :func:`run_accuracy` trains and tests (the command-line options)."""
 
     iterations: int | None = None  # None: TrainSettings' default
+    # the multi-class network's mini-batches (None: ``iterations``); six classes learn slower
+    multiclass_iterations: int | None = None
+    # which of the three parts to run
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
     features: list[str] = field(default_factory=list)  # empty: all five
     # features on which every architecture is trained (empty: all of ``features``); the
     # others get a network of the default architecture only
@@ -159,12 +165,15 @@ def evaluate(
     return {"pooled": metrics_from_confusion(total, names), "per_test": per_test}
 
 
-def _train(trainset: Any, architecture: str, options: AccuracyOptions) -> Any:
+def _train(
+    trainset: Any, architecture: str, options: AccuracyOptions, iterations: int | None = None
+) -> Any:
     from napari_tomoseg.training import TrainSettings, train
 
     settings = TrainSettings(architecture=architecture, seed=options.train_seed)
-    if options.iterations is not None:
-        settings.iterations = int(options.iterations)
+    iterations = iterations if iterations is not None else options.iterations
+    if iterations is not None:
+        settings.iterations = int(iterations)
     return train(trainset, settings)
 
 
@@ -254,6 +263,9 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         "machine": machine_info(),
         "options": asdict(options),
         "iterations": options.iterations or TrainSettings().iterations,
+        "multiclass_iterations": options.multiclass_iterations
+        or options.iterations
+        or TrainSettings().iterations,
         "default_architecture": DEFAULT_ARCHITECTURE,
         "torch_threads": torch.get_num_threads(),
         "binary": [],
@@ -273,7 +285,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
     report["scored_slices"] = [z0, z1]
 
     trained: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for feature in features:
+    for feature in features if "binary" in options.parts else []:
         value = CLASS_NAMES.index(feature)
         ts = binary_trainset(
             train_sim, feature, options.n_positive, options.n_negative, options.train_seed
@@ -294,13 +306,13 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
             report["binary"].append(entry)
             trained[(feature, arch, options.n_positive)] = entry
 
-    for arch in multi_archs:
+    for arch in multi_archs if "multiclass" in options.parts else []:
         say(f"multi-class / {arch}: training ...")
         ts = multiclass_trainset(
             train_sim, options.n_positive, options.n_negative, options.train_seed
         )
         t0 = time.perf_counter()
-        result = _train(ts, arch, options)
+        result = _train(ts, arch, options, options.multiclass_iterations)
         report["multiclass"].append(
             {
                 "architecture": arch,
@@ -311,7 +323,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         )
 
     box_arch = DEFAULT_ARCHITECTURE
-    for feature in options.box_features:
+    for feature in options.box_features if "boxes" in options.parts else []:
         value = CLASS_NAMES.index(feature)
         for n in options.box_counts:
             entry = trained.get((feature, box_arch, n))
@@ -372,9 +384,6 @@ def format_report(report: dict[str, Any]) -> str:
         f"{depth} scored (the central {100 * (z1 - z0) / depth:.0f} %), threshold 0.5; "
         "confusion matrices summed over the test tomograms",
         f"# run time: {report['seconds'] / 60:.1f} min",
-        "",
-        "## Binary networks (one per feature), pooled over the test tomograms",
-        "",
     ]
     snrs = o["snrs"]
     rows = []
@@ -392,22 +401,24 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{e['train_seconds']:.0f}",
             ]
         )
-    lines.append(
-        markdown_table(
-            [
-                "feature",
-                "network",
-                "precision",
-                "recall",
-                "F1",
-                *[f"F1 at SNR {s}" for s in snrs],
-                "val. Dice",
-                "train s",
-            ],
-            rows,
-            align="ll" + "r" * (5 + len(snrs)),
+    if rows:
+        lines += ["", "## Binary networks (one per feature), pooled over the test tomograms", ""]
+        lines.append(
+            markdown_table(
+                [
+                    "feature",
+                    "network",
+                    "precision",
+                    "recall",
+                    "F1",
+                    *[f"F1 at SNR {s}" for s in snrs],
+                    "val. Dice",
+                    "train s",
+                ],
+                rows,
+                align="ll" + "r" * (5 + len(snrs)),
+            )
         )
-    )
     if report["multiclass"]:
         lines += [
             "",
@@ -447,7 +458,8 @@ def format_report(report: dict[str, Any]) -> str:
                 f"# multi-class {m['architecture']}: {m['boxes']['positive']} positive boxes "
                 f"(up to {o['n_positive']} per feature), {m['boxes']['negative']} negative "
                 f"boxes; mean foreground F1 {m['pooled']['mean_foreground_f1']:.2f}; "
-                f"trained in {m['train_seconds']:.0f} s"
+                f"{report['multiclass_iterations']} iterations, trained in "
+                f"{m['train_seconds']:.0f} s"
             )
     if report["box_counts"]:
         lines += ["", "## F1 against the number of positive boxes", ""]
@@ -470,6 +482,18 @@ def format_report(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, help="mini-batches (default: TrainSettings')")
+    parser.add_argument(
+        "--multiclass-iterations",
+        type=int,
+        help="mini-batches of the multi-class network (default: --iterations)",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        help="run only these parts (default: all): binary networks, the multi-class "
+        "network, F1 against the number of positive boxes",
+    )
     parser.add_argument("--features", nargs="+", help="binary networks for (default: all)")
     parser.add_argument("--architectures", nargs="+", help="default: all registered")
     parser.add_argument(
@@ -495,6 +519,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
     options = quick_options() if args.quick else AccuracyOptions()
     for name in (
         "iterations",
+        "multiclass_iterations",
+        "parts",
         "features",
         "architectures",
         "compare_features",

@@ -131,3 +131,14 @@ def test_accuracy_quick_run_prints_the_three_tables(accuracy):
     # scored voxels: the central slices of two test tomograms
     support = sum(c["support"] for c in entry["pooled"]["classes"].values())
     assert support == 2 * (z1 - z0) * 96 * 96
+
+
+def test_accuracy_runs_one_part_with_its_own_iterations(accuracy):
+    options, _ = accuracy.parse_args(
+        ["--quick", "--parts", "multiclass", "--multiclass-iterations", "4"]
+    )
+    report = accuracy.run_accuracy(options)
+    assert report["binary"] == [] and report["box_counts"] == []
+    assert [m["steps"] for m in report["multiclass"]] == [4]
+    text = accuracy.format_report(report)
+    assert "Binary networks" not in text and "4 iterations" in text
