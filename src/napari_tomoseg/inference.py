@@ -276,6 +276,30 @@ class ApplyResult:
         return self.slices_done / self.seconds if self.seconds > 0 else 0.0
 
 
+def _run_result(
+    outputs: ApplyOutputs,
+    class_names: list[str],
+    voxel_size: tuple[float, float, float] | None,
+    start: float,
+    *,
+    stopped: bool,
+    slices_done: int,
+    notes: list[str],
+) -> ApplyResult:
+    """The :class:`ApplyResult` of a run that wrote into ``outputs`` (an
+    :class:`ApplyOutputs`) and began at ``time.perf_counter()`` = ``start``."""
+    return ApplyResult(
+        probabilities=list(outputs.probabilities or []),
+        mask=outputs.mask,
+        class_names=class_names,
+        voxel_size=voxel_size,
+        seconds=time.perf_counter() - start,
+        stopped=stopped,
+        slices_done=slices_done,
+        notes=notes,
+    )
+
+
 def probabilities_as_float(array: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] as float32 from stored values (integers are ``value / 255``).
 
@@ -1630,12 +1654,11 @@ def iter_apply(
     done = 0
 
     def finish(stopped: bool) -> ApplyResult:
-        return ApplyResult(
-            probabilities=list(outputs.probabilities or []),
-            mask=outputs.mask,
-            class_names=class_names,
-            voxel_size=vs,
-            seconds=time.perf_counter() - start,
+        return _run_result(
+            outputs,
+            class_names,
+            vs,
+            start,
             stopped=stopped,
             slices_done=done,
             notes=notes,
@@ -1757,12 +1780,11 @@ def _iter_apply_binned(
     )
     notes = [f"applied to a copy binned by {shrink}", *inner.notes]
     if inner.stopped or should_stop():
-        return ApplyResult(
-            probabilities=list(outputs.probabilities or []),
-            mask=outputs.mask,
-            class_names=class_names,
-            voxel_size=vs,
-            seconds=time.perf_counter() - start,
+        return _run_result(
+            outputs,
+            class_names,
+            vs,
+            start,
             stopped=True,
             slices_done=0,
             notes=notes,
@@ -1779,12 +1801,11 @@ def _iter_apply_binned(
             out=_QuantizingSink(full[k]),  # type: ignore[arg-type]
         )
         if should_stop():
-            return ApplyResult(
-                probabilities=list(outputs.probabilities or []),
-                mask=outputs.mask,
-                class_names=class_names,
-                voxel_size=vs,
-                seconds=time.perf_counter() - start,
+            return _run_result(
+                outputs,
+                class_names,
+                vs,
+                start,
                 stopped=True,
                 slices_done=0,
                 notes=notes,
@@ -1794,12 +1815,11 @@ def _iter_apply_binned(
         probs = np.concatenate([np.clip(1.0 - fg.sum(axis=0), 0.0, 1.0)[None], fg])
         outputs.mask[z] = _make_mask(probs, settings.threshold)
     yield Progress("unbin", n_fg, n_fg, message="done")
-    return ApplyResult(
-        probabilities=list(outputs.probabilities or []),
-        mask=outputs.mask,
-        class_names=class_names,
-        voxel_size=vs,
-        seconds=time.perf_counter() - start,
+    return _run_result(
+        outputs,
+        class_names,
+        vs,
+        start,
         stopped=False,
         slices_done=shape[0],
         notes=notes,
