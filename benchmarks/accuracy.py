@@ -114,8 +114,9 @@ def quick_options() -> AccuracyOptions:
 
 def scored_slices(depth: int) -> tuple[int, int]:
     """``(z0, z1)``: the slices that are scored (:data:`Z_FRACTION` of the depth)."""
-    z0 = int(depth * Z_FRACTION[0])
-    return z0, max(int(depth * Z_FRACTION[1]), z0 + 1)
+    from napari_tomoseg.demo import central_slices
+
+    return central_slices(depth, Z_FRACTION)
 
 
 def evaluate(

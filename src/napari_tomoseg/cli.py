@@ -100,6 +100,11 @@ def _cmd_demo(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     if val is not None:
         print(f"Validation Dice (boxes held out): {val:.3f}")
     print(f"Dice of the whole-tomogram mask against the ground truth: {result.dice:.3f}")
+    z0, z1 = result.central_slices
+    print(
+        f"Dice over slices {z0}-{z1 - 1}, where the boxes were drawn (the top and bottom "
+        f"slices are the worst reconstructed): {result.dice_central:.3f}"
+    )
     print("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     for name, path in result.files.items():
         print(f"  {name}: {path}")

@@ -41,6 +41,16 @@ def _box_fractions(mask2d: np.ndarray, box_size: int, step: int) -> tuple[np.nda
     return sums / float(box_size * box_size), yy, xx
 
 
+#: The part of Z boxes are drawn from (as fractions of the depth).
+BOX_Z_RANGE = (0.2, 0.8)
+
+
+def central_slices(depth: int, z_range: tuple[float, float] = BOX_Z_RANGE) -> tuple[int, int]:
+    """``(z0, z1)``: the slices of ``z_range`` (as fractions) of a volume ``depth`` deep."""
+    z0 = int(depth * z_range[0])
+    return z0, max(int(depth * z_range[1]), z0 + 1)
+
+
 def boxes_from_ground_truth(
     labels: np.ndarray,
     feature: int | Sequence[int],
@@ -50,7 +60,7 @@ def boxes_from_ground_truth(
     box_size: int = DEFAULT_BOX_SIZE,
     min_fraction: float = 0.04,
     seed: int = 0,
-    z_range: tuple[float, float] = (0.2, 0.8),
+    z_range: tuple[float, float] = BOX_Z_RANGE,
 ) -> tuple[list[Box], list[Box]]:
     """Positive boxes rich in ``feature`` and negative boxes free of it, like a user's.
 
@@ -64,8 +74,7 @@ def boxes_from_ground_truth(
     if ny < box_size or nx < box_size:
         raise TomosegError(f"A {box_size}-pixel box does not fit in a {ny} x {nx} slice.")
     rng = np.random.default_rng(seed)
-    z_lo = int(nz * z_range[0])
-    z_hi = max(int(nz * z_range[1]), z_lo + 1)
+    z_lo, z_hi = central_slices(nz, z_range)
     half = box_size // 2
     pos_candidates: list[tuple[float, int, int, int]] = []
     neg_candidates: list[tuple[int, int, int]] = []
@@ -143,6 +152,10 @@ class DemoResult:
 
     dice: float
     validation: dict[str, Any]
+    #: Dice over the slices the boxes were drawn from (``central_slices``); the top and
+    #: bottom of a tomogram are the worst reconstructed and hold no box
+    dice_central: float = 0.0
+    central_slices: tuple[int, int] = (0, 0)
     files: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     n_positive: int = 0
@@ -153,6 +166,19 @@ class DemoResult:
     negatives: list[Box] = field(default_factory=list)
     mask: np.ndarray | None = None
     probabilities: np.ndarray | None = None
+
+
+def _output_paths(output_dir: str | Path | None, feature: str) -> dict[str, Path]:
+    """The files a demo run writes into ``output_dir`` (none without one)."""
+    if output_dir is None:
+        return {}
+    out = Path(output_dir)
+    return {
+        "tomogram": out / "simulated_tomogram.mrc",
+        "truth": out / "ground_truth.mrc",
+        "mask": out / f"{feature}_mask.mrc",
+        "network": out / f"{feature}.tsnet",
+    }
 
 
 def iter_demo(
@@ -174,6 +200,12 @@ def iter_demo(
         raise TomosegError(f"Unknown feature {s.feature!r}; choose one of {CLASS_NAMES[1:]}.")
     value = CLASS_NAMES.index(s.feature)
     seconds: dict[str, float] = {}
+    targets = _output_paths(output_dir, s.feature)
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:  # say so before minutes of work, and write none of them
+        raise TomosegError(
+            f"{', '.join(existing)} already exist(s); choose another output folder or overwrite."
+        )
 
     t0 = time.perf_counter()
     yield Progress("simulate", 0, 1, message=f"simulating a {s.shape} tomogram")
@@ -215,25 +247,22 @@ def iter_demo(
     seconds["apply"] = time.perf_counter() - t0
     mask = np.asarray(applied.mask)
     dice = dice_scores(mask, painting, [1])[1]
+    z0, z1 = central_slices(s.shape[0])
+    dice_central = dice_scores(mask[z0:z1], painting[z0:z1], [1])[1]
 
     files: dict[str, Path] = {}
-    if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    if targets:
+        next(iter(targets.values())).parent.mkdir(parents=True, exist_ok=True)
         vs = sim.voxel_size
-        files["tomogram"] = write_mrc(
-            out / "simulated_tomogram.mrc", sim.tomogram, vs, overwrite=overwrite
-        )
-        files["truth"] = write_labels(
-            out / "ground_truth.mrc", sim.labels, vs, overwrite=overwrite
-        )
-        files["mask"] = write_labels(out / f"{s.feature}_mask.mrc", mask, vs, overwrite=overwrite)
-        files["network"] = save_network(
-            result.network, out / f"{s.feature}.tsnet", overwrite=overwrite
-        )
+        files["tomogram"] = write_mrc(targets["tomogram"], sim.tomogram, vs, overwrite=overwrite)
+        files["truth"] = write_labels(targets["truth"], sim.labels, vs, overwrite=overwrite)
+        files["mask"] = write_labels(targets["mask"], mask, vs, overwrite=overwrite)
+        files["network"] = save_network(result.network, targets["network"], overwrite=overwrite)
     return DemoResult(
         dice=dice,
         validation=result.metrics,
+        dice_central=dice_central,
+        central_slices=(z0, z1),
         files=files,
         seconds=seconds,
         n_positive=len(positives),
