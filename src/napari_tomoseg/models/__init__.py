@@ -33,7 +33,8 @@ against 0.22 (``unet``) and 0.24 (``tomoseg-cnn``); a training step of 16 boxes 
 faster ``unet-lite`` is the default.  ``benchmarks/accuracy.py`` confirms it on tomograms
 the training never saw (single membrane, 10 positive and 100 negative boxes, 600
 mini-batches of the Dice + cross-entropy loss): F1 0.53 ``unet-lite``, 0.54 ``unet``, 0.54
-``tomoseg-cnn``, trained in 60, 295 and 604 s (``docs/benchmarks.md``).
+``tomoseg-cnn``; a training mini-batch takes 0.13, 0.75 and 0.67 s on 2 threads
+(``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
