@@ -27,7 +27,10 @@ What it does, and why:
   an option: ``class_weights="auto"`` weights each feature class by its inverse pixel
   frequency relative to the background (clipped to ``[1, AUTO_WEIGHT_MAX]``) in the
   training labels, or give one weight per class; with the Dice term it measured worse
-  (0.62 and 0.50 on the same task), hence the default ``None``.
+  (0.62 and 0.50 on the same task), hence the default ``None``.  The validation loss that
+  is reported (and breaks ties between equal validation Dice) is the cross-entropy part
+  alone, averaged over the validation pixels: a batch Dice would depend on how the
+  validation samples are grouped.
 - **Optimiser.**  Adam.  The learning rate rises linearly over a short warm-up (without
   it the faithful ``tomoseg-cnn`` can lose all its ReLUs in the first steps at 1e-3) and
   then stays constant; ``lr_schedule="cosine"`` decays it to ``LR_FLOOR`` times the rate
