@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_tomoseg.demo import boxes_from_ground_truth, dice_scores
+from napari_tomoseg.demo import boxes_from_ground_truth, central_slices, dice_scores
 from napari_tomoseg.inference import ApplySettings, apply_network
 from napari_tomoseg.synthetic import CLASS_NAMES, simulate_tomogram
 from napari_tomoseg.training import TrainSettings, train
@@ -27,7 +27,7 @@ FEATURE = "single_membrane"
 VALUE = CLASS_NAMES.index(FEATURE)
 ITERATIONS = 400
 #: The slices boxes are drawn from (``boxes_from_ground_truth``'s default Z range).
-SCORED = slice(int(SHAPE[0] * 0.2), int(SHAPE[0] * 0.8))
+SCORED = slice(*central_slices(SHAPE[0]))
 
 
 @pytest.fixture(scope="module")
