@@ -20,9 +20,10 @@ What it does, and why:
   mean Dice of the feature classes, computed from the probabilities over the whole
   mini-batch.  Features are a few percent of the pixels; the Dice term does not let the
   background's majority decide, and in our measurements (single membrane of the simulated
-  tomogram, 10 positive and 30 negative boxes, ``unet-lite``, 400 mini-batches) it raised
-  the Dice over the whole tomogram from 0.55 (cross-entropy alone) or 0.39 (weighted
-  cross-entropy) to 0.71, and on a tomogram of another scene to 0.59.  Class-weighted
+  tomogram, 10 positive and 30 negative boxes, ``unet-lite``) the Dice over the whole
+  tomogram was 0.55 with cross-entropy alone and 0.39 with weighted cross-entropy after
+  300 mini-batches, and 0.71 with the Dice term after 400 (0.59 on a tomogram of another
+  scene).  Class-weighted
   cross-entropy (Zhao & Zhou used fixed weights of 2000-3000 for the imbalance) is kept as
   an option: ``class_weights="auto"`` weights each feature class by its inverse pixel
   frequency relative to the background (clipped to ``[1, AUTO_WEIGHT_MAX]``) in the
