@@ -391,9 +391,10 @@ def test_preview_mosaic_lays_out_box_label_output():
     assert np.isclose(first_row[:, 2 * w + 4 : 3 * w + 4], 0.9).all()
 
 
-def test_stop_button_stops_training_and_keeps_the_network(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    sim, tomo = _small_tomogram(viewer, shape=(24, 96, 96), seed=3)
+def _one_box_training(viewer):
+    """A small tomogram with one positive and one negative box and a painted stroke, and a
+    train widget set up on it (unet-lite)."""
+    _, tomo = _small_tomogram(viewer, shape=(24, 96, 96), seed=3)
     boxes = BoxWidget(viewer)
     boxes.tomogram.value = tomo
     boxes.box_size.value = 32
@@ -404,6 +405,12 @@ def test_stop_button_stops_training_and_keeps_the_network(make_napari_viewer, qt
     train.select_default_layers()
     train.tomogram.value = tomo
     train.architecture.value = "unet-lite"
+    return train
+
+
+def test_stop_button_stops_training_and_keeps_the_network(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    train = _one_box_training(viewer)
     train.iterations.value = 100_000  # far more than the test will wait for
     train.ncopy.value = 2
     train.start_training()
@@ -419,17 +426,7 @@ def test_stopped_training_is_offered_for_resuming_and_finishes(
     make_napari_viewer, qtbot, tmp_path, one_torch_thread
 ):
     viewer = make_napari_viewer()
-    _, tomo = _small_tomogram(viewer, shape=(24, 96, 96), seed=3)
-    boxes = BoxWidget(viewer)
-    boxes.tomogram.value = tomo
-    boxes.box_size.value = 32
-    boxes.add_box((12, 48, 48), positive=True)
-    boxes.add_box((12, 20, 20), positive=False)
-    viewer.layers[PAINT_LAYER].data[12, 40:56, 46:50] = 1
-    train = TrainWidget(viewer)
-    train.select_default_layers()
-    train.tomogram.value = tomo
-    train.architecture.value = "unet-lite"
+    train = _one_box_training(viewer)
     train.iterations.value = 40
     train.batch_size.value = 4
     train.ncopy.value = 2
