@@ -1,25 +1,38 @@
 """Accuracy on simulated tomograms the training never saw: per-class precision, recall, F1.
 
+    python benchmarks/accuracy.py --shifted [--quick] [--train-seeds 0 1 2] [--features F ...]
     python benchmarks/accuracy.py [--iterations N] [--features F ...] [--architectures A ...]
                                   [--compare-features F ...]
                                   [--multiclass-architectures A ...] [--box-counts 2 5 10 20]
                                   [--box-features F ...] [--test-seeds 1 2]
                                   [--snrs 0.8 0.5 1.5] [--shape 96 256 256] [--threads T]
-                                  [--quick] [--json FILE]
+                                  [--set NAME=VALUE ...] [--quick] [--json FILE]
 
-Training data: the simulator's tomogram of seed 0 (default noise, SNR 0.8), boxed the way
-the TomoSeg protocol asks a person to: about 10 positive boxes rich in the feature and
-100 negative boxes free of it (:func:`napari_tomoseg.demo.boxes_from_ground_truth`), the
-feature painted from the ground truth inside the positive boxes.  Every network is
-trained with the package's ``TrainSettings`` defaults except ``--iterations``.
+Training data: the simulator's tomogram at its default setting (SNR 0.8, 10 A, defocus 4 um,
+tilts +-60, 5 nm membranes; scene seed = the training seed), boxed the way the TomoSeg
+protocol asks a person to: about 10 positive boxes rich in the feature and 100 negative
+boxes free of it (:func:`napari_tomoseg.demo.boxes_from_ground_truth`), the feature painted
+from the ground truth inside the positive boxes.  Every network is trained with the
+package's ``TrainSettings`` defaults except ``--iterations`` and ``--set``.
 
-Test data: tomograms of other seeds (other scenes) at the training noise level and at other
-noise levels (``--test-seeds`` x ``--snrs``), never seen in training.  Each network is
-applied to the central 60 % of the slices (Z from 0.2 to 0.8 of the depth: the slices
-the boxes are drawn from, away from the top and bottom of the volume), thresholded at 0.5
-(``ApplySettings`` defaults), and scored voxel by voxel against the ground truth; the
-confusion matrices of all test tomograms are summed before precision, recall and F1
-(= Dice) are computed (:func:`napari_tomoseg.training.metrics_from_confusion`).
+Test data:
+
+* ``--shifted`` (the domain-shift benchmark): :data:`SHIFTED_TESTS`, tomograms of other
+  scenes whose imaging, specimen or features differ from the training setting (SNR 0.3-1.5,
+  defocus 2-6 um with and without CTF correction, voxel size 7-14 A, tilts +-45 to +-70,
+  thicker specimen, crowding, inverted contrast, other membrane thickness, microtubule and
+  vesicle sizes, a smoother reconstruction, and all at once).  Networks are applied as a
+  user would: at the tomogram's voxel size (rescaled to the network's), with the network's
+  own threshold (calibrated on its held-out boxes; 0.5 for networks without one).
+* otherwise, tomograms of other seeds at the training noise level and at other noise
+  levels (``--test-seeds`` x ``--snrs``).
+
+Each network is applied to the central 60 % of the slices (Z from 0.2 to 0.8 of the depth:
+the slices the boxes are drawn from, away from the top and bottom of the volume) and scored
+voxel by voxel against the ground truth; the confusion matrices of all test tomograms are
+summed before precision, recall and F1 (= Dice) are computed
+(:func:`napari_tomoseg.training.metrics_from_confusion`).  With several ``--train-seeds``
+(other training scenes, boxes and initialisations) the spread over seeds is reported.
 
 Reported:
 
@@ -68,6 +81,48 @@ PARTS = ("binary", "multiclass", "boxes")
 #: Fraction of the depth scored (and boxed): the central slices.
 Z_FRACTION = (0.2, 0.8)
 
+#: The domain-shift test set: a name and the simulator settings that differ from the
+#: training setting (the simulator's defaults).  ``depth_factor`` multiplies the depth of
+#: the volume (a thicker specimen).  Every test tomogram has a scene of its own
+#: (seed ``SHIFTED_SEED + index``), never used for training.
+SHIFTED_TESTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("SNR 0.3", {"snr": 0.3}),
+    ("SNR 1.5", {"snr": 1.5}),
+    ("defocus 2 um", {"defocus_um": 2.0}),
+    ("defocus 6 um, CTF not corrected", {"defocus_um": 6.0, "phase_flip": False}),
+    ("voxel 7 A", {"voxel_size": 7.0}),
+    ("voxel 14 A", {"voxel_size": 14.0}),
+    ("tilts +-45", {"tilt_max": 45.0}),
+    ("tilts +-70", {"tilt_max": 70.0, "tilt_step": 2.0}),
+    ("specimen 1.7x thicker", {"depth_factor": 1.67}),
+    ("crowded", {"crowding": 2.0, "n_ribosomes": 60, "n_actin": 30}),
+    ("contrast inverted", {"invert_contrast": True}),
+    (
+        "thicker membranes, thinner MTs, big vesicles",
+        {
+            "membrane_thickness_nm": 6.5,
+            "microtubule_diameter_nm": 22.0,
+            "vesicle_radius_nm": (30.0, 100.0),
+        },
+    ),
+    ("thin membranes, smooth reconstruction", {"membrane_thickness_nm": 4.0, "lowpass": 0.6}),
+    (
+        "all at once",
+        {
+            "snr": 0.5,
+            "defocus_um": 5.0,
+            "phase_flip": False,
+            "tilt_max": 50.0,
+            "lowpass": 0.7,
+            "membrane_thickness_nm": 6.0,
+            "crowding": 1.5,
+        },
+    ),
+)
+SHIFTED_SEED = 101
+#: The two shifted tests of the quick mode.
+QUICK_SHIFTED = ("SNR 0.3", "contrast inverted")
+
 
 @dataclass
 class AccuracyOptions:
@@ -88,14 +143,20 @@ class AccuracyOptions:
     box_features: list[str] = field(default_factory=lambda: ["single_membrane", "microtubule"])
     n_positive: int = 10
     n_negative: int = 100
+    # the domain-shift test set (SHIFTED_TESTS) instead of test_seeds x snrs
+    shifted: bool = False
+    shifted_tests: list[str] = field(default_factory=list)  # empty: all of SHIFTED_TESTS
     test_seeds: list[int] = field(default_factory=lambda: [1, 2])
     snrs: list[float] = field(default_factory=lambda: [0.8, 0.5, 1.5])
     shape: tuple[int, int, int] = (96, 256, 256)
-    train_seed: int = 0
+    train_seeds: list[int] = field(default_factory=lambda: [0])
+    # TrainSettings fields to change (the recipe under test), e.g. {"augment": False}
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None  # None: each network's own (calibrated) threshold
     threads: int | None = None
 
 
-def quick_options() -> AccuracyOptions:
+def quick_options(shifted: bool = False) -> AccuracyOptions:
     """A very small run that checks the script end to end (seconds, meaningless numbers)."""
     return AccuracyOptions(
         iterations=3,
@@ -106,6 +167,8 @@ def quick_options() -> AccuracyOptions:
         box_features=["single_membrane"],
         n_positive=4,
         n_negative=8,
+        shifted=shifted,
+        shifted_tests=list(QUICK_SHIFTED) if shifted else [],
         test_seeds=[1],
         snrs=[0.8, 1.5],
         shape=(40, 96, 96),
@@ -119,27 +182,81 @@ def scored_slices(depth: int) -> tuple[int, int]:
     return central_slices(depth, Z_FRACTION)
 
 
+@dataclass
+class TestTomogram:
+    """One simulated test tomogram: what it is called, how it differs, the simulation."""
+
+    name: str
+    seed: int
+    settings: dict[str, Any]
+    sim: Any
+
+
+def shifted_settings(
+    name: str, changes: dict[str, Any], shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    """Simulator overrides of one shifted test (``depth_factor`` turned into a shape)."""
+    changes = dict(changes)
+    factor = float(changes.pop("depth_factor", 1.0))
+    depth = int(round(shape[0] * factor))
+    return {"shape": (depth, *shape[1:]), **changes}
+
+
+def make_tests(options: AccuracyOptions, say: Any = None) -> list[TestTomogram]:
+    """Simulate the test tomograms ``options`` ask for."""
+    from napari_tomoseg.synthetic import simulate_tomogram
+
+    plan: list[tuple[str, int, dict[str, Any]]] = []
+    shape = tuple(options.shape)
+    if options.shifted:
+        wanted = options.shifted_tests or [name for name, _ in SHIFTED_TESTS]
+        known = dict(SHIFTED_TESTS)
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            raise SystemExit(f"unknown shifted tests {unknown}; known: {sorted(known)}")
+        for index, (name, changes) in enumerate(SHIFTED_TESTS):
+            if name in wanted:
+                plan.append((name, SHIFTED_SEED + index, shifted_settings(name, changes, shape)))
+    else:
+        for seed in options.test_seeds:
+            for snr in options.snrs:
+                plan.append((f"seed {seed}, SNR {snr}", seed, {"shape": shape, "snr": snr}))
+    tests = []
+    for name, seed, settings in plan:
+        if say is not None:
+            say(f"simulating test tomogram {name!r} (seed {seed}) ...")
+        sim = simulate_tomogram(seed=seed, **settings)
+        tests.append(TestTomogram(name, seed, jsonable_settings(settings), sim))
+    return tests
+
+
+def jsonable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
 def evaluate(
     network: Any,
-    tests: list[tuple[int, float, Any]],
+    tests: list[TestTomogram],
     truth_values: list[int] | None = None,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Apply ``network`` to the test tomograms and score its thresholded mask.
 
-    ``tests`` holds ``(seed, snr, SimulatedTomogram)``.  A binary network is scored against
-    ``labels in truth_values``; a multi-class one against the labels themselves (its
-    classes are the simulator's).  Only the central slices (:func:`scored_slices`) are
-    computed and scored.  Returns the pooled metrics and those of every test tomogram.
+    A binary network is scored against ``labels in truth_values``; a multi-class one against
+    the labels themselves (its classes are the simulator's).  Only the central slices
+    (:func:`scored_slices`) are computed and scored.  ``threshold`` None uses the network's
+    own.  Returns the pooled metrics and those of every test tomogram.
     """
     from napari_tomoseg.inference import ApplySettings, apply_network
     from napari_tomoseg.training import confusion_matrix, metrics_from_confusion
 
     names = list(network.meta.class_names)
     k = len(names)
-    settings = ApplySettings(threshold=0.5)
+    settings = ApplySettings(threshold=threshold)
     total = np.zeros((k, k), dtype=np.int64)
     per_test = []
-    for seed, snr, sim in tests:
+    for test in tests:
+        sim = test.sim
         z0, z1 = scored_slices(sim.tomogram.shape[0])
         start = z0 // settings.z_chunk * settings.z_chunk  # runs start on a chunk boundary
         result = apply_network(
@@ -157,8 +274,9 @@ def evaluate(
         total += conf
         per_test.append(
             {
-                "seed": seed,
-                "snr": snr,
+                "name": test.name,
+                "seed": test.seed,
+                "settings": test.settings,
                 "confusion": conf.tolist(),
                 "metrics": metrics_from_confusion(conf, names),
             }
@@ -167,11 +285,15 @@ def evaluate(
 
 
 def _train(
-    trainset: Any, architecture: str, options: AccuracyOptions, iterations: int | None = None
+    trainset: Any,
+    architecture: str,
+    options: AccuracyOptions,
+    seed: int,
+    iterations: int | None = None,
 ) -> Any:
     from napari_tomoseg.training import TrainSettings, train
 
-    settings = TrainSettings(architecture=architecture, seed=options.train_seed)
+    settings = TrainSettings(architecture=architecture, seed=seed, **options.train_overrides)
     iterations = iterations if iterations is not None else options.iterations
     if iterations is not None:
         settings.iterations = int(iterations)
@@ -238,6 +360,33 @@ def _summary(result: Any, seconds: float) -> dict[str, Any]:
         "val_mean_dice": result.metrics.get("mean_foreground_f1"),
         "best_step": result.metadata.get("best_step"),
         "steps": result.metadata.get("steps_done"),
+        "threshold": result.network.meta.threshold,
+    }
+
+
+def _binary_entry(
+    sim: Any,
+    feature: str,
+    arch: str,
+    n_positive: int,
+    seed: int,
+    options: AccuracyOptions,
+    tests: list[TestTomogram],
+) -> dict[str, Any]:
+    """Train one binary network on ``sim`` and score it on the tests."""
+    from napari_tomoseg.synthetic import CLASS_NAMES
+
+    ts = binary_trainset(sim, feature, n_positive, options.n_negative, seed)
+    t0 = time.perf_counter()
+    result = _train(ts, arch, options, seed)
+    return {
+        "feature": feature,
+        "architecture": arch,
+        "n_positive": n_positive,
+        "n_negative": options.n_negative,
+        "train_seed": seed,
+        **_summary(result, time.perf_counter() - t0),
+        **evaluate(result.network, tests, [CLASS_NAMES.index(feature)], options.threshold),
     }
 
 
@@ -259,14 +408,15 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
     archs = options.architectures or available()
     multi_archs = options.multiclass_architectures or [DEFAULT_ARCHITECTURE]
     t_start = time.perf_counter()
+    defaults = TrainSettings(**options.train_overrides)
     report: dict[str, Any] = {
         "command": command_line(),
         "machine": machine_info(),
         "options": asdict(options),
-        "iterations": options.iterations or TrainSettings().iterations,
+        "iterations": options.iterations or defaults.iterations,
         "multiclass_iterations": options.multiclass_iterations
         or options.iterations
-        or TrainSettings().iterations,
+        or defaults.iterations,
         "default_architecture": DEFAULT_ARCHITECTURE,
         "torch_threads": torch.get_num_threads(),
         "binary": [],
@@ -274,214 +424,247 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         "box_counts": [],
     }
     shape = tuple(options.shape)
-    say(f"simulating the training tomogram (seed {options.train_seed}) ...")
-    train_sim = simulate_tomogram(SimulationSettings(shape=shape, seed=options.train_seed))
-    tests = []
-    for seed in options.test_seeds:
-        for snr in options.snrs:
-            say(f"simulating test tomogram seed {seed}, SNR {snr} ...")
-            sim = simulate_tomogram(SimulationSettings(shape=shape, seed=seed, snr=snr))
-            tests.append((seed, snr, sim))
+    train_sims = {}
+    for seed in options.train_seeds:
+        say(f"simulating the training tomogram (seed {seed}) ...")
+        train_sims[seed] = simulate_tomogram(SimulationSettings(shape=shape, seed=seed))
+    tests = make_tests(options, say)
+    report["tests"] = [{"name": t.name, "seed": t.seed, "settings": t.settings} for t in tests]
     z0, z1 = scored_slices(shape[0])
     report["scored_slices"] = [z0, z1]
 
-    trained: dict[tuple[str, str, int], dict[str, Any]] = {}
+    trained: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     for feature in features if "binary" in options.parts else []:
-        value = CLASS_NAMES.index(feature)
-        ts = binary_trainset(
-            train_sim, feature, options.n_positive, options.n_negative, options.train_seed
-        )
         compared = not options.compare_features or feature in options.compare_features
         for arch in archs if compared else [DEFAULT_ARCHITECTURE]:
-            say(f"binary {feature} / {arch}: training ...")
-            t0 = time.perf_counter()
-            result = _train(ts, arch, options)
-            entry = {
-                "feature": feature,
-                "architecture": arch,
-                "n_positive": options.n_positive,
-                "n_negative": options.n_negative,
-                **_summary(result, time.perf_counter() - t0),
-                **evaluate(result.network, tests, [value]),
-            }
-            report["binary"].append(entry)
-            trained[(feature, arch, options.n_positive)] = entry
+            for seed, sim in train_sims.items():
+                say(f"binary {feature} / {arch} / seed {seed}: training ...")
+                entry = _binary_entry(sim, feature, arch, options.n_positive, seed, options, tests)
+                report["binary"].append(entry)
+                trained[(feature, arch, options.n_positive, seed)] = entry
 
     for arch in multi_archs if "multiclass" in options.parts else []:
-        say(f"multi-class / {arch}: training ...")
-        ts = multiclass_trainset(
-            train_sim, options.n_positive, options.n_negative, options.train_seed
-        )
-        t0 = time.perf_counter()
-        result = _train(ts, arch, options, options.multiclass_iterations)
-        report["multiclass"].append(
-            {
-                "architecture": arch,
-                "boxes": ts.metadata["benchmark_boxes"],
-                **_summary(result, time.perf_counter() - t0),
-                **evaluate(result.network, tests),
-            }
-        )
+        for seed, sim in train_sims.items():
+            say(f"multi-class / {arch} / seed {seed}: training ...")
+            ts = multiclass_trainset(sim, options.n_positive, options.n_negative, seed)
+            t0 = time.perf_counter()
+            result = _train(ts, arch, options, seed, options.multiclass_iterations)
+            report["multiclass"].append(
+                {
+                    "architecture": arch,
+                    "train_seed": seed,
+                    "boxes": ts.metadata["benchmark_boxes"],
+                    **_summary(result, time.perf_counter() - t0),
+                    **evaluate(result.network, tests, threshold=options.threshold),
+                }
+            )
 
     box_arch = DEFAULT_ARCHITECTURE
     for feature in options.box_features if "boxes" in options.parts else []:
-        value = CLASS_NAMES.index(feature)
         for n in options.box_counts:
-            entry = trained.get((feature, box_arch, n))
-            if entry is None:
-                say(f"{n} positive boxes, {feature} / {box_arch}: training ...")
-                ts = binary_trainset(train_sim, feature, n, options.n_negative, options.train_seed)
-                t0 = time.perf_counter()
-                result = _train(ts, box_arch, options)
-                entry = {
-                    "feature": feature,
-                    "architecture": box_arch,
-                    "n_positive": n,
-                    "n_negative": options.n_negative,
-                    **_summary(result, time.perf_counter() - t0),
-                    **evaluate(result.network, tests, [value]),
-                }
-                trained[(feature, box_arch, n)] = entry
-            report["box_counts"].append(
-                {k: v for k, v in entry.items() if k != "per_test"}
-                | {"f1": entry["pooled"]["classes"][feature]["f1"]}
-            )
+            for seed, sim in train_sims.items():
+                entry = trained.get((feature, box_arch, n, seed))
+                if entry is None:
+                    say(f"{n} positive boxes, {feature} / {box_arch} / seed {seed}: training ...")
+                    entry = _binary_entry(sim, feature, box_arch, n, seed, options, tests)
+                    trained[(feature, box_arch, n, seed)] = entry
+                report["box_counts"].append(
+                    {k: v for k, v in entry.items() if k != "per_test"}
+                    | {"f1": entry["pooled"]["classes"][feature]["f1"]}
+                )
     report["seconds"] = time.perf_counter() - t_start
     return report
 
 
-def _f1_by_snr(entry: dict[str, Any], cls: str, snrs: list[float]) -> list[str]:
-    """F1 of class ``cls`` at each noise level, pooled over the test seeds."""
+def _pooled(entries: list[dict[str, Any]], test_names: list[str] | None = None) -> Any:
+    """Metrics of the confusion matrices of ``entries`` summed over their tests (all, or
+    those named), and over the entries (training seeds)."""
     from napari_tomoseg.training import metrics_from_confusion
 
-    out = []
-    for snr in snrs:
-        matrices = [np.asarray(t["confusion"]) for t in entry["per_test"] if t["snr"] == snr]
-        if not matrices:
-            out.append(fmt(None))
-            continue
-        names = list(entry["pooled"]["classes"])
-        metrics = metrics_from_confusion(np.sum(matrices, axis=0), names)
-        out.append(fmt(metrics["classes"][cls]["f1"]))
-    return out
+    matrices = [
+        np.asarray(t["confusion"])
+        for e in entries
+        for t in e["per_test"]
+        if test_names is None or t["name"] in test_names
+    ]
+    if not matrices:
+        return None
+    names = list(entries[0]["pooled"]["classes"])
+    return metrics_from_confusion(np.sum(matrices, axis=0), names)
+
+
+def _spread(values: list[float]) -> str:
+    """``mean`` for one value, ``mean +- sd`` for several."""
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}"
+
+
+def _group(entries: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for e in entries:
+        groups.setdefault(tuple(e[k] for k in keys), []).append(e)
+    return groups
+
+
+def _binary_tables(report: dict[str, Any]) -> list[str]:
+    """Pooled P/R/F1 per feature and network (spread over seeds), and F1 per test."""
+    groups = _group(report["binary"], ("feature", "architecture"))
+    if not groups:
+        return []
+    test_names = [t["name"] for t in report["tests"]]
+    rows = []
+    for (feature, arch), entries in groups.items():
+        per_seed = [e["pooled"]["classes"][feature] for e in entries]
+        rows.append(
+            [
+                feature,
+                arch,
+                _spread([c["precision"] for c in per_seed]),
+                _spread([c["recall"] for c in per_seed]),
+                _spread([c["f1"] for c in per_seed]),
+                ", ".join(fmt(c["f1"]) for c in per_seed),
+                _spread([e["threshold"] or 0.5 for e in entries]),
+                _spread([e["val_mean_dice"] for e in entries]),
+                f"{np.mean([e['train_seconds'] for e in entries]):.0f}",
+            ]
+        )
+    lines = ["", "## Binary networks (one per feature), pooled over the test tomograms", ""]
+    headers = ["feature", "network", "precision", "recall", "F1", "F1 per training seed"]
+    headers += ["threshold", "val. Dice", "train s"]
+    lines.append(markdown_table(headers, rows, align="ll" + "r" * 7))
+    lines += ["", "### F1 per test tomogram (pooled over training seeds)", ""]
+    cols = list(groups)
+    rows = []
+    for name in test_names:
+        row = [name]
+        for (feature, _arch), entries in groups.items():
+            m = _pooled(entries, [name])
+            row.append(fmt(m["classes"][feature]["f1"]) if m else "-")
+        rows.append(row)
+    headers = ["test tomogram", *[f"{f} ({a})" for f, a in cols]]
+    lines.append(markdown_table(headers, rows))
+    return lines
+
+
+def _multiclass_table(report: dict[str, Any]) -> list[str]:
+    groups = _group(report["multiclass"], ("architecture",))
+    if not groups:
+        return []
+    lines = [
+        "",
+        "## One multi-class network for all six classes, beside the seed's Table 1",
+        "",
+        "The seed's numbers are the test F1 of Zhao & Zhou's multi-class U-Net on *real*",
+        "tomograms (a PC-12 cell, neuron cells and EMPIAR-10064 ribosome tomograms,",
+        "labelled semi-automatically with EMAN2 and cleaned by hand; 512 x 512 crops",
+        "split 80/10/10). Ours are measured on simulated tomograms with exact ground",
+        "truth, other scenes and other settings than the training tomogram.",
+        "The data differ: compare the pattern, not the digits.",
+        "",
+    ]
+    binary = _group(report["binary"], ("feature", "architecture"))
+    headers = ["class"]
+    for (arch,) in groups:
+        headers += [f"P ({arch})", f"R ({arch})", f"F1 ({arch})"]
+    headers += [f"F1 binary {report['default_architecture']}", "seed Table 1 test F1"]
+    headers.append("truth voxels")
+    rows = []
+    first = next(iter(groups.values()))
+    for cls, seed_f1 in SEED_TABLE1_TEST_F1.items():
+        row = [cls]
+        for entries in groups.values():
+            per_seed = [e["pooled"]["classes"][cls] for e in entries]
+            row += [_spread([c[k] for c in per_seed]) for k in ("precision", "recall", "f1")]
+        own = binary.get((cls, report["default_architecture"]))
+        row.append(_spread([e["pooled"]["classes"][cls]["f1"] for e in own]) if own else "-")
+        support = first[0]["pooled"]["classes"][cls]["support"]
+        rows.append(row + [fmt(seed_f1), f"{support:,}"])
+    lines.append(markdown_table(headers, rows))
+    o = report["options"]
+    for (arch,), entries in groups.items():
+        boxes = entries[0]["boxes"]
+        mean_f1 = _spread([e["pooled"]["mean_foreground_f1"] for e in entries])
+        lines.append(
+            f"# multi-class {arch}: {boxes['positive']} positive boxes (up to "
+            f"{o['n_positive']} per feature), {boxes['negative']} negative boxes; mean "
+            f"foreground F1 {mean_f1}; {report['multiclass_iterations']} iterations, trained "
+            f"in {np.mean([e['train_seconds'] for e in entries]):.0f} s"
+        )
+    return lines
+
+
+def _box_count_table(report: dict[str, Any]) -> list[str]:
+    if not report["box_counts"]:
+        return []
+    lines = ["", "## F1 against the number of positive boxes", ""]
+    counts = sorted({e["n_positive"] for e in report["box_counts"]})
+    by_feature: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for e in report["box_counts"]:
+        key = (e["feature"], e["architecture"])
+        by_feature.setdefault(key, {}).setdefault(e["n_positive"], []).append(e["f1"])
+    rows = [
+        [f, a, *[_spread(v[n]) if n in v else "-" for n in counts]]
+        for (f, a), v in by_feature.items()
+    ]
+    lines.append(
+        markdown_table(
+            ["feature", "network", *[f"{n} positive boxes" for n in counts]],
+            rows,
+            align="ll" + "r" * len(counts),
+        )
+    )
+    lines.append(f"# negative boxes fixed at {report['options']['n_negative']}")
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The printed report: machine, command, settings and the three tables."""
+    """The printed report: machine, command, settings and the tables."""
     o = report["options"]
     z0, z1 = report["scored_slices"]
     depth = o["shape"][0]
-    tests = ", ".join(f"seed {s}" for s in o["test_seeds"])
+    seeds = ", ".join(str(s) for s in o["train_seeds"])
+    changed = ", ".join(f"{k}={v}" for k, v in o["train_overrides"].items())
+    threshold = "each network's own" if o["threshold"] is None else f"{o['threshold']}"
+    kind = "shifted settings" if o["shifted"] else "other seeds and noise levels"
     lines = [
         "# accuracy on unseen simulated tomograms",
         f"# command: {report['command']}",
         describe_machine(report["machine"]),
-        f"# training: simulated tomogram seed {o['train_seed']} ({'x'.join(map(str, o['shape']))}"
-        f" voxels, SNR 0.8), {o['n_positive']} positive and {o['n_negative']} negative boxes "
-        f"per feature, TrainSettings defaults with {report['iterations']} iterations, "
-        f"{report['torch_threads']} torch thread(s)",
-        f"# testing: {tests} at SNR {', '.join(str(s) for s in o['snrs'])} "
-        f"({len(o['test_seeds']) * len(o['snrs'])} tomograms); slices {z0}-{z1 - 1} of "
-        f"{depth} scored (the central {100 * (z1 - z0) / depth:.0f} %), threshold 0.5; "
-        "confusion matrices summed over the test tomograms",
+        f"# training: simulated tomogram at the default setting ({'x'.join(map(str, o['shape']))}"
+        f" voxels), training seed(s) {seeds} (scene, boxes, initialisation); "
+        f"{o['n_positive']} positive and {o['n_negative']} negative boxes per feature, "
+        f"TrainSettings defaults{' with ' + changed if changed else ''}, "
+        f"{report['iterations']} iterations, {report['torch_threads']} torch thread(s)",
+        f"# testing: {len(report['tests'])} tomograms ({kind}): "
+        + "; ".join(t["name"] for t in report["tests"]),
+        f"# scored: the central {100 * Z_FRACTION[1] - 100 * Z_FRACTION[0]:.0f} % of the "
+        f"slices (here {z0}-{z1 - 1} of {depth}); threshold: {threshold}; confusion "
+        "matrices summed over the test tomograms",
         f"# run time: {report['seconds'] / 60:.1f} min",
     ]
-    snrs = o["snrs"]
-    rows = []
-    for e in report["binary"]:
-        c = e["pooled"]["classes"][e["feature"]]
-        rows.append(
-            [
-                e["feature"],
-                e["architecture"],
-                fmt(c["precision"]),
-                fmt(c["recall"]),
-                fmt(c["f1"]),
-                *_f1_by_snr(e, e["feature"], snrs),
-                fmt(e["val_mean_dice"]),
-                f"{e['train_seconds']:.0f}",
-            ]
-        )
-    if rows:
-        lines += ["", "## Binary networks (one per feature), pooled over the test tomograms", ""]
-        lines.append(
-            markdown_table(
-                [
-                    "feature",
-                    "network",
-                    "precision",
-                    "recall",
-                    "F1",
-                    *[f"F1 at SNR {s}" for s in snrs],
-                    "val. Dice",
-                    "train s",
-                ],
-                rows,
-                align="ll" + "r" * (5 + len(snrs)),
-            )
-        )
-    if report["multiclass"]:
-        lines += [
-            "",
-            "## One multi-class network for all six classes, beside the seed's Table 1",
-            "",
-            "The seed's numbers are the test F1 of Zhao & Zhou's multi-class U-Net on *real*",
-            "tomograms (a PC-12 cell, neuron cells and EMPIAR-10064 ribosome tomograms,",
-            "labelled semi-automatically with EMAN2 and cleaned by hand; 512 x 512 crops",
-            "split 80/10/10). Ours are measured on simulated tomograms with exact ground",
-            "truth, other scenes and other noise levels than the training tomogram.",
-            "The data differ: compare the pattern, not the digits.",
-            "",
-        ]
-        binary_default = {
-            e["feature"]: e["pooled"]["classes"][e["feature"]]["f1"]
-            for e in report["binary"]
-            if e["architecture"] == report["default_architecture"]
-        }
-        headers = ["class"]
-        for m in report["multiclass"]:
-            headers += [f"P ({m['architecture']})", f"R ({m['architecture']})"]
-            headers += [f"F1 ({m['architecture']})"]
-        headers += [f"F1 binary {report['default_architecture']}", "seed Table 1 test F1"]
-        rows = []
-        for cls, seed_f1 in SEED_TABLE1_TEST_F1.items():
-            row = [cls]
-            for m in report["multiclass"]:
-                c = m["pooled"]["classes"][cls]
-                row += [fmt(c["precision"]), fmt(c["recall"]), fmt(c["f1"])]
-            support = report["multiclass"][0]["pooled"]["classes"][cls]["support"]
-            row += [fmt(binary_default.get(cls)), fmt(seed_f1), f"{support:,}"]
-            rows.append(row)
-        headers.append("truth voxels")
-        lines.append(markdown_table(headers, rows))
-        for m in report["multiclass"]:
-            lines.append(
-                f"# multi-class {m['architecture']}: {m['boxes']['positive']} positive boxes "
-                f"(up to {o['n_positive']} per feature), {m['boxes']['negative']} negative "
-                f"boxes; mean foreground F1 {m['pooled']['mean_foreground_f1']:.2f}; "
-                f"{report['multiclass_iterations']} iterations, trained in "
-                f"{m['train_seconds']:.0f} s"
-            )
-    if report["box_counts"]:
-        lines += ["", "## F1 against the number of positive boxes", ""]
-        counts = sorted({e["n_positive"] for e in report["box_counts"]})
-        by_feature: dict[tuple[str, str], dict[int, float]] = {}
-        for e in report["box_counts"]:
-            by_feature.setdefault((e["feature"], e["architecture"]), {})[e["n_positive"]] = e["f1"]
-        rows = [[f, a, *[fmt(v.get(n)) for n in counts]] for (f, a), v in by_feature.items()]
-        lines.append(
-            markdown_table(
-                ["feature", "network", *[f"{n} positive boxes" for n in counts]],
-                rows,
-                align="ll" + "r" * len(counts),
-            )
-        )
-        lines.append(f"# negative boxes fixed at {o['n_negative']}")
+    lines += _binary_tables(report)
+    lines += _multiclass_table(report)
+    lines += _box_count_table(report)
     return "\n".join(lines)
+
+
+def _override(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` of ``--set``, the value read as JSON when it can be."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set takes NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shifted", action="store_true", help="the domain-shift test set")
+    parser.add_argument("--shifted-tests", nargs="+", help="only these shifted tests (names)")
+    parser.add_argument("--train-seeds", type=int, nargs="+", help="default: 0")
     parser.add_argument("--iterations", type=int, help="mini-batches (default: TrainSettings')")
     parser.add_argument(
         "--multiclass-iterations",
@@ -513,11 +696,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
     parser.add_argument("--test-seeds", type=int, nargs="+")
     parser.add_argument("--snrs", type=float, nargs="+")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    parser.add_argument(
+        "--set",
+        type=_override,
+        action="append",
+        metavar="NAME=VALUE",
+        help="a TrainSettings field for every network (repeatable), e.g. --set augment=false",
+    )
+    parser.add_argument("--threshold", type=float, help="default: each network's own")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="a tiny run to check the script")
     parser.add_argument("--json", help="also write every number to this JSON file")
     args = parser.parse_args(argv)
-    options = quick_options() if args.quick else AccuracyOptions()
+    options = quick_options(args.shifted) if args.quick else AccuracyOptions(shifted=args.shifted)
     for name in (
         "iterations",
         "multiclass_iterations",
@@ -530,8 +721,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         "box_features",
         "n_positive",
         "n_negative",
+        "shifted_tests",
         "test_seeds",
         "snrs",
+        "train_seeds",
+        "threshold",
         "threads",
     ):
         value = getattr(args, name)
@@ -539,6 +733,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
             setattr(options, name, value)
     if args.shape:
         options.shape = tuple(args.shape)
+    if args.set:
+        options.train_overrides = dict(args.set)
     return options, args
 
 

@@ -116,7 +116,7 @@ def test_accuracy_quick_run_prints_the_three_tables(accuracy):
     text = accuracy.format_report(report)
     assert len(report["binary"]) == 1 and len(report["multiclass"]) == 1
     entry = report["binary"][0]
-    assert [t["snr"] for t in entry["per_test"]] == [0.8, 1.5]
+    assert [t["settings"]["snr"] for t in entry["per_test"]] == [0.8, 1.5]
     f1 = entry["pooled"]["classes"]["single_membrane"]["f1"]
     assert 0.0 <= f1 <= 1.0
     assert "| single_membrane | unet-lite | " in text
@@ -142,3 +142,28 @@ def test_accuracy_runs_one_part_with_its_own_iterations(accuracy):
     assert [m["steps"] for m in report["multiclass"]] == [4]
     text = accuracy.format_report(report)
     assert "Binary networks" not in text and "4 iterations" in text
+
+
+def test_accuracy_shifted_quick_run_tests_on_shifted_settings(accuracy):
+    options, _ = accuracy.parse_args(
+        ["--shifted", "--quick", "--parts", "binary", "--train-seeds", "0", "1"]
+    )
+    report = accuracy.run_accuracy(options)
+    entries = report["binary"]
+    assert [e["train_seed"] for e in entries] == [0, 1]
+    names = [t["name"] for t in entries[0]["per_test"]]
+    assert names == list(accuracy.QUICK_SHIFTED)
+    inverted = dict(accuracy.SHIFTED_TESTS)["contrast inverted"]
+    assert entries[0]["per_test"][1]["settings"]["invert_contrast"] is inverted["invert_contrast"]
+    # each network was applied at its own calibrated threshold
+    for e in entries:
+        assert 0.0 < e["threshold"] < 1.0
+    text = accuracy.format_report(report)
+    assert "| single_membrane | unet-lite | " in text and " +- " in text
+    assert "| SNR 0.3 | " in text and "| contrast inverted | " in text
+
+
+def test_shifted_settings_make_a_thicker_volume(accuracy):
+    name, changes = next(t for t in accuracy.SHIFTED_TESTS if "thicker" in t[0])
+    settings = accuracy.shifted_settings(name, changes, (96, 256, 256))
+    assert settings["shape"] == (160, 256, 256) and "depth_factor" not in settings

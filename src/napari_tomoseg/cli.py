@@ -709,7 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tomograms", nargs="+", help="tomograms (MRC) of the same pixel size")
     p.add_argument("--output-dir", default=".", help="folder for the results")
     p.add_argument("--name", help="label used in output names (default: network file name)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="probability at which the mask is cut (default: the network's own, chosen on "
+        "its held-out boxes when it was trained; 0.5 for a network without one)",
+    )
     p.add_argument("--tta", action="store_true", help="test-time augmentation (8x slower)")
     p.add_argument(
         "--shrink",

@@ -136,6 +136,8 @@ VOXEL_SIZE_POLICIES = ("rescale", "refuse")
 #: background) or refuse the tomogram.
 NONFINITE_POLICIES = ("fill", "refuse")
 TTA_TRANSFORMS = (4, 8)
+#: The mask threshold of a network that records none (one trained before calibration).
+DEFAULT_THRESHOLD = 0.5
 
 VoxelSize = float | Sequence[float]
 
@@ -156,7 +158,9 @@ class ApplySettings:
     ``device``: ``"auto"`` (CUDA, then Apple MPS, then CPU), or a torch device string.
     ``mixed_precision``: float16 autocast on CUDA (ignored elsewhere).  ``tta``: average the
     probabilities over ``tta_transforms`` orientations of each tile (8: the four rotations
-    and their mirror images; 4: the flips).  ``threshold``: probability for the mask.
+    and their mirror images; 4: the flips).  ``threshold``: probability for the mask;
+    ``None`` takes the network's own (chosen on its held-out boxes when it was trained, see
+    :func:`napari_tomoseg.training.calibrate_threshold`), or 0.5 for a network without one.
     ``voxel_size_policy``: ``"rescale"`` or ``"refuse"`` when the tomogram's voxel size
     differs from the network's by more than ``voxel_size_tolerance`` (relative).
     ``z_chunk``: Z slices whose tiles are batched together, one progress event each
@@ -175,7 +179,7 @@ class ApplySettings:
     mixed_precision: bool = True
     tta: bool = False
     tta_transforms: int = 8
-    threshold: float = 0.5
+    threshold: float | None = None
     voxel_size_policy: str = "rescale"
     voxel_size_tolerance: float = 0.05
     z_chunk: int = 8
@@ -210,8 +214,13 @@ class ApplySettings:
                 f"tta_transforms must be 4 (flips) or 8 (rotations and flips), "
                 f"got {self.tta_transforms!r}."
             )
-        if not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0):
-            raise TomosegError(f"threshold must be between 0 and 1, got {self.threshold!r}.")
+        if self.threshold is not None and not (
+            isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0
+        ):
+            raise TomosegError(
+                f"threshold must be between 0 and 1 (or None: the network's own), got "
+                f"{self.threshold!r}."
+            )
         if self.voxel_size_policy not in VOXEL_SIZE_POLICIES:
             raise TomosegError(
                 f"voxel_size_policy must be one of {VOXEL_SIZE_POLICIES}, "
@@ -228,6 +237,20 @@ class ApplySettings:
                 f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}."
             )
         resolve_device(self.device)
+
+    def resolved(self, network: Any) -> ApplySettings:
+        """These settings with the threshold decided: as given, else the network's own,
+        else :data:`DEFAULT_THRESHOLD`."""
+        if self.threshold is not None:
+            return self
+        return replace(self, threshold=network_threshold(network))
+
+
+def network_threshold(network: Any) -> float:
+    """The probability at which ``network``'s mask is cut: the threshold recorded in its
+    file (chosen on its held-out boxes), or :data:`DEFAULT_THRESHOLD`."""
+    own = getattr(getattr(network, "meta", None), "threshold", None)
+    return float(own) if own is not None else DEFAULT_THRESHOLD
 
 
 @dataclass
@@ -249,7 +272,8 @@ class ApplyResult:
     ``probabilities``: one (Z, Y, X) uint8 array per foreground class, in the order of
     ``foreground_names`` (empty when not kept); read with :func:`probabilities_as_float`.
     ``mask``: (Z, Y, X) uint8 class indices.  ``class_names``: all classes, background first.
-    ``voxel_size``: the tomogram's (Z, Y, X) in Angstrom, or ``None``.  ``stopped``: the run
+    ``voxel_size``: the tomogram's (Z, Y, X) in Angstrom, or ``None``.  ``threshold``: the
+    probability the mask was cut at.  ``stopped``: the run
     was cancelled; slices past ``slices_done`` are not filled (and no file was written).
     For file runs, ``mask_path`` / ``probability_paths`` name the files and the arrays are
     read-only memory maps of them.  ``notes`` list what was adapted (tile size, rescaling).
@@ -265,6 +289,7 @@ class ApplyResult:
     mask_path: Path | None = None
     probability_paths: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    threshold: float = DEFAULT_THRESHOLD
 
     @property
     def foreground_names(self) -> list[str]:
@@ -285,6 +310,7 @@ def _run_result(
     stopped: bool,
     slices_done: int,
     notes: list[str],
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> ApplyResult:
     """The :class:`ApplyResult` of a run that wrote into ``outputs`` (an
     :class:`ApplyOutputs`) and began at ``time.perf_counter()`` = ``start``."""
@@ -297,6 +323,7 @@ def _run_result(
         stopped=stopped,
         slices_done=slices_done,
         notes=notes,
+        threshold=threshold,
     )
 
 
@@ -1609,7 +1636,7 @@ def iter_apply(
     ``settings.z_chunk`` (batches start there); this is how a tomogram is split across
     cluster workers.
     """
-    settings = settings or ApplySettings()
+    settings = (settings or ApplySettings()).resolved(network)
     settings.validate()
     meta, model, class_names, context = _meta_checks(network)
     if volume.ndim != 3:
@@ -1662,6 +1689,7 @@ def iter_apply(
             stopped=stopped,
             slices_done=done,
             notes=notes,
+            threshold=settings.threshold,
         )
 
     # the next slices are read and normalised while the network works on these
@@ -1788,6 +1816,7 @@ def _iter_apply_binned(
             stopped=True,
             slices_done=0,
             notes=notes,
+            threshold=settings.threshold,
         )
     del binned
     full = outputs.probabilities or [np.zeros(shape, dtype=np.uint8) for _ in range(n_fg)]
@@ -1809,6 +1838,7 @@ def _iter_apply_binned(
                 stopped=True,
                 slices_done=0,
                 notes=notes,
+                threshold=settings.threshold,
             )
     for z in range(shape[0]):
         fg = np.stack([probabilities_as_float(f[z]) for f in full])
@@ -1823,6 +1853,7 @@ def _iter_apply_binned(
         stopped=False,
         slices_done=shape[0],
         notes=notes,
+        threshold=settings.threshold,
     )
 
 

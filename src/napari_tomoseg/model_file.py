@@ -180,7 +180,8 @@ class NetworkMeta:
     ``voxel_size`` is the training images' pixel size in Angstrom (``None`` if unknown);
     ``normalisation`` describes how the training images were normalised (apply the same to
     new tomograms); ``context_slices`` is the number of neighbouring Z slices on each side
-    that were stacked as input channels.
+    that were stacked as input channels.  ``threshold`` is the probability at which the
+    network's mask is cut, chosen on its held-out boxes (``None``: 0.5).
     """
 
     architecture: str
@@ -193,6 +194,7 @@ class NetworkMeta:
     box_size: int | None = None
     normalisation: dict[str, Any] = field(default_factory=dict)
     context_slices: int = 0
+    threshold: float | None = None
     trainset_summary: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -278,6 +280,9 @@ class NetworkMeta:
         ctx = data.get("context_slices", 0)
         if not _is_int(ctx) or ctx < 0:
             raise bad("context_slices", "must be a non-negative integer")
+        threshold = data.get("threshold")
+        if threshold is not None and (not _is_number(threshold) or not 0 < threshold < 1):
+            raise bad("threshold", "must be a probability between 0 and 1, or null")
         for key in ("normalisation", "trainset_summary", "metrics", "versions"):
             if not isinstance(data.get(key, {}), dict):
                 raise bad(key, "must be an object")
@@ -304,6 +309,7 @@ class NetworkMeta:
             box_size=box,
             normalisation=dict(data.get("normalisation", {})),
             context_slices=ctx,
+            threshold=None if threshold is None else float(threshold),
             trainset_summary=dict(data.get("trainset_summary", {})),
             history=list(history),
             metrics=dict(data.get("metrics", {})),

@@ -140,6 +140,14 @@ class SimulationSettings:
     carbon_edge: bool = True
     carbon_thickness_nm: float = 20.0
     carbon_edge_width_nm: float = 8.0
+    # feature sizes and the cytoplasm (for tomograms unlike the default one)
+    membrane_thickness_nm: float = 5.0
+    microtubule_diameter_nm: float = 25.0
+    vesicle_radius_nm: tuple[float, float] = (15.0, 60.0)
+    crowding: float = 1.0
+    # reconstruction and display
+    lowpass: float = 1.0
+    invert_contrast: bool = False
     keep_density: bool = True
 
 
@@ -183,6 +191,14 @@ def _check_settings(s: SimulationSettings) -> None:
         (0 <= s.dense_vesicle_fraction <= 1, "dense_vesicle_fraction must be in [0, 1]"),
         (s.carbon_thickness_nm > 0, "carbon_thickness_nm must be > 0"),
         (s.carbon_edge_width_nm > 0, "carbon_edge_width_nm must be > 0"),
+        (2.0 <= s.membrane_thickness_nm <= 12.0, "membrane_thickness_nm must be 2-12 nm"),
+        (12.0 <= s.microtubule_diameter_nm <= 40.0, "microtubule_diameter_nm must be 12-40 nm"),
+        (
+            len(s.vesicle_radius_nm) == 2 and 5.0 <= s.vesicle_radius_nm[0] <= s.vesicle_radius_nm[1],
+            "vesicle_radius_nm must be (smallest, largest) with 5 <= smallest <= largest",
+        ),
+        (0.0 <= s.crowding <= 4.0, "crowding must be 0-4 (1: ~25% protein in the cytoplasm)"),
+        (0.05 <= s.lowpass <= 1.0, "lowpass must be in [0.05, 1] (1: no low-pass filter)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -312,7 +328,9 @@ class _Scene:
         self.outside = np.zeros(self.shape, dtype=bool)  # extracellular side of the cell
         self.obstacles = _Obstacles()
         self.ribosome_centres: list[np.ndarray] = []
-        self.half = max(_MEMBRANE_HALF / self.nm, 0.6)
+        thickness = float(settings.membrane_thickness_nm)
+        self.half = max(thickness / 2 / self.nm, 0.6)
+        self.bilayer_scale = thickness / (2 * _MEMBRANE_HALF)  # headgroup spacing and tails
         sigma = max(1.2 / self.nm, 0.7)
         noise = rng.standard_normal(self.shape, dtype=np.float32)
         texture = ndimage.gaussian_filter(noise, sigma, mode="wrap", truncate=3.0)
@@ -392,14 +410,15 @@ class _Scene:
         if not near.any():
             return out
         d = sd[near] * np.float32(self.nm)
-        s0 = 0.45
+        s0, t0 = 0.45 * self.bilayer_scale, 0.8 * self.bilayer_scale
+        offset = _HEADGROUP_OFFSET * self.bilayer_scale
         s_head = math.sqrt(s0 * s0 + self.nm * self.nm / 12.0)
-        s_tail = math.sqrt(0.8 * 0.8 + self.nm * self.nm / 12.0)
+        s_tail = math.sqrt(t0 * t0 + self.nm * self.nm / 12.0)
         head = _HEADGROUP * (s0 / s_head)
-        tail = _TAILS * (0.8 / s_tail)
+        tail = _TAILS * (t0 / s_tail)
         values = head * (
-            np.exp(-((d - _HEADGROUP_OFFSET) ** 2) / (2 * s_head**2))
-            + np.exp(-((d + _HEADGROUP_OFFSET) ** 2) / (2 * s_head**2))
+            np.exp(-((d - offset) ** 2) / (2 * s_head**2))
+            + np.exp(-((d + offset) ** 2) / (2 * s_head**2))
         )
         values += tail * np.exp(-(d * d) / (2 * s_tail**2))
         out[near] = values
@@ -673,7 +692,8 @@ def _add_er_tube(scene: _Scene) -> int | None:
 def _add_microtubule(scene: _Scene) -> bool:
     """A straight 13-protofilament microtubule lying roughly in the XY plane."""
     rng = scene.rng
-    r_out, r_in = scene.px(_MT_OUTER_R), scene.px(_MT_INNER_R)
+    outer_nm = scene.settings.microtubule_diameter_nm / 2
+    r_out, r_in = scene.px(outer_nm), scene.px(outer_nm * _MT_INNER_R / _MT_OUTER_R)
     diag = float(np.linalg.norm(scene.size[1:]))
     attempts = 60
     for attempt in range(attempts):
@@ -754,7 +774,8 @@ def _add_actin(scene: _Scene) -> int:
 def _add_vesicle(scene: _Scene, dense: bool) -> bool:
     """A spherical vesicle (single membrane), its lumen clear or filled with dense content."""
     rng = scene.rng
-    radius_nm = math.exp(rng.uniform(math.log(15.0), math.log(60.0)))
+    smallest, largest = scene.settings.vesicle_radius_nm
+    radius_nm = math.exp(rng.uniform(math.log(smallest), math.log(largest)))
     radius_nm = min(radius_nm, 0.4 * min(scene.size[1:]) * scene.nm)
     radius = scene.px(radius_nm)
     half = scene.half
@@ -906,8 +927,9 @@ def _add_crowding(scene: _Scene) -> None:
         total += blobs / np.float32(max(float(blobs.mean()), 1e-9))
     inside = scene.free & ~scene.outside
     outside = scene.free & scene.outside
-    weight = inside.astype(np.float32) * np.float32(0.25 / 2)
-    weight += outside.astype(np.float32) * np.float32(0.05 / 2)
+    level = float(scene.settings.crowding)
+    weight = inside.astype(np.float32) * np.float32(level * 0.25 / 2)
+    weight += outside.astype(np.float32) * np.float32(level * 0.05 / 2)
     scene.density += total * weight
 
 
@@ -1096,7 +1118,24 @@ def _image_tilt_series(
         spectrum = sp_fft.rfft2(padded, axes=(1, 2))
         images = sp_fft.irfft2(spectrum * flip, s=(nu, ny + 2 * pad), axes=(1, 2))
         images = images[:, :, pad:-pad].astype(np.float32)
+    if settings.lowpass < 1.0:
+        images = _lowpass_images(images, k, settings, pad)
     return images
+
+
+def _lowpass_images(
+    images: np.ndarray, k: np.ndarray, settings: SimulationSettings, pad: int
+) -> np.ndarray:
+    """Low-pass each image with a raised-cosine edge ending at ``lowpass`` x Nyquist: the
+    smoother look of SIRT-like reconstructions and of data binned from finer pixels."""
+    nt, nu, ny = images.shape
+    cut = settings.lowpass * 0.5 / settings.voxel_size
+    t = np.clip((k - 0.7 * cut) / (0.3 * cut), 0.0, 1.0)
+    window = (0.5 * (1 + np.cos(np.pi * t))).astype(np.float32)
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad)), mode="reflect")
+    spectrum = sp_fft.rfft2(padded, axes=(1, 2))
+    out = sp_fft.irfft2(spectrum * window, s=(nu, ny + 2 * pad), axes=(1, 2))
+    return out[:, :, pad:-pad].astype(np.float32)
 
 
 def _weighted_backprojection(
@@ -1159,6 +1198,8 @@ def iter_simulate_tomogram(
     tomogram = _weighted_backprojection(images, _backprojector(nz, nx, angles, nu), nz, nx)
     tomogram -= np.float32(tomogram.mean())
     tomogram /= np.float32(max(float(tomogram.std()), 1e-12))
+    if settings.invert_contrast:
+        np.negative(tomogram, out=tomogram)  # matter bright, as some packages write it
     yield Progress("simulate", 4, total, "done")
     return SimulatedTomogram(
         tomogram=tomogram,

@@ -762,6 +762,72 @@ def _make_preview(
     )
 
 
+#: Thresholds tried when calibrating a network's mask threshold on its held-out boxes.
+THRESHOLD_CANDIDATES = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2 ... 0.8
+
+
+def _box_weights(box_ids: np.ndarray) -> np.ndarray:
+    """One weight per sample so that every box counts once, however many copies it has."""
+    _, inverse, counts = np.unique(box_ids, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
+
+
+def _predict(model: nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Class probabilities (N, K, H, W) float32 of ``images`` (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        with torch.no_grad():
+            for start in range(0, images.shape[0], _EVAL_BATCH):
+                x = images[start : start + _EVAL_BATCH].to(device)
+                parts.append(logits_to_proba(model(x)).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(parts)
+
+
+def calibrate_threshold(
+    proba: np.ndarray, labels: np.ndarray, box_ids: np.ndarray, ignore_index: int | None = None
+) -> tuple[float, dict[str, Any]]:
+    """The mask threshold that maximises the F1 of held-out samples, and the F1 curve.
+
+    ``proba`` (N, K, H, W) are the network's class probabilities, ``labels`` (N, H, W) the
+    truth.  A pixel is given its most probable class when that probability reaches the
+    threshold, else background (as :mod:`napari_tomoseg.inference` does).  Every box
+    counts once (its rotated copies share one weight), and the F1 is the mean over the
+    feature classes of F1 computed from the weighted counts.  The curve is smoothed over
+    neighbouring thresholds before its maximum is taken: a few held-out boxes give a
+    ragged curve, and a threshold on a plateau generalises better than a spike.
+    """
+    weights = _box_weights(np.asarray(box_ids))[:, None, None]
+    valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+    best_class = proba.argmax(axis=1)
+    top = proba.max(axis=1)
+    k = proba.shape[1]
+    curve = []
+    for t in THRESHOLD_CANDIDATES:
+        pred = np.where(top >= t, best_class, 0)
+        f1s = []
+        for c in range(1, k):
+            p, y = (pred == c) & valid, (labels == c) & valid
+            tp = float((weights * (p & y)).sum())
+            denom = float((weights * p).sum() + (weights * y).sum())
+            if denom > 0:
+                f1s.append(2 * tp / denom)
+        curve.append(float(np.mean(f1s)) if f1s else 0.0)
+    smooth = np.convolve(np.pad(curve, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    best = int(np.argmax(smooth))
+    info = {
+        "candidates": list(THRESHOLD_CANDIDATES),
+        "f1": [round(v, 4) for v in curve],
+        "chosen": THRESHOLD_CANDIDATES[best],
+        "f1_at_chosen": round(curve[best], 4),
+        "f1_at_0.5": round(curve[THRESHOLD_CANDIDATES.index(0.5)], 4),
+    }
+    return THRESHOLD_CANDIDATES[best], info
+
+
 def _voxel_size(value: Any) -> float | None:
     """The in-plane voxel size (Angstrom) from a number or a (Z, Y, X) sequence."""
     if value is None:
@@ -1144,6 +1210,14 @@ def iter_train(
     assert best is not None
     model.load_state_dict(best["state"])
     model.eval()
+    calibration_idx = val_idx if split["held_out"] else train_idx
+    threshold, calibration = calibrate_threshold(
+        _predict(model, images_t[torch.from_numpy(calibration_idx)], device),
+        labels_np[calibration_idx],
+        np.asarray(trainset.box_ids)[calibration_idx],
+        _ignore_index(trainset),
+    )
+    calibration["on"] = "held-out boxes" if split["held_out"] else "training boxes"
 
     candidates = val_idx if split["held_out"] else train_idx
     preview = _make_preview(
@@ -1174,6 +1248,7 @@ def iter_train(
         "validation_fraction": float(settings.validation_fraction),
         "mixed_precision": use_amp,
         "resumed_from_step": None if saved is None else int(saved.step),
+        "threshold_calibration": calibration,
     }
     box_size = meta_in.get("box_size")
     context = meta_in.get("context_slices", (in_channels - 1) // 2)
@@ -1189,6 +1264,7 @@ def iter_train(
         box_size=int(box_size) if _positive_int(box_size) else int(trainset.images.shape[-1]),
         normalisation=jsonable(dict(meta_in.get("normalisation") or {})),
         context_slices=int(context) if _is_int(context) and context >= 0 else 0,
+        threshold=float(threshold),
         trainset_summary=jsonable(
             {
                 "n_samples": int(n_samples),
@@ -1240,6 +1316,7 @@ __all__ = [
     "TrainSettings",
     "TrainingPreview",
     "auto_class_weights",
+    "calibrate_threshold",
     "class_metrics",
     "confusion_matrix",
     "iter_train",

@@ -22,7 +22,7 @@ from magicgui.widgets import (
 
 from .._layers import labels_layer_kwargs
 from ..errors import TomosegError
-from ..inference import ApplySettings, iter_apply
+from ..inference import DEFAULT_THRESHOLD, ApplySettings, iter_apply
 from ..model_file import load_network
 from ._common import (
     SESSION,
@@ -64,8 +64,17 @@ class ApplyWidget(Container):
         self.source = ComboBox(label="network", choices=list(SOURCES), value=SOURCES[0])
         self.network_file = FileEdit(label="network file", mode="r", filter="*.tsnet")
         self.tomogram = ComboBox(label="tomogram", choices=layer_choices(viewer, "image"))
+        self.own_threshold = CheckBox(
+            label="network's threshold",
+            value=True,
+            tooltip="the threshold chosen on the network's held-out boxes when it was trained",
+        )
         self.threshold = FloatSpinBox(
-            label="threshold", value=ApplySettings.threshold, min=0.0, max=1.0, step=0.05
+            label="threshold", value=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.05
+        )
+        self.threshold.enabled = False
+        self.own_threshold.changed.connect(
+            lambda own: setattr(self.threshold, "enabled", not own)
         )
         self.tta = CheckBox(label="test-time augmentation", value=ApplySettings.tta)
         self.run_button = PushButton(text="Apply")
@@ -76,6 +85,7 @@ class ApplyWidget(Container):
                 self.source,
                 self.network_file,
                 self.tomogram,
+                self.own_threshold,
                 self.threshold,
                 self.tta,
                 self.run_button,
@@ -87,6 +97,7 @@ class ApplyWidget(Container):
             "apply",
             {
                 "threshold": self.threshold,
+                "own_threshold": self.own_threshold,
                 "tta": self.tta,
                 "network_file": self.network_file,
             },
@@ -122,7 +133,8 @@ class ApplyWidget(Container):
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
-        settings = ApplySettings(threshold=float(self.threshold.value), tta=bool(self.tta.value))
+        threshold = None if self.own_threshold.value else float(self.threshold.value)
+        settings = ApplySettings(threshold=threshold, tta=bool(self.tta.value))
         volume = tomo.data
         voxel_size = voxel_size_of(tomo)
         self.run_button.enabled = False
@@ -134,7 +146,7 @@ class ApplyWidget(Container):
                 self.status.value = "cancelled: nothing was added"
                 return
             self.layers_added = self.add_result_layers(tomo, network, result)
-            self.status.value = f"done in {result.seconds:.1f} s"
+            self.status.value = f"done in {result.seconds:.1f} s (threshold {result.threshold:.2f})"
             notify_info(f"Segmented '{tomo.name}' with the {network.meta.architecture} network.")
 
         def finished() -> None:
@@ -159,6 +171,7 @@ class ApplyWidget(Container):
             "voxel_size": voxel_size_of(tomo),
             "voxel_size_unit": "angstrom",
             "source_layer": tomo.name,
+            "threshold": result.threshold,
         }
         added = []
         for k in range(probs.shape[0]):
