@@ -360,7 +360,7 @@ def _summary(result: Any, seconds: float) -> dict[str, Any]:
         "val_mean_dice": result.metrics.get("mean_foreground_f1"),
         "best_step": result.metadata.get("best_step"),
         "steps": result.metadata.get("steps_done"),
-        "threshold": result.network.meta.threshold,
+        "threshold": getattr(result.network.meta, "threshold", None),
     }
 
 
