@@ -173,30 +173,10 @@ def run_child(script: str, spec: dict[str, Any], threads: int | None = None) -> 
 def binary_trainset(
     sim: Any, feature: str, n_positive: int = 10, n_negative: int = 100, seed: int = 0
 ) -> Any:
-    """A TomoSeg training set for one feature of a simulated tomogram, boxed like a user.
+    """A TomoSeg training set for one feature of a simulated tomogram, boxed like a user:
+    ``n_positive`` boxes rich in the feature and ``n_negative`` boxes free of it, the
+    feature painted from the ground truth inside the positive boxes, default
+    :class:`TrainsetSettings` (:func:`napari_tomoseg.demo.trainset_from_truth`)."""
+    from napari_tomoseg.demo import trainset_from_truth
 
-    ``n_positive`` boxes rich in the feature and ``n_negative`` boxes free of it
-    (:func:`napari_tomoseg.demo.boxes_from_ground_truth`), the feature painted from the
-    ground truth inside the positive boxes, default :class:`TrainsetSettings`.
-    """
-    import numpy as np
-
-    from napari_tomoseg.demo import boxes_from_ground_truth
-    from napari_tomoseg.synthetic import CLASS_NAMES
-    from napari_tomoseg.trainset import TrainsetSettings, build_training_set
-
-    value = CLASS_NAMES.index(feature)
-    positives, negatives = boxes_from_ground_truth(
-        sim.labels, value, n_positive=n_positive, n_negative=n_negative, seed=seed
-    )
-    painting = (sim.labels == value).astype(np.uint8)
-    return build_training_set(
-        sim.tomogram,
-        painting,
-        positives,
-        negatives,
-        TrainsetSettings(seed=seed),
-        class_names=("background", feature),
-        voxel_size=sim.voxel_size,
-        source=f"simulated seed {sim.settings.seed}",
-    )
+    return trainset_from_truth(sim, [feature], n_positive, n_negative, seed=seed)

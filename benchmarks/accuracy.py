@@ -120,6 +120,8 @@ SHIFTED_TESTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
 )
 SHIFTED_SEED = 101
+#: Thresholds at which binary networks are also scored (threshold sensitivity).
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 #: The two shifted tests of the quick mode.
 QUICK_SHIFTED = ("SNR 0.3", "contrast inverted")
 
@@ -265,22 +267,26 @@ def evaluate(
             voxel_size=sim.voxel_size,
             settings=settings,
             z_range=(start, z1),
-            keep_probabilities=False,
+            keep_probabilities=k == 2,
         )
         pred = np.asarray(result.mask)[z0 - start :]
         labels = sim.labels[z0:z1]
         truth = np.isin(labels, truth_values).astype(np.uint8) if truth_values else labels
         conf = confusion_matrix(pred, truth, k)
         total += conf
-        per_test.append(
-            {
-                "name": test.name,
-                "seed": test.seed,
-                "settings": test.settings,
-                "confusion": conf.tolist(),
-                "metrics": metrics_from_confusion(conf, names),
-            }
-        )
+        entry = {
+            "name": test.name,
+            "seed": test.seed,
+            "settings": test.settings,
+            "confusion": conf.tolist(),
+            "metrics": metrics_from_confusion(conf, names),
+        }
+        if k == 2:  # how the F1 depends on the threshold (binary networks)
+            p = np.asarray(result.probabilities[0])[z0 - start :]
+            entry["sweep"] = [
+                confusion_matrix(p >= round(255 * t), truth, 2).tolist() for t in SWEEP
+            ]
+        per_test.append(entry)
     return {"pooled": metrics_from_confusion(total, names), "per_test": per_test}
 
 
@@ -298,60 +304,6 @@ def _train(
     if iterations is not None:
         settings.iterations = int(iterations)
     return train(trainset, settings)
-
-
-def _boxes_up_to(labels: np.ndarray, values: Any, positive: int, negative: int, seed: int) -> Any:
-    """:func:`boxes_from_ground_truth`, asking for fewer boxes (three quarters at a time)
-    while the volume cannot supply that many."""
-    from napari_tomoseg.demo import boxes_from_ground_truth
-    from napari_tomoseg.errors import TomosegError
-
-    while True:
-        try:
-            return boxes_from_ground_truth(
-                labels, values, n_positive=positive, n_negative=negative, seed=seed
-            )
-        except TomosegError:
-            if positive + negative <= 1:
-                return [], []
-            positive, negative = positive * 3 // 4, negative * 3 // 4
-
-
-def multiclass_trainset(sim: Any, n_positive: int, n_negative: int, seed: int = 0) -> Any:
-    """A six-class training set: up to ``n_positive`` boxes per feature with the whole
-    ground truth painted in them, and up to ``n_negative`` boxes free of every feature
-    (fewer when the volume cannot hold that many; the set's metadata says how many)."""
-    from napari_tomoseg.synthetic import CLASS_NAMES
-    from napari_tomoseg.trainset import TrainsetSettings, build_training_set
-
-    features = list(range(1, len(CLASS_NAMES)))
-    positives = []
-    seen = set()
-    per_feature = {}
-    for value in features:
-        boxes, _ = _boxes_up_to(sim.labels, value, n_positive, 0, seed)
-        per_feature[CLASS_NAMES[value]] = len(boxes)
-        for b in boxes:
-            if (b.z, b.y, b.x) not in seen:
-                seen.add((b.z, b.y, b.x))
-                positives.append(b)
-    _, negatives = _boxes_up_to(sim.labels, features, 0, n_negative, seed)
-    ts = build_training_set(
-        sim.tomogram,
-        sim.labels,
-        positives,
-        negatives,
-        TrainsetSettings(seed=seed),
-        class_names=CLASS_NAMES,
-        voxel_size=sim.voxel_size,
-        source=f"simulated seed {sim.settings.seed}",
-    )
-    ts.metadata["benchmark_boxes"] = {
-        "positive": len(positives),
-        "negative": len(negatives),
-        "per_feature": per_feature,
-    }
-    return ts
 
 
 def _summary(result: Any, seconds: float) -> dict[str, Any]:
@@ -394,6 +346,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
     """Train and test everything ``options`` asks for; returns all numbers as a dict."""
     import torch
 
+    from napari_tomoseg.demo import trainset_from_truth
     from napari_tomoseg.models import DEFAULT_ARCHITECTURE, available
     from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram
     from napari_tomoseg.training import TrainSettings
@@ -446,7 +399,14 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
     for arch in multi_archs if "multiclass" in options.parts else []:
         for seed, sim in train_sims.items():
             say(f"multi-class / {arch} / seed {seed}: training ...")
-            ts = multiclass_trainset(sim, options.n_positive, options.n_negative, seed)
+            ts = trainset_from_truth(
+                sim,
+                CLASS_NAMES[1:],
+                options.n_positive,
+                options.n_negative,
+                seed=seed,
+                all_classes=True,
+            )
             t0 = time.perf_counter()
             result = _train(ts, arch, options, seed, options.multiclass_iterations)
             report["multiclass"].append(

@@ -122,6 +122,90 @@ def _spread(
     )
 
 
+def boxes_up_to(
+    labels: np.ndarray,
+    feature: int | Sequence[int],
+    n_positive: int,
+    n_negative: int,
+    *,
+    seed: int = 0,
+    box_size: int = DEFAULT_BOX_SIZE,
+) -> tuple[list[Box], list[Box]]:
+    """:func:`boxes_from_ground_truth`, asking for fewer boxes (three quarters at a time)
+    while the volume cannot supply that many (none when it holds no such feature)."""
+    while True:
+        try:
+            return boxes_from_ground_truth(
+                labels,
+                feature,
+                n_positive=n_positive,
+                n_negative=n_negative,
+                seed=seed,
+                box_size=box_size,
+            )
+        except TomosegError:
+            if n_positive + n_negative <= 1:
+                return [], []
+            n_positive, n_negative = n_positive * 3 // 4, n_negative * 3 // 4
+
+
+def trainset_from_truth(
+    sim: Any,
+    features: Sequence[str],
+    n_positive: int = 10,
+    n_negative: int = 100,
+    *,
+    seed: int = 0,
+    all_classes: bool = False,
+    trainset_settings: Any = None,
+) -> Any:
+    """A TomoSeg training set from a simulated tomogram, boxed and painted the way a user
+    would: up to ``n_positive`` boxes rich in each of ``features`` (class names of the
+    simulator) and up to ``n_negative`` boxes free of all of them, the features painted
+    from the ground truth inside the positive boxes (numbered 1, 2, ... in the order given;
+    with ``all_classes`` the simulator's six classes instead).  Fewer boxes are taken when
+    the volume cannot hold that many; ``metadata["benchmark_boxes"]`` says how many."""
+    from .synthetic import CLASS_NAMES
+    from .trainset import TrainsetSettings, build_training_set
+
+    settings = trainset_settings or TrainsetSettings(seed=seed)
+    values = [CLASS_NAMES.index(f) for f in features]
+    positives: list[Box] = []
+    per_feature = {}
+    for name, value in zip(features, values):
+        boxes, _ = boxes_up_to(
+            sim.labels, value, n_positive, 0, seed=seed, box_size=settings.box_size
+        )
+        per_feature[name] = len(boxes)
+        taken = {(b.z, b.y, b.x) for b in positives}
+        positives += [b for b in boxes if (b.z, b.y, b.x) not in taken]
+    _, negatives = boxes_up_to(
+        sim.labels, values, 0, n_negative, seed=seed, box_size=settings.box_size
+    )
+    if all_classes:
+        painting, names = sim.labels, CLASS_NAMES
+    else:
+        lut = np.zeros(256, np.uint8)
+        lut[values] = np.arange(1, len(values) + 1)
+        painting, names = lut[sim.labels], ("background", *features)
+    trainset = build_training_set(
+        sim.tomogram,
+        painting,
+        positives,
+        negatives,
+        settings,
+        class_names=names,
+        voxel_size=sim.voxel_size,
+        source=f"simulated seed {sim.settings.seed}",
+    )
+    trainset.metadata["benchmark_boxes"] = {
+        "positive": len(positives),
+        "negative": len(negatives),
+        "per_feature": per_feature,
+    }
+    return trainset
+
+
 def dice_scores(prediction: np.ndarray, truth: np.ndarray, values: Sequence[int]) -> dict:
     """Dice (= F1) of ``prediction == v`` against ``truth == v`` for each value."""
     scores = {}

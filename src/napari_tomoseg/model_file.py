@@ -383,11 +383,15 @@ class Network:
         return proba.cpu().numpy() if as_numpy else proba
 
 
-def save_network(network: Network, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_network(
+    network: Network, path: str | os.PathLike, *, overwrite: bool = False, half: bool = False
+) -> Path:
     """Write ``network`` to ``path`` (a ``.tsnet`` file) atomically; returns the path.
 
     An existing file is replaced only with ``overwrite=True``.  Weights that are not finite
-    are refused: such a network is broken and would only produce NaN.
+    are refused: such a network is broken and would only produce NaN.  ``half`` stores the
+    floating-point weights as float16 (half the size, for the networks shipped with the
+    package); they are loaded back as float32.
     """
     path = Path(path)
     meta = network.meta.to_dict()
@@ -402,6 +406,10 @@ def save_network(network: Network, path: str | os.PathLike, *, overwrite: bool =
                 f"Cannot save the network: weight {name!r} is not finite (training diverged); "
                 "train again with a smaller learning rate."
             )
+        if half and array.dtype.kind == "f":
+            array = array.astype(np.float16)
+            if not np.all(np.isfinite(array)):
+                raise TomosegError(f"Weight {name!r} is too large for float16; save without half.")
         arrays[_STATE_PREFIX + name] = array.copy(order="C")
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)

@@ -194,7 +194,8 @@ def _check_settings(s: SimulationSettings) -> None:
         (2.0 <= s.membrane_thickness_nm <= 12.0, "membrane_thickness_nm must be 2-12 nm"),
         (12.0 <= s.microtubule_diameter_nm <= 40.0, "microtubule_diameter_nm must be 12-40 nm"),
         (
-            len(s.vesicle_radius_nm) == 2 and 5.0 <= s.vesicle_radius_nm[0] <= s.vesicle_radius_nm[1],
+            len(s.vesicle_radius_nm) == 2
+            and 5.0 <= s.vesicle_radius_nm[0] <= s.vesicle_radius_nm[1],
             "vesicle_radius_nm must be (smallest, largest) with 5 <= smallest <= largest",
         ),
         (0.0 <= s.crowding <= 4.0, "crowding must be 0-4 (1: ~25% protein in the cytoplasm)"),
@@ -1223,6 +1224,77 @@ def simulate_tomogram(
     result = drive(iter_simulate_tomogram(settings, **overrides))
     assert result is not None  # never asked to stop
     return result
+
+
+#: Ranges of :func:`random_settings` (uniform unless noted).  Wide on purpose: a network
+#: trained on tomograms drawn from them must not depend on any one microscope or sample.
+RANDOM_RANGES: dict[str, tuple[float, float]] = {
+    "snr": (0.25, 2.0),  # log-uniform
+    "defocus_um": (1.5, 7.0),
+    "tilt_max": (40.0, 66.0),
+    "tilt_step": (2.0, 4.0),
+    "bfactor": (50.0, 400.0),
+    "amplitude_contrast": (0.04, 0.15),
+    "lowpass": (0.5, 1.0),
+    "depth_nm": (60.0, 180.0),
+    "membrane_thickness_nm": (3.5, 7.0),
+    "microtubule_diameter_nm": (21.0, 28.0),
+    "crowding": (0.2, 2.5),
+    "density": (0.5, 2.0),  # log-uniform factor on every object count
+}
+
+
+def random_settings(
+    rng: np.random.Generator, shape_yx: tuple[int, int] = (256, 256), voxel_size: float = 10.0
+) -> SimulationSettings:
+    """Settings drawn at random from :data:`RANDOM_RANGES` (domain randomisation): imaging
+    (dose, defocus, tilt range and step, envelope, CTF correction or not, a smoother
+    reconstruction), specimen (thickness, crowding, how many of each object) and feature
+    sizes (bilayer thickness, microtubule diameter, vesicle radii).  The seed of the scene is
+    drawn too, so one generator gives a reproducible series of different tomograms."""
+    r = RANDOM_RANGES
+
+    def draw(name: str) -> float:
+        return float(rng.uniform(*r[name]))
+
+    def log_draw(name: str) -> float:
+        low, high = r[name]
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+    depth = max(32, int(round(draw("depth_nm") * 10.0 / voxel_size)))
+    density = log_draw("density")
+    volume_um3 = depth * shape_yx[0] * shape_yx[1] * (voxel_size * 1e-4) ** 3
+    counts = {
+        f"n_{name}": int(rng.poisson(DEFAULT_DENSITIES[name] * volume_um3 * density))
+        for name in ("ribosomes", "vesicles", "er_tubes", "actin")
+    }
+    counts["n_microtubules"] = max(1, int(rng.poisson(3 * density)))
+    smallest = float(rng.uniform(10.0, 25.0))
+    return SimulationSettings(
+        shape=(depth, *shape_yx),
+        voxel_size=voxel_size,
+        seed=int(rng.integers(2**31)),
+        tilt_max=draw("tilt_max"),
+        tilt_step=draw("tilt_step"),
+        defocus_um=draw("defocus_um"),
+        amplitude_contrast=draw("amplitude_contrast"),
+        bfactor=draw("bfactor"),
+        phase_flip=bool(rng.random() < 0.7),
+        snr=log_draw("snr"),
+        membrane_thickness_nm=draw("membrane_thickness_nm"),
+        microtubule_diameter_nm=draw("microtubule_diameter_nm"),
+        vesicle_radius_nm=(smallest, smallest * float(rng.uniform(2.0, 6.0))),
+        crowding=draw("crowding"),
+        lowpass=draw("lowpass") if rng.random() < 0.5 else 1.0,
+        n_mitochondria=int(rng.integers(0, 3)),
+        n_gold=int(rng.integers(0, 12)),
+        cell_membrane=bool(rng.random() < 0.7),
+        carbon_edge=bool(rng.random() < 0.6),
+        dense_vesicle_fraction=float(rng.uniform(0.0, 0.6)),
+        er_ribosome_fraction=float(rng.uniform(0.0, 0.7)),
+        keep_density=False,
+        **counts,
+    )
 
 
 def _resolve(settings: SimulationSettings | None, overrides: dict[str, Any]) -> SimulationSettings:

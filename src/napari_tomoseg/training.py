@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import augment_batch, flip_rotate, resolve_augmentation
 from .checkpoint import (
     TrainingState,
     load_checkpoint,
@@ -82,6 +83,7 @@ from .checkpoint import (
 from .errors import TomosegError
 from .model_file import Network, NetworkMeta, jsonable, package_versions
 from .models import DEFAULT_ARCHITECTURE, get_spec, logits_to_proba, resolved_params
+from .pretrained import AUTO, SCRATCH, available, starting_network, transfer_weights
 from .progress import Progress, drive, never_stop
 
 if TYPE_CHECKING:
@@ -108,7 +110,13 @@ class TrainSettings:
     a typical training set of about 2000 samples; add more for harder features.
     ``lr_schedule`` is ``"constant"`` or ``"cosine"`` (decay to ``LR_FLOOR`` times
     ``learning_rate``); both start with a short linear warm-up.  ``augment`` applies a random
-    90-degree rotation and flip to each mini-batch.  The loss is cross-entropy (weighted by
+    90-degree rotation and flip to each mini-batch, and the changes of
+    :mod:`napari_tomoseg.augment` (zoom, blur, noise, contrast, inversion; unnamed
+    strengths take their defaults, ``NO_AUGMENTATION`` turns them off) with the strengths
+    of ``augmentation``.  ``start_from`` says where a new network's weights come from:
+    ``"auto"`` a shipped network trained on simulated tomograms when one knows the
+    features by name (:mod:`napari_tomoseg.pretrained`), ``"scratch"`` random weights, or
+    the name of a shipped network.  The loss is cross-entropy (weighted by
     ``class_weights``: ``None``, ``"auto"`` or one weight per class) plus ``dice_weight``
     times a soft Dice loss of the feature classes (module notes).  ``checkpoint`` is a file the run
     writes its full state to every ``checkpoint_every`` mini-batches and when stopped, so
@@ -129,6 +137,8 @@ class TrainSettings:
     eval_every: int = 50
     preview_samples: int = 16
     augment: bool = True
+    augmentation: dict[str, float] = field(default_factory=dict)
+    start_from: str = "auto"
     lr_schedule: str = "constant"
     dice_weight: float = 1.0
     checkpoint: str | None = None
@@ -158,6 +168,9 @@ class TrainSettings:
     def validate(self) -> None:
         """Raise :class:`TomosegError` naming the first invalid setting."""
         get_spec(self.architecture)
+        if not isinstance(self.augmentation, dict):
+            raise TomosegError("augmentation must be a dictionary of strengths by name.")
+        resolve_augmentation(self.augmentation)
         if not isinstance(self.model_params, dict):
             raise TomosegError("model_params must be a dictionary of architecture parameters.")
         resolved_params(self.architecture, self.model_params)
@@ -209,6 +222,14 @@ class TrainSettings:
                 )
             if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in cw):
                 raise TomosegError("class_weights must all be positive numbers.")
+        if not isinstance(self.start_from, str) or (
+            self.start_from not in (AUTO, SCRATCH) and self.start_from not in available()
+        ):
+            names = ", ".join(available()) or "none shipped"
+            raise TomosegError(
+                f"start_from must be 'auto', 'scratch' or a shipped network ({names}); got "
+                f"{self.start_from!r}."
+            )
         if self.lr_schedule not in ("cosine", "constant"):
             raise TomosegError(
                 f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}."
@@ -636,20 +657,6 @@ def _grad_scaler(enabled: bool) -> Any:
     return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
 
 
-def _augment(
-    x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    k = int(rng.integers(4))
-    flip = bool(rng.integers(2))
-    if k:
-        x = torch.rot90(x, k, dims=(2, 3))
-        y = torch.rot90(y, k, dims=(1, 2))
-    if flip:
-        x = torch.flip(x, dims=(3,))
-        y = torch.flip(y, dims=(2,))
-    return x, y
-
-
 class _Batches:
     """Endless mini-batches of training indices: shuffled epochs, seeded."""
 
@@ -793,8 +800,9 @@ def calibrate_threshold(
     """The mask threshold that maximises the F1 of held-out samples, and the F1 curve.
 
     ``proba`` (N, K, H, W) are the network's class probabilities, ``labels`` (N, H, W) the
-    truth.  A pixel is given its most probable class when that probability reaches the
-    threshold, else background (as :mod:`napari_tomoseg.inference` does).  Every box
+    truth.  As :mod:`napari_tomoseg.inference` makes masks, a binary network marks the
+    feature where its probability reaches the threshold, and a multi-class one gives a
+    pixel its most probable class when that probability reaches it (else background).  Every box
     counts once (its rotated copies share one weight), and the F1 is the mean over the
     feature classes of F1 computed from the weighted counts.  The curve is smoothed over
     neighbouring thresholds before its maximum is taken: a few held-out boxes give a
@@ -802,9 +810,11 @@ def calibrate_threshold(
     """
     weights = _box_weights(np.asarray(box_ids))[:, None, None]
     valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
-    best_class = proba.argmax(axis=1)
-    top = proba.max(axis=1)
     k = proba.shape[1]
+    if k == 2:  # a binary network's mask: the feature's probability reaches the threshold
+        best_class, top = np.ones(labels.shape, np.int64), proba[:, 1]
+    else:
+        best_class, top = proba.argmax(axis=1), proba.max(axis=1)
     curve = []
     for t in THRESHOLD_CANDIDATES:
         pred = np.where(top >= t, best_class, 0)
@@ -856,6 +866,8 @@ def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) ->
             "validation_fraction": float(settings.validation_fraction),
             "class_weights": cw if cw is None or isinstance(cw, str) else [float(w) for w in cw],
             "augment": bool(settings.augment),
+            "augmentation": resolve_augmentation(settings.augmentation),
+            "start_from": settings.start_from,
             "dice_weight": float(settings.dice_weight),
             "eval_every": int(settings.eval_every),
         }
@@ -985,21 +997,29 @@ def iter_train(
         arch = settings.architecture
         params = resolved_params(arch, settings.model_params)
 
+    if init is not None:
+        start, started_from = None, "the network being continued"
+    else:
+        start, started_from = starting_network(
+            settings.start_from, names, arch, int(in_channels), params
+        )
     fingerprint: dict[str, Any] = {}
     if ckpt_path is not None:
         fingerprint = {
             "trainset": trainset_fingerprint(trainset),
             "settings": _run_settings(settings, arch, params),
-            "init": _init_fingerprint(init),
+            "init": _init_fingerprint(init if init is not None else start),
         }
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     meta_in = dict(getattr(trainset, "metadata", {}) or {})
-    network = Network.create(arch, in_channels, n_classes, model_params=params)
+    network = Network.create(arch, in_channels, n_classes, model_params=params, class_names=names)
     model = network.model
     if init is not None:
         model.load_state_dict(init.model.state_dict())
+    elif start is not None:
+        transfer_weights(start, network)
     model.to(device)
     model.train()
 
@@ -1075,6 +1095,7 @@ def iter_train(
     schedule = _lr_schedule(settings)
     scaler = _grad_scaler(use_amp)
     batches = _Batches(train_idx, int(settings.batch_size), rng)
+    augmentation = resolve_augmentation(settings.augmentation)
 
     history0 = [dict(h) for h in (init.meta.history if init is not None else [])]
     step0 = int(history0[-1].get("step", len(history0))) if history0 else 0
@@ -1162,9 +1183,11 @@ def iter_train(
         x = images_t[idx]
         y = labels_t[idx]
         if settings.augment:
-            x, y = _augment(x, y, rng)
+            x, y = flip_rotate(x, y, rng)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True).long()
+        if settings.augment and any(augmentation.values()):
+            x, y = augment_batch(x, y, rng, augmentation)
         for group in optimiser.param_groups:
             group["lr"] = schedule(i)
         optimiser.zero_grad(set_to_none=True)
@@ -1238,6 +1261,7 @@ def iter_train(
         "n_validation_samples": int(val_idx.size),
         "class_weights": [float(w) for w in weights],
         "dice_weight": float(settings.dice_weight),
+        "augmentation": augmentation if settings.augment else "off",
         "class_pixel_counts": [int(c) for c in counts],
         "best_step": int(best["step"]),
         "steps_done": int(steps_done),
@@ -1249,6 +1273,7 @@ def iter_train(
         "mixed_precision": use_amp,
         "resumed_from_step": None if saved is None else int(saved.step),
         "threshold_calibration": calibration,
+        "started_from": started_from,
     }
     box_size = meta_in.get("box_size")
     context = meta_in.get("context_slices", (in_channels - 1) // 2)

@@ -357,6 +357,45 @@ class TrainingSet:
             raise refuse(f"its arrays or metadata are inconsistent ({exc})") from None
 
 
+def concatenate(sets: Sequence[TrainingSet], source: str | None = None) -> TrainingSet:
+    """One training set holding the samples of ``sets`` (same classes, channels and box
+    size), with box numbers kept apart so validation still splits whole boxes.  The
+    metadata is the first set's, with the counts summed and the sources listed."""
+    if not sets:
+        raise TomosegError("No training sets to join.")
+    first = sets[0]
+    for other in sets[1:]:
+        if (
+            other.class_names != first.class_names
+            or other.images.shape[1:] != first.images.shape[1:]
+        ):
+            raise TomosegError(
+                "Training sets can be joined only when they have the same classes, input "
+                f"channels and box size ({first.class_names} {first.images.shape[1:]} vs "
+                f"{other.class_names} {other.images.shape[1:]})."
+            )
+    offsets = np.cumsum([0] + [int(t.box_ids.max()) + 1 if len(t) else 0 for t in sets[:-1]])
+    metadata = json.loads(json.dumps(first.metadata))
+    for key in ("n_positive_boxes", "n_negative_boxes"):
+        metadata[key] = int(sum(int(t.metadata.get(key, 0)) for t in sets))
+    for key in ("positive_boxes", "negative_boxes", "benchmark_boxes"):
+        metadata.pop(key, None)
+    metadata["sources"] = [t.metadata.get("source") for t in sets]
+    metadata["source"] = source or f"{len(sets)} joined training sets"
+    joined = TrainingSet(
+        images=np.concatenate([t.images for t in sets]),
+        labels=np.concatenate([t.labels for t in sets]),
+        box_ids=np.concatenate([t.box_ids + off for t, off in zip(sets, offsets)]).astype(
+            np.int32
+        ),
+        positive=np.concatenate([t.positive for t in sets]),
+        class_names=first.class_names,
+        metadata=metadata,
+    )
+    joined.metadata["class_pixel_counts"] = [int(c) for c in joined.class_pixel_counts()]
+    return joined
+
+
 # -- building ---------------------------------------------------------------------------------
 def _default_class_names(n_classes: int) -> tuple[str, ...]:
     if n_classes == 2:

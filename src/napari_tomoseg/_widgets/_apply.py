@@ -73,9 +73,7 @@ class ApplyWidget(Container):
             label="threshold", value=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.05
         )
         self.threshold.enabled = False
-        self.own_threshold.changed.connect(
-            lambda own: setattr(self.threshold, "enabled", not own)
-        )
+        self.own_threshold.changed.connect(lambda own: setattr(self.threshold, "enabled", not own))
         self.tta = CheckBox(label="test-time augmentation", value=ApplySettings.tta)
         self.run_button = PushButton(text="Apply")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -146,7 +144,9 @@ class ApplyWidget(Container):
                 self.status.value = "cancelled: nothing was added"
                 return
             self.layers_added = self.add_result_layers(tomo, network, result)
-            self.status.value = f"done in {result.seconds:.1f} s (threshold {result.threshold:.2f})"
+            self.status.value = (
+                f"done in {result.seconds:.1f} s (threshold {result.threshold:.2f})"
+            )
             notify_info(f"Segmented '{tomo.name}' with the {network.meta.architecture} network.")
 
         def finished() -> None:

@@ -1,0 +1,236 @@
+"""Train the starting networks that ship with napari-tomoseg, on simulated tomograms.
+
+    python scripts/pretrain.py [--tomograms 48] [--iterations 12000]
+                               [--binary-iterations 3000] [--out DIR] [--seed 0]
+                               [--threads T] [--work DIR] [--quick]
+
+1. Simulates ``--tomograms`` tomograms whose settings are drawn at random
+   (:func:`napari_tomoseg.synthetic.random_settings`: dose, defocus, tilt range,
+   envelope, CTF correction, reconstruction smoothness, thickness, crowding, object counts,
+   bilayer thickness, microtubule diameter, vesicle sizes), all at 10 A.
+2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
+   each feature, ``--negative`` boxes free of every feature; ``--box-size`` pixels) with
+   the simulator's six classes painted, and joins them into one training set.
+3. Trains one multi-class network for the five features (``all_features``), then one
+   binary network per feature, each starting from the multi-class network (its output
+   layer from that feature's row against the background's) and trained on the same boxes
+   with that feature alone painted, so every other feature is a negative example.
+   Training uses the package's own loop and augmentation (zoom, blur, noise, contrast,
+   inversion) with a cosine learning-rate decay.
+4. Saves the networks as ``<name>.tsnet`` into ``--out`` (default: the package's
+   ``pretrained`` folder) and a JSON summary beside them.
+
+Seeded: the same command gives the same networks on the same machine.  Run time and the
+accuracy of the result: ``docs/models.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "napari_tomoseg" / "pretrained"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--tomograms", type=int, default=48, help="simulated tomograms")
+    parser.add_argument("--positive", type=int, default=12, help="boxes per feature per tomogram")
+    parser.add_argument("--negative", type=int, default=30, help="negative boxes per tomogram")
+    parser.add_argument("--box-size", type=int, default=96, help="box side in pixels")
+    parser.add_argument("--ncopy", type=int, default=2, help="rotated copies per box")
+    parser.add_argument("--shape-yx", type=int, nargs=2, default=(256, 256), help="slice size")
+    parser.add_argument("--iterations", type=int, default=12000, help="multi-class mini-batches")
+    parser.add_argument(
+        "--binary-iterations", type=int, default=3000, help="mini-batches per binary network"
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--architecture", default=None, help="default: the package's default")
+    parser.add_argument(
+        "--features", nargs="+", default=None, help="binary networks for (default: all five)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--out", type=Path, default=PACKAGE_DIR, help="where the networks go")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the training set and checkpoints (a rerun resumes from them)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny run that checks the script")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tomograms, args.positive, args.negative, args.box_size = 2, 2, 4, 32
+        args.shape_yx, args.iterations, args.binary_iterations = (96, 96), 4, 2
+    return args
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def build_trainset(args: argparse.Namespace) -> Any:
+    """Simulate the tomograms and join their boxes into one six-class training set."""
+    from napari_tomoseg.demo import trainset_from_truth
+    from napari_tomoseg.synthetic import CLASS_NAMES, random_settings, simulate_tomogram
+    from napari_tomoseg.trainset import TrainingSet, TrainsetSettings, concatenate
+
+    cached = args.work / "pretrain.tstrain.npz" if args.work else None
+    if cached is not None and cached.is_file():
+        say(f"reusing the training set {cached}")
+        return TrainingSet.load(cached)
+    rng = np.random.default_rng(args.seed)
+    sets, described = [], []
+    for i in range(args.tomograms):
+        settings = random_settings(rng, tuple(args.shape_yx))
+        say(
+            f"simulating tomogram {i + 1}/{args.tomograms} {settings.shape}, SNR {settings.snr:.2f}"
+        )
+        sim = simulate_tomogram(settings)
+        box = TrainsetSettings(box_size=args.box_size, ncopy=args.ncopy, seed=args.seed + i)
+        try:
+            ts = trainset_from_truth(
+                sim,
+                CLASS_NAMES[1:],
+                args.positive,
+                args.negative,
+                seed=args.seed + i,
+                all_classes=True,
+                trainset_settings=box,
+            )
+        except Exception as exc:  # a scene too crowded or too empty for boxes: skip it
+            say(f"  skipped: {exc}")
+            continue
+        sets.append(ts)
+        described.append({"seed": settings.seed, "boxes": ts.metadata["benchmark_boxes"]})
+    joined = concatenate(sets, source=f"{len(sets)} simulated tomograms (random settings)")
+    joined.metadata["pretraining_tomograms"] = described
+    if cached is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        joined.save(cached, overwrite=True)
+    return joined
+
+
+def train_network(
+    trainset: Any, args: argparse.Namespace, name: str, iterations: int, init: Any = None
+) -> Any:
+    """Train (resuming from ``--work`` when a checkpoint is there) and return the result."""
+    from napari_tomoseg.progress import drive
+    from napari_tomoseg.training import TrainSettings, iter_train
+
+    settings = TrainSettings(
+        iterations=iterations,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_schedule="cosine",
+        validation_fraction=0.1,
+        eval_every=max(1, min(250, iterations // 4)),
+        seed=args.seed,
+        start_from="scratch",
+    )
+    if args.architecture:
+        settings.architecture = args.architecture
+    resume = False
+    if args.work is not None:
+        settings.checkpoint = str(args.work / f"{name}.ckpt")
+        resume = Path(settings.checkpoint).is_file()
+    last = [0.0]
+
+    def report(event: Any) -> None:
+        if time.monotonic() - last[0] > 60 or event.step == event.total:
+            last[0] = time.monotonic()
+            say(f"  {name}: {event.message} {dict(list(event.metrics.items())[:3])}")
+
+    return drive(iter_train(trainset, settings, init=init, resume=resume), report)
+
+
+def binary_subset(trainset: Any, feature: str) -> Any:
+    """The six-class training set with one feature painted (the others background)."""
+    from napari_tomoseg.trainset import TrainingSet
+
+    value = list(trainset.class_names).index(feature)
+    labels = (trainset.labels == value).astype(np.uint8)
+    positive = labels.reshape(len(labels), -1).any(axis=1)
+    metadata = json.loads(json.dumps(trainset.metadata))
+    metadata["class_names"] = ["background", feature]
+    return TrainingSet(
+        images=trainset.images,
+        labels=labels,
+        box_ids=trainset.box_ids,
+        positive=positive,
+        class_names=("background", feature),
+        metadata=metadata,
+    )
+
+
+def describe(result: Any, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seconds": round(seconds, 1),
+        "steps": result.metadata["steps_done"],
+        "best_step": result.metadata["best_step"],
+        "validation_mean_dice": round(result.metrics["mean_foreground_f1"], 4),
+        "threshold": result.network.meta.threshold,
+        **extra,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from napari_tomoseg.model_file import Network, save_network
+    from napari_tomoseg.pretrained import MULTICLASS, transfer_weights
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    trainset = build_trainset(args)
+    summary: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "samples": len(trainset),
+        "tomograms": len(trainset.metadata.get("sources", [])),
+        "seconds_data": round(time.perf_counter() - t_start, 1),
+        "networks": {},
+    }
+    say(f"training set: {len(trainset)} samples from {summary['tomograms']} tomograms")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    multi = train_network(trainset, args, MULTICLASS, args.iterations)
+    save_network(multi.network, args.out / f"{MULTICLASS}.tsnet", overwrite=True, half=True)
+    summary["networks"][MULTICLASS] = describe(multi, time.perf_counter() - t0, {})
+    for feature in args.features or list(trainset.class_names[1:]):
+        t0 = time.perf_counter()
+        subset = binary_subset(trainset, feature)
+        meta = multi.network.meta
+        init = Network.create(
+            meta.architecture,
+            meta.in_channels,
+            2,
+            model_params=dict(meta.model_params),
+            class_names=subset.class_names,
+        )
+        copied = transfer_weights(multi.network, init)
+        result = train_network(subset, args, feature, args.binary_iterations, init=init)
+        save_network(result.network, args.out / f"{feature}.tsnet", overwrite=True, half=True)
+        summary["networks"][feature] = describe(
+            result, time.perf_counter() - t0, {"started_from": MULTICLASS, **copied}
+        )
+    summary["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    (args.out / "pretraining.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
