@@ -94,9 +94,8 @@ def build_trainset(args: argparse.Namespace) -> Any:
     sets, described = [], []
     for i in range(args.tomograms):
         settings = random_settings(rng, tuple(args.shape_yx))
-        say(
-            f"simulating tomogram {i + 1}/{args.tomograms} {settings.shape}, SNR {settings.snr:.2f}"
-        )
+        shape, snr = settings.shape, settings.snr
+        say(f"simulating tomogram {i + 1}/{args.tomograms} {shape}, SNR {snr:.2f}")
         sim = simulate_tomogram(settings)
         box = TrainsetSettings(box_size=args.box_size, ncopy=args.ncopy, seed=args.seed + i)
         try:
