@@ -50,6 +50,7 @@ Reported:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -77,7 +78,7 @@ SEED_TABLE1_TEST_F1: dict[str, float] = {
     "carbon_edge": 0.40,
 }
 #: The parts of the benchmark, in the order they run.
-PARTS = ("binary", "multiclass", "boxes")
+PARTS = ("zeroshot", "binary", "multiclass", "boxes")
 #: Fraction of the depth scored (and boxed): the central slices.
 Z_FRACTION = (0.2, 0.8)
 
@@ -152,6 +153,8 @@ class AccuracyOptions:
     snrs: list[float] = field(default_factory=lambda: [0.8, 0.5, 1.5])
     shape: tuple[int, int, int] = (96, 256, 256)
     train_seeds: list[int] = field(default_factory=lambda: [0])
+    # where training starts ("auto": a shipped network that knows the feature, "scratch")
+    starts: list[str] = field(default_factory=lambda: ["auto"])
     # TrainSettings fields to change (the recipe under test), e.g. {"augment": False}
     train_overrides: dict[str, Any] = field(default_factory=dict)
     threshold: float | None = None  # None: each network's own (calibrated) threshold
@@ -295,19 +298,30 @@ def _train(
     architecture: str,
     options: AccuracyOptions,
     seed: int,
+    start: str,
     iterations: int | None = None,
 ) -> Any:
     from napari_tomoseg.training import TrainSettings, train
 
-    settings = TrainSettings(architecture=architecture, seed=seed, **options.train_overrides)
+    settings = TrainSettings(
+        architecture=architecture, seed=seed, start_from=start, **options.train_overrides
+    )
     iterations = iterations if iterations is not None else options.iterations
     if iterations is not None:
         settings.iterations = int(iterations)
     return train(trainset, settings)
 
 
+def _network_label(arch: str, start: str, options: AccuracyOptions) -> str:
+    """The network column: the architecture, and where training started when compared."""
+    if len(options.starts) == 1:
+        return arch
+    return f"{arch} ({'from scratch' if start == 'scratch' else 'fine-tuned'})"
+
+
 def _summary(result: Any, seconds: float) -> dict[str, Any]:
     return {
+        "started_from": result.metadata.get("started_from"),
         "train_seconds": seconds,
         "val_mean_dice": result.metrics.get("mean_foreground_f1"),
         "best_step": result.metadata.get("best_step"),
@@ -322,6 +336,7 @@ def _binary_entry(
     arch: str,
     n_positive: int,
     seed: int,
+    start: str,
     options: AccuracyOptions,
     tests: list[TestTomogram],
 ) -> dict[str, Any]:
@@ -330,16 +345,38 @@ def _binary_entry(
 
     ts = binary_trainset(sim, feature, n_positive, options.n_negative, seed)
     t0 = time.perf_counter()
-    result = _train(ts, arch, options, seed)
+    result = _train(ts, arch, options, seed, start)
     return {
         "feature": feature,
         "architecture": arch,
+        "network": _network_label(arch, start, options),
+        "start": start,
         "n_positive": n_positive,
         "n_negative": options.n_negative,
         "train_seed": seed,
         **_summary(result, time.perf_counter() - t0),
         **evaluate(result.network, tests, [CLASS_NAMES.index(feature)], options.threshold),
     }
+
+
+def zero_shot(
+    tests: list[TestTomogram], features: list[str], options: AccuracyOptions, say: Any
+) -> list[dict[str, Any]]:
+    """Score the shipped networks as they are (no boxes): each binary network of
+    ``features`` on its feature, the multi-class network on every class."""
+    from napari_tomoseg.pretrained import MULTICLASS, available, load_pretrained
+    from napari_tomoseg.synthetic import CLASS_NAMES
+
+    entries = []
+    for name in available():
+        if name != MULTICLASS and name not in features:
+            continue
+        say(f"zero-shot: the shipped network {name!r} ...")
+        network = load_pretrained(name)
+        values = None if name == MULTICLASS else [CLASS_NAMES.index(name)]
+        scored = evaluate(network, tests, values, options.threshold)
+        entries.append({"name": name, "threshold": network.meta.threshold, **scored})
+    return entries
 
 
 def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
@@ -372,6 +409,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         or defaults.iterations,
         "default_architecture": DEFAULT_ARCHITECTURE,
         "torch_threads": torch.get_num_threads(),
+        "zeroshot": [],
         "binary": [],
         "multiclass": [],
         "box_counts": [],
@@ -386,52 +424,60 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
     z0, z1 = scored_slices(shape[0])
     report["scored_slices"] = [z0, z1]
 
-    trained: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+    if "zeroshot" in options.parts:
+        report["zeroshot"] = zero_shot(tests, features, options, say)
+    trained: dict[tuple[str, str, int, int, str], dict[str, Any]] = {}
     for feature in features if "binary" in options.parts else []:
         compared = not options.compare_features or feature in options.compare_features
-        for arch in archs if compared else [DEFAULT_ARCHITECTURE]:
-            for seed, sim in train_sims.items():
-                say(f"binary {feature} / {arch} / seed {seed}: training ...")
-                entry = _binary_entry(sim, feature, arch, options.n_positive, seed, options, tests)
-                report["binary"].append(entry)
-                trained[(feature, arch, options.n_positive, seed)] = entry
+        for arch, start, (seed, sim) in itertools.product(
+            archs if compared else [DEFAULT_ARCHITECTURE], options.starts, train_sims.items()
+        ):
+            say(f"binary {feature} / {arch} / {start} / seed {seed}: training ...")
+            n = options.n_positive
+            entry = _binary_entry(sim, feature, arch, n, seed, start, options, tests)
+            report["binary"].append(entry)
+            trained[(feature, arch, n, seed, start)] = entry
 
-    for arch in multi_archs if "multiclass" in options.parts else []:
-        for seed, sim in train_sims.items():
-            say(f"multi-class / {arch} / seed {seed}: training ...")
-            ts = trainset_from_truth(
-                sim,
-                CLASS_NAMES[1:],
-                options.n_positive,
-                options.n_negative,
-                seed=seed,
-                all_classes=True,
-            )
-            t0 = time.perf_counter()
-            result = _train(ts, arch, options, seed, options.multiclass_iterations)
-            report["multiclass"].append(
-                {
-                    "architecture": arch,
-                    "train_seed": seed,
-                    "boxes": ts.metadata["benchmark_boxes"],
-                    **_summary(result, time.perf_counter() - t0),
-                    **evaluate(result.network, tests, threshold=options.threshold),
-                }
-            )
+    for arch, start, (seed, sim) in itertools.product(
+        multi_archs if "multiclass" in options.parts else [], options.starts, train_sims.items()
+    ):
+        say(f"multi-class / {arch} / {start} / seed {seed}: training ...")
+        ts = trainset_from_truth(
+            sim,
+            CLASS_NAMES[1:],
+            options.n_positive,
+            options.n_negative,
+            seed=seed,
+            all_classes=True,
+        )
+        t0 = time.perf_counter()
+        result = _train(ts, arch, options, seed, start, options.multiclass_iterations)
+        report["multiclass"].append(
+            {
+                "architecture": arch,
+                "network": _network_label(arch, start, options),
+                "start": start,
+                "train_seed": seed,
+                "boxes": ts.metadata["benchmark_boxes"],
+                **_summary(result, time.perf_counter() - t0),
+                **evaluate(result.network, tests, threshold=options.threshold),
+            }
+        )
 
     box_arch = DEFAULT_ARCHITECTURE
     for feature in options.box_features if "boxes" in options.parts else []:
-        for n in options.box_counts:
-            for seed, sim in train_sims.items():
-                entry = trained.get((feature, box_arch, n, seed))
-                if entry is None:
-                    say(f"{n} positive boxes, {feature} / {box_arch} / seed {seed}: training ...")
-                    entry = _binary_entry(sim, feature, box_arch, n, seed, options, tests)
-                    trained[(feature, box_arch, n, seed)] = entry
-                report["box_counts"].append(
-                    {k: v for k, v in entry.items() if k != "per_test"}
-                    | {"f1": entry["pooled"]["classes"][feature]["f1"]}
-                )
+        for n, start, (seed, sim) in itertools.product(
+            options.box_counts, options.starts, train_sims.items()
+        ):
+            entry = trained.get((feature, box_arch, n, seed, start))
+            if entry is None:
+                say(f"{n} positive boxes, {feature} / {start} / seed {seed}: training ...")
+                entry = _binary_entry(sim, feature, box_arch, n, seed, start, options, tests)
+                trained[(feature, box_arch, n, seed, start)] = entry
+            report["box_counts"].append(
+                {k: v for k, v in entry.items() if k != "per_test"}
+                | {"f1": entry["pooled"]["classes"][feature]["f1"]}
+            )
     report["seconds"] = time.perf_counter() - t_start
     return report
 
@@ -467,9 +513,25 @@ def _group(entries: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, 
     return groups
 
 
+def _zero_shot_table(report: dict[str, Any]) -> list[str]:
+    if not report.get("zeroshot"):
+        return []
+    lines = ["", "## Shipped networks applied as they are (zero-shot, no boxes)", ""]
+    rows = []
+    for e in report["zeroshot"]:
+        classes = e["pooled"]["classes"]
+        for cls in [c for c in classes if c != "background"]:
+            c = classes[cls]
+            row = [cls, e["name"], fmt(c["precision"]), fmt(c["recall"]), fmt(c["f1"])]
+            rows.append(row + [fmt(e["threshold"])])
+    headers = ["feature", "shipped network", "precision", "recall", "F1", "threshold"]
+    lines.append(markdown_table(headers, rows, align="ll" + "r" * 4))
+    return lines
+
+
 def _binary_tables(report: dict[str, Any]) -> list[str]:
     """Pooled P/R/F1 per feature and network (spread over seeds), and F1 per test."""
-    groups = _group(report["binary"], ("feature", "architecture"))
+    groups = _group(report["binary"], ("feature", "network"))
     if not groups:
         return []
     test_names = [t["name"] for t in report["tests"]]
@@ -508,7 +570,7 @@ def _binary_tables(report: dict[str, Any]) -> list[str]:
 
 
 def _multiclass_table(report: dict[str, Any]) -> list[str]:
-    groups = _group(report["multiclass"], ("architecture",))
+    groups = _group(report["multiclass"], ("network",))
     if not groups:
         return []
     lines = [
@@ -523,11 +585,11 @@ def _multiclass_table(report: dict[str, Any]) -> list[str]:
         "The data differ: compare the pattern, not the digits.",
         "",
     ]
-    binary = _group(report["binary"], ("feature", "architecture"))
+    binary = _group(report["binary"], ("feature", "network"))
     headers = ["class"]
     for (arch,) in groups:
         headers += [f"P ({arch})", f"R ({arch})", f"F1 ({arch})"]
-    headers += [f"F1 binary {report['default_architecture']}", "seed Table 1 test F1"]
+    headers += [f"F1 binary {next(iter(groups))[0]}", "seed Table 1 test F1"]
     headers.append("truth voxels")
     rows = []
     first = next(iter(groups.values()))
@@ -536,7 +598,7 @@ def _multiclass_table(report: dict[str, Any]) -> list[str]:
         for entries in groups.values():
             per_seed = [e["pooled"]["classes"][cls] for e in entries]
             row += [_spread([c[k] for c in per_seed]) for k in ("precision", "recall", "f1")]
-        own = binary.get((cls, report["default_architecture"]))
+        own = binary.get((cls, next(iter(groups))[0]))
         row.append(_spread([e["pooled"]["classes"][cls]["f1"] for e in own]) if own else "-")
         support = first[0]["pooled"]["classes"][cls]["support"]
         rows.append(row + [fmt(seed_f1), f"{support:,}"])
@@ -561,7 +623,7 @@ def _box_count_table(report: dict[str, Any]) -> list[str]:
     counts = sorted({e["n_positive"] for e in report["box_counts"]})
     by_feature: dict[tuple[str, str], dict[int, list[float]]] = {}
     for e in report["box_counts"]:
-        key = (e["feature"], e["architecture"])
+        key = (e["feature"], e["network"])
         by_feature.setdefault(key, {}).setdefault(e["n_positive"], []).append(e["f1"])
     rows = [
         [f, a, *[_spread(v[n]) if n in v else "-" for n in counts]]
@@ -603,6 +665,7 @@ def format_report(report: dict[str, Any]) -> str:
         "matrices summed over the test tomograms",
         f"# run time: {report['seconds'] / 60:.1f} min",
     ]
+    lines += _zero_shot_table(report)
     lines += _binary_tables(report)
     lines += _multiclass_table(report)
     lines += _box_count_table(report)
@@ -625,6 +688,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
     parser.add_argument("--shifted", action="store_true", help="the domain-shift test set")
     parser.add_argument("--shifted-tests", nargs="+", help="only these shifted tests (names)")
     parser.add_argument("--train-seeds", type=int, nargs="+", help="default: 0")
+    parser.add_argument(
+        "--starts",
+        nargs="+",
+        choices=["auto", "scratch"],
+        help="where training starts: auto (a shipped network that knows the feature; the "
+        "default) and/or scratch (random weights); both compares them",
+    )
     parser.add_argument("--iterations", type=int, help="mini-batches (default: TrainSettings')")
     parser.add_argument(
         "--multiclass-iterations",
@@ -685,6 +755,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         "test_seeds",
         "snrs",
         "train_seeds",
+        "starts",
         "threshold",
         "threads",
     ):
