@@ -109,3 +109,37 @@ def test_an_autosave_kept_by_another_running_viewer_is_told_apart(tmp_path):
         other.kill()
         other.wait()
     assert not autosave.find_autosave("layer", info.shape).open_elsewhere()  # it died
+
+
+def test_clean_lists_and_removes_the_autosaves_of_crashed_sessions(capsys):
+    from napari_tomoseg import cli
+
+    crashed = autosave.write_autosave(_annotations("crashed layer"))
+    open_one = autosave.write_autosave(_annotations("open layer"))
+    viewer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = this_writer()
+        record = json.loads((open_one.folder / INFO_FILE).read_text())
+        started = int(psutil.Process(viewer.pid).create_time())
+        record["autosave"]["writer"] = Writer(me.host, me.ident, viewer.pid, started).token
+        (open_one.folder / INFO_FILE).write_text(json.dumps(record))
+        # this process wrote the crashed one: pretend it is gone by another dead writer
+        record = json.loads((crashed.folder / INFO_FILE).read_text())
+        record["autosave"]["writer"] = Writer(me.host, me.ident, 2**22 + 7, 1).token
+        (crashed.folder / INFO_FILE).write_text(json.dumps(record))
+
+        assert cli.main(["clean", "--autosaves", "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "would remove" in out and str(crashed.folder) in out and "of crashed layer" in out
+        assert "kept" in out and str(open_one.folder) in out
+        assert "Would remove the autosaved annotations of 1 tomogram(s)" in out
+        assert crashed.folder.exists()
+
+        assert cli.main(["clean", "--autosaves"]) == 0
+        assert "Removed the autosaved annotations of 1 tomogram(s)" in capsys.readouterr().out
+        assert not crashed.folder.exists() and open_one.folder.exists()
+    finally:
+        viewer.kill()
+        viewer.wait()
+    assert cli.main(["clean"]) == cli.EXIT_INPUT
+    assert "--autosaves" in capsys.readouterr().err

@@ -563,6 +563,8 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 def _cmd_clean(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     from .io import format_size, list_temporaries, remove_stale_temporaries
 
+    if not args.folders and not args.autosaves:
+        raise TomosegError("Give the folder(s) to clean, or --autosaves.")
     min_age_s = args.older_than * 3600.0
     removed_bytes = kept_bytes = removed = kept = 0
     for folder in _clean_folders(args.folders, args.recursive):
@@ -577,12 +579,39 @@ def _cmd_clean(args: argparse.Namespace, progress: ProgressPrinter) -> int:
                 removed, removed_bytes = removed + 1, removed_bytes + temp.size
             else:
                 kept, kept_bytes = kept + 1, kept_bytes + temp.size
-    verb = "Would remove" if args.dry_run else "Removed"
-    print(
-        f"{verb} {removed} temporary file(s) ({format_size(removed_bytes)}); kept {kept} "
-        f"({format_size(kept_bytes)}) whose writers may still be running."
-    )
+    if args.folders:
+        verb = "Would remove" if args.dry_run else "Removed"
+        print(
+            f"{verb} {removed} temporary file(s) ({format_size(removed_bytes)}); kept {kept} "
+            f"({format_size(kept_bytes)}) whose writers may still be running."
+        )
+    if args.autosaves:
+        _clean_autosaves(args.dry_run)
     return EXIT_OK
+
+
+def _clean_autosaves(dry_run: bool) -> None:
+    """List the autosaved annotations in the cache; remove them unless ``dry_run`` (those
+    that a running viewer keeps up to date are kept)."""
+    from .autosave import autosave_root, discard_autosave, list_autosaves
+    from .io import format_size
+
+    count = total = 0
+    for info in list_autosaves():
+        busy = info.open_elsewhere()
+        word = "kept" if busy else ("would remove" if dry_run else "removed")
+        size = info.nbytes
+        print(f"{word:>12}  {format_size(size):>9}  {info.folder}  ({info.describe()})")
+        print(f"{'':>12}  {'':>9}  of {info.source}")
+        if not busy:
+            count, total = count + 1, total + size
+            if not dry_run:
+                discard_autosave(info.folder)
+    verb = "Would remove" if dry_run else "Removed"
+    print(
+        f"{verb} the autosaved annotations of {count} tomogram(s) ({format_size(total)}) "
+        f"from {autosave_root()}."
+    )
 
 
 def _clean_folders(folders: Sequence[str], recursive: bool) -> list[Path]:
@@ -864,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
         "temporary of a process running on this host is never removed. Every command does "
         "the same in the folders it writes to.",
     )
-    p.add_argument("folders", nargs="+", metavar="FOLDER", help="folder(s) to look in")
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="folder(s) to look in")
     p.add_argument(
         "-n",
         "--dry-run",
@@ -881,6 +910,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove temporaries written on other hosts once unchanged this long (default 24)",
     )
     p.add_argument("-r", "--recursive", action="store_true", help="look in the subfolders too")
+    p.add_argument(
+        "--autosaves",
+        action="store_true",
+        help="also list and remove the annotations the viewer autosaved in the cache folder "
+        "(unsaved work of sessions that crashed; those of a running viewer are kept)",
+    )
     p.set_defaults(func=_cmd_clean)
     return parser
 
