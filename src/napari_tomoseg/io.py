@@ -48,6 +48,8 @@ SUPPORTED_MODES: dict[int, str] = {
 }
 
 _HEADER_BYTES = 1024
+#: errno values of a file system that cannot fsync (closing a memory map writes it anyway).
+_NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
 #: errno values of a full disk or quota (EDQUOT is missing on some systems).
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # IMOD marks mode-0 files whose bytes are unsigned: a stamp at header byte 152 and a flags word
@@ -616,7 +618,7 @@ class Temporary:
         if self.writer is None:
             who = "from a version that recorded no process"
         elif self.state == "unknown":
-            who = f"written by {self.writer.describe()} (cannot be checked from here)"
+            who = f"written by {self.writer.describe()}, which cannot be checked from here"
         else:
             still = "still running" if self.state == "running" else "gone"
             return f"written by {self.writer.describe()}, which is {still}"
@@ -897,6 +899,22 @@ def new_mrc_mmap(
         if unsigned_bytes:
             _mark_unsigned_bytes(mrc.header)
         yield mrc, (mrc.data.view(np.uint8) if unsigned_bytes else mrc.data)
+        _write_back(Path(path))
+
+
+def _write_back(path: Path) -> None:
+    """Write a memory-mapped file's changed pages to disk with ``fsync``, which lets other
+    threads run meanwhile; the ``msync`` that closing the map then does (numpy's
+    ``memmap.flush``) holds the GIL, and finds little left to write (a viewer that autosaves
+    in a worker thread would otherwise stop for as long)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # a failed write-back (a full disk) is not ignored
+        if exc.errno not in _NO_FSYNC:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _preallocate(path: Path) -> None:
