@@ -446,6 +446,7 @@ class BoxWidget(Container):
             return None
         self.show_annotations(annotations)
         self.changes.mark_saved()
+        self.autosaver.discard()  # of the annotations the user just agreed to replace
         self.update_counts()
         return annotations
 
