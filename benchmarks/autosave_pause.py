@@ -28,6 +28,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(300, 1024, 1024))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--warmup", type=float, default=3.0, help="seconds to let the viewer draw first"
+    )
     return parser.parse_args(argv)
 
 
@@ -69,7 +72,9 @@ def run_until(app, done, timeout: float = 600.0) -> float:
     return time.perf_counter() - start
 
 
-def measure(shape: tuple[int, int, int], repeats: int) -> list[dict[str, float]]:
+def measure(
+    shape: tuple[int, int, int], repeats: int, warmup: float = 3.0
+) -> list[dict[str, float]]:
     import napari
     from qtpy.QtWidgets import QApplication
 
@@ -86,14 +91,14 @@ def measure(shape: tuple[int, int, int], repeats: int) -> list[dict[str, float]]
         widget.add_box((z, shape[1] // 2, shape[2] // 2), positive=True)
         widget.add_box((z, shape[1] // 4, shape[2] // 4), positive=False)
     paint = viewer.layers["painting"]
-    warm_until = time.perf_counter() + 3.0  # the first draws of the new layers
+    warm_until = time.perf_counter() + warmup  # the first draws of the new layers
     run_until(app, lambda: time.perf_counter() > warm_until)
     recorder = TickRecorder()
     rows = []
     for repeat in range(repeats):
-        paint.data_setitem(  # a painted disc on one more slice: the annotations changed
-            tuple(np.indices((1, 64, 64)).reshape(3, -1) + [[repeat * 7], [100], [100]]), 1
-        )
+        side = min(64, shape[1] // 2, shape[2] // 2)  # a painted square on one more slice
+        corner = [[(7 * repeat) % shape[0]], [shape[1] // 4], [shape[2] // 4]]
+        paint.data_setitem(tuple(np.indices((1, side, side)).reshape(3, -1) + corner), 1)
         run_until(app, lambda: True)
         recorder.start()
         t0 = time.perf_counter()
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = tuple(args.shape)
     os.environ["TOMOSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="tomoseg-autosave-bench-")
     info = machine_info()
-    rows = measure(shape, args.repeats)
+    rows = measure(shape, args.repeats, args.warmup)
     print(describe_machine(info))
     print(f"# command: {command_line()}")
     print(
