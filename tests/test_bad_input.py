@@ -1113,14 +1113,19 @@ def test_killed_writer_leaves_the_previous_file_and_only_a_hidden_temporary(tmp_
     assert proc.returncode == -signal.SIGKILL
     assert target.read_bytes() == before
     left = _leftovers(tmp_path, {"tomo.mrc", "started.txt"})
-    assert len(left) == 1 and re.fullmatch(r"\.tomo\.mrc\.[^.]+\.part", left[0]), left
+    # the name records the writer: this host and the killed process's PID
+    writer = tio.this_writer()
+    pattern = (
+        rf"\.tomo\.mrc\.{writer.host}-{writer.ident}-{proc.pid}-[0-9a-f]+-[0-9a-f]{{8}}\.part"
+    )
+    assert len(left) == 1 and re.fullmatch(pattern, left[0]), left
     temp = tmp_path / left[0]
     assert temp.stat().st_size > 256 * 128 * 128 * 4  # the space was reserved up front
-    # readers ignore it, and it can be found and removed once nothing writes to it
+    # readers ignore it; its process is gone, so it is stale at once, whatever its age
     assert not tio.is_mrc_path(temp) and get_reader(str(temp)) is None
-    assert tio.stale_temporaries(tmp_path) == []  # too recent: could be a running write
-    assert tio.stale_temporaries(tmp_path, min_age_s=0) == [temp]
-    assert tio.remove_stale_temporaries(tmp_path, min_age_s=0) == [temp]
+    [found] = tio.stale_temporaries(tmp_path)
+    assert (found.path, found.state, found.writer.pid) == (temp, "gone", proc.pid)
+    assert [t.path for t in tio.remove_stale_temporaries(tmp_path)] == [temp]
     assert _leftovers(tmp_path, {"tomo.mrc", "started.txt"}) == []
     assert np.array_equal(tio.read_tomogram(target).data, volume())
 

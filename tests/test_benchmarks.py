@@ -110,6 +110,23 @@ def test_keras_twin_gives_our_probabilities():
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-4
 
 
+def test_autosave_pause_measures_real_autosaves(tmp_path, monkeypatch, capsys):
+    """The autosave benchmark (a real viewer) writes one autosave per repeat and reports
+    the GUI thread's gaps during it."""
+    pytest.importorskip("napari")
+    monkeypatch.setenv("TOMOSEG_CACHE_DIR", str(tmp_path / "cache"))
+    bench = _load("autosave_pause.py")
+    rows = bench.measure((8, 64, 64), 2, warmup=0.2)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["autosave_s"] > 0 and row["max_gap_ms"] >= row["p99_gap_ms"] > 0
+        assert row["gather_ms"] < 1000 * row["autosave_s"]
+    from napari_tomoseg.autosave import list_autosaves
+
+    [saved] = list_autosaves()  # one tomogram, autosaved (the second replaced the first)
+    assert saved.n_positive == saved.n_negative == 8
+
+
 def test_accuracy_quick_run_prints_the_three_tables(accuracy):
     options = accuracy.quick_options()
     report = accuracy.run_accuracy(options)

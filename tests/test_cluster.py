@@ -217,6 +217,29 @@ def test_batch_equals_single_machine_and_rerun_skips(data, client, tmp_path):
     assert "already exists" in changed.outcomes[0].reason
 
 
+def test_workers_remove_what_killed_runs_left_beside_their_outputs(data, client, tmp_path):
+    """A temporary of a killed process of this host goes when a worker writes into its
+    folder (a note of the job); one from another host, which cannot be checked, goes when
+    the job that owns its output is done (a warning of the batch)."""
+    from napari_tomoseg.errors import TemporariesRemovedWarning
+    from napari_tomoseg.io import Writer, temporary_name
+    from test_leftovers import _killed_writer
+
+    [job] = plan_batch([data["tomograms"][0]], [data["networks"]["flat"]], tmp_path)
+    dead = _killed_writer(job.mask, 5000)
+    remote = tmp_path / temporary_name(job.mask.name, writer=Writer("node7", "abcdef", 9, 1))
+    remote.write_bytes(b"r" * 64)
+    manifest = tmp_path / "elsewhere" / "batch.json"  # the driver writes nothing beside them
+    manifest.parent.mkdir()
+    with pytest.warns(TemporariesRemovedWarning, match=f"{remote.name} .*node7"):
+        result = run_batch([job], SETTINGS, ONE_THREAD, client=client, manifest=manifest)
+    [outcome] = result.outcomes
+    assert outcome.status == "done", result.summary()
+    assert any(dead.name in note and "which is gone" in note for note in outcome.notes)
+    assert not dead.exists() and not remote.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".part", ".old"))]
+
+
 def test_bad_tomograms_fail_alone_with_their_reason(data, client, tmp_path):
     tomos = data["tomograms"]
     truncated = tmp_path / "truncated.mrc"

@@ -55,10 +55,12 @@ class Answers:
         self.reply = "cancel"
         self.folder: str | None = None
         self.asked: list[str] = []
+        self.effects: list[str] = []
         self.folder_asked = 0
 
-    def question(self, action: str, parent=None) -> str:
+    def question(self, action: str, parent=None, effect: str = "replace") -> str:
         self.asked.append(action)
+        self.effects.append(effect)
         return self.reply
 
     def choose_folder(self, parent=None) -> str | None:
@@ -171,10 +173,9 @@ def test_import_bins_and_keeps_voxel_size(make_napari_viewer, qtbot):
     widget.source.value = tomo
     widget.shrink.value = 2
     widget.lowpass.value = 40.0
-    worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=60_000):
-        pass
-    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=10_000)
+    assert widget.run() is not None
+    # (waiting for the worker's finished signal would miss it when the worker is done first)
+    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=60_000)
     binned = viewer.layers[-1]
     assert binned.data.shape == (12, 48, 48)
     np.testing.assert_allclose(binned.scale, np.asarray(tomo.scale) * 2)

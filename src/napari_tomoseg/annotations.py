@@ -44,7 +44,11 @@ class Annotations:
 
 
 def save_annotations(
-    folder: str | os.PathLike, annotations: Annotations, *, overwrite: bool = False
+    folder: str | os.PathLike,
+    annotations: Annotations,
+    *,
+    overwrite: bool = False,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``annotations`` into ``folder`` (created if needed).
 
@@ -52,7 +56,9 @@ def save_annotations(
     with ``overwrite=True``, and never those of a tomogram of another shape.  The four files
     are written to temporaries first and renamed together at the end
     (:func:`napari_tomoseg.io.atomic_paths`), so a failed save (a full disk, an error)
-    leaves the previous annotations as they were.
+    leaves the previous annotations as they were.  ``extra`` entries are stored in
+    ``annotations.json`` beside the standard ones (e.g. when an autosave was made), read
+    back with :func:`read_annotations_info`.
     """
     folder = Path(folder)
     if getattr(annotations.painting, "ndim", None) != 3:
@@ -95,6 +101,7 @@ def save_annotations(
         "voxel_size": None if annotations.voxel_size is None else list(annotations.voxel_size),
         "source": annotations.source,
     }
+    info.update({k: v for k, v in (extra or {}).items() if k not in info})
     # info last: it is renamed last, so it only ever describes files already in place
     with atomic_paths([folder / n for n in names], overwrite=True) as tmps:
         painting, positives, negatives, info_tmp = tmps
@@ -103,6 +110,11 @@ def save_annotations(
         write_boxes_csv(negatives, annotations.negatives, overwrite=True)
         info_tmp.write_text(json.dumps(info, indent=1))
     return folder
+
+
+def read_annotations_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """The contents of a saved annotations folder's ``annotations.json`` (checked to be one)."""
+    return _read_info(Path(folder) / INFO_FILE)
 
 
 def _read_info(path: Path) -> dict[str, Any]:

@@ -560,6 +560,75 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     return EXIT_OK
 
 
+def _cmd_clean(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .io import format_size, list_temporaries, remove_stale_temporaries
+
+    if not args.folders and not args.autosaves:
+        raise TomosegError("Give the folder(s) to clean, or --autosaves.")
+    min_age_s = args.older_than * 3600.0
+    removed_bytes = kept_bytes = removed = kept = 0
+    for folder in _clean_folders(args.folders, args.recursive):
+        found = list_temporaries(folder)
+        gone = [] if args.dry_run else remove_stale_temporaries(folder, min_age_s)
+        gone_paths = {t.path for t in gone}
+        for temp in found:
+            stale = temp.path in gone_paths or (args.dry_run and temp.is_stale(min_age_s))
+            word = ("would remove" if args.dry_run else "removed") if stale else "kept"
+            print(f"{word:>12}  {format_size(temp.size):>9}  {temp.path}  ({temp.describe()})")
+            if stale:
+                removed, removed_bytes = removed + 1, removed_bytes + temp.size
+            else:
+                kept, kept_bytes = kept + 1, kept_bytes + temp.size
+    if args.folders:
+        verb = "Would remove" if args.dry_run else "Removed"
+        print(
+            f"{verb} {removed} temporary file(s) ({format_size(removed_bytes)}); kept {kept} "
+            f"({format_size(kept_bytes)}) whose writers may still be running."
+        )
+    if args.autosaves:
+        _clean_autosaves(args.dry_run)
+    return EXIT_OK
+
+
+def _clean_autosaves(dry_run: bool) -> None:
+    """List the autosaved annotations in the cache; remove them unless ``dry_run`` (those
+    that a running viewer keeps up to date are kept)."""
+    from .autosave import autosave_root, discard_autosave, list_autosaves
+    from .io import format_size
+
+    count = total = 0
+    for info in list_autosaves():
+        busy = info.open_elsewhere()
+        word = "kept" if busy else ("would remove" if dry_run else "removed")
+        size = info.nbytes
+        print(f"{word:>12}  {format_size(size):>9}  {info.folder}  ({info.describe()})")
+        print(f"{'':>12}  {'':>9}  of {info.source}")
+        if not busy:
+            count, total = count + 1, total + size
+            if not dry_run:
+                discard_autosave(info.folder)
+    verb = "Would remove" if dry_run else "Removed"
+    print(
+        f"{verb} the autosaved annotations of {count} tomogram(s) ({format_size(total)}) "
+        f"from {autosave_root()}."
+    )
+
+
+def _clean_folders(folders: Sequence[str], recursive: bool) -> list[Path]:
+    """The folders ``tomoseg clean`` looks in (with their subfolders when recursive)."""
+    import os
+
+    out = []
+    for name in folders:
+        folder = Path(name)
+        if not folder.is_dir():
+            raise TomosegError(f"{folder} is not a folder; give the folder to clean.")
+        out.append(folder)
+        if recursive:
+            out.extend(Path(root) / d for root, dirs, _ in os.walk(folder) for d in sorted(dirs))
+    return out
+
+
 # -- the parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -817,7 +886,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", help="probability map (MRC) for peak picking")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_pick)
+
+    p = sub.add_parser(
+        "clean",
+        help="list and remove temporary files that killed runs left behind",
+        description="Every file is written to a hidden temporary beside it "
+        "(.NAME.HOST-ID-PID-START-RANDOM.part) and renamed when complete, so a killed run "
+        "leaves such files behind. This lists them with their sizes and removes the stale "
+        "ones: those whose process (on this host) is gone, and those from another host "
+        "(whose process cannot be checked from here) unchanged for --older-than hours. A "
+        "temporary of a process running on this host is never removed. Every command does "
+        "the same in the folders it writes to.",
+    )
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="folder(s) to look in")
+    p.add_argument(
+        "-n",
+        "--dry-run",
+        "--list",
+        dest="dry_run",
+        action="store_true",
+        help="only list what would be removed",
+    )
+    p.add_argument(
+        "--older-than",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="remove temporaries written on other hosts once unchanged this long (default 24)",
+    )
+    p.add_argument("-r", "--recursive", action="store_true", help="look in the subfolders too")
+    p.add_argument(
+        "--autosaves",
+        action="store_true",
+        help="also list and remove the annotations the viewer autosaved in the cache folder "
+        "(unsaved work of sessions that crashed; those of a running viewer are kept)",
+    )
+    p.set_defaults(func=_cmd_clean)
     return parser
+
+
+def _notes_for_removed_temporaries(show: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints the removal of leftover temporaries (done
+    by every write, see ``io.atomic_paths``) as a plain note, the others as before."""
+    from .errors import TemporariesRemovedWarning
+
+    def showwarning(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, TemporariesRemovedWarning):
+            print(f"note: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -828,6 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _notes_for_removed_temporaries(warnings.showwarning)
             return int(args.func(args, progress))
     except TomosegError as exc:
         print(f"tomoseg {args.command}: error: {exc}", file=sys.stderr)

@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MissingVoxelSizeWarning, TomosegError
+from .errors import MissingVoxelSizeWarning, TemporariesRemovedWarning, TomosegError
 from .inference import (
     ApplyOutputs,
     ApplySettings,
@@ -73,7 +73,16 @@ from .inference import (
     probability_paths,
     resolve_device,
 )
-from .io import HeaderStats, atomic_path, atomic_paths, finish_header, new_mrc_mmap, read_tomogram
+from .io import (
+    HeaderStats,
+    atomic_path,
+    atomic_paths,
+    describe_removed,
+    finish_header,
+    new_mrc_mmap,
+    read_tomogram,
+    remove_superseded_temporaries,
+)
 from .progress import Progress, StopCheck, drive, never_stop
 
 #: Value of ``format`` in a batch manifest.
@@ -752,6 +761,29 @@ def _run_chunk_task(spec: _TaskSpec, z0: int, z1: int) -> dict[str, Any]:
     }
 
 
+def _write_stitched(
+    spec: _TaskSpec,
+    chunks: list[dict[str, Any]],
+    targets: list[Path],
+    may_replace: bool,
+    tomo: Any,
+) -> None:
+    """Copy the chunk parts into the final MRC files as ``iter_apply_file`` writes them:
+    all outputs renamed together at the end, header statistics added plane by plane."""
+    with atomic_paths(targets, overwrite=may_replace) as tmps:
+        for k, tmp in enumerate(tmps):
+            with new_mrc_mmap(tmp, spec.shape, np.uint8) as (mrc, data):
+                stats = HeaderStats()
+                for c in chunks:
+                    part = np.load(_part_paths(spec, c["z0"])[k], mmap_mode="r")
+                    for i in range(part.shape[0]):
+                        plane = np.asarray(part[i])
+                        data[c["z0"] + i] = plane
+                        stats.add(plane)
+                finish_header(mrc, tomo.voxel_size, tomo.origin, stats)
+                mrc.flush()
+
+
 def _run_stitch_task(spec: _TaskSpec, chunks: list[dict[str, Any]]) -> dict[str, Any]:
     """Worker task: copy the chunk parts into the final MRC files (atomically), record."""
     started = time.perf_counter()
@@ -772,21 +804,10 @@ def _run_stitch_task(spec: _TaskSpec, chunks: list[dict[str, Any]]) -> dict[str,
         expected = c["z1"]
     if expected != spec.shape[0]:
         raise TomosegError(f"The chunks end at slice {expected} of {spec.shape[0]}; rerun.")
-    # written as iter_apply_file writes: all outputs renamed together at the end, header
-    # statistics added plane by plane in Z order
-    with atomic_paths(targets, overwrite=may_replace) as tmps:
-        for k, tmp in enumerate(tmps):
-            with new_mrc_mmap(tmp, spec.shape, np.uint8) as (mrc, data):
-                stats = HeaderStats()
-                for c in chunks:
-                    part = np.load(_part_paths(spec, c["z0"])[k], mmap_mode="r")
-                    for i in range(part.shape[0]):
-                        plane = np.asarray(part[i])
-                        data[c["z0"] + i] = plane
-                        stats.add(plane)
-                finish_header(mrc, tomo.voxel_size, tomo.origin, stats)
-                mrc.flush()
-    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:  # leftovers removed: notes
+        warnings.simplefilter("always", TemporariesRemovedWarning)
+        _write_stitched(spec, chunks, targets, may_replace, tomo)
+    notes = _notes_from(caught, [])
     for c in chunks:
         notes.extend(n for n in c.get("notes", []) if n not in notes)
     compute = sum(float(c.get("seconds", 0.0)) for c in chunks)
@@ -1380,6 +1401,7 @@ def iter_run_batch(
                     dask_client.cancel([p.future, *p.chunk_futures])
     _save_manifest(manifest_path, manifest_data)
     _tidy(state)
+    _remove_superseded(outcomes)
     return BatchResult(
         outcomes=[o for o in outcomes if o is not None],
         manifest=manifest_path,
@@ -1387,6 +1409,21 @@ def iter_run_batch(
         n_workers=n_workers,
         stopped=stopped,
     )
+
+
+def _remove_superseded(outcomes: Sequence[JobOutcome | None]) -> None:
+    """Remove what killed attempts of the finished jobs left beside their outputs, on
+    any host (:func:`napari_tomoseg.io.remove_superseded_temporaries`), and say so."""
+    outputs = [
+        path
+        for o in outcomes
+        if o is not None and o.status in ("done", "skipped")
+        for path in o.outputs
+    ]
+    removed = remove_superseded_temporaries(outputs)
+    for folder in dict.fromkeys(t.path.parent for t in removed):
+        here = [t for t in removed if t.path.parent == folder]
+        warnings.warn(describe_removed(here, folder), TemporariesRemovedWarning, stacklevel=3)
 
 
 def _collect(p: _Pending) -> tuple[JobOutcome, dict[str, Any] | None]:

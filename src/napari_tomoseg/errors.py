@@ -17,3 +17,8 @@ class TomosegIOError(TomosegError, OSError):
 
 class MissingVoxelSizeWarning(UserWarning):
     """The file has no usable voxel size (0 or 1.0 Angstrom); 1.0 is assumed."""
+
+
+class TemporariesRemovedWarning(UserWarning):
+    """Temporary files that killed writes had left behind were removed (the message lists
+    them with their sizes)."""

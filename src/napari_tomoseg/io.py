@@ -12,9 +12,10 @@ import errno
 import gzip
 import math
 import os
+import re
 import secrets
+import socket
 import stat
-import tempfile
 import time
 import warnings
 import zlib
@@ -27,7 +28,12 @@ import mrcfile
 import mrcfile.utils
 import numpy as np
 
-from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
+from .errors import (
+    MissingVoxelSizeWarning,
+    TemporariesRemovedWarning,
+    TomosegError,
+    TomosegIOError,
+)
 
 #: File name endings the reader accepts (tomograms, stacks, tilt series, aligned stacks).
 MRC_EXTENSIONS: tuple[str, ...] = (".mrc", ".rec", ".map", ".st", ".ali", ".mrcs", ".mrc.gz")
@@ -42,6 +48,8 @@ SUPPORTED_MODES: dict[int, str] = {
 }
 
 _HEADER_BYTES = 1024
+#: errno values of a file system that cannot fsync (closing a memory map writes it anyway).
+_NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
 #: errno values of a full disk or quota (EDQUOT is missing on some systems).
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # IMOD marks mode-0 files whose bytes are unsigned: a stamp at header byte 152 and a flags word
@@ -282,12 +290,16 @@ def labels_dtype(max_label: int) -> np.dtype:
 
 
 #: Suffix of the temporary file a write goes into before it is renamed onto its target.
-#: Temporaries are hidden (``.NAME.XXXXXXXX.part``) and have no MRC extension, so readers
-#: and folder listings of napari-tomoseg never take one for a result.
+#: Temporaries are hidden (``.NAME.WRITER.part``, see :func:`temporary_name`) and have no
+#: MRC extension, so readers and folder listings of napari-tomoseg never take one for a
+#: result.
 TEMP_SUFFIX = ".part"
 #: Suffix of the hidden hard link that keeps a replaced file until a multi-file write has
-#: committed (``.NAME.XXXXXXXX.old``): it is the previous file, byte for byte.
+#: committed (``.NAME.WRITER.old``): it is the previous file, byte for byte.
 BACKUP_SUFFIX = ".old"
+#: A temporary whose writer cannot be checked (another host, or a name without one) is
+#: stale once unchanged this long: a running write touches its file far more often.
+STALE_AFTER_S = 24 * 3600.0
 
 
 def _new_file_mode() -> int:
@@ -329,12 +341,18 @@ def _write_failed(path: Path, exc: OSError, what: str = "") -> TomosegIOError:
 
 
 def _make_temp(path: Path, folder: Path) -> Path:
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=folder)
-    except OSError as exc:
-        raise _write_failed(path, exc, "Nothing was written.") from None
-    os.close(fd)
-    return Path(name)
+    """A new, empty, private temporary beside ``path`` named after this process."""
+    for _ in range(16):
+        tmp = folder / temporary_name(path.name, TEMP_SUFFIX)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _write_failed(path, exc, "Nothing was written.") from None
+        os.close(fd)
+        return tmp
+    raise TomosegIOError(f"Cannot write {path}: no free temporary name in {folder}.")
 
 
 def _sync(tmp: Path, mode: int) -> None:
@@ -357,7 +375,7 @@ def _sync_folder(folder: Path) -> None:
 def _backup_link(path: Path) -> Path | None:
     """A hidden hard link to ``path`` (its previous content), or None if links are refused."""
     for _ in range(16):
-        backup = path.with_name(f".{path.name}.{secrets.token_hex(4)}{BACKUP_SUFFIX}")
+        backup = path.with_name(temporary_name(path.name, BACKUP_SUFFIX))
         try:
             os.link(path, backup)
         except FileExistsError:
@@ -411,9 +429,13 @@ def atomic_paths(
     keep their previous content (or stay absent).  If a rename fails, the targets already
     replaced get their previous content back (kept meanwhile as hidden hard links), so a
     multi-file write is all or nothing.  A process killed while writing leaves at most its
-    hidden temporaries (``.NAME.XXXXXXXX.part``, see :func:`stale_temporaries`) and, when
-    killed during the final renames, a hidden ``.NAME.XXXXXXXX.old`` link to a previous
-    file.  Existing targets are replaced only with ``overwrite=True``; a written file gets
+    hidden temporaries (``.NAME.WRITER.part``, named after the process, see
+    :func:`temporary_name`) and, when killed during the final renames, a hidden
+    ``.NAME.WRITER.old`` link to a previous file.  Before writing, the stale ones of every
+    target folder are deleted (:func:`remove_stale_temporaries`) and named in a
+    :class:`~napari_tomoseg.errors.TemporariesRemovedWarning`, so every command, widget and
+    cluster worker tidies up after killed runs.  Existing targets are replaced only with
+    ``overwrite=True``; a written file gets
     the permissions a new file would (``0o666`` less the umask) or those of the file it
     replaces.  Failures to write raise :class:`TomosegIOError` naming the file.
     """
@@ -421,6 +443,8 @@ def atomic_paths(
     if len({os.path.abspath(t) for t in targets}) != len(targets):
         raise TomosegIOError(f"The same file is named twice among {[str(t) for t in targets]}.")
     folders = [_check_target(t, overwrite) for t in targets]
+    for folder in dict.fromkeys(folders):
+        _remove_leftovers(folder)
     tmps: list[Path] = []
     try:
         for target, folder in zip(targets, folders):
@@ -456,42 +480,286 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         yield tmp
 
 
-def stale_temporaries(folder: str | os.PathLike, min_age_s: float = 3600.0) -> list[Path]:
-    """Hidden temporaries and backups that writes in ``folder`` left behind when killed.
+# -- temporaries: who wrote them, and which are left over -----------------------------------
+@dataclass(frozen=True)
+class Writer:
+    """The process that writes a temporary, as recorded in its name.
 
-    Only files named like napari-tomoseg's temporaries (``.NAME.XXXXXXXX.part`` or
-    ``.NAME.XXXXXXXX.old``) and unchanged for ``min_age_s`` seconds are listed, so a write
-    still running (in this or another process) is not.  They hold no result that is not
-    also under its real name (a ``.part`` never became a file; an ``.old`` is the previous
-    version of a file that was replaced), and can be deleted with
-    :func:`remove_stale_temporaries`.
+    ``host`` is the short host name (for people to read); ``ident`` hashes the full host
+    name with the PID namespace, so two containers that share a host name but not their
+    process IDs are told apart; ``started`` (whole seconds since the epoch, 0 if unknown)
+    tells the process from a later one that got the same PID.
     """
+
+    host: str
+    ident: str
+    pid: int
+    started: int = 0
+
+    @property
+    def token(self) -> str:
+        return f"{self.host}-{self.ident}-{self.pid}-{self.started:x}"
+
+    @classmethod
+    def parse(cls, token: str) -> Writer | None:
+        """The writer a :attr:`token` names, or None if it names none."""
+        match = _WRITER_RE.fullmatch(token)
+        if match is None:
+            return None
+        return cls(match["host"], match["ident"], int(match["pid"]), int(match["started"], 16))
+
+    def on_this_host(self) -> bool:
+        me = this_writer()
+        return (self.host, self.ident) == (me.host, me.ident)
+
+    def running(self) -> bool | None:
+        """Whether the process still runs: True / False on this host, None elsewhere
+        (another machine's processes cannot be seen from here)."""
+        if not self.on_this_host():
+            return None
+        return process_running(self.pid, self.started)
+
+    def describe(self) -> str:
+        where = "this host" if self.on_this_host() else self.host
+        return f"process {self.pid} on {where}"
+
+
+_WRITER_RE = re.compile(
+    r"(?P<host>[A-Za-z0-9_-]*)-(?P<ident>[0-9a-f]{6})-(?P<pid>[0-9]+)-(?P<started>[0-9a-f]+)"
+)
+#: ``.TARGET.WRITER-RANDOM.part`` (or ``.old``) as written now, and ``.TARGET.RANDOM.part``
+#: as written by earlier versions, which recorded no writer.
+_TEMP_RE = re.compile(
+    r"\.(?P<target>.+)\.(?P<writer>[A-Za-z0-9_-]*-[0-9a-f]{6}-[0-9]+-[0-9a-f]+)"
+    r"-[0-9a-f]{8}\.(?P<kind>part|old)"
+)
+_OLD_TEMP_RE = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.(?P<kind>part|old)")
+_MAX_NAME_BYTES = 255
+_THIS_WRITER: dict[int, Writer] = {}
+
+
+def _process_start(pid: int) -> int:
+    """When process ``pid`` started (whole seconds since the epoch), 0 if unknown."""
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return 0
+
+
+def this_writer() -> Writer:
+    """This process as the writer of temporaries (computed once per process)."""
+    pid = os.getpid()
+    writer = _THIS_WRITER.get(pid)
+    if writer is None:
+        hostname = socket.gethostname() or "localhost"
+        short = re.sub(r"[^A-Za-z0-9_-]", "_", hostname.split(".")[0])[:32] or "host"
+        try:
+            namespace = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            namespace = 0
+        ident = zlib.crc32(f"{hostname}/{namespace}".encode()) & 0xFFFFFF
+        writer = Writer(short, f"{ident:06x}", pid, _process_start(pid))
+        _THIS_WRITER[pid] = writer
+    return writer
+
+
+def process_running(pid: int, started: int = 0) -> bool:
+    """Whether process ``pid`` of this host runs; with ``started`` (as recorded in a
+    :class:`Writer`) only if it is that very process, not a later one with its PID.
+    A zombie (killed, not yet reaped) no longer runs."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not started or abs(int(proc.create_time()) - started) <= 1
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # e.g. access denied: it exists
+        return True
+
+
+def temporary_name(target: str, suffix: str = TEMP_SUFFIX, writer: Writer | None = None) -> str:
+    """A hidden name beside ``target`` that records its writer (this process by default):
+    ``.TARGET.HOST-IDENT-PID-STARTED-RANDOM.part``; a very long target is shortened."""
+    token = f"{(writer or this_writer()).token}-{secrets.token_hex(4)}{suffix}"
+    name = target
+    while len(f".{name}.{token}".encode()) > _MAX_NAME_BYTES and len(name) > 1:
+        name = name[:-1]
+    return f".{name}.{token}"
+
+
+@dataclass(frozen=True)
+class Temporary:
+    """A hidden temporary (``kind`` "part") or backup (``kind`` "old") of napari-tomoseg's
+    atomic writes, with its writer (None for names from versions that recorded none) and
+    whether that process is ``"running"``, ``"gone"`` or ``"unknown"`` (another host)."""
+
+    path: Path
+    target: str
+    kind: str
+    size: int
+    mtime: float
+    writer: Writer | None
+    state: str
+
+    def is_stale(self, min_age_s: float = STALE_AFTER_S, now: float | None = None) -> bool:
+        """Left over for good: its process is gone, or (when that cannot be checked) it
+        is unchanged for ``min_age_s`` seconds.  Never while its process runs."""
+        if self.state != "unknown":
+            return self.state == "gone"
+        return (time.time() if now is None else now) - self.mtime >= min_age_s
+
+    def describe(self, now: float | None = None) -> str:
+        """Whose it is and whether that process still runs, in words."""
+        if self.writer is None:
+            who = "from a version that recorded no process"
+        elif self.state == "unknown":
+            who = f"written by {self.writer.describe()}, which cannot be checked from here"
+        else:
+            still = "still running" if self.state == "running" else "gone"
+            return f"written by {self.writer.describe()}, which is {still}"
+        idle = (time.time() if now is None else now) - self.mtime
+        return f"{who}, unchanged for {format_duration(idle)}"
+
+
+def _temporary_at(entry: os.DirEntry) -> Temporary | None:
+    name = entry.name
+    if not name.startswith(".") or not name.endswith((TEMP_SUFFIX, BACKUP_SUFFIX)):
+        return None
+    match = _TEMP_RE.fullmatch(name) or _OLD_TEMP_RE.fullmatch(name)
+    if match is None:
+        return None
+    try:
+        if not entry.is_file(follow_symlinks=False):
+            return None
+        info = entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    writer = Writer.parse(match["writer"]) if "writer" in match.groupdict() else None
+    running = writer.running() if writer is not None else None
+    state = "unknown" if running is None else ("running" if running else "gone")
+    return Temporary(
+        Path(entry.path),
+        match["target"],
+        match["kind"],
+        info.st_size,
+        info.st_mtime,
+        writer,
+        state,
+    )
+
+
+def list_temporaries(folder: str | os.PathLike) -> list[Temporary]:
+    """Every temporary and backup of napari-tomoseg's atomic writes in ``folder``, stale
+    or not (:meth:`Temporary.is_stale`), sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TomosegIOError(f"{folder} is not a folder.")
+    with os.scandir(folder) as entries:
+        found = [t for t in map(_temporary_at, entries) if t is not None]
+    return sorted(found, key=lambda t: t.path.name)
+
+
+def stale_temporaries(
+    folder: str | os.PathLike, min_age_s: float = STALE_AFTER_S
+) -> list[Temporary]:
+    """The temporaries that writes in ``folder`` left behind when they were killed.
+
+    A temporary is stale when its name records a process of this host that is gone, or,
+    when its writer cannot be checked (another host, or an older name without one), when
+    it is unchanged for ``min_age_s`` seconds.  A temporary of a process that runs on this
+    host is never stale.  Stale ones hold no result that is not also under its real name
+    (a ``.part`` never became a file; an ``.old`` is the previous version of a file that was
+    replaced), and :func:`remove_stale_temporaries` deletes them.
+    """
     now = time.time()
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if not name.startswith(".") or not name.endswith((TEMP_SUFFIX, BACKUP_SUFFIX)):
-            continue
-        parts = name[1:].rsplit(".", 2)
-        if len(parts) != 3 or not parts[0]:
-            continue
-        with contextlib.suppress(OSError):
-            if entry.is_file() and now - entry.stat().st_mtime >= min_age_s:
-                found.append(entry)
-    return sorted(found)
+    return [t for t in list_temporaries(folder) if t.is_stale(min_age_s, now)]
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 3600.0) -> list[Path]:
-    """Delete what :func:`stale_temporaries` lists; returns the removed paths."""
+def remove_stale_temporaries(
+    folder: str | os.PathLike, min_age_s: float = STALE_AFTER_S
+) -> list[Temporary]:
+    """Delete what :func:`stale_temporaries` lists; returns the ones removed.
+
+    A temporary judged by its age is checked again just before it is deleted, so one
+    that a write on another host touched meanwhile is kept.
+    """
     removed = []
-    for path in stale_temporaries(folder, min_age_s):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
+    for temp in stale_temporaries(folder, min_age_s):
+        with contextlib.suppress(OSError):
+            if temp.state == "unknown" and temp.path.stat().st_mtime != temp.mtime:
+                continue
+            temp.path.unlink()
+            removed.append(temp)
     return removed
+
+
+def remove_superseded_temporaries(targets: Sequence[str | os.PathLike]) -> list[Temporary]:
+    """Delete the temporaries of ``targets`` that are now written completely.
+
+    For a batch whose jobs have finished: a temporary of one of their outputs can only be
+    from an earlier attempt that was killed (or given up by the scheduler), on whichever
+    host, so it is removed without waiting for its age; one of a process that runs on
+    this host is kept all the same.
+    """
+    names: dict[Path, set[str]] = {}
+    for target in map(Path, targets):
+        names.setdefault(target.parent, set()).add(target.name)
+    removed = []
+    for folder, wanted in names.items():
+        with contextlib.suppress(OSError):
+            for temp in list_temporaries(folder):
+                if temp.target in wanted and temp.state != "running":
+                    with contextlib.suppress(OSError):
+                        temp.path.unlink()
+                        removed.append(temp)
+    return removed
+
+
+def format_size(nbytes: float) -> str:
+    """Bytes as people read them: 512 B, 3.4 kB, 1.2 GB (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(nbytes) < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people read it: 40 s, 12 min, 3.5 h, 2.0 days."""
+    seconds = max(float(seconds), 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def describe_removed(removed: Sequence[Temporary], folder: str | os.PathLike) -> str:
+    """One sentence naming the removed temporaries, their sizes and why they were stale."""
+    total = sum(t.size for t in removed)
+    files = "file" if len(removed) == 1 else "files"
+    listed = "; ".join(f"{t.path.name} ({format_size(t.size)}, {t.describe()})" for t in removed)
+    return (
+        f"Removed {len(removed)} temporary {files} ({format_size(total)}) that interrupted "
+        f"writes had left in {folder}: {listed}."
+    )
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Delete the stale temporaries of a folder about to be written in, and say so."""
+    try:
+        removed = remove_stale_temporaries(folder)
+    except OSError:
+        return  # tidying up never stops a write
+    if removed:
+        warnings.warn(describe_removed(removed, folder), TemporariesRemovedWarning, stacklevel=4)
 
 
 def voxel_triple(voxel_size: Any) -> tuple[float, float, float] | None:
@@ -631,6 +899,22 @@ def new_mrc_mmap(
         if unsigned_bytes:
             _mark_unsigned_bytes(mrc.header)
         yield mrc, (mrc.data.view(np.uint8) if unsigned_bytes else mrc.data)
+        _write_back(Path(path))
+
+
+def _write_back(path: Path) -> None:
+    """Write a memory-mapped file's changed pages to disk with ``fsync``, which lets other
+    threads run meanwhile; the ``msync`` that closing the map then does (numpy's
+    ``memmap.flush``) holds the GIL, and finds little left to write (a viewer that autosaves
+    in a worker thread would otherwise stop for as long)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # a failed write-back (a full disk) is not ignored
+        if exc.errno not in _NO_FSYNC:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _preallocate(path: Path) -> None:

@@ -5,10 +5,13 @@ painting in a Labels layer, all on the tomogram's exact voxel grid (same scale a
 translate), so data coordinates are voxel indices.  Rectangles of any drawn size snap to the
 box size around their centre.
 
-The widget follows whether the painting and the boxes changed since they were last saved
-or loaded (the counts line says "unsaved changes"); before Load replaces them it asks to
+The widget follows whether the painting, the boxes and the feature names changed since
+they were last saved or loaded (the counts line says "unsaved changes"); before Load
+replaces them, or closing the viewer or deleting their layers throws them away, it asks to
 save, discard or cancel (:class:`~._common.AnnotationChanges`, shared with the Train
-widget's "Copy prediction").
+widget's "Copy prediction").  Meanwhile they are autosaved to the cache folder every few
+minutes (:class:`~._autosave.Autosaver`); when a tomogram with an autosave from a crashed
+session is chosen, the widget offers to restore it, saying when it was saved.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from magicgui.widgets import (
 
 from .._layers import UNIT
 from ..annotations import Annotations, load_annotations, save_annotations
+from ..autosave import AutosaveInfo, discard_autosave, find_autosave, read_autosave
 from ..boxes import DEFAULT_BOX_SIZE, Box, box_from_shape, crop
 from ..errors import TomosegError
 from . import _common
+from ._autosave import Autosaver, guard_viewer
 from ._common import (
     SESSION,
     RememberedSettings,
@@ -39,6 +44,7 @@ from ._common import (
     layer_choices,
     notify_error,
     notify_info,
+    source_of,
     voxel_size_of,
 )
 from ._gallery import Gallery
@@ -102,8 +108,15 @@ class BoxWidget(Container):
         )
         self.save_button = PushButton(text="Save annotations")
         self.load_button = PushButton(text="Load annotations")
+        self.recovery = Label(value="", visible=False)
+        self.restore_button = PushButton(text="Restore autosaved annotations", visible=False)
+        self.discard_button = PushButton(text="Discard the autosave", visible=False)
+        self.offered: AutosaveInfo | None = None
         self.extend(
             [
+                self.recovery,
+                self.restore_button,
+                self.discard_button,
                 self.tomogram,
                 self.box_size,
                 self.click_mode,
@@ -113,6 +126,9 @@ class BoxWidget(Container):
                 self.feature_name,
                 self.name_button,
                 self.counts,
+                self.folder,
+                self.save_button,
+                self.load_button,
                 self.refresh_gallery,
             ]
         )
@@ -132,6 +148,11 @@ class BoxWidget(Container):
         self.changes.listeners.append(self.update_counts)
         for name in (POSITIVE_LAYER, NEGATIVE_LAYER, PAINT_LAYER):
             self.changes.watch(self._layer(name))
+        self.autosaver = Autosaver(self.changes, self.gather_annotations, self.native)
+        guard_viewer(viewer, self.changes, self.native)
+        self.restore_button.changed.connect(self.restore_autosave)
+        self.discard_button.changed.connect(self.discard_offered_autosave)
+        self.tomogram.changed.connect(self.update_recovery)
         viewer.layers.events.inserted.connect(self._watch_inserted)
         self.add_positive.changed.connect(lambda: self.add_box_at_cursor(True))
         self.add_negative.changed.connect(lambda: self.add_box_at_cursor(False))
@@ -144,6 +165,7 @@ class BoxWidget(Container):
         viewer.layers.events.removed.connect(self.tomogram.reset_choices)
         viewer.mouse_drag_callbacks.append(self._on_click)
         self.update_counts()
+        self.update_recovery()
 
     # -- layers ---------------------------------------------------------------------------
     def _tomogram_layer(self) -> Any:
@@ -309,7 +331,9 @@ class BoxWidget(Container):
         value = int(self.feature_value.value)
         names = dict(layer.metadata.get("class_names") or {0: "background"})
         names[value] = str(self.feature_name.value).strip() or f"feature {value}"
-        layer.metadata["class_names"] = names
+        if names != layer.metadata.get("class_names"):
+            layer.metadata["class_names"] = names
+            self.changes.mark_changed()  # feature names are part of the annotations
         layer.selected_label = value
         layer.mode = "paint"
         self.viewer.layers.selection.active = layer
@@ -349,26 +373,37 @@ class BoxWidget(Container):
         self.viewer.camera.center = tuple(world)
 
     # -- saving and restoring -------------------------------------------------------------
+    def gather_annotations(self) -> Annotations | None:
+        """The painting (the layer's own array, not a copy), both box sets and the feature
+        names of the chosen tomogram; None when nothing is annotated yet."""
+        tomo = self._tomogram_layer()
+        paint = self._layer(PAINT_LAYER)
+        positives, negatives = self.boxes(True), self.boxes(False)
+        if paint is None and not positives and not negatives:
+            return None
+        painting = (
+            np.asarray(paint.data) if paint is not None else np.zeros(tomo.data.shape, np.uint8)
+        )
+        names = (paint.metadata.get("class_names") if paint is not None else None) or {}
+        return Annotations(
+            painting=painting,
+            positives=positives,
+            negatives=negatives,
+            class_names={int(k): str(v) for k, v in names.items()} or {0: "background"},
+            box_size=int(self.box_size.value),
+            voxel_size=voxel_size_of(tomo),
+            source=source_of(tomo),
+        )
+
     def save_annotations(self, folder: Any) -> Any:
-        """Save the painting and both box sets into ``folder`` (painting.mrc + CSVs)."""
+        """Save the painting and both box sets into ``folder`` (painting.mrc + CSVs); the
+        autosave, no longer needed, is deleted."""
         try:
-            tomo = self._tomogram_layer()
-            paint = self._layer(PAINT_LAYER)
-            if paint is None:
+            annotations = self.gather_annotations()
+            if annotations is None or self._layer(PAINT_LAYER) is None:
                 raise TomosegError("There is nothing to save yet: add boxes and paint first.")
             if not folder or str(folder) in ("", "."):
                 raise TomosegError("Choose an annotations folder first.")
-            annotations = Annotations(
-                painting=np.asarray(paint.data),
-                positives=self.boxes(True),
-                negatives=self.boxes(False),
-                class_names={
-                    int(k): str(v) for k, v in (paint.metadata.get("class_names") or {}).items()
-                },
-                box_size=int(self.box_size.value),
-                voxel_size=voxel_size_of(tomo),
-                source=str((tomo.metadata or {}).get("source_path") or tomo.name),
-            )
             # The user chose this folder and pressed Save: replacing the annotations of the
             # same tomogram there is what they asked for; another tomogram's are refused.
             out = save_annotations(folder, annotations, overwrite=True)
@@ -376,6 +411,7 @@ class BoxWidget(Container):
             notify_error(describe_error(exc))
             return None
         self.changes.mark_saved()
+        self.autosaver.discard()
         notify_info(
             f"Saved the painting and {len(annotations.positives)} + "
             f"{len(annotations.negatives)} boxes to {out}."
@@ -408,6 +444,14 @@ class BoxWidget(Container):
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
+        self.show_annotations(annotations)
+        self.changes.mark_saved()
+        self.autosaver.discard()  # of the annotations the user just agreed to replace
+        self.update_counts()
+        return annotations
+
+    def show_annotations(self, annotations: Annotations) -> None:
+        """Put saved (or autosaved) annotations into the painting and box layers."""
         self.box_size.value = annotations.box_size
         paint = self.paint_layer()
         paint.data = annotations.painting.astype(np.uint8, copy=False)
@@ -422,6 +466,53 @@ class BoxWidget(Container):
                     layer.edge_color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
             finally:
                 self._snapping = False
-        self.changes.mark_saved()
-        self.update_counts()
+
+    # -- recovery after a crash ------------------------------------------------------------
+    def update_recovery(self, *_: Any) -> None:
+        """Offer the autosave of the chosen tomogram, if a session that ended without saving
+        (a crash, a killed napari) left one."""
+        info = None
+        tomo = self.tomogram.value
+        if tomo is not None and tomo.data.ndim == 3:
+            info = find_autosave(source_of(tomo), tomo.data.shape)
+        if info is not None and (info.folder in self.autosaver.folders or info.open_elsewhere()):
+            info = None  # this session's own, or another viewer's that is still open
+        if info is not None and info != self.offered:
+            notify_info(
+                f"Annotations of '{tomo.name}' were autosaved ({info.describe()}); restore "
+                "them in '2. Boxes and painting'."
+            )
+        self.offered = info
+        self.recovery.value = "" if info is None else f"Autosaved annotations: {info.describe()}"
+        for widget in (self.recovery, self.restore_button, self.discard_button):
+            widget.visible = info is not None
+
+    def restore_autosave(self, *_: Any) -> Annotations | None:
+        """Put the offered autosave into the layers (asking first if that replaces unsaved
+        annotations); they stay marked unsaved until saved in an annotations folder."""
+        info = self.offered
+        if info is None:
+            return None
+        try:
+            self._tomogram_layer()
+            if not self.changes.confirm_replace("Restoring the autosave", self.native):
+                return None
+            annotations = read_autosave(info)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
+        self.show_annotations(annotations)
+        self.changes.mark_changed()
+        self.autosaver.adopt(info)
+        self.update_recovery()
+        notify_info(
+            f"Restored the annotations autosaved {info.saved.astimezone():%Y-%m-%d %H:%M}; "
+            "save them with 'Save annotations'."
+        )
         return annotations
+
+    def discard_offered_autosave(self, *_: Any) -> None:
+        """Delete the offered autosave (the user does not want it back)."""
+        if self.offered is not None:
+            discard_autosave(self.offered.folder)
+        self.update_recovery()

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import weakref
-import zlib
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets.bases import ValueWidget
 
 from ..errors import TomosegError
+from ..folders import cache_dir, cache_name
 from ..progress import Progress
 
 if TYPE_CHECKING:
@@ -25,11 +24,6 @@ if TYPE_CHECKING:
 
 #: Where remembered widget values live; TOMOSEG_CONFIG_DIR overrides it (tests use that).
 CONFIG_ENV = "TOMOSEG_CONFIG_DIR"
-
-
-#: Where files that may be lost without harm live (training checkpoints);
-#: TOMOSEG_CACHE_DIR overrides it (tests use that).
-CACHE_ENV = "TOMOSEG_CACHE_DIR"
 
 
 def config_dir() -> Path:
@@ -41,22 +35,15 @@ def config_dir() -> Path:
     return Path(base) / "napari-tomoseg"
 
 
-def cache_dir() -> Path:
-    """The per-user folder for files that may be lost without harm
-    (``$XDG_CACHE_HOME/napari-tomoseg``, by default ``~/.cache/napari-tomoseg``)."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "napari-tomoseg"
-
-
 def checkpoint_path_for(source: str) -> Path:
     """The training checkpoint of the tomogram ``source`` (a file path or a layer name):
     ``<cache>/checkpoints/<name>-<CRC of source>.ckpt``, one per tomogram."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).name or "tomogram")[:60]
-    crc = zlib.crc32(source.encode("utf-8", "surrogateescape"))
-    return cache_dir() / "checkpoints" / f"{name}-{crc:08x}.ckpt"
+    return cache_dir() / "checkpoints" / f"{cache_name(source)}.ckpt"
+
+
+def source_of(layer: Any) -> str:
+    """What names a tomogram layer's data: the file it was read from, else its name."""
+    return str((layer.metadata or {}).get("source_path") or layer.name)
 
 
 class RememberedSettings:
@@ -141,9 +128,10 @@ def grid_kwargs(layer: Any) -> dict[str, Any]:
 SAVE, DISCARD, CANCEL = "save", "discard", "cancel"
 
 
-def ask_unsaved_changes(action: str, parent: Any = None) -> str:
-    """Ask whether to save the annotations before ``action`` replaces them: returns
-    ``"save"``, ``"discard"`` or ``"cancel"``.
+def ask_unsaved_changes(action: str, parent: Any = None, *, effect: str = "replace") -> str:
+    """Ask whether to save the annotations before ``action`` replaces them (``effect``
+    "replace") or throws them away ("discard"): returns ``"save"``, ``"discard"`` or
+    ``"cancel"``.
 
     A modal message box.  Every such question goes through this one function, so a test (or
     an embedding application) can answer it by replacing it on this module.
@@ -154,7 +142,7 @@ def ask_unsaved_changes(action: str, parent: Any = None) -> str:
     box.setIcon(QMessageBox.Icon.Warning)
     box.setWindowTitle("Unsaved annotations")
     box.setText("The painting or the boxes have changes that are not saved.")
-    box.setInformativeText(f"{action} will replace them. Save them first?")
+    box.setInformativeText(f"{action} will {effect} them. Save them first?")
     buttons = QMessageBox.StandardButton
     box.setStandardButtons(buttons.Save | buttons.Discard | buttons.Cancel)
     box.setDefaultButton(buttons.Save)
@@ -176,31 +164,69 @@ def ask_annotations_folder(parent: Any = None) -> str | None:
 
 
 class AnnotationChanges:
-    """Whether a viewer's annotations (the painting and both box layers) changed since they
-    were last saved or loaded, and the question asked before an action replaces them.
+    """Whether a viewer's annotations (the painting, both box layers and the feature
+    names) changed since they were last saved or loaded, and the question asked before an
+    action replaces or discards them.
 
-    Layers are followed through their events (Labels ``paint`` and ``data``, Shapes
-    ``data``); code that edits a layer's array in place calls :meth:`mark_changed`.
-    ``saver`` (set by the box widget) saves the annotations and returns where, or None.
+    Layers are followed through their events (Labels ``paint``, ``labels_update`` and
+    ``data``, Shapes ``data``) and through Labels ``undo`` / ``redo``, which in napari 0.9
+    change the data without an event of their own (``Labels._load_history`` only
+    refreshes the view); code that edits a layer's array in place calls
+    :meth:`mark_changed`.  ``generation`` counts the changes, so an autosave can tell
+    whether it is still current.  ``saver`` (set by the box widget) saves the annotations
+    and returns where, or None; ``autosaver`` (also set there) writes the autosave.
     """
 
     def __init__(self) -> None:
         self.unsaved = False
+        self.generation = 0
         self.saver: Callable[[], Any] | None = None
+        self.autosaver: Any = None
+        # closing the viewer / deleting layers asks (see _autosave.guard_viewer)
+        self.guarded = False
+        self.closing_from_code = False
+        self._close_guard_window: Callable[[], Any] = lambda: None
         self.listeners: list[Callable[[], None]] = []
         self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
+    @property
+    def close_guard_window(self) -> Any:
+        """The main window whose closing asks first (held weakly), or None."""
+        return self._close_guard_window()
+
+    @close_guard_window.setter
+    def close_guard_window(self, window: Any) -> None:
+        self._close_guard_window = weakref.ref(window)
+
     def watch(self, layer: Any) -> None:
         """Follow the edits of an annotation layer (once per layer)."""
+        layer = _unproxied(layer)
         if layer is None or layer in self._watched:
             return
         self._watched.add(layer)
         layer.events.data.connect(self.mark_changed)
-        paint = getattr(layer.events, "paint", None)
-        if paint is not None:
-            paint.connect(self.mark_changed)
+        for name in ("paint", "labels_update"):
+            emitter = getattr(layer.events, name, None)
+            if emitter is not None:
+                emitter.connect(self.mark_changed)
+        for name in ("undo", "redo"):
+            method = getattr(layer, name, None)
+            if callable(method):
+                setattr(layer, name, self._counted(method))
+
+    def watches(self, layer: Any) -> bool:
+        return _unproxied(layer) in self._watched
+
+    def _counted(self, method: Callable[[], Any]) -> Callable[[], Any]:
+        def edit(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            self.mark_changed()
+            return result
+
+        return edit
 
     def mark_changed(self, *_: Any) -> None:
+        self.generation += 1
         self._set(True)
 
     def mark_saved(self, *_: Any) -> None:
@@ -214,21 +240,38 @@ class AnnotationChanges:
             for listener in list(self.listeners):
                 listener()
 
+    def settle(self, action: str, parent: Any = None, *, effect: str = "replace") -> str:
+        """Before ``action`` replaces or discards (``effect``) unsaved annotations, ask:
+        returns SAVE (they were saved), DISCARD, CANCEL (the action must leave everything
+        as it is; also when saving failed), or "" when nothing was unsaved."""
+        if not self.unsaved:
+            return ""
+        answer = ask_unsaved_changes(action, parent, effect=effect)
+        if answer != SAVE:
+            return answer
+        if self.saver is None:
+            notify_error(
+                "Open '2. Boxes and painting' to save the annotations, or choose Discard."
+            )
+            return CANCEL
+        return SAVE if self.saver() is not None else CANCEL
+
     def confirm_replace(self, action: str, parent: Any = None) -> bool:
         """May ``action`` replace the annotations now?  Without unsaved changes, yes;
         otherwise the user is asked: Save (then yes if saving worked), Discard (yes) or
         Cancel (no: the action must leave everything as it is)."""
-        if not self.unsaved:
-            return True
-        answer = ask_unsaved_changes(action, parent)
-        if answer == SAVE:
-            if self.saver is None:
-                notify_error(
-                    "Open '2. Boxes and painting' to save the annotations, or choose Discard."
-                )
-                return False
-            return self.saver() is not None
-        return answer == DISCARD
+        return self.settle(action, parent) != CANCEL
+
+    def autosave_now(self) -> None:
+        """Write the autosave now if the annotations changed since the last one."""
+        if self.autosaver is not None:
+            self.autosaver.save_now()
+
+
+def _unproxied(obj: Any) -> Any:
+    """The napari object itself behind the proxy napari hands to plugin widgets (a new
+    proxy at each access, so proxies cannot be kept in a weak set)."""
+    return getattr(obj, "__wrapped__", obj)
 
 
 @dataclass

@@ -45,6 +45,7 @@ from ._common import (
     layer_choices,
     notify_error,
     notify_info,
+    source_of,
     voxel_size_of,
 )
 from ._plot import LinePlot
@@ -268,7 +269,7 @@ class TrainWidget(Container):
         tomo = self.tomogram.value
         if tomo is None:
             return None
-        return checkpoint_path_for(str((tomo.metadata or {}).get("source_path") or tomo.name))
+        return checkpoint_path_for(source_of(tomo))
 
     def update_resume(self, *_: Any) -> None:
         """Offer to resume (ticked) when the chosen tomogram has an interrupted run."""
@@ -289,12 +290,14 @@ class TrainWidget(Container):
 
     # -- training -------------------------------------------------------------------------
     def start_training(self, *_: Any) -> Any:
-        """Gather the layers and train in a worker thread."""
+        """Gather the layers and train in a worker thread (autosaving the annotations
+        first if they changed)."""
         try:
             task, box_size = self._prepare()
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
+        self.changes.autosave_now()
         self.plot.clear()
         self.events_seen = 0
         self.train_button.enabled = False
@@ -335,7 +338,7 @@ class TrainWidget(Container):
         if init is not None:
             settings.architecture = init.meta.architecture
             settings.model_params = dict(init.meta.model_params)
-        source = str((tomo.metadata or {}).get("source_path") or tomo.name)
+        source = source_of(tomo)
         checkpoint = self.checkpoint_path()
         resume = bool(self.resume.enabled and self.resume.value)
         if checkpoint is not None:
