@@ -226,6 +226,7 @@ def _parse_class_weights(text: str) -> str | list[float] | None:
 
 
 def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .augment import NO_AUGMENTATION
     from .checkpoint import default_checkpoint_path, remove_checkpoint
     from .model_file import load_network, save_network
     from .training import TrainSettings, iter_train
@@ -253,6 +254,9 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
             setattr(settings, name, value)
     if args.class_weights is not None:
         settings.class_weights = _parse_class_weights(args.class_weights)
+    settings.start_from = args.start_from
+    if args.augmentation == "none":
+        settings.augmentation = dict(NO_AUGMENTATION)
     output = Path(args.output)
     # --resume may replace the network that the stopped run it continues saved there
     if output.exists() and not (args.overwrite or args.resume):
@@ -304,6 +308,11 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         remove_checkpoint(checkpoint)
     state = "stopped early" if result.stopped else "finished"
     print(f"Training {state} in {result.seconds:.0f} s on {result.device}; saved {output}")
+    print(
+        f"  started from {result.metadata['started_from']}; mask threshold "
+        f"{result.network.meta.threshold:.2f} (chosen on the "
+        f"{result.metadata['threshold_calibration']['on']})"
+    )
     if result.stopped and checkpoint.is_file():
         steps = result.metadata["steps_done"]
         print(
@@ -338,6 +347,7 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         batch_size=args.batch_size,
     )
     settings.validate()
+    _split_apply_inputs(args)
     networks = [args.network, *(args.also_network or [])]
     if args.name and len(networks) > 1:
         raise TomosegError(
@@ -394,6 +404,79 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     if should_stop():
         return EXIT_INTERRUPTED
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _split_apply_inputs(args: argparse.Namespace) -> None:
+    """``args.network`` and ``args.tomograms`` from the positional inputs and --pretrained."""
+    if args.pretrained:
+        from .pretrained import available, load_pretrained
+
+        if args.pretrained not in available():
+            load_pretrained(args.pretrained)  # raises, naming the shipped networks
+        args.network, args.tomograms = str(available()[args.pretrained]), list(args.inputs)
+        return
+    if len(args.inputs) < 2:
+        raise TomosegError(
+            "Give the network file and at least one tomogram (tomoseg apply NETWORK "
+            "TOMOGRAM ...), or --pretrained NAME and the tomograms."
+        )
+    args.network, args.tomograms = args.inputs[0], list(args.inputs[1:])
+
+
+def _cmd_pretrained(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    """List the networks shipped with the package."""
+    from .model_file import read_network_meta
+    from .pretrained import available
+
+    files = available()
+    if not files:
+        print("This installation has no shipped networks.")
+        return EXIT_OK
+    for name, path in files.items():
+        meta = read_network_meta(path)
+        classes = ", ".join(meta.class_names[1:])
+        print(
+            f"{name:>16}: {meta.architecture}, {classes}; trained at {meta.voxel_size:g} A, "
+            f"threshold {meta.threshold or 0.5:.2f} ({path})"
+        )
+    print(
+        "Use one with 'tomoseg apply --pretrained NAME TOMOGRAM ...'; training starts from "
+        "the one that knows the feature unless 'tomoseg train --start-from scratch'."
+    )
+    return EXIT_OK
+
+
+def _cmd_suggest(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    """Boxes worth a look where a network fires far from every positive box."""
+    from .boxes import read_boxes_csv, write_boxes_csv
+    from .inference import probabilities_as_float
+    from .io import read_tomogram
+    from .suggest import suggest_boxes
+
+    probability = read_tomogram(args.probabilities).data
+    positives = read_boxes_csv(args.positive, args.box_size)
+    negatives = read_boxes_csv(args.negative, args.box_size) if args.negative else []
+    found = suggest_boxes(
+        probability,
+        positives,
+        negatives,
+        threshold=args.threshold,
+        n=args.number,
+        box_size=args.box_size,
+        to_float=probabilities_as_float,
+    )
+    write_boxes_csv(args.output, [s.box for s in found], overwrite=args.overwrite)
+    print(f"{len(found)} suggested boxes (strongest first) written to {args.output}:")
+    for s in found:
+        print(
+            f"  z {s.box.z:4d}  y {s.box.y:5d}  x {s.box.x:5d}  score {s.score:.3f} "
+            f"({100 * s.fired:.0f}% of the box marked)"
+        )
+    print(
+        "Look at each: box it as a negative example if the feature is not there, as a "
+        "positive one (and paint it) if it is; then train again."
+    )
+    return EXIT_OK
 
 
 def _cluster_requested(args: argparse.Namespace) -> bool:
@@ -733,6 +816,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float, help="e.g. 1e-3; use ~1e-4 to continue")
     p.add_argument("--from-trained", help="continue training this network file")
+    p.add_argument(
+        "--start-from",
+        default="auto",
+        help="where a new network's weights come from: auto (a shipped network trained on "
+        "simulated tomograms when one knows the features by name; the default), scratch "
+        "(random weights), or the name of a shipped network (see 'tomoseg pretrained')",
+    )
+    p.add_argument(
+        "--augmentation",
+        choices=["default", "none"],
+        default="default",
+        help="change every mini-batch in the ways tomograms differ (zoom, blur, noise, "
+        "contrast, inversion: default), or only rotate and flip it (none)",
+    )
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int)
     p.add_argument(
@@ -774,8 +871,19 @@ def build_parser() -> argparse.ArgumentParser:
         "writes <name>_<network>_mask.mrc and the probability map(s) "
         "<name>_<network>[_<class>].mrc (uint8, probability x 255).",
     )
-    p.add_argument("network", help="network file (.tsnet)")
-    p.add_argument("tomograms", nargs="+", help="tomograms (MRC) of the same pixel size")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="NETWORK TOMOGRAM",
+        help="the network file (.tsnet), then the tomograms (MRC) of the same pixel size; "
+        "with --pretrained, tomograms only",
+    )
+    p.add_argument(
+        "--pretrained",
+        metavar="NAME",
+        help="segment with a network shipped with napari-tomoseg (no boxes needed; see "
+        "'tomoseg pretrained' for the names)",
+    )
     p.add_argument("--output-dir", default=".", help="folder for the results")
     p.add_argument("--name", help="label used in output names (default: network file name)")
     p.add_argument(
@@ -922,6 +1030,38 @@ def build_parser() -> argparse.ArgumentParser:
         "(unsaved work of sessions that crashed; those of a running viewer are kept)",
     )
     p.set_defaults(func=_cmd_clean)
+
+    p = sub.add_parser(
+        "pretrained",
+        help="list the networks shipped with napari-tomoseg",
+        description="The starting networks trained on simulated tomograms that come with the "
+        "package: use one as it is (tomoseg apply --pretrained NAME) or let training start "
+        "from it (tomoseg train --start-from auto, the default).",
+    )
+    p.set_defaults(func=_cmd_pretrained)
+
+    p = sub.add_parser(
+        "suggest",
+        help="suggest boxes where a network fires far from every positive box",
+        description="After a first training and apply: the places where the network marks "
+        "the feature far from every positive box, strongest first, none overlapping an "
+        "existing box. Look at each and box it as a negative example (the network is wrong "
+        "there) or a positive one (paint it), then train again.",
+    )
+    p.add_argument("probabilities", help="the feature's probability map (MRC from apply)")
+    p.add_argument("--positive", required=True, help="CSV of the positive boxes")
+    p.add_argument("--negative", help="CSV of the negative boxes")
+    p.add_argument("-o", "--output", required=True, help="CSV of suggested boxes to write")
+    p.add_argument("-n", "--number", type=int, default=20, help="how many boxes (default 20)")
+    p.add_argument("--box-size", type=int, default=64, help="box side in pixels (default 64)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="probability from which the network counts as firing (default 0.5)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_suggest)
     return parser
 
 
