@@ -567,3 +567,39 @@ def test_an_unchosen_annotations_folder_is_not_remembered_as_one(make_napari_vie
     second = BoxWidget(viewer)
     assert second.box_size.value == 48
     assert str(second.folder.value) == "."  # not the working folder: Save will ask
+
+
+def test_suggested_boxes_are_shown_and_accepted_with_one_click(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    _, tomo = _small_tomogram(viewer)
+    boxes = BoxWidget(viewer)
+    boxes.tomogram.value = tomo
+    boxes.box_size.value = 32
+    boxes.add_box((12, 24, 24), positive=True)
+    boxes.add_box((4, 70, 70), positive=False)
+    prob = np.zeros(tomo.data.shape, np.uint8)
+    prob[12, 60:90, 10:40] = 230  # fires strongly far from the positive box
+    prob[18, 10:40, 60:90] = 150  # and more weakly elsewhere
+    prob[12, 10:40, 10:40] = 255  # on the positive box itself: the feature, no suggestion
+    viewer.add_image(
+        prob, name="p", scale=tomo.scale, metadata={"tomoseg_probability": True, "threshold": 0.4}
+    )
+    panel = boxes.suggestions
+    panel.probability.reset_choices()
+    panel.probability.value = viewer.layers["p"]
+    panel.number.value = 5
+    assert panel.start() is not None
+    qtbot.waitUntil(lambda: not panel.runner.running, timeout=60_000)
+    first, second = panel.pending[:2]
+    assert (first.box.z, second.box.z) == (12, 18)
+    assert len(viewer.layers["suggested boxes"].data) == len(panel.pending)
+    assert viewer.dims.point[0] == pytest.approx(tomo.data_to_world((12, 0, 0))[0])
+    panel.decide("negative")
+    negatives = boxes.boxes(positive=False)
+    assert any((b.z, b.y, b.x) == (12, first.box.y, first.box.x) for b in negatives)
+    panel.decide("positive")
+    assert any(b.z == 18 for b in boxes.boxes(positive=True))
+    while panel.pending:
+        panel.decide("reject")
+    assert len(viewer.layers["suggested boxes"].data) == 0
+    assert not panel.reject.enabled

@@ -24,6 +24,8 @@ from .._layers import labels_layer_kwargs
 from ..errors import TomosegError
 from ..inference import DEFAULT_THRESHOLD, ApplySettings, iter_apply
 from ..model_file import load_network
+from ..pretrained import available as shipped_networks
+from ..pretrained import load_pretrained
 from ._common import (
     SESSION,
     RememberedSettings,
@@ -39,7 +41,7 @@ from ._common import (
 if TYPE_CHECKING:
     import napari
 
-SOURCES = ("network just trained", "network file")
+SOURCES = ("network just trained", "network file", "shipped network")
 
 
 def hex_colors(class_colors: Any) -> dict[int, str]:
@@ -63,6 +65,12 @@ class ApplyWidget(Container):
         self.viewer = viewer
         self.source = ComboBox(label="network", choices=list(SOURCES), value=SOURCES[0])
         self.network_file = FileEdit(label="network file", mode="r", filter="*.tsnet")
+        self.shipped = ComboBox(
+            label="shipped network",
+            choices=list(shipped_networks()),
+            tooltip="networks trained on simulated tomograms that come with napari-tomoseg: "
+            "they segment without any boxes",
+        )
         self.tomogram = ComboBox(label="tomogram", choices=layer_choices(viewer, "image"))
         self.own_threshold = CheckBox(
             label="network's threshold",
@@ -82,6 +90,7 @@ class ApplyWidget(Container):
             [
                 self.source,
                 self.network_file,
+                self.shipped,
                 self.tomogram,
                 self.own_threshold,
                 self.threshold,
@@ -115,6 +124,10 @@ class ApplyWidget(Container):
                     "or choose 'network file'."
                 )
             return SESSION.network
+        if self.source.value == SOURCES[2]:
+            if not self.shipped.value:
+                raise TomosegError("This installation has no shipped networks.")
+            return load_pretrained(str(self.shipped.value))
         path = Path(str(self.network_file.value))
         if not path.is_file():
             raise TomosegError(f"Choose a network file (.tsnet); {path} is not a file.")

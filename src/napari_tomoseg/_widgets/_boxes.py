@@ -48,6 +48,7 @@ from ._common import (
     voxel_size_of,
 )
 from ._gallery import Gallery
+from ._suggest import SuggestionPanel
 
 if TYPE_CHECKING:
     import napari
@@ -132,6 +133,8 @@ class BoxWidget(Container):
                 self.refresh_gallery,
             ]
         )
+        self.suggestions = SuggestionPanel(self)
+        self.append(self.suggestions)
         self.gallery = Gallery()
         self.native.layout().addWidget(self.gallery)
         self.remembered = RememberedSettings(

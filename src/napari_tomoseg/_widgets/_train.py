@@ -32,6 +32,8 @@ from ..checkpoint import read_checkpoint_meta
 from ..errors import TomosegError
 from ..model_file import load_network, save_network
 from ..models import DEFAULT_ARCHITECTURE, available
+from ..pretrained import AUTO, SCRATCH, match
+from ..pretrained import available as shipped_networks
 from ..progress import Progress
 from ..training import TrainSettings, iter_train
 from ..trainset import TrainsetSettings, build_training_set
@@ -140,6 +142,14 @@ class TrainWidget(Container):
             value=None,
             tooltip="Continue training a saved network (use a smaller learning rate, e.g. 1e-4).",
         )
+        self.start_from = ComboBox(
+            label="start from",
+            choices=[AUTO, SCRATCH, *shipped_networks()],
+            value=TrainSettings.start_from,
+            tooltip="auto: a network shipped with napari-tomoseg (trained on simulated "
+            "tomograms) when one knows the painted features by name; scratch: random weights",
+        )
+        self.start_info = Label(value="")
         self.continue_current = CheckBox(label="continue the current network", value=False)
         self.resume = CheckBox(
             label=RESUME_TEXT,
@@ -174,6 +184,8 @@ class TrainWidget(Container):
                 self.iterations,
                 self.learning_rate,
                 self.batch_size,
+                self.start_from,
+                self.start_info,
                 self.continue_from,
                 self.continue_current,
                 self.resume,
@@ -204,6 +216,7 @@ class TrainWidget(Container):
                 "iterations": self.iterations,
                 "learning_rate": self.learning_rate,
                 "batch_size": self.batch_size,
+                "start_from": self.start_from,
             },
         )
         self.runner = TaskRunner("Training")
@@ -211,6 +224,8 @@ class TrainWidget(Container):
         self._resuming = False
         self.events_seen = 0
         self.tomogram.changed.connect(self.update_resume)
+        self.painting.changed.connect(self.update_start_info)
+        self.start_from.changed.connect(self.update_start_info)
         self.train_button.changed.connect(self.start_training)
         self.stop_button.changed.connect(self.runner.stop)
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
@@ -224,6 +239,7 @@ class TrainWidget(Container):
             viewer.layers.events.removed.connect(combo.reset_choices)
         self.select_default_layers()
         self.update_resume()
+        self.update_start_info()
 
     def select_default_layers(self, *_: Any) -> None:
         """Pick the layers the box widget made, by their names, when present."""
@@ -251,7 +267,26 @@ class TrainWidget(Container):
             iterations=int(self.iterations.value),
             learning_rate=float(self.learning_rate.value),
             batch_size=int(self.batch_size.value),
+            start_from=str(self.start_from.value),
         )
+
+    def update_start_info(self, *_: Any) -> None:
+        """Say which shipped network training will start from, for the painted features."""
+        paint = self.painting.value
+        names = dict((paint.metadata.get("class_names") or {}) if paint is not None else {})
+        ordered = sorted(names.items(), key=lambda kv: int(kv[0]))
+        features = [str(v) for k, v in ordered if int(k) > 0]
+        choice = str(self.start_from.value)
+        if choice == SCRATCH:
+            text = "random weights"
+        elif choice != AUTO:
+            text = f"the shipped network '{choice}'"
+        elif not features:
+            text = "name the features to start from a shipped network"
+        else:
+            found = match(["background", *features])
+            text = f"the shipped network '{found}'" if found else "random weights (no match)"
+        self.start_info.value = f"starts from: {text}"
 
     def _initial_network(self) -> Any:
         if self.continue_current.value:
@@ -298,6 +333,7 @@ class TrainWidget(Container):
             notify_error(describe_error(exc))
             return None
         self.changes.autosave_now()
+        self.update_start_info()
         self.plot.clear()
         self.events_seen = 0
         self.train_button.enabled = False
@@ -393,6 +429,8 @@ class TrainWidget(Container):
         text = f"Training {state} in {result.seconds:.0f} s on {result.device}"
         if mean_f1 is not None:
             text += f"; validation Dice {mean_f1:.3f}"
+        text += f"; started from {result.metadata.get('started_from', 'random weights')}"
+        text += f"; threshold {result.network.meta.threshold:.2f}"
         self.status.value = text
         self.save_button.enabled = True
         self.show_preview(result)
