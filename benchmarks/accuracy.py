@@ -78,7 +78,7 @@ SEED_TABLE1_TEST_F1: dict[str, float] = {
     "carbon_edge": 0.40,
 }
 #: The parts of the benchmark, in the order they run.
-PARTS = ("zeroshot", "binary", "multiclass", "boxes")
+PARTS = ("zeroshot", "binary", "multiclass", "boxes", "suggest")
 #: Fraction of the depth scored (and boxed): the central slices.
 Z_FRACTION = (0.2, 0.8)
 
@@ -144,6 +144,9 @@ class AccuracyOptions:
     multiclass_architectures: list[str] = field(default_factory=list)  # empty: the default
     box_counts: list[int] = field(default_factory=lambda: [2, 5, 10, 20])
     box_features: list[str] = field(default_factory=lambda: ["single_membrane", "microtubule"])
+    # features for the round of suggested boxes (accepted by the ground truth)
+    suggest_features: list[str] = field(default_factory=lambda: ["single_membrane", "microtubule"])
+    n_suggestions: int = 20
     n_positive: int = 10
     n_negative: int = 100
     # the domain-shift test set (SHIFTED_TESTS) instead of test_seeds x snrs
@@ -170,6 +173,8 @@ def quick_options(shifted: bool = False) -> AccuracyOptions:
         multiclass_architectures=["unet-lite"],
         box_counts=[2, 4],
         box_features=["single_membrane"],
+        suggest_features=["single_membrane"],
+        n_suggestions=4,
         n_positive=4,
         n_negative=8,
         shifted=shifted,
@@ -413,6 +418,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         "binary": [],
         "multiclass": [],
         "box_counts": [],
+        "suggest": [],
     }
     shape = tuple(options.shape)
     train_sims = {}
@@ -478,8 +484,105 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
                 {k: v for k, v in entry.items() if k != "per_test"}
                 | {"f1": entry["pooled"]["classes"][feature]["f1"]}
             )
+    for feature, start, (seed, sim) in itertools.product(
+        options.suggest_features if "suggest" in options.parts else [],
+        options.starts,
+        train_sims.items(),
+    ):
+        entry = trained.get((feature, DEFAULT_ARCHITECTURE, options.n_positive, seed, start))
+        say(f"suggested boxes, {feature} / {start} / seed {seed} ...")
+        report["suggest"].append(
+            suggestion_round(sim, feature, seed, start, options, tests, entry)
+        )
     report["seconds"] = time.perf_counter() - t_start
     return report
+
+
+def default_architecture() -> str:
+    from napari_tomoseg.models import DEFAULT_ARCHITECTURE
+
+    return DEFAULT_ARCHITECTURE
+
+
+def accept_by_truth(sim: Any, value: int, suggestions: list[Any]) -> tuple[list, list]:
+    """Decide suggested boxes as a careful user would, from the ground truth: a box that
+    holds the feature (at least 4 % of its pixels, as the benchmark's positive boxes do)
+    becomes a positive box, any other a negative box."""
+    positives, negatives = [], []
+    for s in suggestions:
+        fraction = float(np.mean(sim.labels[s.box.slices()] == value))
+        (positives if fraction >= 0.04 else negatives).append(s.box)
+    return positives, negatives
+
+
+def suggestion_round(
+    sim: Any,
+    feature: str,
+    seed: int,
+    start: str,
+    options: AccuracyOptions,
+    tests: list[TestTomogram],
+    first: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Train, suggest boxes on the training tomogram, accept them by the truth, train again
+    with them, and score both networks."""
+    from napari_tomoseg.demo import boxes_from_ground_truth
+    from napari_tomoseg.inference import ApplySettings, apply_network, probabilities_as_float
+    from napari_tomoseg.suggest import suggest_boxes
+    from napari_tomoseg.synthetic import CLASS_NAMES
+    from napari_tomoseg.trainset import TrainsetSettings, build_training_set
+
+    value = CLASS_NAMES.index(feature)
+    positives, negatives = boxes_from_ground_truth(
+        sim.labels, value, n_positive=options.n_positive, n_negative=options.n_negative, seed=seed
+    )
+    painting = (sim.labels == value).astype(np.uint8)
+
+    def trainset(pos: list, neg: list) -> Any:
+        return build_training_set(
+            sim.tomogram,
+            painting,
+            pos,
+            neg,
+            TrainsetSettings(seed=seed),
+            class_names=("background", feature),
+            voxel_size=sim.voxel_size,
+        )
+
+    net = _train(
+        trainset(positives, negatives), default_architecture(), options, seed, start
+    ).network
+    before = first or {"pooled": evaluate(net, tests, [value], options.threshold)["pooled"]}
+    z0, z1 = scored_slices(sim.tomogram.shape[0])
+    applied = apply_network(net, sim.tomogram, voxel_size=sim.voxel_size, settings=ApplySettings())
+    found = suggest_boxes(
+        np.asarray(applied.probabilities[0]),
+        positives,
+        negatives,
+        threshold=applied.threshold,
+        n=options.n_suggestions,
+        z_range=(z0, z1),
+        to_float=probabilities_as_float,
+    )
+    more_pos, more_neg = accept_by_truth(sim, value, found)
+    again = _train(
+        trainset(positives + more_pos, negatives + more_neg),
+        default_architecture(),
+        options,
+        seed,
+        start,
+    )
+    after = evaluate(again.network, tests, [value], options.threshold)
+    return {
+        "feature": feature,
+        "start": start,
+        "train_seed": seed,
+        "suggested": len(found),
+        "accepted_positive": len(more_pos),
+        "accepted_negative": len(more_neg),
+        "before": before["pooled"]["classes"][feature],
+        "after": after["pooled"]["classes"][feature],
+    }
 
 
 def _pooled(entries: list[dict[str, Any]], test_names: list[str] | None = None) -> Any:
@@ -640,6 +743,30 @@ def _box_count_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _suggest_table(report: dict[str, Any]) -> list[str]:
+    if not report.get("suggest"):
+        return []
+    lines = ["", "## One round of suggested boxes, decided by the ground truth", ""]
+    rows = []
+    for e in report["suggest"]:
+        b, a = e["before"], e["after"]
+        rows.append(
+            [
+                e["feature"],
+                e["start"],
+                str(e["train_seed"]),
+                f"{e['suggested']} ({e['accepted_positive']} positive, "
+                f"{e['accepted_negative']} negative)",
+                f"{fmt(b['precision'])} / {fmt(b['recall'])} / {fmt(b['f1'])}",
+                f"{fmt(a['precision'])} / {fmt(a['recall'])} / {fmt(a['f1'])}",
+            ]
+        )
+    headers = ["feature", "start", "seed", "suggested boxes", "P / R / F1 before"]
+    headers.append("P / R / F1 after")
+    lines.append(markdown_table(headers, rows, align="llllrr"))
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The printed report: machine, command, settings and the tables."""
     o = report["options"]
@@ -669,6 +796,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += _binary_tables(report)
     lines += _multiclass_table(report)
     lines += _box_count_table(report)
+    lines += _suggest_table(report)
     return "\n".join(lines)
 
 
@@ -705,8 +833,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         "--parts",
         nargs="+",
         choices=PARTS,
-        help="run only these parts (default: all): binary networks, the multi-class "
-        "network, F1 against the number of positive boxes",
+        help="run only these parts (default: all): the shipped networks zero-shot, binary "
+        "networks, the multi-class network, F1 against the number of positive boxes, a "
+        "round of suggested boxes",
     )
     parser.add_argument("--features", nargs="+", help="binary networks for (default: all)")
     parser.add_argument("--architectures", nargs="+", help="default: all registered")
@@ -721,6 +850,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
     )
     parser.add_argument("--box-counts", type=int, nargs="+")
     parser.add_argument("--box-features", nargs="+")
+    parser.add_argument("--suggest-features", nargs="+", help="features of the suggest part")
+    parser.add_argument("--n-suggestions", type=int, help="suggested boxes per round")
     parser.add_argument("--n-positive", type=int)
     parser.add_argument("--n-negative", type=int)
     parser.add_argument("--test-seeds", type=int, nargs="+")
@@ -749,6 +880,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         "multiclass_architectures",
         "box_counts",
         "box_features",
+        "suggest_features",
+        "n_suggestions",
         "n_positive",
         "n_negative",
         "shifted_tests",

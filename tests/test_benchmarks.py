@@ -184,3 +184,16 @@ def test_shifted_settings_make_a_thicker_volume(accuracy):
     name, changes = next(t for t in accuracy.SHIFTED_TESTS if "thicker" in t[0])
     settings = accuracy.shifted_settings(name, changes, (96, 256, 256))
     assert settings["shape"] == (160, 256, 256) and "depth_factor" not in settings
+
+
+def test_accuracy_quick_suggestion_round_adds_the_suggested_boxes(accuracy):
+    options, _ = accuracy.parse_args(
+        ["--quick", "--parts", "suggest", "--iterations", "2", "--shape", "40", "192", "192"]
+    )
+    report = accuracy.run_accuracy(options)
+    [entry] = report["suggest"]
+    assert entry["suggested"] == entry["accepted_positive"] + entry["accepted_negative"]
+    assert 0 < entry["suggested"] <= 4
+    for key in ("before", "after"):
+        assert 0.0 <= entry[key]["f1"] <= 1.0
+    assert "One round of suggested boxes" in accuracy.format_report(report)
