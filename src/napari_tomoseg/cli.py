@@ -409,11 +409,9 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 def _split_apply_inputs(args: argparse.Namespace) -> None:
     """``args.network`` and ``args.tomograms`` from the positional inputs and --pretrained."""
     if args.pretrained:
-        from .pretrained import available, load_pretrained
+        from .pretrained import shipped_file
 
-        if args.pretrained not in available():
-            load_pretrained(args.pretrained)  # raises, naming the shipped networks
-        args.network, args.tomograms = str(available()[args.pretrained]), list(args.inputs)
+        args.network, args.tomograms = str(shipped_file(args.pretrained)), list(args.inputs)
         return
     if len(args.inputs) < 2:
         raise TomosegError(

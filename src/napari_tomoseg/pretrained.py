@@ -18,6 +18,7 @@ They are used in two ways:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -62,20 +63,33 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 AUTO, SCRATCH = "auto", "scratch"
 
 
+def pretrained_dir() -> Path:
+    """The folder of the starting networks: the package's, or ``$TOMOSEG_PRETRAINED_DIR``
+    (e.g. a facility's own networks made with ``scripts/pretrain.py``)."""
+    return Path(os.environ.get("TOMOSEG_PRETRAINED_DIR") or PRETRAINED_DIR)
+
+
 def available() -> dict[str, Path]:
     """The shipped networks by name (file stem), sorted."""
-    if not PRETRAINED_DIR.is_dir():
+    folder = pretrained_dir()
+    if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(PRETRAINED_DIR.glob("*.tsnet"))}
+    return {p.stem: p for p in sorted(folder.glob("*.tsnet"))}
 
 
-def load_pretrained(name: str, device: str | torch.device = "cpu") -> Network:
-    """Load the shipped network ``name`` (see :func:`available`)."""
+def shipped_file(name: str) -> Path:
+    """The file of the shipped network ``name``; an unknown name raises, naming those
+    there are."""
     files = available()
     if name not in files:
         known = ", ".join(files) or "none (this installation has no shipped networks)"
         raise TomosegError(f"There is no shipped network {name!r}; available: {known}.")
-    return load_network(files[name], device=device)
+    return files[name]
+
+
+def load_pretrained(name: str, device: str | torch.device = "cpu") -> Network:
+    """Load the shipped network ``name`` (see :func:`available`)."""
+    return load_network(shipped_file(name), device=device)
 
 
 def feature_of(name: str) -> str | None:
@@ -185,9 +199,7 @@ def starting_network(
     name = match(class_names) if start_from == AUTO else start_from
     if name is None:
         return None, "random weights (no shipped network for these features)"
-    meta = read_network_meta(available()[name]) if name in available() else None
-    if meta is None:
-        load_pretrained(name)  # raises, naming what exists
+    meta = read_network_meta(shipped_file(name))
     fits = meta.architecture == architecture and meta.in_channels == in_channels
     fits = fits and (model_params is None or dict(meta.model_params) == dict(model_params))
     if not fits:
