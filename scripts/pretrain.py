@@ -18,7 +18,7 @@
    Training uses the package's own loop and augmentation (zoom, blur, noise, contrast,
    inversion) with a cosine learning-rate decay.
 4. Saves the networks as ``<name>.tsnet`` into ``--out`` (default: the package's
-   ``pretrained`` folder) and a JSON summary beside them.
+   ``networks`` folder) and a JSON summary beside them.
 
 Seeded: the same command gives the same networks on the same machine.  Run time and the
 accuracy of the result: ``docs/models.md``.
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "napari_tomoseg" / "pretrained"
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "napari_tomoseg" / "networks"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 ``scripts/pretrain.py`` trains them on many simulated tomograms whose imaging, specimen and
 feature sizes are drawn at random (:func:`napari_tomoseg.synthetic.random_settings`); the
-files sit in ``napari_tomoseg/pretrained/`` and are listed with how they were made and how
+files sit in ``napari_tomoseg/networks/`` and are listed with how they were made and how
 well they do in ``docs/models.md``.  Nothing is ever downloaded.
 
 They are used in two ways:
@@ -31,7 +31,7 @@ from .errors import TomosegError
 from .model_file import Network, load_network, read_network_meta
 
 #: Folder of the shipped network files (package data).
-PRETRAINED_DIR = Path(str(resources.files("napari_tomoseg") / "pretrained"))
+PRETRAINED_DIR = Path(str(resources.files("napari_tomoseg") / "networks"))
 #: Name of the shipped network that knows every feature at once.
 MULTICLASS = "all_features"
 #: Words a user may give a feature, by the name of the simulator's class they mean.
