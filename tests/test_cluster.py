@@ -16,7 +16,7 @@ distributed = pytest.importorskip("distributed")
 import cloudpickle  # noqa: E402  (comes with distributed)
 import dask  # noqa: E402
 
-from napari_tomoseg import cli, cluster  # noqa: E402
+from napari_tomoseg import cli, cluster, io  # noqa: E402
 from napari_tomoseg.cluster import (  # noqa: E402
     BatchJob,
     BatchSettings,
@@ -149,7 +149,7 @@ def test_plan_batch_names_as_the_cli_and_refuses_clashes(tmp_path):
     jobs = plan_batch(["a/t1.mrc", "b/t2.rec"], ["n1.tsnet", "n2.tsnet"], tmp_path)
     assert len(jobs) == 4
     for job in jobs:
-        assert (job.mask, job.probabilities) == cli._output_names(
+        assert (job.mask, job.probabilities) == io.output_names(
             tmp_path, job.tomogram, job.network.stem
         )
     assert len({j.job_id for j in jobs}) == 4

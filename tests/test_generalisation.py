@@ -21,6 +21,7 @@ from napari_tomoseg.boxes import Box
 from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.inference import ApplySettings, apply_network
 from napari_tomoseg.model_file import Network, load_network, save_network
+from napari_tomoseg.probability import probabilities_as_float
 from napari_tomoseg.suggest import overlaps, suggest_boxes
 from napari_tomoseg.synthetic import RANDOM_RANGES, random_settings, simulate_tomogram
 from napari_tomoseg.training import THRESHOLD_CANDIDATES, calibrate_threshold
@@ -131,7 +132,7 @@ def test_the_stored_threshold_is_loaded_and_used_by_apply(tmp_path):
     volume[:, 10:20, 10:20] = -3.0  # p well above 0.5 there, 0.3 elsewhere
     kw = {"voxel_size": 10.0}
     base = apply_network(net, volume, settings=ApplySettings(), **kw)
-    probs = np.asarray(base.probabilities[0]) / 255.0
+    probs = probabilities_as_float(base.probabilities[0])
     assert base.threshold == 0.5
     assert np.array_equal(np.asarray(base.mask), (probs >= 0.5).astype(np.uint8))
     net.meta.threshold = 0.25

@@ -27,10 +27,11 @@ from napari_tomoseg.inference import (
     probabilities_as_float,
     receptive_field,
 )
-from napari_tomoseg.io import read_tomogram, write_mrc
+from napari_tomoseg.io import header_labels, read_tomogram, source_label, write_mrc
 from napari_tomoseg.model_file import Network, NetworkMeta
 from napari_tomoseg.models import build_model, predict_proba
 from napari_tomoseg.preprocess import Normalisation, robust_stats
+from napari_tomoseg.probability import PROBABILITY_LABEL
 
 
 # -- small networks with known behaviour --------------------------------------------------------
@@ -245,12 +246,12 @@ def test_large_tomogram_odd_sizes_batches_and_chunks_match_whole_slices():
     m = receptive_field(model, 1).margin
     for k in (1, 2):
         got = probabilities_as_float(result.probabilities[k - 1])
-        assert np.abs(got - ref[:, k])[:, :-m, :-m].max() <= 0.5 / 255 + 1e-5
+        assert np.abs(got - ref[:, k])[:, :-m, :-m].max() <= 0.5 / 100 + 1e-5
     want = np.argmax(ref, axis=1)
     want = np.where((want > 0) & (np.max(ref, axis=1) >= 0.4), want, 0)
     inner = (slice(None), slice(0, -m), slice(0, -m))
     assert (result.mask[inner] == want[inner]).mean() > 0.999
-    assert result.probabilities[0].dtype == np.uint8 and result.mask.dtype == np.uint8
+    assert result.probabilities[0].dtype == np.int8 and result.mask.dtype == np.uint8
     assert result.foreground_names == ["a", "b"]
     steps = [e.step for e in events if e.stage == "apply"]
     assert steps[-1] == 7 and steps == sorted(steps)
@@ -317,10 +318,13 @@ def test_mask_rules_binary_and_multiclass():
 def test_probability_storage_round_trip():
     p = np.linspace(0, 1, 1001, dtype=np.float32)
     q = inf.quantize_probabilities(p)
-    assert q.dtype == np.uint8 and q[0] == 0 and q[-1] == 255
-    assert np.abs(probabilities_as_float(q) - p).max() <= 0.5 / 255 + 1e-7
-    assert np.array_equal(probabilities_as_float(q.astype(np.uint16)), probabilities_as_float(q))
+    assert q.dtype == np.int8 and q[0] == 0 and q[-1] == 100  # percent, MRC mode 0
+    assert np.abs(probabilities_as_float(q) - p).max() <= 0.5 / 100 + 1e-7
+    assert np.array_equal(probabilities_as_float(q.astype(np.int16)), probabilities_as_float(q))
     assert probabilities_as_float(p) is p or np.array_equal(probabilities_as_float(p), p)
+    # the unsigned bytes of earlier versions (value / 255) still read right
+    legacy = np.rint(p * 255).astype(np.uint8)
+    assert np.abs(probabilities_as_float(legacy) - p).max() <= 0.5 / 255 + 1e-7
 
 
 # -- files, cancel, memory ----------------------------------------------------------------------
@@ -360,10 +364,15 @@ def test_apply_file_binary_single_probability_file_and_header(tmp_path):
     assert dice(result.mask, labels) > 0.95
     import mrcfile
 
-    assert read_tomogram(tmp_path / "p.mrc").data.dtype == np.uint8  # one byte per voxel
+    ours = read_tomogram(tmp_path / "p.mrc").data
+    assert ours.dtype == np.int8  # one byte per voxel
     with mrcfile.open(tmp_path / "p.mrc", permissive=True) as mrc:
-        assert mrc.header.mode == 0  # IMOD-style unsigned bytes
-        data = np.asarray(mrc.data).view(np.uint8)
+        assert mrc.header.mode == 0
+        data = np.asarray(mrc.data)  # a plain reader sees the same values: percent
+        assert np.array_equal(data, ours) and data.min() >= 0 and data.max() <= 100
+        np.testing.assert_allclose(data / 100.0, probabilities_as_float(result.probabilities[0]))
+        texts = header_labels(mrc.header)
+        assert PROBABILITY_LABEL in texts and source_label("t.rec") in texts
         assert mrc.header.dmax == pytest.approx(float(data.max()))
         assert mrc.header.dmean == pytest.approx(float(data.mean()), rel=1e-4)
         assert float(mrc.voxel_size.x) == pytest.approx(7.5)

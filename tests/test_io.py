@@ -250,14 +250,31 @@ def test_napari_writers_keep_voxel_size_from_layer(tmp_path):
     np.testing.assert_allclose(img.data, image, rtol=1e-6)
 
 
-def test_uint8_labels_are_mode_0_marked_unsigned(tmp_path):
+def test_labels_read_the_same_with_any_reader(tmp_path):
     labels = np.zeros((3, 4, 4), np.uint8)
-    labels[0, 0, 0], labels[1, 1, 1] = 200, 5
+    labels[0, 0, 0], labels[1, 1, 1] = 127, 5
     out = tio.write_labels(tmp_path / "u8.mrc", labels, 10.0)
     tomo = tio.read_tomogram(out)
     assert tomo.mode == 0 and tomo.data.dtype == np.uint8
     np.testing.assert_array_equal(tomo.data, labels)
-    with mrcfile.open(out) as mrc:  # a plain MRC reader sees the same bytes (signed view)
+    with mrcfile.open(out) as mrc:  # a plain MRC reader (signed bytes) sees the same values
         assert mrc.header.mode == 0
-        np.testing.assert_array_equal(mrc.data.view(np.uint8), labels)
-        assert float(mrc.header.dmax) == 200.0
+        np.testing.assert_array_equal(mrc.data, labels)
+        assert float(mrc.header.dmax) == 127.0
+    labels[2, 2, 2] = 200  # past 127 a signed byte cannot hold it: mode 6 (uint16)
+    out = tio.write_labels(tmp_path / "u16.mrc", labels, 10.0)
+    with mrcfile.open(out) as mrc:
+        assert mrc.header.mode == 6
+        np.testing.assert_array_equal(mrc.data, labels)
+    np.testing.assert_array_equal(tio.read_tomogram(out).data, labels)
+
+
+def test_unsigned_byte_files_of_earlier_versions_still_read(tmp_path):
+    data = np.array([[[0, 128, 255]], [[1, 2, 3]]], np.uint8)
+    path = tmp_path / "old.mrc"
+    with tio.new_mrc_mmap(path, data.shape, np.uint8) as (mrc, out):  # IMOD-stamped mode 0
+        out[...] = data
+        tio.finish_header(mrc, 10.0)
+    tomo = tio.read_tomogram(path)
+    assert tomo.data.dtype == np.uint8
+    np.testing.assert_array_equal(tomo.data, data)

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.inference import quantize_probabilities
 from napari_tomoseg.merge import (
     DEFAULT_COLORS,
     MergeInput,
     iter_merge,
     merge_probability_maps,
 )
+from napari_tomoseg.probability import quantize_probabilities
 from napari_tomoseg.progress import drive
 
 
@@ -62,7 +62,7 @@ def test_eman2_default_threshold_of_point_eight_can_be_chosen():
     assert eman2.mask.ravel().tolist() == [0, 1]
 
 
-def test_stored_uint8_and_float_maps_merge_alike_and_chunks_do_not_matter():
+def test_stored_and_float_maps_merge_alike_and_chunks_do_not_matter():
     rng = np.random.default_rng(0)
     floats = [rng.random((7, 9, 11)).astype(np.float32) for _ in range(3)]
     stored = [quantize_probabilities(f) for f in floats]
@@ -72,7 +72,7 @@ def test_stored_uint8_and_float_maps_merge_alike_and_chunks_do_not_matter():
     chunked = merge_probability_maps(inputs_f, z_chunk=2)
     assert np.array_equal(one.mask, chunked.mask)
     q = merge_probability_maps(inputs_q, z_chunk=3)
-    assert (q.mask == one.mask).mean() > 0.97  # only voxels within 1/255 of a threshold or tie
+    assert (q.mask == one.mask).mean() > 0.95  # only voxels within 1/100 of a threshold or tie
 
 
 @settings(max_examples=40, deadline=None)

@@ -19,6 +19,7 @@ from napari_tomoseg.picking import (
     write_csv,
     write_star,
 )
+from napari_tomoseg.probability import quantize_probabilities
 from napari_tomoseg.synthetic import RIBOSOME, simulate_tomogram
 
 
@@ -89,10 +90,10 @@ def test_peaks_of_a_probability_map():
     got = sorted((round(p.z), round(p.y), round(p.x)) for p in result.particles)
     assert got == [(15, 20, 15), (15, 22, 33)]
     assert all(p.score == pytest.approx(1.0, abs=0.1) for p in result.particles)
-    # stored uint8 probabilities (value / 255) work the same
-    stored = np.rint(prob * 255).astype(np.uint8)
-    again = pick(mask, probabilities=[stored], settings=PickSettings(method="peak"))
-    assert sorted((round(p.z), round(p.y), round(p.x)) for p in again.particles) == got
+    # stored probabilities (percent, and the value / 255 bytes of earlier files) work the same
+    for stored in (quantize_probabilities(prob), np.rint(prob * 255).astype(np.uint8)):
+        again = pick(mask, probabilities=[stored], settings=PickSettings(method="peak"))
+        assert sorted((round(p.z), round(p.y), round(p.x)) for p in again.particles) == got
 
 
 def test_min_size_classes_names_and_anisotropic_volumes():

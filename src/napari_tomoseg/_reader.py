@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ._layers import image_layer_kwargs
-from .io import is_mrc_path, read_tomogram
+from .io import is_mrc_path, mrc_stem, read_tomogram
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -23,7 +23,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 def tomogram_layer_data(path: str | Path) -> LayerData:
     """Layer data for one file: memory-mapped array, scale in Angstrom, header in metadata."""
     tomo = read_tomogram(path)
-    name = Path(Path(path).name.removesuffix(".gz")).stem
+    name = mrc_stem(path)
     return (tomo.data, image_layer_kwargs(name, tomo.scale, tomo.metadata()), "image")
 
 

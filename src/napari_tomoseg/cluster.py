@@ -80,9 +80,12 @@ from .io import (
     describe_removed,
     finish_header,
     new_mrc_mmap,
+    output_names,
     read_tomogram,
     remove_superseded_temporaries,
+    source_label,
 )
+from .probability import PROBABILITY_DTYPE, PROBABILITY_LABEL
 from .progress import Progress, StopCheck, drive, never_stop
 
 #: Value of ``format`` in a batch manifest.
@@ -193,12 +196,6 @@ class BatchJob:
     def name(self) -> str:
         """``tomogram x network`` for messages."""
         return f"{self.tomogram.name} x {self.network.name}"
-
-
-def output_names(output_dir: Path, tomogram: Path, label: str) -> tuple[Path, Path]:
-    """``<stem>_<label>_mask.mrc`` and ``<stem>_<label>.mrc`` (as ``tomoseg apply`` names)."""
-    stem = Path(tomogram.name.removesuffix(".gz")).stem
-    return output_dir / f"{stem}_{label}_mask.mrc", output_dir / f"{stem}_{label}.mrc"
 
 
 def plan_batch(
@@ -709,12 +706,17 @@ def _part_paths(spec: _TaskSpec, z0: int) -> list[Path]:
     return [spec.part_dir / f"out{k}-z{z0:06d}.npy" for k in range(n)]
 
 
-def _part_ok(path: Path, shape: tuple[int, ...]) -> bool:
+def _part_dtype(k: int) -> np.dtype:
+    """Output ``k`` of a job: the mask (uint8 class indices), then the probability maps."""
+    return PROBABILITY_DTYPE if k else np.dtype(np.uint8)
+
+
+def _part_ok(path: Path, shape: tuple[int, ...], k: int) -> bool:
     try:
         arr = np.load(path, mmap_mode="r")
     except (OSError, ValueError):
         return False
-    return tuple(arr.shape) == shape and arr.dtype == np.uint8
+    return tuple(arr.shape) == shape and arr.dtype == _part_dtype(k)
 
 
 def _run_chunk_task(spec: _TaskSpec, z0: int, z1: int) -> dict[str, Any]:
@@ -724,7 +726,7 @@ def _run_chunk_task(spec: _TaskSpec, z0: int, z1: int) -> dict[str, Any]:
     paths = _part_paths(spec, z0)
     slab = (z1 - z0, spec.shape[1], spec.shape[2])
     info = {"z0": z0, "z1": z1, "worker": _worker_name()}
-    if all(_part_ok(p, slab) for p in paths):
+    if all(_part_ok(p, slab, k) for k, p in enumerate(paths)):
         _report(spec.topic, spec.job_id, z0, z1 - z0, spec.shape[0])
         return {**info, "reused": True, "network_loaded": False, "notes": [], "seconds": 0.0}
     _check_tomogram(spec)
@@ -737,7 +739,8 @@ def _run_chunk_task(spec: _TaskSpec, z0: int, z1: int) -> dict[str, Any]:
             raise TomosegError(f"{spec.job.tomogram} changed shape while the batch was running.")
         tmps = stack.enter_context(atomic_paths(paths, overwrite=True))
         arrays = [
-            np.lib.format.open_memmap(t, mode="w+", dtype=np.uint8, shape=slab) for t in tmps
+            np.lib.format.open_memmap(t, mode="w+", dtype=_part_dtype(k), shape=slab)
+            for k, t in enumerate(tmps)
         ]
         gen = _iter_apply_slab(
             network, tomo.data, tomo.voxel_size, spec.settings, z0, z1, arrays[0], arrays[1:]
@@ -772,7 +775,7 @@ def _write_stitched(
     all outputs renamed together at the end, header statistics added plane by plane."""
     with atomic_paths(targets, overwrite=may_replace) as tmps:
         for k, tmp in enumerate(tmps):
-            with new_mrc_mmap(tmp, spec.shape, np.uint8) as (mrc, data):
+            with new_mrc_mmap(tmp, spec.shape, _part_dtype(k)) as (mrc, data):
                 stats = HeaderStats()
                 for c in chunks:
                     part = np.load(_part_paths(spec, c["z0"])[k], mmap_mode="r")
@@ -780,7 +783,8 @@ def _write_stitched(
                         plane = np.asarray(part[i])
                         data[c["z0"] + i] = plane
                         stats.add(plane)
-                finish_header(mrc, tomo.voxel_size, tomo.origin, stats)
+                labels = [source_label(spec.job.tomogram)] + ([PROBABILITY_LABEL] if k else [])
+                finish_header(mrc, tomo.voxel_size, tomo.origin, stats, labels)
                 mrc.flush()
 
 

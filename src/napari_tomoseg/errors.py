@@ -15,6 +15,14 @@ class TomosegIOError(TomosegError, OSError):
     """A file could not be read or written (names the file and the reason)."""
 
 
+class OutputExistsError(TomosegIOError):
+    """A file to be written exists already and replacing it was not asked for."""
+
+    def __init__(self, path: object, how: str = "allow overwriting explicitly") -> None:
+        self.path = path
+        super().__init__(f"{path} already exists; choose another name or {how}.")
+
+
 class MissingVoxelSizeWarning(UserWarning):
     """The file has no usable voxel size (0 or 1.0 Angstrom); 1.0 is assumed."""
 

@@ -53,16 +53,15 @@ network is applied as a prepared copy (:func:`prepare_for_inference`: batch norm
 into the convolutions, channels-last layout, and on a CPU the large-kernel convolutions of
 ``tomoseg-cnn`` computed by FFT, :class:`FFTConv2d`); the caller's model is left as it is.
 Each input slice goes to the device once; tiles are cut, blended, thresholded and quantised
-there, and only the uint8 results come back.  A helper thread reads and normalises the next
+there, and only the byte results come back.  A helper thread reads and normalises the next
 slices while the network runs.  On a CPU, glibc keeps freed memory for the next forward
 pass during the run (:func:`_keep_freed_memory`); on CUDA, cuDNN picks its fastest
 algorithms.  Results equal those of the plain model to float rounding.
 
-**Output.** Probabilities are stored as ``uint8``: ``value = round(255 * p)``, one (Z, Y, X)
-array per foreground class (also for a binary network: a list of one), and
-:func:`probabilities_as_float` turns any such array (or an MRC read back: one byte per
-voxel, mode 0 marked unsigned as IMOD does) into float32. One byte per voxel is a quarter of
-float32; the 1/255 resolution is far below any network's calibration. The Labels mask is
+**Output.** Probabilities are stored as ``int8`` percent (``round(100 * p)``, see
+:mod:`napari_tomoseg.probability`), one (Z, Y, X) array per foreground class (also for a
+binary network: a list of one); :func:`probabilities_as_float` turns any such array (or an
+MRC read back, of this or an earlier version) into float32. The Labels mask is
 ``uint8`` of class indices: for a binary network ``p >= threshold -> 1``; for several
 classes the argmax over all classes (background included), kept only where its probability
 reaches the threshold.
@@ -119,14 +118,19 @@ from .io import (
     finish_header,
     new_mrc_mmap,
     read_tomogram,
+    source_label,
     voxel_triple,
 )
 from .models import predict_proba
 from .preprocess import Normalisation, bin_volume, robust_stats, unbin_volume
+from .probability import (
+    PROBABILITY_DTYPE,
+    PROBABILITY_LABEL,
+    PROBABILITY_SCALE,
+    probabilities_as_float,
+    quantize_probabilities,
+)
 from .progress import Progress, StopCheck, drive, never_stop
-
-#: Stored probability ``value`` means ``p = value / PROBABILITY_SCALE``.
-PROBABILITY_SCALE = 255
 
 #: Width (pixels) of the cosine blending ramp added to ``2 * margin`` by ``overlap="auto"``.
 AUTO_BLEND = 8
@@ -257,8 +261,8 @@ def network_threshold(network: Any) -> float:
 class ApplyOutputs:
     """Arrays (possibly memory maps) that receive a run's results, all of the tomogram's shape.
 
-    ``mask``: uint8 class indices.  ``probabilities``: one uint8 array per foreground class
-    (``value / 255`` is the probability), or ``None`` to keep only the mask.
+    ``mask``: uint8 class indices.  ``probabilities``: one int8 array per foreground class
+    (``value / 100`` is the probability), or ``None`` to keep only the mask.
     """
 
     mask: np.ndarray
@@ -269,7 +273,7 @@ class ApplyOutputs:
 class ApplyResult:
     """What a run produced.
 
-    ``probabilities``: one (Z, Y, X) uint8 array per foreground class, in the order of
+    ``probabilities``: one (Z, Y, X) int8 array per foreground class, in the order of
     ``foreground_names`` (empty when not kept); read with :func:`probabilities_as_float`.
     ``mask``: (Z, Y, X) uint8 class indices.  ``class_names``: all classes, background first.
     ``voxel_size``: the tomogram's (Z, Y, X) in Angstrom, or ``None``.  ``threshold``: the
@@ -327,29 +331,10 @@ def _run_result(
     )
 
 
-def probabilities_as_float(array: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] as float32 from stored values (integers are ``value / 255``).
-
-    Accepts what :func:`iter_apply` produces (uint8), an MRC file's data read back (uint16 on
-    disk, see the module notes) or float maps (returned as float32).  Works on slices of
-    memory-mapped volumes, e.g. ``probabilities_as_float(tomogram.data[z])``.
-    """
-    a = np.asarray(array)
-    if a.dtype.kind in "iu":
-        return a.astype(np.float32) / np.float32(PROBABILITY_SCALE)
-    if a.dtype.kind == "f":
-        return a.astype(np.float32, copy=False)
-    raise TomosegError(f"Probability maps must be numeric, got dtype {a.dtype}.")
-
-
 def _quantize_tensor(p: torch.Tensor) -> torch.Tensor:
-    """uint8 ``round(255 * p)`` of float32 probabilities (clipped to [0, 1]; ties to even)."""
-    return torch.round(p.clamp(0.0, 1.0) * PROBABILITY_SCALE).to(torch.uint8)
-
-
-def quantize_probabilities(p: np.ndarray) -> np.ndarray:
-    """uint8 ``round(255 * p)`` of probabilities (clipped to [0, 1])."""
-    return _quantize_tensor(torch.from_numpy(np.array(p, dtype=np.float32))).numpy()
+    """Stored probabilities (:mod:`napari_tomoseg.probability`) of float32 ones, on their
+    device (clipped to [0, 1]; ties to even)."""
+    return torch.round(p.clamp(0.0, 1.0) * PROBABILITY_SCALE).to(torch.int8)
 
 
 def probability_paths(path: str | os.PathLike, foreground_names: Sequence[str]) -> list[Path]:
@@ -1488,7 +1473,7 @@ def _allocate_outputs(
 ) -> ApplyOutputs:
     if out is None:
         probs = (
-            [np.zeros(shape, dtype=np.uint8) for _ in range(n_foreground)]
+            [np.zeros(shape, dtype=PROBABILITY_DTYPE) for _ in range(n_foreground)]
             if keep_probabilities
             else None
         )
@@ -1766,7 +1751,7 @@ def _check_z_range(
 
 
 class _QuantizingSink:
-    """Array-like target for :func:`unbin_volume` that stores float blocks as uint8."""
+    """Array-like target for :func:`unbin_volume` that stores float blocks quantised."""
 
     def __init__(self, target: np.ndarray) -> None:
         self.target = target
@@ -1819,7 +1804,7 @@ def _iter_apply_binned(
             threshold=settings.threshold,
         )
     del binned
-    full = outputs.probabilities or [np.zeros(shape, dtype=np.uint8) for _ in range(n_fg)]
+    full = outputs.probabilities or [np.zeros(shape, dtype=PROBABILITY_DTYPE) for _ in range(n_fg)]
     for k, small in enumerate(inner.probabilities):
         yield Progress("unbin", k, n_fg, message=f"unbinning {class_names[k + 1]}")
         unbin_volume(
@@ -1895,14 +1880,14 @@ class _RecordingArray:
         self.target = target
         self.stats = stats
         self.shape = target.shape
-        self.dtype = np.dtype(np.uint8)
+        self.dtype = np.dtype(target.dtype)
 
     def __setitem__(self, key: Any, value: np.ndarray) -> None:
         self.target[key] = value
         self.stats.add(value)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return np.asarray(self.target[key]).astype(np.uint8)
+        return np.asarray(self.target[key]).astype(self.dtype)
 
 
 def iter_apply_file(
@@ -1919,7 +1904,7 @@ def iter_apply_file(
     """Apply ``network`` to an MRC file, streaming, writing MRC files with the voxel size kept.
 
     The tomogram is memory-mapped; the mask (uint8 class indices) and, if
-    ``output_prob_path`` is given, the probability maps (``round(255 * p)``, one file per
+    ``output_prob_path`` is given, the probability maps (``round(100 * p)``, one file per
     foreground class, see :func:`probability_paths`) are written through memory maps into
     temporary files renamed at the end.  A cancelled run returns ``stopped=True`` and leaves
     no file under the final names.  ``voxel_size`` overrides the header's.  The returned
@@ -1953,7 +1938,10 @@ def iter_apply_file(
             # all outputs are renamed together at the end, or none is (io.atomic_paths)
             tmps = stack.enter_context(atomic_paths(targets, overwrite=overwrite))
             try:
-                opened = [stack.enter_context(new_mrc_mmap(t, shape, np.uint8)) for t in tmps]
+                dtypes = [np.uint8] + [PROBABILITY_DTYPE] * (len(tmps) - 1)
+                opened = [
+                    stack.enter_context(new_mrc_mmap(t, shape, d)) for t, d in zip(tmps, dtypes)
+                ]
             except OSError as exc:
                 raise TomosegIOError(
                     f"Cannot write {', '.join(str(t) for t in targets)}: {exc.strerror or exc} "
@@ -1978,8 +1966,10 @@ def iter_apply_file(
             )
             if result.stopped:
                 raise _Stopped
-            for m, s in zip(mrcs, stats):
-                finish_header(m, vs, tomo.origin, s)
+            source = source_label(src)
+            for k, (m, s) in enumerate(zip(mrcs, stats)):
+                labels = [source, PROBABILITY_LABEL] if k else [source]
+                finish_header(m, vs, tomo.origin, s, labels)
                 m.flush()
     except _Stopped:
         assert result is not None

@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import (
     MissingVoxelSizeWarning,
+    OutputExistsError,
     TemporariesRemovedWarning,
     TomosegError,
     TomosegIOError,
@@ -211,14 +212,49 @@ def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
             stacklevel=2,
         )
     origin = _as_zyx(header.origin)
+    extra: dict[str, Any] = {"shape": tuple(int(s) for s in shape)}
+    labels = header_labels(header)
+    if labels:
+        extra["header_labels"] = labels
     return Tomogram(
-        data=data,
-        voxel_size=voxel_size,
-        origin=origin,
-        path=path,
-        mode=mode,
-        extra={"shape": tuple(int(s) for s in shape)},
+        data=data, voxel_size=voxel_size, origin=origin, path=path, mode=mode, extra=extra
     )
+
+
+def header_labels(header: Any) -> list[str]:
+    """The text labels of an MRC header (``nlabl`` of them, blanks stripped)."""
+    n = min(max(int(header.nlabl), 0), 10)
+    texts = (bytes(header.label[i]).decode("latin-1").strip(" \x00") for i in range(n))
+    return [t for t in texts if t]
+
+
+#: How an output's header names the tomogram it segments (read by ``source_name``).
+SOURCE_LABEL = "napari-tomoseg segmentation of tomogram: "
+
+
+def source_label(tomogram: str | os.PathLike) -> str:
+    """The header label that names the tomogram an output was made from (its file stem)."""
+    return SOURCE_LABEL + mrc_stem(tomogram)
+
+
+def source_name(tomogram: Tomogram) -> str | None:
+    """The tomogram a mask or probability map was made from, if its header says so."""
+    for text in tomogram.extra.get("header_labels", ()):
+        if text.startswith(SOURCE_LABEL):
+            return text[len(SOURCE_LABEL) :].strip() or None
+    return None
+
+
+def output_names(output_dir: Path, tomogram: str | os.PathLike, label: str) -> tuple[Path, Path]:
+    """``<stem>_<label>_mask.mrc`` and ``<stem>_<label>.mrc``: where applying the network
+    ``label`` to ``tomogram`` writes its mask and probability map (CLI, batch and widgets)."""
+    stem = mrc_stem(tomogram)
+    return output_dir / f"{stem}_{label}_mask.mrc", output_dir / f"{stem}_{label}.mrc"
+
+
+def mrc_stem(path: str | os.PathLike) -> str:
+    """A file's name without its ending (``tomo1.rec`` and ``tomo1.mrc.gz`` give ``tomo1``)."""
+    return Path(Path(path).name.removesuffix(".gz")).stem
 
 
 def _read_in_memory(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -279,10 +315,14 @@ def _mark_unsigned_bytes(header: Any) -> None:
 
 
 def labels_dtype(max_label: int) -> np.dtype:
-    """uint8 for up to 255 labels, uint16 beyond (the MRC modes that hold them)."""
+    """uint8 for labels up to 127, uint16 beyond (MRC modes 0 and 6).
+
+    Mode 0 is signed bytes in MRC2014 and unsigned ones in IMOD; values up to 127 read the
+    same either way, so larger ones go to mode 6, which every reader takes as unsigned.
+    """
     if max_label < 0:
         raise TomosegIOError(f"Labels must be non-negative integers (found {max_label}).")
-    if max_label <= 255:
+    if max_label <= 127:
         return np.dtype(np.uint8)
     if max_label <= 65535:
         return np.dtype(np.uint16)
@@ -319,9 +359,7 @@ def _check_target(path: Path, overwrite: bool) -> Path:
     if path.is_dir():
         raise TomosegIOError(f"Cannot write {path}: it is a folder; give a file name.")
     if (path.exists() or path.is_symlink()) and not overwrite:
-        raise TomosegIOError(
-            f"{path} already exists; choose another name or allow overwriting explicitly."
-        )
+        raise OutputExistsError(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise TomosegIOError(f"Cannot write {path}: the folder {folder} does not exist.")
@@ -792,13 +830,15 @@ def write_mrc(
     origin: tuple[float, float, float] | None = None,
     overwrite: bool = False,
     dtype: np.dtype | type | None = None,
+    header_texts: Sequence[str] = (),
 ) -> Path:
     """Write a 2D or 3D array to an MRC file atomically, keeping the voxel size (Angstrom).
 
     ``data`` may be memory-mapped or lazy: it is copied in chunks of Z slices, so memory use
     stays bounded.  ``.gz`` names are written gzip-compressed.  Supported dtypes are those
     of the MRC modes (int8, int16, uint16, float16, float32); pass ``dtype`` to convert.
-    An existing file is replaced only with ``overwrite=True``.
+    An existing file is replaced only with ``overwrite=True``.  ``header_texts``: labels
+    for the header (see :func:`finish_header`).
     """
     path = Path(path)
     if data.ndim not in (2, 3):
@@ -817,7 +857,7 @@ def write_mrc(
     compressed = str(path).lower().endswith(".gz")
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:
-            _write_mrc_body(tmp, data, target, vs, origin, compressed)
+            _write_mrc_body(tmp, data, target, vs, origin, compressed, header_texts)
     except OSError as exc:
         if isinstance(exc, TomosegIOError):
             raise
@@ -832,12 +872,13 @@ def _write_mrc_body(
     vs: tuple[float, float, float] | None,
     origin: tuple[float, float, float] | None,
     compressed: bool,
+    header_texts: Sequence[str] = (),
 ) -> None:
     """Write ``data`` as ``target`` dtype into the temporary file of :func:`write_mrc`."""
     if compressed:
         with mrcfile.new(tmp, overwrite=True, compression="gzip") as mrc:
             mrc.set_data(np.asarray(data, dtype=target))
-            finish_header(mrc, vs, origin)
+            finish_header(mrc, vs, origin, header_texts=header_texts)
         return
     shape = tuple(int(s) for s in data.shape)
     with new_mrc_mmap(tmp, shape, target) as (mrc, out):
@@ -850,7 +891,7 @@ def _write_mrc_body(
                 chunk = np.asarray(data[z : z + _WRITE_CHUNK_SLICES]).astype(target, copy=False)
                 out[z : z + chunk.shape[0]] = chunk
                 stats.add(chunk)
-        finish_header(mrc, vs, origin, stats)
+        finish_header(mrc, vs, origin, stats, header_texts)
 
 
 class HeaderStats:
@@ -946,8 +987,13 @@ def finish_header(
     voxel_size: Any = None,
     origin: tuple[float, float, float] | None = None,
     stats: HeaderStats | None = None,
+    header_texts: Sequence[str] = (),
 ) -> None:
-    """Write voxel size (Angstrom, Z Y X), origin and statistics into a new file's header."""
+    """Write voxel size (Angstrom, Z Y X), origin, statistics and text labels (what the
+    values mean, whose tomogram they segment; IMOD's ``header`` shows them) into a new
+    file's header."""
+    for text in list(header_texts)[:10]:  # an MRC header holds ten labels of 80 characters
+        mrc.add_label(text[:80])
     vs = voxel_triple(voxel_size)
     if vs is not None:
         mrc.voxel_size = (vs[2], vs[1], vs[0])
@@ -968,7 +1014,8 @@ def write_labels(
     voxel_size: float | tuple[float, ...] | None = None,
     **kwargs: Any,
 ) -> Path:
-    """Write an integer segmentation as uint8 (or uint16 past 255 labels)."""
+    """Write an integer segmentation as uint8 (or uint16 past label 127, see
+    :func:`labels_dtype`)."""
     labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
     if labels.dtype.kind not in "biu":
         raise TomosegIOError(

@@ -16,9 +16,8 @@ threshold for all maps with a default of 0.8, napari-tomoseg's default is 0.5 (t
 threshold the single-network mask uses), so a merged mask agrees with each network's own
 mask where the networks do not compete.
 
-Probability maps are float in [0, 1] or stored integers (``value / 255``, what
-:mod:`napari_tomoseg.inference` writes; see
-:func:`~napari_tomoseg.inference.probabilities_as_float`).
+Probability maps are float in [0, 1] or stored bytes (what :mod:`napari_tomoseg.inference`
+writes, of this or an earlier version; see :mod:`napari_tomoseg.probability`).
 Memory-mapped maps are read ``z_chunk`` slices at a time, and the result can go into a
 caller-provided (e.g. memory-mapped) array.  The mask is uint8, uint16 past 255 maps.
 """
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import TomosegError
-from .inference import probabilities_as_float
+from .probability import probabilities_as_float
 from .progress import Progress, StopCheck, drive, never_stop
 
 #: Label colours used when an input names none: 20 distinct colours (Sasha Trubetskoy's

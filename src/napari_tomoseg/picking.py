@@ -48,8 +48,8 @@ from scipy import ndimage
 
 from . import __version__
 from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
-from .inference import probabilities_as_float
 from .io import atomic_path, voxel_triple
+from .probability import probabilities_as_float
 
 PICK_METHODS = ("centroid", "peak")
 CSV_COLUMNS = ("label", "class", "z", "y", "x", "z_A", "y_A", "x_A", "size", "component", "score")
@@ -270,7 +270,7 @@ def pick(
 
     ``probabilities``: a (Z, Y, X) map when one feature is picked, a list with one map per
     foreground class (label ``k`` uses entry ``k - 1``, as :mod:`napari_tomoseg.inference`
-    returns them) or a dict label -> map; float or stored ``value / 255`` integers.  They
+    returns them) or a dict label -> map; float or stored bytes (:mod:`.probability`).  They
     place ``"peak"`` particles and give centroids a score.  ``voxel_size`` (Z, Y, X or one
     value, Angstrom) gives volumes in nm^3.  ``class_names``: index (or dict key) = label.
     """

@@ -92,7 +92,7 @@ def suggest_boxes(
     """The ``n`` strongest places where ``probability`` (Z, Y, X) of one feature reaches
     ``threshold`` far from every positive box and overlapping no existing box.
 
-    ``to_float`` turns one slice of a stored map into probabilities 0..1 (e.g. uint8
+    ``to_float`` turns one slice of a stored map into probabilities 0..1 (e.g. int8
     maps); ``z_range`` limits the slices searched.  Sorted strongest first.
     """
     if probability.ndim != 3:

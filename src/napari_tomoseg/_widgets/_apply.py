@@ -26,6 +26,7 @@ from ..inference import DEFAULT_THRESHOLD, ApplySettings, iter_apply
 from ..model_file import load_network
 from ..pretrained import available as shipped_networks
 from ..pretrained import load_pretrained
+from ..probability import scale_of
 from ._common import (
     SESSION,
     RememberedSettings,
@@ -199,9 +200,9 @@ class ApplyWidget(Container):
                     **meta_common,
                     "tomoseg_probability": True,
                     "feature": feature,
-                    "scale_max": 255 if probs.dtype == np.uint8 else 1.0,
+                    "scale_max": scale_of(probs.dtype),
                 },
-                contrast_limits=(0, 255) if probs.dtype == np.uint8 else (0.0, 1.0),
+                contrast_limits=(0.0, scale_of(probs.dtype)),
                 **grid_kwargs(tomo),
             )
             added.append(layer)

@@ -17,6 +17,7 @@ from .._layers import labels_layer_kwargs
 from ..errors import TomosegError
 from ..io import write_labels
 from ..merge import MergeInput, merge_probability_maps
+from ..probability import scale_of
 from ._common import (
     describe_error,
     grid_kwargs,
@@ -33,11 +34,9 @@ MERGED_LAYER = "merged features"
 
 
 def probability_of(layer: Any) -> np.ndarray:
-    """A probability layer's data in [0, 1] (uint8 maps are stored scaled to 0..255)."""
+    """A probability layer's data in [0, 1] (stored maps are bytes, see ``probability``)."""
     data = np.asarray(layer.data)
-    scale_max = float(
-        (layer.metadata or {}).get("scale_max", 255 if data.dtype == np.uint8 else 1.0)
-    )
+    scale_max = float((layer.metadata or {}).get("scale_max", scale_of(data.dtype)))
     return data if scale_max == 1.0 else data.astype(np.float32) / scale_max
 
 

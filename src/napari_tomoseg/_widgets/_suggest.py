@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
 
-from ..inference import network_threshold, probabilities_as_float
+from ..inference import network_threshold
+from ..probability import probabilities_as_float
 from ..progress import Progress
 from ..suggest import Suggestion, suggest_boxes
 from ._common import TaskRunner, describe_error, grid_kwargs, notify_error, notify_info
@@ -78,7 +79,7 @@ class SuggestionPanel(Container):
         positives, negatives = self.boxes.boxes(True), self.boxes.boxes(False)
         threshold = float(layer.metadata.get("threshold") or network_threshold(None))
         data, n = layer.data, int(self.number.value)
-        to_float = probabilities_as_float if data.dtype.kind == "u" else None
+        to_float = probabilities_as_float if data.dtype.kind in "iu" else None
 
         def task(should_stop: Any) -> Any:
             yield Progress("suggest", 0, 1, message="scoring box positions")
