@@ -9,7 +9,8 @@ from napari_tomoseg import cli
 from napari_tomoseg.boxes import read_boxes_csv, write_boxes_csv
 from napari_tomoseg.checkpoint import read_checkpoint_meta
 from napari_tomoseg.demo import boxes_from_ground_truth
-from napari_tomoseg.io import read_tomogram, write_labels
+from napari_tomoseg.errors import TomosegError
+from napari_tomoseg.io import read_tomogram, write_labels, write_mrc
 from napari_tomoseg.model_file import load_network
 from napari_tomoseg.picking import read_star
 from napari_tomoseg.synthetic import CLASS_NAMES
@@ -60,6 +61,71 @@ def test_box_files_round_trip_and_napari_csv(tmp_path):
     )
     [box] = read_boxes_csv(shapes_csv, box_size=32)
     assert box.z == 5 and box.size == 32
+
+
+def test_box_files_without_header_and_with_sizes(tmp_path):
+    from napari_tomoseg.boxes import Box
+
+    one = tmp_path / "one.csv"
+    one.write_text("12,40,50\n")  # one headerless row: a box, not a header
+    assert read_boxes_csv(one) == [Box(12, 40, 50, 64)]
+    sized = tmp_path / "sized.csv"
+    sized.write_text("3,40,50,32\n\n7,60,60,48\n")
+    assert read_boxes_csv(sized) == [Box(3, 40, 50, 32), Box(7, 60, 60, 48)]
+    assert [b.size for b in read_boxes_csv(sized, box_size=16)] == [16, 16]
+    for text, line in (("z,y,x\n1,2,3\n4,5\n", 3), ("1,2,3\n4,five,6\n", 2)):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(TomosegError, match=f"line {line} "):
+            read_boxes_csv(bad)
+
+
+def test_build_trainset_takes_the_box_size_from_the_file(tmp_path, capsys):
+    from napari_tomoseg.boxes import Box
+    from napari_tomoseg.trainset import TrainingSet
+
+    rng = np.random.default_rng(0)
+    write_mrc(tmp_path / "t.mrc", rng.normal(size=(8, 96, 96)).astype(np.float32), 10.0)
+    paint = np.zeros((8, 96, 96), np.uint8)
+    paint[4, 40:50, 40:50] = 1
+    write_labels(tmp_path / "p.mrc", paint, 10.0)
+    write_boxes_csv(tmp_path / "pos.csv", [Box(4, 45, 45, 32)])
+    (tmp_path / "neg.csv").write_text("2,30,30,32\n")
+    argv = ["build-trainset", tmp_path / "t.mrc", "--labels", tmp_path / "p.mrc"]
+    argv += ["--positive", tmp_path / "pos.csv", "--negative", tmp_path / "neg.csv"]
+    assert run(*argv, "--ncopy", 2, "-o", tmp_path / "ts.npz") == 0
+    ts = TrainingSet.load(tmp_path / "ts.npz")
+    assert ts.images.shape[-2:] == (32, 32) and int((~ts.positive).sum()) == 2
+    # an explicit --box-size replaces the file's sizes
+    assert run(*argv, "--box-size", 48, "-o", tmp_path / "ts48.npz") == 0
+    assert TrainingSet.load(tmp_path / "ts48.npz").images.shape[-2:] == (48, 48)
+
+
+def test_every_option_has_help_with_its_default(capsys):
+    import argparse
+
+    from napari_tomoseg.training import TrainSettings
+
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"tomoseg {name} {action.option_strings or action.dest}"
+    with pytest.raises(SystemExit):
+        cli.main(["apply", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the current folder)" in text and "(default: 256)" in text
+    assert "(default: 8)" in text
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = TrainSettings()
+    assert f"mini-batches to train (default {defaults.iterations})" in text
+    assert f"boxes per mini-batch (default {defaults.batch_size})" in text
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert "tomoseg-cnn, unet or unet-lite" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.slow
@@ -116,6 +182,8 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
             "1,5,5",
             "--dice-weight",
             0.5,
+            "--augmentation",  # 40 mini-batches: too few to learn through the augmentation
+            "none",
         )
         == 0
     )
@@ -127,11 +195,12 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     assert run(*bad, "1,2") == cli.EXIT_INPUT  # three classes need three weights
     assert "3 classes" in capsys.readouterr().err
     assert not (tmp_path / "bad.tsnet").exists()
-    # Existing outputs are never replaced without --overwrite.
+    # Existing outputs are never replaced without --overwrite, and the message says so.
     assert (
         run("train", tmp_path / "ts.npz", "-o", tmp_path / "net.tsnet", "--iterations", 1)
         == cli.EXIT_INPUT
     )
+    assert "add --overwrite" in capsys.readouterr().err
 
     # Two tomograms at once, one of them corrupt: it fails alone.
     broken = tmp_path / "broken.mrc"
@@ -172,6 +241,14 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     assert run("pick", mask_path, "--feature", 2, "--min-size", 20, "-o", star) == 0
     table = read_star(star)
     assert all(p.label == 2 for p in table.particles)
+    assert table.tomo_name == "tomo"  # the tomogram's name (RELION), not the mask's
+    assert run("pick", merged, "-o", tmp_path / "m.star") == 0  # merge keeps it
+    assert read_star(tmp_path / "m.star").tomo_name == "tomo"
+    named = tmp_path / "named.star"
+    assert run("pick", mask_path, "--tomo-name", "TS_01", "-o", named) == 0
+    assert read_star(named).tomo_name == "TS_01"
+    assert run("apply", tmp_path / "net.tsnet", tomo, "--output-dir", out) == cli.EXIT_PARTIAL
+    assert "add --overwrite to replace it" in capsys.readouterr().out
 
 
 class _Interrupts:

@@ -285,46 +285,74 @@ def write_boxes_csv(path: str | os.PathLike, boxes: Sequence[Box], *, overwrite:
 def read_boxes_csv(path: str | os.PathLike, box_size: int | None = None) -> list[Box]:
     """Read boxes from a CSV: napari-tomoseg's ``z,y,x[,size]`` or a napari Shapes export.
 
-    A napari Shapes CSV (``index,shape-type,vertex-index,axis-0,axis-1,axis-2``) is snapped to
-    ``box_size`` (default 64) like drawn rectangles.  ``box_size`` also overrides the sizes
-    of a ``z,y,x,size`` file.
+    The header row of a ``z,y,x[,size]`` file is optional.  Its size column gives each box's
+    size unless ``box_size`` is given; without either a box is 64 pixels.  A napari Shapes
+    CSV (``index,shape-type,vertex-index,axis-0,axis-1,axis-2``) is snapped to ``box_size``
+    (default 64) like drawn rectangles.  A row that is not a box is an error naming its line.
     """
     path = Path(path)
     if not path.is_file():
         raise TomosegError(f"Cannot read boxes from {path}: the file does not exist.")
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            rows = [(n, row) for n, row in enumerate(csv.reader(handle), 1) if any(row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise TomosegError(f"Cannot read boxes from {path}: {exc}.") from None
     if not rows:
         return []
-    columns = set(rows[0])
-    try:
-        if {"z", "y", "x"} <= columns:
-            return [
-                Box(
-                    int(float(r["z"])),
-                    int(float(r["y"])),
-                    int(float(r["x"])),
-                    box_size or int(float(r.get("size") or DEFAULT_BOX_SIZE)),
-                )
-                for r in rows
-            ]
-        if {"index", "axis-0", "axis-1", "axis-2"} <= columns:
-            shapes: dict[int, list[list[float]]] = {}
-            for r in rows:
-                shapes.setdefault(int(r["index"]), []).append(
-                    [float(r["axis-0"]), float(r["axis-1"]), float(r["axis-2"])]
-                )
-            return boxes_from_shapes(
-                [np.array(v) for _, v in sorted(shapes.items())], box_size or DEFAULT_BOX_SIZE
-            )
-    except (TypeError, ValueError) as exc:
-        raise TomosegError(
-            f"Cannot read boxes from {path}: a value is not a number ({exc})."
-        ) from None
+    header = [cell.strip() for cell in rows[0][1]]
+    if _is_number(header[0]):  # no header row: z,y,x[,size]
+        header, body = list(BOX_FILE_COLUMNS), rows
+    else:
+        body = rows[1:]
+    if {"z", "y", "x"} <= set(header):
+        return [_box_from_row(path, n, dict(zip(header, row)), box_size) for n, row in body]
+    if {"index", "axis-0", "axis-1", "axis-2"} <= set(header):
+        return _boxes_from_shapes_rows(path, header, body, box_size or DEFAULT_BOX_SIZE)
     raise TomosegError(
-        f"Cannot read boxes from {path}: expected columns z,y,x[,size] (box centres in voxels) "
-        "or a napari Shapes CSV export (index, axis-0, axis-1, axis-2)."
+        f"Cannot read boxes from {path}: expected columns z,y,x[,size] (box centres in voxels, "
+        "with or without a header row) or a napari Shapes CSV export (index, axis-0, axis-1, "
+        f"axis-2); line 1 is {','.join(rows[0][1])!r}."
     )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _row_error(path: Path, line: int, row: dict[str, str], problem: str) -> TomosegError:
+    text = ",".join(v for v in row.values() if v is not None)
+    return TomosegError(f"Cannot read boxes from {path}: line {line} ({text!r}) {problem}.")
+
+
+def _box_from_row(path: Path, line: int, row: dict[str, str], box_size: int | None) -> Box:
+    """One box of a ``z,y,x[,size]`` file (``box_size`` replaces the file's size)."""
+    if any(row.get(k) in (None, "") for k in ("z", "y", "x")):
+        raise _row_error(path, line, row, "lacks a z, y or x value")
+    try:
+        z, y, x = (int(float(row[k])) for k in ("z", "y", "x"))
+        size = box_size or int(float(row.get("size") or DEFAULT_BOX_SIZE))
+        return Box(z, y, x, size)
+    except (TypeError, ValueError) as exc:
+        raise _row_error(path, line, row, f"has a value that is not a number ({exc})") from None
+    except TomosegError as exc:
+        raise _row_error(path, line, row, f"is not a box: {exc}") from None
+
+
+def _boxes_from_shapes_rows(
+    path: Path, header: list[str], body: list[tuple[int, list[str]]], box_size: int
+) -> list[Box]:
+    """Boxes from the rows of a napari Shapes CSV export (vertices grouped by shape)."""
+    shapes: dict[int, list[list[float]]] = {}
+    for n, values in body:
+        row = dict(zip(header, values))
+        try:
+            vertex = [float(row[a]) for a in ("axis-0", "axis-1", "axis-2")]
+            shapes.setdefault(int(float(row["index"])), []).append(vertex)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _row_error(path, n, row, f"is not a shape vertex ({exc})") from None
+    return boxes_from_shapes([np.array(v) for _, v in sorted(shapes.items())], box_size)

@@ -8,6 +8,7 @@ tomograms of a batch failed (the others finished), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import TomosegError
+from .errors import OutputExistsError, TomosegError
 from .progress import Progress, drive
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -175,17 +176,26 @@ def _cmd_simulate(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     return EXIT_OK
 
 
+def _read_box_files(args: argparse.Namespace) -> tuple[list, list, int]:
+    """The positive and negative boxes of ``--positive``/``--negative`` and their size:
+    ``--box-size`` when given (it replaces the files' sizes), else the files' own."""
+    from .boxes import DEFAULT_BOX_SIZE, read_boxes_csv
+
+    positives = read_boxes_csv(args.positive, args.box_size)
+    negatives = read_boxes_csv(args.negative, args.box_size) if args.negative else []
+    sizes = [b.size for b in positives + negatives]
+    return positives, negatives, args.box_size or (sizes[0] if sizes else DEFAULT_BOX_SIZE)
+
+
 def _cmd_build_trainset(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .boxes import read_boxes_csv
     from .io import read_tomogram
     from .trainset import TrainsetSettings, build_training_set
 
     tomo = read_tomogram(args.tomogram)
     labels = read_tomogram(args.labels)
-    positives = read_boxes_csv(args.positive, args.box_size)
-    negatives = read_boxes_csv(args.negative, args.box_size) if args.negative else []
+    positives, negatives, box_size = _read_box_files(args)
     settings = TrainsetSettings(
-        box_size=args.box_size,
+        box_size=box_size,
         ncopy=args.ncopy,
         normalisation=args.normalisation,
         context_slices=args.context_slices,
@@ -260,7 +270,7 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     output = Path(args.output)
     # --resume may replace the network that the stopped run it continues saved there
     if output.exists() and not (args.overwrite or args.resume):
-        raise TomosegError(f"{output} already exists; choose another name or add --overwrite.")
+        raise OutputExistsError(output, "add --overwrite")
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(output)
     settings.checkpoint = str(checkpoint)
     if args.resume and not checkpoint.is_file():
@@ -327,13 +337,9 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     return EXIT_OK
 
 
-def _output_names(out_dir: Path, tomogram: Path, feature_label: str) -> tuple[Path, Path]:
-    stem = Path(tomogram.name.removesuffix(".gz")).stem
-    return out_dir / f"{stem}_{feature_label}_mask.mrc", out_dir / f"{stem}_{feature_label}.mrc"
-
-
 def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     from .inference import ApplySettings, iter_apply_file
+    from .io import output_names
     from .model_file import load_network
     from .training import select_device
 
@@ -371,7 +377,7 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
                 if should_stop():
                     break
                 tomogram = Path(tomogram)
-                mask_path, prob_path = _output_names(out_dir, tomogram, label)
+                mask_path, prob_path = output_names(out_dir, tomogram, label)
                 print(f"[{i}/{len(args.tomograms)}] {tomogram} -> {mask_path}", file=sys.stderr)
                 try:
                     result = drive(
@@ -387,8 +393,8 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
                         progress,
                     )
                 except TomosegError as exc:
-                    failed.append((str(tomogram), str(exc)))
-                    print(f"  failed: {exc}", file=sys.stderr)
+                    failed.append((str(tomogram), message_of(exc)))
+                    print(f"  failed: {message_of(exc)}", file=sys.stderr)
                     continue
                 if result.stopped:
                     print("  cancelled: no output written", file=sys.stderr)
@@ -446,21 +452,20 @@ def _cmd_pretrained(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 
 def _cmd_suggest(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     """Boxes worth a look where a network fires far from every positive box."""
-    from .boxes import read_boxes_csv, write_boxes_csv
-    from .inference import probabilities_as_float
+    from .boxes import write_boxes_csv
     from .io import read_tomogram
+    from .probability import probabilities_as_float
     from .suggest import suggest_boxes
 
     probability = read_tomogram(args.probabilities).data
-    positives = read_boxes_csv(args.positive, args.box_size)
-    negatives = read_boxes_csv(args.negative, args.box_size) if args.negative else []
+    positives, negatives, box_size = _read_box_files(args)
     found = suggest_boxes(
         probability,
         positives,
         negatives,
         threshold=args.threshold,
         n=args.number,
-        box_size=args.box_size,
+        box_size=box_size,
         to_float=probabilities_as_float,
     )
     write_boxes_csv(args.output, [s.box for s in found], overwrite=args.overwrite)
@@ -511,6 +516,7 @@ def _cmd_apply_batch(
 ) -> int:
     """``tomoseg apply`` on a Dask cluster: local, or a running scheduler."""
     from .cluster import BatchJob, BatchSettings, JobOutcome, iter_run_batch
+    from .io import output_names
 
     batch = BatchSettings(
         scheduler=args.scheduler,
@@ -526,7 +532,7 @@ def _cmd_apply_batch(
     for net_path in networks:
         label = args.name or Path(net_path).stem
         for tomogram in args.tomograms:
-            mask_path, prob_path = _output_names(out_dir, Path(tomogram), label)
+            mask_path, prob_path = output_names(out_dir, Path(tomogram), label)
             jobs.append(
                 BatchJob(
                     Path(tomogram),
@@ -570,26 +576,31 @@ def _cmd_apply_batch(
 
 
 def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import read_tomogram, write_labels
+    from .io import mrc_stem, read_tomogram, source_label, source_name, write_labels
     from .merge import MergeInput, iter_merge
 
     n = len(args.probabilities)
     thresholds = _per_input(args.threshold, n, "--threshold")
     weights = _per_input(args.weight, n, "--weight")
-    names = (
-        args.names.split(",")
-        if args.names
-        else [Path(p).stem.removesuffix("_prob") for p in args.probabilities]
-    )
+    tomos = [read_tomogram(p) for p in args.probabilities]
+    source = source_name(tomos[0])
+    if args.names:
+        names = args.names.split(",")
+    else:  # tomo1_membrane.mrc, made from tomo1: "membrane"
+        names = [mrc_stem(p).removesuffix("_prob") for p in args.probabilities]
+        if source:
+            names = [name.removeprefix(f"{source}_") for name in names]
     if len(names) != n:
         raise TomosegError(f"--names gives {len(names)} names for {n} probability maps.")
-    tomos = [read_tomogram(p) for p in args.probabilities]
     inputs = [
         MergeInput(t.data, name, th, w)
         for t, name, th, w in zip(tomos, names, thresholds, weights)
     ]
     result = drive(iter_merge(inputs), progress)
-    write_labels(args.output, result.mask, tomos[0].voxel_size, overwrite=args.overwrite)
+    texts = [source_label(source)] if source else []
+    write_labels(
+        args.output, result.mask, tomos[0].voxel_size, overwrite=args.overwrite, header_texts=texts
+    )
     print(f"Wrote {args.output}:")
     for value, name in enumerate(result.names):
         print(f"  {value} = {name}: {result.voxels.get(value, 0)} voxels")
@@ -604,11 +615,23 @@ def _per_input(values: Sequence[float], n: int, flag: str) -> list[float]:
     return list(values)
 
 
+def output_is_csv(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".csv"
+
+
 def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import read_tomogram
+    from .io import mrc_stem, read_tomogram, source_name
     from .picking import PickSettings, pick, write_csv, write_star
 
     mask = read_tomogram(args.mask)
+    tomo_name = args.tomo_name or source_name(mask)
+    if tomo_name is None and not output_is_csv(args.output):
+        tomo_name = mrc_stem(args.mask)
+        print(
+            f"note: {args.mask} does not name its tomogram (not written by 'tomoseg apply' or "
+            f"'merge'); _rlnTomoName is {tomo_name!r}. Give --tomo-name to set it.",
+            file=sys.stderr,
+        )
     probabilities = read_tomogram(args.probabilities).data if args.probabilities else None
     settings = PickSettings(
         min_size=args.min_size,
@@ -625,7 +648,7 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         settings=settings,
     )
     output = Path(args.output)
-    if output.suffix.lower() == ".csv":
+    if output_is_csv(output):
         write_csv(output, result, mask.voxel_size, overwrite=args.overwrite)
     else:
         write_star(
@@ -633,7 +656,7 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
             result,
             mask.voxel_size,
             overwrite=args.overwrite,
-            tomo_name=Path(args.mask).stem,
+            tomo_name=tomo_name,
             shape=mask.data.shape,
         )
     print(result.summary())
@@ -711,9 +734,22 @@ def _clean_folders(folders: Sequence[str], recursive: bool) -> list[Path]:
 
 
 # -- the parser -------------------------------------------------------------------------------
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none or says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        worth_saying = default not in (None, False, argparse.SUPPRESS)
+        if action.option_strings and worth_saying and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tomoseg",
+        formatter_class=HelpWithDefaults,
         description="Segment cryo-electron tomograms with networks trained from a few "
         "painted boxes (EMAN2 TomoSeg workflow). Lengths are in Angstrom, box positions in "
         "voxels (z, y, x).",
@@ -722,8 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    command = functools.partial(sub.add_parser, formatter_class=HelpWithDefaults)
 
-    p = sub.add_parser(
+    p = command(
         "demo",
         help="run the whole job on a simulated tomogram",
         description="Simulate a cell tomogram, box and paint one feature from "
@@ -744,25 +781,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--iterations", type=int, default=600, help="training mini-batches (default 600)"
     )
     p.add_argument(
-        "--architecture", default=None, help="network architecture (default: the package default)"
+        "--architecture",
+        default=None,
+        help="tomoseg-cnn, unet or unet-lite (default: the package default)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the scene and the training")
     p.add_argument(
         "--viewer", action="store_true", help="open napari with the result (needs a display)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace earlier demo files")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("simulate", help="write a simulated tomogram and its ground truth")
+    p = command("simulate", help="write a simulated tomogram and its ground truth")
     p.add_argument("-o", "--output", required=True, help="tomogram MRC to write")
     p.add_argument("--labels-output", help="ground-truth labels MRC to write")
-    p.add_argument("--shape", type=int, nargs=3, default=(96, 256, 256), metavar=("Z", "Y", "X"))
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(96, 256, 256),
+        metavar=("Z", "Y", "X"),
+        help="size of the volume in voxels",
+    )
     p.add_argument("--voxel-size", type=float, default=10.0, help="Angstrom (default 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scene")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser(
+    p = command(
         "build-trainset",
         help="cut boxes into a training set",
         description="Cut the positive boxes (with their painted labels) and negative boxes "
@@ -781,9 +827,18 @@ def build_parser() -> argparse.ArgumentParser:
         "centres in voxels, or a napari Shapes CSV export",
     )
     p.add_argument("--negative", help="CSV of negative boxes (same formats)")
-    p.add_argument("--box-size", type=int, default=64, help="box side in pixels (default 64)")
+    p.add_argument(
+        "--box-size",
+        type=int,
+        help="box side in pixels for every box (default: the box files' size column, else 64)",
+    )
     p.add_argument("--ncopy", type=int, default=10, help="copies per negative box (default 10)")
-    p.add_argument("--normalisation", choices=["tomogram", "box"], default="tomogram")
+    p.add_argument(
+        "--normalisation",
+        choices=["tomogram", "box"],
+        default="tomogram",
+        help="scale the boxes by the whole tomogram's statistics or each box's own",
+    )
     p.add_argument(
         "--context-slices",
         type=int,
@@ -793,12 +848,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--class-names", help="comma-separated, background first, e.g. background,membrane"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the rotations and flips")
     p.add_argument("-o", "--output", required=True, help="training-set file to write (.npz)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_build_trainset)
 
-    p = sub.add_parser(
+    p = command(
         "train",
         help="train a network on a training set",
         description="Train a network; Ctrl-C stops cleanly and saves the best network so far. "
@@ -810,8 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--architecture", help="tomoseg-cnn, unet or unet-lite (default: the package default)"
     )
-    p.add_argument("--iterations", type=int, help="mini-batches to train")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--iterations", type=int, help="mini-batches to train (default 1000)")
+    p.add_argument("--batch-size", type=int, help="boxes per mini-batch (default 16)")
     p.add_argument("--learning-rate", type=float, help="e.g. 1e-3; use ~1e-4 to continue")
     p.add_argument("--from-trained", help="continue training this network file")
     p.add_argument(
@@ -829,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
         "contrast, inversion: default), or only rotate and flip it (none)",
     )
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the weights and mini-batches (default 0)")
     p.add_argument(
         "--dice-weight",
         type=float,
@@ -862,12 +917,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser(
+    p = command(
         "apply",
         help="segment whole tomograms with a network",
         description="Apply a network to one or many tomograms. For each, "
         "writes <name>_<network>_mask.mrc and the probability map(s) "
-        "<name>_<network>[_<class>].mrc (uint8, probability x 255).",
+        "<name>_<network>[_<class>].mrc (probability in percent, 0..100; see docs/formats.md).",
     )
     p.add_argument(
         "inputs",
@@ -882,7 +937,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment with a network shipped with napari-tomoseg (no boxes needed; see "
         "'tomoseg pretrained' for the names)",
     )
-    p.add_argument("--output-dir", default=".", help="folder for the results")
+    p.add_argument(
+        "--output-dir", default=".", help="folder for the results (default: the current folder)"
+    )
     p.add_argument("--name", help="label used in output names (default: network file name)")
     p.add_argument(
         "--threshold",
@@ -903,11 +960,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="rescale",
         help="what to do when the tomogram's voxel size differs from the network's",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--tile-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps",
+    )
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        default=256,
+        help="side in pixels of the tiles a slice is cut into (smaller: less memory)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
     p.add_argument("--no-probabilities", action="store_true", help="write only the masks")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument(
         "--network",
         dest="also_network",
@@ -955,7 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dashboard", metavar="ADDRESS", help="local cluster dashboard, e.g. :8787")
     p.set_defaults(func=_cmd_apply)
 
-    p = sub.add_parser(
+    p = command(
         "merge",
         help="merge probability maps into one multi-level mask",
         description="Each voxel gets the number of the map with the highest "
@@ -972,10 +1038,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight", type=float, nargs="+", default=[1.0], help="one value, or one per map"
     )
     p.add_argument("--names", help="comma-separated feature names, one per map")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser(
+    p = command(
         "pick",
         help="extract particle coordinates from a mask",
         description="Connected components of each feature; one particle per "
@@ -987,13 +1053,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", type=int, nargs="+", help="label value(s) to pick (default: all)")
     p.add_argument("--names", help="comma-separated class names, background first")
     p.add_argument("--min-size", type=int, default=50, help="smallest component in voxels")
-    p.add_argument("--method", choices=["centroid", "peak"], default="centroid")
+    p.add_argument(
+        "--method",
+        choices=["centroid", "peak"],
+        default="centroid",
+        help="one particle per component (centroid) or per probability/distance peak",
+    )
     p.add_argument("--min-distance", type=int, default=10, help="voxels between peaks")
     p.add_argument("--probabilities", help="probability map (MRC) for peak picking")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--tomo-name",
+        help="_rlnTomoName of the picks, as in RELION's tomograms.star (default: the "
+        "tomogram the mask was made from, as its header records)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_pick)
 
-    p = sub.add_parser(
+    p = command(
         "clean",
         help="list and remove temporary files that killed runs left behind",
         description="Every file is written to a hidden temporary beside it "
@@ -1029,7 +1105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_clean)
 
-    p = sub.add_parser(
+    p = command(
         "pretrained",
         help="list the networks shipped with napari-tomoseg",
         description="The starting networks trained on simulated tomograms that come with the "
@@ -1038,7 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_pretrained)
 
-    p = sub.add_parser(
+    p = command(
         "suggest",
         help="suggest boxes where a network fires far from every positive box",
         description="After a first training and apply: the places where the network marks "
@@ -1051,7 +1127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", help="CSV of the negative boxes")
     p.add_argument("-o", "--output", required=True, help="CSV of suggested boxes to write")
     p.add_argument("-n", "--number", type=int, default=20, help="how many boxes (default 20)")
-    p.add_argument("--box-size", type=int, default=64, help="box side in pixels (default 64)")
+    p.add_argument(
+        "--box-size",
+        type=int,
+        help="box side in pixels for every box (default: the box files' size column, else 64)",
+    )
     p.add_argument(
         "--threshold",
         type=float,
@@ -1077,6 +1157,13 @@ def _notes_for_removed_temporaries(show: Callable[..., None]) -> Callable[..., N
     return showwarning
 
 
+def message_of(exc: TomosegError) -> str:
+    """What to tell the user of ``exc``, naming the option that helps where there is one."""
+    if isinstance(exc, OutputExistsError):
+        return str(OutputExistsError(exc.path, "add --overwrite to replace it"))
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tomoseg`` command; returns the exit code."""
     parser = build_parser()
@@ -1088,7 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _notes_for_removed_temporaries(warnings.showwarning)
             return int(args.func(args, progress))
     except TomosegError as exc:
-        print(f"tomoseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tomoseg {args.command}: error: {message_of(exc)}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"tomoseg {args.command}: interrupted", file=sys.stderr)
