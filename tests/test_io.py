@@ -248,6 +248,15 @@ def test_napari_writers_keep_voxel_size_from_layer(tmp_path):
     assert img.data.dtype == np.float32
     assert img.voxel_size == pytest.approx((7.0, 7.0, 7.0))
     np.testing.assert_allclose(img.data, image, rtol=1e-6)
+    # a probability layer of the Apply widget is saved as the CLI writes one: percent bytes
+    prob = np.array([[[0, 37, 100]]], np.int8)
+    meta = {"scale": (7.0,) * 3, "metadata": {"tomoseg_probability": True}}
+    [prob_out] = write_image_layer(str(tmp_path / "p.mrc"), prob, meta)
+    with mrcfile.open(prob_out) as mrc:
+        assert mrc.header.mode == 0 and mrc.data.tolist() == [[[0, 37, 100]]]
+        assert "napari-tomoseg probability map: value / 100 = probability" in (
+            tio.header_labels(mrc.header)
+        )
 
 
 def test_labels_read_the_same_with_any_reader(tmp_path):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .io import write_labels, write_mrc
+from .probability import PROBABILITY_DTYPE, PROBABILITY_LABEL
 
 
 def voxel_size_from_layer(meta: dict[str, Any]) -> tuple[float, float, float] | None:
@@ -34,20 +35,25 @@ def _origin(meta: dict[str, Any]) -> tuple[float, float, float] | None:
 
 
 def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Save a Labels layer as an integer MRC (uint8, or uint16 past 255 labels)."""
+    """Save a Labels layer as an integer MRC (uint8, or uint16 past label 127)."""
     labels = np.asarray(data)
     write_labels(path, labels, voxel_size_from_layer(meta), origin=_origin(meta), overwrite=True)
     return [path]
 
 
 def write_image_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Save an Image layer as a float32 MRC."""
+    """Save an Image layer as a float32 MRC; a probability map from the Apply widget as
+    the CLI writes one (percent bytes with their header label, ``docs/formats.md``)."""
+    stored = (meta.get("metadata") or {}).get("tomoseg_probability") and (
+        np.dtype(getattr(data, "dtype", np.float32)) == PROBABILITY_DTYPE
+    )
     write_mrc(
         path,
         data,
         voxel_size_from_layer(meta),
         origin=_origin(meta),
         overwrite=True,
-        dtype=np.float32,
+        dtype=PROBABILITY_DTYPE if stored else np.float32,
+        header_texts=[PROBABILITY_LABEL] if stored else (),
     )
     return [path]
