@@ -573,7 +573,8 @@ def test_default_architecture_is_registered_and_used(rings):
 
 # -- checkpoints: a crashed or stopped run continues exactly ---------------------------------
 
-#: A short run that checkpoints every 4 mini-batches and evaluates every 5.
+#: A short run that checkpoints every 4 mini-batches and evaluates every 5, from random
+#: weights (a run that starts a new network, whatever networks are shipped).
 CK = dict(
     architecture="unet-lite",
     iterations=12,
@@ -581,6 +582,7 @@ CK = dict(
     eval_every=5,
     preview_samples=2,
     checkpoint_every=4,
+    start_from="scratch",
 )
 
 
