@@ -80,12 +80,12 @@ from .io import (
     describe_removed,
     finish_header,
     new_mrc_mmap,
+    output_header_texts,
     output_names,
     read_tomogram,
     remove_superseded_temporaries,
-    source_label,
 )
-from .probability import PROBABILITY_DTYPE, PROBABILITY_LABEL
+from .probability import PROBABILITY_DTYPE
 from .progress import Progress, StopCheck, drive, never_stop
 
 #: Value of ``format`` in a batch manifest.
@@ -783,8 +783,8 @@ def _write_stitched(
                         plane = np.asarray(part[i])
                         data[c["z0"] + i] = plane
                         stats.add(plane)
-                labels = [source_label(spec.job.tomogram)] + ([PROBABILITY_LABEL] if k else [])
-                finish_header(mrc, tomo.voxel_size, tomo.origin, stats, labels)
+                texts = output_header_texts(spec.job.tomogram, probability=k > 0)
+                finish_header(mrc, tomo.voxel_size, tomo.origin, stats, texts)
                 mrc.flush()
 
 

@@ -117,15 +117,14 @@ from .io import (
     atomic_paths,
     finish_header,
     new_mrc_mmap,
+    output_header_texts,
     read_tomogram,
-    source_label,
     voxel_triple,
 )
 from .models import predict_proba
 from .preprocess import Normalisation, bin_volume, robust_stats, unbin_volume
 from .probability import (
     PROBABILITY_DTYPE,
-    PROBABILITY_LABEL,
     PROBABILITY_SCALE,
     probabilities_as_float,
     quantize_probabilities,
@@ -1966,10 +1965,8 @@ def iter_apply_file(
             )
             if result.stopped:
                 raise _Stopped
-            source = source_label(src)
             for k, (m, s) in enumerate(zip(mrcs, stats)):
-                labels = [source, PROBABILITY_LABEL] if k else [source]
-                finish_header(m, vs, tomo.origin, s, labels)
+                finish_header(m, vs, tomo.origin, s, output_header_texts(src, probability=k > 0))
                 m.flush()
     except _Stopped:
         assert result is not None

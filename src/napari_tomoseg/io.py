@@ -237,6 +237,14 @@ def source_label(tomogram: str | os.PathLike) -> str:
     return SOURCE_LABEL + mrc_stem(tomogram)
 
 
+def output_header_texts(tomogram: str | os.PathLike, probability: bool) -> list[str]:
+    """The header labels of an apply output: its source tomogram, and for a probability map
+    what its values mean (``docs/formats.md``)."""
+    from .probability import PROBABILITY_LABEL
+
+    return [source_label(tomogram), *([PROBABILITY_LABEL] if probability else [])]
+
+
 def source_name(tomogram: Tomogram) -> str | None:
     """The tomogram a mask or probability map was made from, if its header says so."""
     for text in tomogram.extra.get("header_labels", ()):
