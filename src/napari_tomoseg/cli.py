@@ -615,7 +615,8 @@ def _per_input(values: Sequence[float], n: int, flag: str) -> list[float]:
     return list(values)
 
 
-def output_is_csv(path: str | Path) -> bool:
+def _writes_csv(path: str | Path) -> bool:
+    """Whether ``tomoseg pick`` writes ``path`` as CSV (else as RELION STAR)."""
     return Path(path).suffix.lower() == ".csv"
 
 
@@ -625,7 +626,7 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 
     mask = read_tomogram(args.mask)
     tomo_name = args.tomo_name or source_name(mask)
-    if tomo_name is None and not output_is_csv(args.output):
+    if tomo_name is None and not _writes_csv(args.output):
         tomo_name = mrc_stem(args.mask)
         print(
             f"note: {args.mask} does not name its tomogram (not written by 'tomoseg apply' or "
@@ -648,7 +649,7 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         settings=settings,
     )
     output = Path(args.output)
-    if output_is_csv(output):
+    if _writes_csv(output):
         write_csv(output, result, mask.voxel_size, overwrite=args.overwrite)
     else:
         write_star(
