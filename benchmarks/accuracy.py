@@ -258,6 +258,7 @@ def evaluate(
     own.  Returns the pooled metrics and those of every test tomogram.
     """
     from napari_tomoseg.inference import ApplySettings, apply_network
+    from napari_tomoseg.probability import probabilities_as_float
     from napari_tomoseg.training import confusion_matrix, metrics_from_confusion
 
     names = list(network.meta.class_names)
@@ -290,10 +291,8 @@ def evaluate(
             "metrics": metrics_from_confusion(conf, names),
         }
         if k == 2:  # how the F1 depends on the threshold (binary networks)
-            p = np.asarray(result.probabilities[0])[z0 - start :]
-            entry["sweep"] = [
-                confusion_matrix(p >= round(255 * t), truth, 2).tolist() for t in SWEEP
-            ]
+            p = probabilities_as_float(result.probabilities[0][z0 - start :])
+            entry["sweep"] = [confusion_matrix(p >= t, truth, 2).tolist() for t in SWEEP]
         per_test.append(entry)
     return {"pooled": metrics_from_confusion(total, names), "per_test": per_test}
 

@@ -45,6 +45,7 @@ def score(args: argparse.Namespace) -> dict:
     from napari_tomoseg.io import read_tomogram
     from napari_tomoseg.model_file import load_network
     from napari_tomoseg.pretrained import available, feature_of, load_pretrained
+    from napari_tomoseg.probability import probabilities_as_float
 
     tomo = read_tomogram(args.tomogram)
     labels = np.asarray(read_tomogram(args.labels).data).astype(np.int16) % 256
@@ -59,7 +60,7 @@ def score(args: argparse.Namespace) -> dict:
     wanted = feature_of(args.feature) or args.feature
     matching = [feature_of(v) or v for v in values]
     k = matching.index(wanted) if wanted in matching else 1
-    prob = np.asarray(result.probabilities[k - 1]).astype(np.float32) / 255.0
+    prob = probabilities_as_float(result.probabilities[k - 1])
     keep = labels != args.ignore if args.ignore is not None else np.ones(labels.shape, bool)
     truth = (labels == args.label_value)[keep]
 
