@@ -149,6 +149,23 @@ def test_fine_tuning_starts_from_the_shipped_weights(shifted):
     assert tuned.metrics["mean_foreground_f1"] > scratch.metrics["mean_foreground_f1"]
 
 
+def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):
+    trainset = trainset_from_truth(shifted, ["single_membrane"], 4, 12, seed=1)
+    common = {"iterations": 3, "eval_every": 1, "augment": False, "seed": 3}
+    plain = train(trainset, TrainSettings(keep_start=0.0, **common))
+    mixed = train(trainset, TrainSettings(keep_start=0.25, **common))
+    scratch = train(trainset, TrainSettings(keep_start=0.25, start_from="scratch", **common))
+    assert plain.metadata["keep_start"] == 0.0 and mixed.metadata["keep_start"] == 0.25
+    assert scratch.metadata["keep_start"] == 0.0  # nothing shipped to keep
+    start = load_pretrained("single_membrane").model.state_dict()
+    tuned, result = plain.network.model.state_dict(), mixed.network.model.state_dict()
+    floats = [k for k, v in tuned.items() if v.is_floating_point()]
+    assert floats and any(not torch.equal(tuned[k], start[k]) for k in floats)
+    for k in floats:
+        expected = 0.25 * start[k].float() + 0.75 * tuned[k]
+        torch.testing.assert_close(result[k], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_apply_a_shipped_network_from_the_command_line(tmp_path, shifted, capsys):
     tomo = write_mrc(tmp_path / "tomo.mrc", shifted.tomogram[:16], shifted.voxel_size)
     assert cli.main(["pretrained"]) == 0

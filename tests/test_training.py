@@ -338,6 +338,8 @@ def test_cuda_training_with_mixed_precision(rings, tmp_path):
         ({"checkpoint": 5}, "checkpoint must be a file path"),
         ({"dice_weight": -1.0}, "dice_weight"),
         ({"dice_weight": float("nan")}, "dice_weight"),
+        ({"keep_start": 1.0}, "keep_start"),
+        ({"keep_start": -0.1}, "keep_start"),
     ],
 )
 def test_invalid_settings_are_refused(rings, changes, message):

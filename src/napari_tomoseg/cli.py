@@ -258,6 +258,7 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         "seed",
         "checkpoint_every",
         "dice_weight",
+        "keep_start",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -876,6 +877,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a new network's weights come from: auto (a shipped network trained on "
         "simulated tomograms when one knows the features by name; the default), scratch "
         "(random weights), or the name of a shipped network (see 'tomoseg pretrained')",
+    )
+    p.add_argument(
+        "--keep-start",
+        type=float,
+        help="when starting from a shipped network, the fraction of its weights averaged "
+        "into the result, which keeps what it knows about other tomograms (default 0.5; "
+        "0: the fine-tuned weights alone)",
     )
     p.add_argument(
         "--augmentation",

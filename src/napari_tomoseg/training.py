@@ -116,10 +116,13 @@ class TrainSettings:
     of ``augmentation``.  ``start_from`` says where a new network's weights come from:
     ``"auto"`` a shipped network trained on simulated tomograms when one knows the
     features by name (:mod:`napari_tomoseg.pretrained`), ``"scratch"`` random weights, or
-    the name of a shipped network.  The loss is cross-entropy (weighted by
-    ``class_weights``: ``None``, ``"auto"`` or one weight per class) plus ``dice_weight``
-    times a soft Dice loss of the feature classes (module notes).  ``checkpoint`` is a file the run
-    writes its full state to every ``checkpoint_every`` mini-batches and when stopped, so
+    the name of a shipped network.  ``keep_start``: when training started from a shipped
+    network, the result's weights are this fraction of the starting weights plus the rest of
+    the trained ones (:func:`average_weights`; 0 keeps the trained weights as they are).
+    The loss is cross-entropy (weighted by ``class_weights``: ``None``, ``"auto"`` or one
+    weight per class) plus ``dice_weight`` times a soft Dice loss of the feature classes
+    (module notes).  ``checkpoint`` is a file the run writes its full state to every
+    ``checkpoint_every`` mini-batches and when stopped, so
     that a crashed or stopped run can be resumed (``iter_train(..., resume=True)``); it is
     deleted when the run finishes.
     """
@@ -139,6 +142,7 @@ class TrainSettings:
     augment: bool = True
     augmentation: dict[str, float] = field(default_factory=dict)
     start_from: str = "auto"
+    keep_start: float = 0.5
     lr_schedule: str = "constant"
     dice_weight: float = 1.0
     checkpoint: str | None = None
@@ -203,6 +207,12 @@ class TrainSettings:
                 "validation_fraction must be in [0, 1) (0.2 holds out a fifth of the boxes)",
             ),
             (_is_int(self.seed), "seed must be an integer"),
+            (
+                isinstance(self.keep_start, (int, float))
+                and not isinstance(self.keep_start, bool)
+                and 0.0 <= self.keep_start < 1.0,
+                "keep_start must be in [0, 1) (0.5: half the shipped network's weights)",
+            ),
             (
                 isinstance(self.dice_weight, (int, float))
                 and not isinstance(self.dice_weight, bool)
@@ -868,6 +878,7 @@ def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) ->
             "augment": bool(settings.augment),
             "augmentation": resolve_augmentation(settings.augmentation),
             "start_from": settings.start_from,
+            "keep_start": float(settings.keep_start),
             "dice_weight": float(settings.dice_weight),
             "eval_every": int(settings.eval_every),
         }
@@ -912,6 +923,27 @@ def _restore(
         ) from None
     batches.order = np.asarray(saved.batches_order, np.int64)
     batches.pos = int(saved.batches_pos)
+
+
+def average_weights(
+    trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor], keep: float
+) -> dict[str, torch.Tensor]:
+    """``keep`` times the ``start`` weights plus ``1 - keep`` times the ``trained`` ones.
+
+    Fine-tuning a shipped network on a few boxes of one tomogram pulls it towards that
+    tomogram; averaging its weights with those it started from keeps much of what the
+    pretraining taught about other data (weight-space ensembling, Wortsman et al. 2022,
+    "Robust fine-tuning of zero-shot models").  Counters (integer tensors) are the trained
+    network's.  Measured in docs/models.md.
+    """
+    out = {}
+    for name, value in trained.items():
+        if value.is_floating_point():
+            mixed = keep * start[name].to(value.device, torch.float32)
+            out[name] = (mixed + (1.0 - keep) * value.float()).to(value.dtype)
+        else:
+            out[name] = value
+    return out
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -1020,6 +1052,7 @@ def iter_train(
         model.load_state_dict(init.model.state_dict())
     elif start is not None:
         transfer_weights(start, network)
+    start_state = _state_copy(model) if start is not None and settings.keep_start > 0 else None
     model.to(device)
     model.train()
 
@@ -1232,6 +1265,12 @@ def iter_train(
             history[-1].update(extra)
     assert best is not None
     model.load_state_dict(best["state"])
+    if start_state is not None:  # the returned network, and its validation metrics
+        model.load_state_dict(average_weights(best["state"], start_state, settings.keep_start))
+        _, conf = _evaluate(
+            model, images_t, labels_t, val_idx, loss_fn, n_classes, device, use_amp
+        )
+        best["metrics"] = metrics_from_confusion(conf, names)
     model.eval()
     calibration_idx = val_idx if split["held_out"] else train_idx
     threshold, calibration = calibrate_threshold(
@@ -1274,6 +1313,7 @@ def iter_train(
         "resumed_from_step": None if saved is None else int(saved.step),
         "threshold_calibration": calibration,
         "started_from": started_from,
+        "keep_start": float(settings.keep_start) if start_state is not None else 0.0,
     }
     box_size = meta_in.get("box_size")
     context = meta_in.get("context_slices", (in_channels - 1) // 2)
@@ -1341,6 +1381,7 @@ __all__ = [
     "TrainSettings",
     "TrainingPreview",
     "auto_class_weights",
+    "average_weights",
     "calibrate_threshold",
     "class_metrics",
     "confusion_matrix",
