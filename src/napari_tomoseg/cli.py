@@ -11,7 +11,6 @@ import argparse
 import functools
 import signal
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,36 +23,43 @@ EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 
 
 class ProgressPrinter:
-    """A one-line text progress bar on stderr (plain lines when stderr is not a terminal)."""
+    """Progress events as ``tqdm`` bars on stderr: one bar per stage, closed when the stage
+    ends (updated every few seconds only when stderr is not a terminal, e.g. a log file)."""
 
     def __init__(self, stream: TextIO | None = None, quiet: bool = False):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._last_line = 0.0
-        self._last_stage = ""
+        self._bar: Any = None
 
     def __call__(self, event: Progress) -> None:
         if self.quiet:
             return
-        now = time.monotonic()
-        stage_changed = event.stage != self._last_stage
-        finished = event.total > 0 and event.step >= event.total
-        if not (self.tty or stage_changed or finished or now - self._last_line > 5.0):
-            return
-        self._last_line, self._last_stage = now, event.stage
-        width = 30
-        filled = int(width * event.fraction)
-        bar = "#" * filled + "-" * (width - filled)
-        extra = " ".join(f"{k}={v:.4g}" for k, v in list(event.metrics.items())[:3])
-        text = f"{event.stage:>10} [{bar}] {event.step}/{event.total} {event.message} {extra}"
-        if self.tty:
-            self.stream.write("\r" + text[:150].ljust(150))
-            if finished:
-                self.stream.write("\n")
-        else:
-            self.stream.write(text.rstrip() + "\n")
-        self.stream.flush()
+        from tqdm import tqdm
+
+        total = event.total if event.total > 0 else None
+        bar = self._bar
+        if bar is None or bar.desc != event.stage or event.step < bar.n:
+            self.close()  # a new stage, or the same stage started again (the next tomogram)
+            bar = self._bar = tqdm(
+                total=total,
+                desc=event.stage,
+                file=self.stream,
+                mininterval=0.2 if self.tty else 5.0,
+                dynamic_ncols=True,
+            )
+        bar.total = total
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in list(event.metrics.items())[:3])
+        bar.set_postfix_str(f"{event.message} {metrics}".strip(), refresh=False)
+        bar.update(event.step - bar.n)
+        if total is not None and event.step >= total:
+            self.close()
+
+    def close(self) -> None:
+        """End the current bar (its last state stays on the screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class StopOnInterrupt:
@@ -1174,7 +1180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _notes_for_removed_temporaries(warnings.showwarning)
-            return int(args.func(args, progress))
+            try:
+                return int(args.func(args, progress))
+            finally:
+                progress.close()
     except TomosegError as exc:
         print(f"tomoseg {args.command}: error: {message_of(exc)}", file=sys.stderr)
         return EXIT_INPUT
