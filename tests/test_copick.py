@@ -167,3 +167,103 @@ def test_without_copick_the_error_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_copick)
     with pytest.raises(TomosegError, match=r"pip install napari-tomoseg\[copick\]"):
         copick_io.open_project(tmp_path / "copick.json", create=True)
+
+
+# -- the command line -----------------------------------------------------------------------------
+def test_cli_exports_pick_and_merge_outputs_and_imports_them_back(tmp_path, labels, capsys):
+    from napari_tomoseg import cli
+    from napari_tomoseg.io import read_tomogram, source_label, write_labels, write_mrc
+    from napari_tomoseg.picking import read_star
+
+    def run(*argv):
+        return cli.main(["--quiet", *map(str, argv)])
+
+    merged = tmp_path / "tomo1_merged.mrc"
+    write_labels(merged, labels, VS, header_texts=[source_label("tomo1.mrc")])
+    star = tmp_path / "ribosomes.star"
+    assert (
+        run(
+            "pick",
+            merged,
+            "--feature",
+            2,
+            "--min-size",
+            20,
+            "--names",
+            "bg,membrane,ribosome",
+            "-o",
+            star,
+        )
+        == 0
+    )
+    config = tmp_path / "copick" / "project.json"
+    names = "background,single_membrane,ribosome"
+    argv = ["copick", "export", config, "--picks", star, "--mask", merged, "--names", names]
+    assert run(*argv, "--meshes") == 0
+    out = capsys.readouterr().out
+    assert "run tomo1: picks ribosome (2)" in out and "segmentation merged" in out
+
+    root = copick.from_file(str(config))
+    assert (config.parent / "overlay" / "ExperimentRuns" / "tomo1").is_dir()
+    run1 = root.get_run("tomo1")
+    xyz, _ = run1.get_picks(object_name="ribosome")[0].numpy()
+    table = read_star(star)
+    expected = np.array([p.position() for p in table.particles])[:, ::-1] * VS
+    assert np.allclose(np.sort(xyz, axis=0), np.sort(expected, axis=0))
+    [seg] = run1.get_segmentations(name="merged", is_multilabel=True)
+    assert np.array_equal(seg.numpy(), labels) and seg.voxel_size == VS
+    assert {m.pickable_object_name for m in run1.meshes} == {"single-membrane", "ribosome"}
+    assert run(*argv) == cli.EXIT_INPUT  # exists: refused
+    assert "add --overwrite" in capsys.readouterr().err
+
+    tomo = np.random.default_rng(1).normal(size=labels.shape).astype(np.float32)
+    write_mrc(tmp_path / "tomo1.mrc", tomo, VS)
+    assert run("copick", "export", config, "--tomogram", tmp_path / "tomo1.mrc") == 0
+    assert run("copick", "import", config, "--run", "tomo1", "-o", tmp_path / "back.mrc") == 0
+    back = read_tomogram(tmp_path / "back.mrc")
+    assert np.array_equal(back.data, tomo) and back.voxel_size == (VS, VS, VS)
+    seg_out = tmp_path / "seg.mrc"
+    assert (
+        run(
+            "copick", "import", config, "--run", "tomo1", "--segmentation", "merged", "-o", seg_out
+        )
+        == 0
+    )
+    assert "1 = single-membrane, 2 = ribosome" in capsys.readouterr().out
+    assert np.array_equal(read_tomogram(seg_out).data, labels)
+    # the imported segmentation names its run, so picks from it match it
+    assert (
+        run("pick", seg_out, "--feature", 2, "--min-size", 20, "-o", tmp_path / "again.star") == 0
+    )
+    assert read_star(tmp_path / "again.star").tomo_name == "tomo1"
+
+
+def test_cli_copick_options_have_help_and_defaults(capsys):
+    import argparse
+
+    from napari_tomoseg import cli
+
+    parser = cli.build_parser()
+    copick_parser = parser._subparsers._group_actions[0].choices["copick"]
+    actions = copick_parser._subparsers._group_actions[0].choices
+    assert set(actions) == {"export", "import"}
+    for name, sub in actions.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"tomoseg copick {name} {action.option_strings}"
+    with pytest.raises(SystemExit):
+        cli.main(["copick", "export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: tomoseg)" in text and "(default: 0)" in text and "(default: 1)" in text
+
+
+def test_cli_without_copick_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    from napari_tomoseg import cli
+
+    def missing():
+        raise TomosegError(f"copick ... not installed: {copick_io.INSTALL_HINT}")
+
+    monkeypatch.setattr(copick_io, "require_copick", missing)
+    code = cli.main(["copick", "import", str(tmp_path / "c.json"), "--run", "r", "-o", "x.mrc"])
+    assert code == cli.EXIT_INPUT
+    assert "pip install napari-tomoseg[copick]" in capsys.readouterr().err

@@ -33,13 +33,15 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import OutputExistsError, TomosegError
 from .io import Tomogram, voxel_triple
-from .picking import Particle, ParticleTable, PickResult, surface_mesh
+
+if TYPE_CHECKING:  # picking (and scipy) load when used: the command line starts faster
+    from .picking import Particle, ParticleTable, PickResult
 
 INSTALL_HINT = "pip install napari-tomoseg[copick]"
 #: Who writes: the user and session napari-tomoseg's outputs are filed under by default
@@ -186,6 +188,8 @@ def _refuse_existing(found: list, what: str, overwrite: bool) -> None:
 
 # -- writing ----------------------------------------------------------------------------------
 def _particles(picks: Sequence[Particle] | PickResult | ParticleTable) -> list[Particle]:
+    from .picking import ParticleTable, PickResult
+
     if isinstance(picks, (PickResult, ParticleTable)):
         return list(picks.particles)
     return list(picks)
@@ -204,7 +208,7 @@ def export_picks(
     """Write particles into run ``run`` as copick picks, one set per feature (object),
     positions in Angstrom (X, Y, Z); returns the count per object.  The voxel size (Z, Y,
     X or one value) comes from ``picks`` when it is a table or result that knows it."""
-    if voxel_size is None and isinstance(picks, (PickResult, ParticleTable)):
+    if voxel_size is None and hasattr(picks, "voxel_size"):  # a PickResult or ParticleTable
         voxel_size = picks.voxel_size
     vs = voxel_triple(voxel_size)
     if vs is None:
@@ -317,6 +321,8 @@ def export_meshes(
     """Write the surface of each feature of ``mask`` into run ``run`` as a copick mesh
     (vertices in Angstrom, X, Y, Z); returns the faces per object."""
     import trimesh  # comes with copick
+
+    from .picking import surface_mesh
 
     mask = _check_mask(mask)
     vs = voxel_triple(voxel_size)
