@@ -240,6 +240,34 @@ def export_picks(
     return {name: len(items) for name, items in groups.items()}
 
 
+def particles_from_points(coords: Any, features: Mapping[str, Sequence[Any]]) -> list[Particle]:
+    """Particles from points (Z, Y, X voxels, e.g. a Points layer's data) and their
+    per-point ``features``: ``class`` (the feature name; required), and where present
+    ``label``, ``size``, ``component`` and ``score``."""
+    from .picking import Particle
+
+    zyx = np.asarray(coords, dtype=np.float64).reshape(-1, 3)
+    n = len(zyx)
+    if "class" not in features or len(features["class"]) != n:
+        raise TomosegError("Every point needs its feature name (a 'class' feature); pick again.")
+
+    def column(name: str, default: Any) -> list[Any]:
+        values = features.get(name)
+        return list(values) if values is not None and len(values) == n else [default] * n
+
+    return [
+        Particle(int(lab), str(cls), float(z), float(y), float(x), int(size), int(comp), float(sc))
+        for (z, y, x), cls, lab, size, comp, sc in zip(
+            zyx,
+            features["class"],
+            column("label", 1),
+            column("size", 0),
+            column("component", 0),
+            column("score", 1.0),
+        )
+    ]
+
+
 def _features(mask: np.ndarray, names: Any) -> dict[int, str]:
     """Object name per label value present in ``mask`` (``names``: index or key = label)."""
     from .picking import _bincount, _class_name
