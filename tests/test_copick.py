@@ -267,3 +267,35 @@ def test_cli_without_copick_says_how_to_install_it(tmp_path, monkeypatch, capsys
     code = cli.main(["copick", "import", str(tmp_path / "c.json"), "--run", "r", "-o", "x.mrc"])
     assert code == cli.EXIT_INPUT
     assert "pip install napari-tomoseg[copick]" in capsys.readouterr().err
+
+
+def test_merged_masks_name_their_classes_for_pick_and_copick(tmp_path, labels, capsys):
+    from napari_tomoseg import cli
+    from napari_tomoseg.io import class_names_of, read_tomogram, source_label, write_mrc
+    from napari_tomoseg.picking import read_star
+
+    def run(*argv):
+        return cli.main(["--quiet", *map(str, argv)])
+
+    maps = []
+    for value, name in ((1, "single_membrane"), (2, "ribosome")):
+        path = tmp_path / f"tomo1_{name}.mrc"
+        prob = (labels == value).astype(np.float32)
+        write_mrc(path, prob, VS, header_texts=[source_label("tomo1.mrc")])  # as apply does
+        maps.append(path)
+    merged = tmp_path / "tomo1_merged.mrc"
+    assert run("merge", *maps, "-o", merged) == 0
+    assert class_names_of(read_tomogram(merged)) == ["background", "single_membrane", "ribosome"]
+    assert run("pick", merged, "--feature", 2, "--min-size", 20, "-o", tmp_path / "r.star") == 0
+    assert {p.class_name for p in read_star(tmp_path / "r.star").particles} == {"ribosome"}
+    config = tmp_path / "copick.json"
+    assert run("copick", "export", config, "--mask", merged, "--run", "tomo1") == 0
+    root = copick.from_file(str(config))
+    assert {o.name for o in root.pickable_objects} == {"single-membrane", "ribosome"}
+    out = tmp_path / "seg.mrc"
+    assert (
+        run("copick", "import", config, "--run", "tomo1", "--segmentation", "merged", "-o", out)
+        == 0
+    )
+    back = read_tomogram(out)
+    assert class_names_of(back) == ["background", "single-membrane", "ribosome"]

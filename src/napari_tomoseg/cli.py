@@ -582,7 +582,7 @@ def _cmd_apply_batch(
 
 
 def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import mrc_stem, read_tomogram, source_label, source_name, write_labels
+    from .io import classes_label, mrc_stem, read_tomogram, source_label, source_name, write_labels
     from .merge import MergeInput, iter_merge
 
     n = len(args.probabilities)
@@ -603,7 +603,7 @@ def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         for t, name, th, w in zip(tomos, names, thresholds, weights)
     ]
     result = drive(iter_merge(inputs), progress)
-    texts = [source_label(source)] if source else []
+    texts = ([source_label(source)] if source else []) + classes_label(result.names)
     write_labels(
         args.output, result.mask, tomos[0].voxel_size, overwrite=args.overwrite, header_texts=texts
     )
@@ -627,7 +627,7 @@ def _writes_csv(path: str | Path) -> bool:
 
 
 def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import mrc_stem, read_tomogram, source_name
+    from .io import class_names_of, mrc_stem, read_tomogram, source_name
     from .picking import PickSettings, pick, write_csv, write_star
 
     mask = read_tomogram(args.mask)
@@ -646,7 +646,7 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         min_distance=args.min_distance,
         classes=args.feature or None,
     )
-    names = args.names.split(",") if args.names else None
+    names = args.names.split(",") if args.names else class_names_of(mask)
     result = pick(
         mask.data,
         probabilities=probabilities,
@@ -703,7 +703,7 @@ def _copick_export_picks(args: argparse.Namespace, path: str) -> str:
 
 def _copick_export_mask(args: argparse.Namespace, path: str) -> list[str]:
     from .copick_io import export_meshes, export_segmentation
-    from .io import read_tomogram, source_name
+    from .io import class_names_of, read_tomogram, source_name
 
     mask = read_tomogram(path)
     source = source_name(mask)
@@ -711,9 +711,8 @@ def _copick_export_mask(args: argparse.Namespace, path: str) -> list[str]:
     if not run:
         raise TomosegError(f"{path} does not record its tomogram; give the run with --run.")
     feature = _copick_feature_name(path, source)
-    if args.names:
-        names: Any = args.names.split(",")
-    else:  # one feature: named after the file; several: feature 1, 2, ...
+    names: Any = args.names.split(",") if args.names else class_names_of(mask)
+    if names is None:  # one feature: named after the file; several: feature 1, 2, ...
         names = {1: feature} if int(mask.data.max()) == 1 else None
     vs = args.voxel_size or mask.voxel_size
     keep = {"user": args.user, "session": args.session, "overwrite": args.overwrite}
@@ -765,7 +764,7 @@ def _cmd_copick_export(args: argparse.Namespace, progress: ProgressPrinter) -> i
 
 def _cmd_copick_import(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     from .copick_io import read_copick_segmentation, read_copick_tomogram
-    from .io import SOURCE_LABEL, write_labels, write_mrc
+    from .io import SOURCE_LABEL, classes_label, write_labels, write_mrc
 
     if args.segmentation:
         labels, names = read_copick_segmentation(
@@ -776,14 +775,15 @@ def _cmd_copick_import(args: argparse.Namespace, progress: ProgressPrinter) -> i
             session=args.session,
             voxel_size=args.voxel_size,
         )
+        top = int(labels.data.max())
+        classes = ["background"] + [names.get(v, f"feature {v}") for v in range(1, top + 1)]
         write_labels(
             args.output,
             labels.data,
             labels.voxel_size,
-            overwrite=args.overwrite,
-            header_texts=[SOURCE_LABEL + args.run],  # tomoseg pick names it after the run
+            overwrite=args.overwrite,  # tomoseg pick names the picks after the run and objects
+            header_texts=[SOURCE_LABEL + args.run, *classes_label(classes)],
         )
-        top = int(labels.data.max())
         listed = ", ".join(f"{v} = {n}" for v, n in sorted(names.items()) if v <= top)
         print(f"Wrote {args.output} (labels {listed or 'none'}; {labels.voxel_size[0]:g} A)")
         return EXIT_OK
@@ -1183,7 +1183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mask", help="a mask (MRC) from apply or merge")
     p.add_argument("-o", "--output", required=True, help=".star or .csv file to write")
     p.add_argument("--feature", type=int, nargs="+", help="label value(s) to pick (default: all)")
-    p.add_argument("--names", help="comma-separated class names, background first")
+    p.add_argument(
+        "--names",
+        help="comma-separated class names, background first (default: those the mask's "
+        "header records, as merge and copick import write them)",
+    )
     p.add_argument("--min-size", type=int, default=50, help="smallest component in voxels")
     p.add_argument(
         "--method",
@@ -1307,8 +1311,9 @@ def _add_copick_parsers(command: Callable[..., argparse.ArgumentParser]) -> None
     _copick_common(e, export=True)
     e.add_argument(
         "--names",
-        help="comma-separated feature names of the masks, background first (default: a "
-        "one-feature mask is named after its file, e.g. tomo1_membrane_mask.mrc: membrane)",
+        help="comma-separated feature names of the masks, background first (default: those "
+        "the mask's header records, as merge writes them; else a one-feature mask is named "
+        "after its file, e.g. tomo1_membrane_mask.mrc: membrane)",
     )
     e.add_argument(
         "--segmentation-name",
