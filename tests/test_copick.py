@@ -299,3 +299,16 @@ def test_merged_masks_name_their_classes_for_pick_and_copick(tmp_path, labels, c
     )
     back = read_tomogram(out)
     assert class_names_of(back) == ["background", "single-membrane", "ribosome"]
+
+
+def test_bad_names_and_empty_masks_are_clear_errors(tmp_path, labels):
+    config = tmp_path / "copick.json"
+    with pytest.raises(TomosegError, match="cannot name a copick run"):
+        export_segmentation(config, "a/b", labels, VS, ["bg", "a", "b"])
+    with pytest.raises(TomosegError, match="empty"):
+        export_segmentation(config, "r", np.zeros_like(labels), VS)
+    with pytest.raises(TomosegError, match="no copick project"):
+        read_copick_tomogram(tmp_path / "none.json", "r")
+    export_segmentation(config, "r", labels, VS, ["bg", "a", "b"])
+    with pytest.raises(TomosegError, match="run r has no tomogram"):
+        read_copick_tomogram(config, "r")  # a run with a segmentation and no tomogram

@@ -138,6 +138,8 @@ def open_project(
 
 def _run(root: Any, name: str, *, create: bool) -> Any:
     """The run ``name`` of the project (made when ``create``)."""
+    if not name or not name.strip() or any(c in name for c in "/\\\0"):
+        raise TomosegError(f"{name!r} cannot name a copick run (empty, or it holds a slash).")
     run = root.get_run(name)
     if run is None and create:
         run = root.new_run(name)
@@ -415,6 +417,8 @@ def _choose(items: list, describe: Any, what: str, hint: str) -> Any:
 
 def _voxel_spacing(the_run: Any, voxel_size: float | None, needs_tomograms: bool) -> Any:
     spacings = [v for v in the_run.voxel_spacings if v.tomograms or not needs_tomograms]
+    if not spacings:
+        raise TomosegError(f"The run {the_run.name} has no tomogram.")
     if voxel_size is not None:
         spacings = [v for v in spacings if abs(v.voxel_size - float(voxel_size)) < 1e-3]
         if not spacings:
@@ -423,6 +427,15 @@ def _voxel_spacing(the_run: Any, voxel_size: float | None, needs_tomograms: bool
                 f"The run {the_run.name} has no tomogram at {voxel_size:g} A (it has: {known})."
             )
     return _choose(spacings, lambda v: f"{v.voxel_size:g} A", "voxel spacing", "--voxel-size")
+
+
+def _full_resolution(item: Any, what: str) -> np.ndarray:
+    """The full-resolution array of a copick tomogram or segmentation (copick refuses one
+    that does not fit in memory: say so)."""
+    try:
+        return np.asarray(item.numpy())
+    except ValueError as exc:
+        raise TomosegError(f"Cannot read {what}: {exc}") from None
 
 
 def read_copick_tomogram(
@@ -445,7 +458,7 @@ def read_copick_tomogram(
     tomo = _choose(tomos, lambda t: t.tomo_type, "tomogram", "--tomo-type")
     vs = float(spacing.voxel_size)
     return Tomogram(
-        data=tomo.numpy(),
+        data=_full_resolution(tomo, f"the tomogram {tomo.tomo_type} of run {run}"),
         voxel_size=(vs, vs, vs),
         extra={"copick": {"config": str(config), "run": run, "tomo_type": tomo.tomo_type}},
     )
@@ -475,7 +488,7 @@ def read_copick_segmentation(
         "segmentation",
         "--segmentation, --user, --session or --voxel-size",
     )
-    data = seg.numpy()
+    data = _full_resolution(seg, f"the segmentation {seg.name} of run {run}")
     if seg.is_multilabel:
         names = {int(o.label): o.name for o in root.pickable_objects if o.label is not None}
     else:
