@@ -1,5 +1,5 @@
-"""Exchange with copick projects: picks, segmentations and meshes out, tomograms and
-segmentations in.
+"""Exchange with copick projects: picks, segmentations, meshes and tomograms into one,
+tomograms and segmentations out of one.
 
 copick (https://github.com/copick/copick) is the exchange layout of the CryoET Data Portal:
 a JSON config names the *pickable objects* (name, label, particle or not) and where the
@@ -415,8 +415,9 @@ def _choose(items: list, describe: Any, what: str, hint: str) -> Any:
     raise TomosegError(f"The run has several {what}s ({listed}); choose one with {hint}.")
 
 
-def _voxel_spacing(the_run: Any, voxel_size: float | None, needs_tomograms: bool) -> Any:
-    spacings = [v for v in the_run.voxel_spacings if v.tomograms or not needs_tomograms]
+def _voxel_spacing(the_run: Any, voxel_size: float | None) -> Any:
+    """The voxel spacing of the run's tomograms: the one at ``voxel_size``, or its only one."""
+    spacings = [v for v in the_run.voxel_spacings if v.tomograms]
     if not spacings:
         raise TomosegError(f"The run {the_run.name} has no tomogram.")
     if voxel_size is not None:
@@ -448,7 +449,7 @@ def read_copick_tomogram(
     """The tomogram ``tomo_type`` at ``voxel_size`` (Angstrom) of run ``run`` (either may
     be left out when the run has only one), at full resolution, with its voxel size."""
     the_run = _run(open_project(config), run, create=False)
-    spacing = _voxel_spacing(the_run, voxel_size, needs_tomograms=True)
+    spacing = _voxel_spacing(the_run, voxel_size)
     tomos = spacing.tomograms
     if tomo_type is not None:
         tomos = [t for t in tomos if t.tomo_type == tomo_type]
