@@ -11,7 +11,6 @@ import argparse
 import functools
 import signal
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,36 +23,43 @@ EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 
 
 class ProgressPrinter:
-    """A one-line text progress bar on stderr (plain lines when stderr is not a terminal)."""
+    """Progress events as ``tqdm`` bars on stderr: one bar per stage, closed when the stage
+    ends (updated every few seconds only when stderr is not a terminal, e.g. a log file)."""
 
     def __init__(self, stream: TextIO | None = None, quiet: bool = False):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._last_line = 0.0
-        self._last_stage = ""
+        self._bar: Any = None
 
     def __call__(self, event: Progress) -> None:
         if self.quiet:
             return
-        now = time.monotonic()
-        stage_changed = event.stage != self._last_stage
-        finished = event.total > 0 and event.step >= event.total
-        if not (self.tty or stage_changed or finished or now - self._last_line > 5.0):
-            return
-        self._last_line, self._last_stage = now, event.stage
-        width = 30
-        filled = int(width * event.fraction)
-        bar = "#" * filled + "-" * (width - filled)
-        extra = " ".join(f"{k}={v:.4g}" for k, v in list(event.metrics.items())[:3])
-        text = f"{event.stage:>10} [{bar}] {event.step}/{event.total} {event.message} {extra}"
-        if self.tty:
-            self.stream.write("\r" + text[:150].ljust(150))
-            if finished:
-                self.stream.write("\n")
-        else:
-            self.stream.write(text.rstrip() + "\n")
-        self.stream.flush()
+        from tqdm import tqdm
+
+        total = event.total if event.total > 0 else None
+        bar = self._bar
+        if bar is None or bar.desc != event.stage or event.step < bar.n:
+            self.close()  # a new stage, or the same stage started again (the next tomogram)
+            bar = self._bar = tqdm(
+                total=total,
+                desc=event.stage,
+                file=self.stream,
+                mininterval=0.2 if self.tty else 5.0,
+                dynamic_ncols=True,
+            )
+        bar.total = total
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in list(event.metrics.items())[:3])
+        bar.set_postfix_str(f"{event.message} {metrics}".strip(), refresh=False)
+        bar.update(event.step - bar.n)
+        if total is not None and event.step >= total:
+            self.close()
+
+    def close(self) -> None:
+        """End the current bar (its last state stays on the screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class StopOnInterrupt:
@@ -577,7 +583,7 @@ def _cmd_apply_batch(
 
 
 def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import mrc_stem, read_tomogram, source_label, source_name, write_labels
+    from .io import classes_label, mrc_stem, read_tomogram, source_label, source_name, write_labels
     from .merge import MergeInput, iter_merge
 
     n = len(args.probabilities)
@@ -598,7 +604,7 @@ def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         for t, name, th, w in zip(tomos, names, thresholds, weights)
     ]
     result = drive(iter_merge(inputs), progress)
-    texts = [source_label(source)] if source else []
+    texts = ([source_label(source)] if source else []) + classes_label(result.names)
     write_labels(
         args.output, result.mask, tomos[0].voxel_size, overwrite=args.overwrite, header_texts=texts
     )
@@ -622,7 +628,7 @@ def _writes_csv(path: str | Path) -> bool:
 
 
 def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import mrc_stem, read_tomogram, source_name
+    from .io import class_names_of, mrc_stem, read_tomogram, source_name
     from .picking import PickSettings, pick, write_csv, write_star
 
     mask = read_tomogram(args.mask)
@@ -641,7 +647,7 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         min_distance=args.min_distance,
         classes=args.feature or None,
     )
-    names = args.names.split(",") if args.names else None
+    names = args.names.split(",") if args.names else class_names_of(mask)
     result = pick(
         mask.data,
         probabilities=probabilities,
@@ -1060,7 +1066,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mask", help="a mask (MRC) from apply or merge")
     p.add_argument("-o", "--output", required=True, help=".star or .csv file to write")
     p.add_argument("--feature", type=int, nargs="+", help="label value(s) to pick (default: all)")
-    p.add_argument("--names", help="comma-separated class names, background first")
+    p.add_argument(
+        "--names",
+        help="comma-separated class names, background first (default: those the mask's "
+        "header records, as merge and copick import write them)",
+    )
     p.add_argument("--min-size", type=int, default=50, help="smallest component in voxels")
     p.add_argument(
         "--method",
@@ -1149,6 +1159,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_suggest)
+    from ._cli_copick import add_copick_parsers
+
+    add_copick_parsers(command)
     return parser
 
 
@@ -1182,7 +1195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _notes_for_removed_temporaries(warnings.showwarning)
-            return int(args.func(args, progress))
+            try:
+                return int(args.func(args, progress))
+            finally:
+                progress.close()
     except TomosegError as exc:
         print(f"tomoseg {args.command}: error: {message_of(exc)}", file=sys.stderr)
         return EXIT_INPUT

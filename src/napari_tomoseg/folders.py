@@ -1,8 +1,11 @@
-"""The per-user folder of files that may be lost without harm, and their names.
+"""The per-user folders (cache and settings) and the names of what the cache keeps.
 
 The cache holds training checkpoints (``checkpoints/``) and autosaved annotations
 (``autosave/``), one of each per tomogram; :func:`cache_name` names them after the tomogram.
-Core code (no Qt, no napari), shared by the widgets and the command line.
+The config folder holds the widgets' remembered settings.  Where they are is the platform's
+convention, as ``platformdirs`` knows it (on Linux ``$XDG_CACHE_HOME`` / ``$XDG_CONFIG_HOME``,
+by default ``~/.cache`` / ``~/.config``); an environment variable overrides each.  Core code
+(no Qt, no napari), shared by the widgets and the command line.
 """
 
 from __future__ import annotations
@@ -12,18 +15,31 @@ import re
 import zlib
 from pathlib import Path
 
+import platformdirs
+
+APP_NAME = "napari-tomoseg"
 #: TOMOSEG_CACHE_DIR overrides the cache folder (tests use that).
 CACHE_ENV = "TOMOSEG_CACHE_DIR"
+#: TOMOSEG_CONFIG_DIR overrides the folder of remembered widget settings (tests use that).
+CONFIG_ENV = "TOMOSEG_CONFIG_DIR"
 
 
 def cache_dir() -> Path:
-    """The per-user folder for files that may be lost without harm
-    (``$XDG_CACHE_HOME/napari-tomoseg``, by default ``~/.cache/napari-tomoseg``)."""
+    """The per-user folder for files that may be lost without harm (on Linux
+    ``$XDG_CACHE_HOME/napari-tomoseg``, by default ``~/.cache/napari-tomoseg``)."""
     override = os.environ.get(CACHE_ENV)
     if override:
         return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "napari-tomoseg"
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def config_dir() -> Path:
+    """The per-user folder for remembered widget settings (on Linux
+    ``$XDG_CONFIG_HOME/napari-tomoseg``, by default ``~/.config/napari-tomoseg``)."""
+    override = os.environ.get(CONFIG_ENV)
+    if override:
+        return Path(override)
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
 
 
 def cache_name(source: str, identity: str | None = None) -> str:

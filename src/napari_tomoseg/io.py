@@ -253,6 +253,25 @@ def source_name(tomogram: Tomogram) -> str | None:
     return None
 
 
+#: How a mask's header names its classes, background first (read by ``class_names_of``).
+CLASSES_LABEL = "napari-tomoseg classes: "
+
+
+def classes_label(names: Sequence[str]) -> list[str]:
+    """The header label naming a mask's classes (background first), or none when the names
+    do not fit an MRC label (80 characters) or hold a comma."""
+    text = CLASSES_LABEL + ",".join(str(n) for n in names)
+    return [text] if len(text) <= 80 and not any("," in str(n) for n in names) else []
+
+
+def class_names_of(tomogram: Tomogram) -> list[str] | None:
+    """The class names (background first) a mask's header records, if it does."""
+    for text in tomogram.extra.get("header_labels", ()):
+        if text.startswith(CLASSES_LABEL):
+            return text[len(CLASSES_LABEL) :].split(",")
+    return None
+
+
 def output_names(output_dir: Path, tomogram: str | os.PathLike, label: str) -> tuple[Path, Path]:
     """``<stem>_<label>_mask.mrc`` and ``<stem>_<label>.mrc``: where applying the network
     ``label`` to ``tomogram`` writes its mask and probability map (CLI, batch and widgets)."""

@@ -3,6 +3,7 @@ and write the results back as layers. One module per widget."""
 
 from ._apply import ApplyWidget
 from ._boxes import BoxWidget
+from ._copick import CopickWidget
 from ._import import ImportWidget
 from ._merge import MergeWidget
 from ._pick import PickWidget
@@ -11,6 +12,7 @@ from ._train import TrainWidget
 __all__ = [
     "ApplyWidget",
     "BoxWidget",
+    "CopickWidget",
     "ImportWidget",
     "MergeWidget",
     "PickWidget",

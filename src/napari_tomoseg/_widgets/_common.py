@@ -6,7 +6,6 @@ replaces them."""
 from __future__ import annotations
 
 import json
-import os
 import weakref
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -16,23 +15,11 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets.bases import ValueWidget
 
 from ..errors import TomosegError
-from ..folders import cache_dir, cache_name
+from ..folders import cache_dir, cache_name, config_dir
 from ..progress import Progress
 
 if TYPE_CHECKING:
     import napari
-
-#: Where remembered widget values live; TOMOSEG_CONFIG_DIR overrides it (tests use that).
-CONFIG_ENV = "TOMOSEG_CONFIG_DIR"
-
-
-def config_dir() -> Path:
-    """The per-user folder for remembered widget settings."""
-    override = os.environ.get(CONFIG_ENV)
-    if override:
-        return Path(override)
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "napari-tomoseg"
 
 
 def checkpoint_path_for(source: str) -> Path:

@@ -23,6 +23,9 @@ from ._common import (
 if TYPE_CHECKING:
     import napari
 
+#: Metadata of the segmentation that its Points layer keeps (voxel size and origin).
+_KEPT_METADATA = ("voxel_size", "voxel_size_unit", "source_path", "copick")
+
 
 class PickWidget(Container):
     """3D view, surface mesh, particle picking and coordinate export."""
@@ -146,7 +149,13 @@ class PickWidget(Container):
             border_color="black",
             features={
                 "class": [p.class_name for p in particles],
+                "label": [p.label for p in particles],
                 "size": [p.size for p in particles],
+                "component": [p.component for p in particles],
+                "score": [p.score for p in particles],
+            },
+            metadata={  # what the points belong to, for exports
+                k: v for k, v in (layer.metadata or {}).items() if k in _KEPT_METADATA
             },
             **grid_kwargs(layer),
         )
