@@ -156,10 +156,11 @@ def rings() -> TrainingSet:
 
 @pytest.fixture(scope="module")
 def short_run(rings):
-    """A short unet-lite run, with every progress event recorded."""
+    """A short unet-lite run from random weights, with every progress event recorded."""
     events: list[Progress] = []
     settings = TrainSettings(
         architecture="unet-lite",
+        start_from="scratch",
         iterations=20,
         batch_size=8,
         eval_every=10,

@@ -950,6 +950,434 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def _checkpoint_path(settings: TrainSettings, resume: bool) -> Path | None:
+    """The run's checkpoint file; with ``resume`` it must exist."""
+    path = Path(settings.checkpoint) if settings.checkpoint is not None else None
+    if resume and path is None:
+        raise TomosegError(
+            "Resuming needs the checkpoint file to resume from (TrainSettings.checkpoint)."
+        )
+    if resume and not path.is_file():  # type: ignore[union-attr]
+        raise TomosegError(
+            f"There is no checkpoint {path} to resume from (a run that finished "
+            "deletes its checkpoint); train without resuming to start afresh."
+        )
+    return path
+
+
+def _architecture(
+    settings: TrainSettings, init: Network | None, trainset: TrainingSet, in_channels: int
+) -> tuple[str, dict[str, Any]]:
+    """Architecture and parameters of the run: the settings', or those of the network it
+    continues, which must fit the settings and the training set."""
+    if init is None:
+        return settings.architecture, resolved_params(settings.architecture, settings.model_params)
+    meta0, names = init.meta, tuple(str(n) for n in trainset.class_names)
+    problems = []
+    if meta0.architecture != settings.architecture:
+        problems.append(
+            f"the network is a {meta0.architecture!r} but the settings ask for "
+            f"{settings.architecture!r} (use TrainSettings.continuing(network, ...))"
+        )
+    if meta0.in_channels != in_channels:
+        problems.append(
+            f"the network takes {meta0.in_channels} input channel(s), the training set "
+            f"has {in_channels} (context slices differ)"
+        )
+    if tuple(meta0.class_names) != names:
+        problems.append(
+            f"the network's classes {list(meta0.class_names)} differ from the training "
+            f"set's {list(names)}"
+        )
+    net_vs = _voxel_size(meta0.voxel_size)
+    set_vs = _voxel_size(trainset.metadata.get("voxel_size"))
+    if net_vs and set_vs and abs(net_vs - set_vs) > VOXEL_SIZE_TOLERANCE * net_vs:
+        problems.append(
+            f"the network was trained at voxel size {net_vs:g} A, the training set is at "
+            f"{set_vs:g} A (bin or rescale the tomogram to the network's voxel size)"
+        )
+    if problems:
+        raise TomosegError("Cannot continue training: " + "; ".join(problems) + ".")
+    return meta0.architecture, dict(meta0.model_params)
+
+
+@dataclass
+class _Data:
+    """The training set as tensors, and which samples train and which validate."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    split: dict[str, Any]
+
+
+def _split_or_resume(
+    trainset: TrainingSet,
+    settings: TrainSettings,
+    rng: np.random.Generator,
+    model: nn.Module,
+    device: torch.device,
+    ckpt_path: Path | None,
+    fingerprint: dict[str, Any] | None,
+) -> tuple[_Data, TrainingState | None]:
+    """Split the samples by box, or, resuming (``fingerprint`` given), load the checkpoint
+    and take its split.  Returns the data on the host and the loaded state."""
+    n_samples, n_classes = trainset.images.shape[0], len(trainset.class_names)
+    train_idx, val_idx, split = split_by_box(
+        trainset.box_ids, trainset.positive, float(settings.validation_fraction), rng
+    )
+    saved: TrainingState | None = None
+    if fingerprint is not None:
+        saved = load_checkpoint(
+            ckpt_path,  # type: ignore[arg-type]
+            fingerprint=fingerprint,
+            model=model,
+            parameters=list(model.parameters()),
+            n_samples=int(n_samples),
+        )
+        train_idx, val_idx, split = saved.train_idx, saved.val_idx, dict(saved.split)
+        if len(saved.class_weights) != n_classes:
+            raise TomosegError(
+                f"Cannot resume training from {ckpt_path}: it holds {len(saved.class_weights)} "
+                f"class weights for {n_classes} classes. The checkpoint is damaged; delete it "
+                "and train from the start."
+            )
+        if saved.device.split(":")[0] != device.type:
+            warnings.warn(
+                f"Resuming on {device} a run checkpointed on {saved.device}: it continues "
+                "correctly, but not bit for bit as it would have on the same device.",
+                UserWarning,
+                stacklevel=3,
+            )
+    if not split["held_out"]:
+        warnings.warn(
+            f"Validating on the training boxes ({split['reason']}); the validation metrics "
+            "will be optimistic. Box more examples for an honest estimate.",
+            UserWarning,
+            stacklevel=3,
+        )
+    images = torch.from_numpy(np.ascontiguousarray(trainset.images, dtype=np.float32))
+    labels = torch.from_numpy(np.ascontiguousarray(trainset.labels))
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return _Data(images, labels, train_idx, val_idx, split), saved
+
+
+def _class_weights(
+    settings: TrainSettings, saved: TrainingState | None, train_labels: np.ndarray, names: tuple
+) -> tuple[list[float], np.ndarray]:
+    """The cross-entropy weight of each class, and the pixel count of each class in the
+    training samples (a warning names a class with none)."""
+    n_classes = len(names)
+    counts = np.bincount(train_labels.ravel(), minlength=n_classes)[:n_classes]
+    if saved is not None:
+        weights = list(saved.class_weights)
+    elif settings.class_weights == "auto":
+        weights, _ = auto_class_weights(train_labels, n_classes)
+    elif settings.class_weights is None:
+        weights = [1.0] * n_classes
+    else:
+        weights = [float(w) for w in settings.class_weights]
+        if len(weights) != n_classes:
+            raise TomosegError(
+                f"class_weights has {len(weights)} values but the training set has "
+                f"{n_classes} classes ({', '.join(names)})."
+            )
+    absent = [names[c] for c in range(1, n_classes) if counts[c] == 0]
+    if absent:
+        warnings.warn(
+            f"No training pixels of class(es) {', '.join(absent)}; the network cannot learn "
+            "them. Paint them in some positive boxes.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return weights, counts
+
+
+class _Run:
+    """One run's moving parts: the model and optimiser, the mini-batches, the history, the
+    best state so far, and writing it all to the checkpoint."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: TrainSettings,
+        data: _Data,
+        loss_fn: _Loss,
+        names: tuple,
+        device: torch.device,
+        use_amp: bool,
+        rng: np.random.Generator,
+        weights: list[float],
+    ):
+        self.model, self.settings, self.data, self.loss_fn = model, settings, data, loss_fn
+        self.names, self.device, self.use_amp, self.rng = names, device, use_amp, rng
+        self.optimiser = torch.optim.Adam(model.parameters(), lr=float(settings.learning_rate))
+        self.scaler = _grad_scaler(use_amp)
+        self.batches = _Batches(data.train_idx, int(settings.batch_size), rng)
+        self.schedule = _lr_schedule(settings)
+        self.augmentation = resolve_augmentation(settings.augmentation)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.steps_done = 0
+        self.checkpointed = -1
+        self.weights = [float(w) for w in weights]
+
+    def restore(self, saved: TrainingState, path: Path) -> None:
+        _restore(
+            saved,
+            path,
+            self.model,
+            self.optimiser,
+            self.scaler,
+            self.rng,
+            self.batches,
+            self.device,
+        )
+        self.history, self.best, self.steps_done = saved.history, saved.best, saved.step
+        self.checkpointed = self.steps_done
+
+    def write_checkpoint(self, path: Path, fingerprint: dict[str, Any]) -> None:
+        """Save the run's state (a failed write warns: training goes on without it)."""
+        best = self.best
+        state = TrainingState(
+            step=self.steps_done,
+            fingerprint=fingerprint,
+            model=self.model.state_dict(),
+            optimizer=self.optimiser.state_dict()["state"],
+            scaler=self.scaler.state_dict(),
+            history=jsonable(self.history),
+            best=None
+            if best is None
+            else {
+                **jsonable({k: v for k, v in best.items() if k != "state"}),
+                "state": best["state"],
+            },
+            rng=self.rng.bit_generator.state,
+            torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            batches_order=self.batches.order,
+            batches_pos=self.batches.pos,
+            train_idx=self.data.train_idx,
+            val_idx=self.data.val_idx,
+            split=jsonable(self.data.split),
+            class_weights=[float(w) for w in self.weights],
+            device=str(self.device),
+        )
+        try:
+            save_checkpoint(path, state)
+        except TomosegError as exc:
+            warnings.warn(
+                f"Could not write the training checkpoint ({exc}); training goes on, but a "
+                "crash now could not be resumed.",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
+        self.checkpointed = self.steps_done
+
+    def validation_metrics(self) -> tuple[float, dict[str, Any]]:
+        """Validation loss and metrics of the model as it is."""
+        d = self.data
+        val_loss, conf = _evaluate(
+            self.model,
+            d.images,
+            d.labels,
+            d.val_idx,
+            self.loss_fn,
+            len(self.names),
+            self.device,
+            self.use_amp,
+        )
+        return val_loss, metrics_from_confusion(conf, self.names)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Validate, keep the state if it is the best so far; the history's entries."""
+        val_loss, metrics = self.validation_metrics()
+        score = metrics["mean_foreground_f1"]
+        best = self.best
+        if (
+            best is None
+            or score > best["score"]
+            or (score == best["score"] and val_loss < best["val_loss"])
+        ):
+            self.best = {
+                "score": score,
+                "val_loss": val_loss,
+                "step": step,
+                "state": _state_copy(self.model),
+                "metrics": metrics,
+            }
+        out = {"val_loss": val_loss, "val_mean_dice": score}
+        for cname in self.names[1:]:
+            out[f"val_dice_{cname}"] = metrics["classes"][cname]["f1"]
+        return out
+
+    def step(self, i: int) -> float:
+        """Train on mini-batch ``i``; returns its loss."""
+        settings, device, rng = self.settings, self.device, self.rng
+        idx = torch.from_numpy(self.batches.next())
+        x, y = self.data.images[idx], self.data.labels[idx]
+        if settings.augment:
+            x, y = flip_rotate(x, y, rng)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True).long()
+        if settings.augment and any(self.augmentation.values()):
+            x, y = augment_batch(x, y, rng, self.augmentation)
+        for group in self.optimiser.param_groups:
+            group["lr"] = self.schedule(i)
+        self.optimiser.zero_grad(set_to_none=True)
+        with _autocast(device, self.use_amp):
+            logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise TomosegError(
+                f"Training diverged at mini-batch {i + 1} (the loss is {loss_value}); "
+                "use a smaller learning rate."
+            )
+        return loss_value
+
+
+def _loop(
+    run: _Run,
+    step0: int,
+    should_stop: Callable[[], bool],
+    checkpoint: Callable[[], None] | None,
+) -> Generator[Progress, None, bool]:
+    """The mini-batches left to do, validating and checkpointing on the way; returns
+    whether the run was stopped by request."""
+    settings, total = run.settings, int(run.settings.iterations)
+    for i in range(run.steps_done, total):
+        if should_stop():
+            if checkpoint is not None and run.checkpointed != run.steps_done:
+                checkpoint()
+            return True
+        loss_value = run.step(i)
+        run.steps_done = i + 1
+        entry: dict[str, Any] = {"step": step0 + run.steps_done, "loss": loss_value}
+        if run.steps_done % settings.eval_every == 0 or run.steps_done == total:
+            entry.update(run.evaluate(step0 + run.steps_done))
+        run.history.append(entry)
+        if (
+            checkpoint is not None
+            and run.steps_done % settings.checkpoint_every == 0
+            and run.steps_done < total
+        ):
+            checkpoint()
+        yield Progress(
+            stage="train",
+            step=run.steps_done,
+            total=total,
+            message=f"mini-batch {run.steps_done}/{total}, loss {loss_value:.4f}",
+            metrics={k: float(v) for k, v in entry.items() if k != "step"},
+        )
+    return False
+
+
+def _finish_model(run: _Run, step0: int, start_state: dict[str, torch.Tensor] | None) -> None:
+    """Put the best weights into the model (averaged with the starting ones when asked)
+    and leave it in eval mode; ``run.best`` then holds their validation metrics."""
+    if run.best is None:  # stopped before the first evaluation: judge the weights as they are
+        extra = run.evaluate(step0 + run.steps_done)
+        if run.history:
+            run.history[-1].update(extra)
+    best = run.best
+    assert best is not None
+    run.model.load_state_dict(best["state"])
+    if start_state is not None:  # the returned network, and its validation metrics
+        keep = run.settings.keep_start
+        run.model.load_state_dict(average_weights(best["state"], start_state, keep))
+        best["metrics"] = run.validation_metrics()[1]
+    run.model.eval()
+
+
+def _calibrate(run: _Run, trainset: TrainingSet) -> tuple[float, dict[str, Any]]:
+    """The mask threshold, calibrated on the held-out boxes (or the training boxes)."""
+    d = run.data
+    idx = d.val_idx if d.split["held_out"] else d.train_idx
+    threshold, calibration = calibrate_threshold(
+        _predict(run.model, d.images[torch.from_numpy(idx)], run.device),
+        trainset.labels[idx],
+        np.asarray(trainset.box_ids)[idx],
+        _ignore_index(trainset),
+    )
+    calibration["on"] = "held-out boxes" if d.split["held_out"] else "training boxes"
+    return threshold, calibration
+
+
+def _run_metadata(
+    run: _Run, settings: TrainSettings, weights: list[float], counts: np.ndarray, step0: int
+) -> dict[str, Any]:
+    """How the run split, weighted and trained (``TrainResult.metadata``, in part)."""
+    data, best = run.data, run.best
+    assert best is not None
+    return {
+        "split": jsonable(data.split),
+        "validated_on": "held-out boxes" if data.split["held_out"] else "training boxes",
+        "n_train_samples": int(data.train_idx.size),
+        "n_validation_samples": int(data.val_idx.size),
+        "class_weights": [float(w) for w in weights],
+        "dice_weight": float(settings.dice_weight),
+        "augmentation": run.augmentation if settings.augment else "off",
+        "class_pixel_counts": [int(c) for c in counts],
+        "best_step": int(best["step"]),
+        "steps_done": int(run.steps_done),
+        "continued_from_step": int(step0),
+        "learning_rate": float(settings.learning_rate),
+        "batch_size": int(settings.batch_size),
+        "seed": int(settings.seed),
+        "validation_fraction": float(settings.validation_fraction),
+        "mixed_precision": run.use_amp,
+    }
+
+
+def _network_meta(
+    trainset: TrainingSet,
+    arch: str,
+    params: dict[str, Any],
+    threshold: float,
+    history: list[dict[str, Any]],
+    metrics: dict[str, Any],
+) -> NetworkMeta:
+    """What the trained network's file records about it."""
+    meta_in = dict(getattr(trainset, "metadata", {}) or {})
+    names = tuple(str(n) for n in trainset.class_names)
+    n_samples, in_channels = trainset.images.shape[:2]
+    split = metrics["training"]["split"]
+    box_size = meta_in.get("box_size")
+    context = meta_in.get("context_slices", (in_channels - 1) // 2)
+    colours = meta_in.get("class_colors")
+    return NetworkMeta(
+        architecture=arch,
+        model_params=params,
+        in_channels=int(in_channels),
+        n_classes=len(names),
+        class_names=names,
+        class_colors=tuple(colours) if colours and len(colours) == len(names) else (),
+        voxel_size=_voxel_size(meta_in.get("voxel_size")),
+        box_size=int(box_size) if _positive_int(box_size) else int(trainset.images.shape[-1]),
+        normalisation=jsonable(dict(meta_in.get("normalisation") or {})),
+        context_slices=int(context) if _is_int(context) and context >= 0 else 0,
+        threshold=float(threshold),
+        trainset_summary=jsonable(
+            {
+                "n_samples": int(n_samples),
+                "n_positive_samples": int(np.count_nonzero(trainset.positive)),
+                **{k: split[k] for k in ("n_boxes", "n_positive_boxes", "n_negative_boxes")},
+                "metadata": meta_in,
+            }
+        ),
+        history=jsonable(history),
+        metrics=jsonable(metrics),
+        versions=package_versions(),
+    )
+
+
 def iter_train(
     trainset: TrainingSet,
     settings: TrainSettings | None = None,
@@ -980,55 +1408,13 @@ def iter_train(
     settings = settings or TrainSettings()
     settings.validate()
     _check_trainset(trainset)
-    ckpt_path = Path(settings.checkpoint) if settings.checkpoint is not None else None
-    if resume and ckpt_path is None:
-        raise TomosegError(
-            "Resuming needs the checkpoint file to resume from (TrainSettings.checkpoint)."
-        )
-    if resume and not ckpt_path.is_file():  # type: ignore[union-attr]
-        raise TomosegError(
-            f"There is no checkpoint {ckpt_path} to resume from (a run that finished "
-            "deletes its checkpoint); train without resuming to start afresh."
-        )
+    ckpt_path = _checkpoint_path(settings, resume)
     t_start = time.perf_counter()
     names = tuple(str(n) for n in trainset.class_names)
-    n_classes = len(names)
     n_samples, in_channels = trainset.images.shape[:2]
     device = select_device(settings.device)
     use_amp = bool(settings.mixed_precision) and device.type == "cuda"
-
-    if init is not None:
-        meta0 = init.meta
-        problems = []
-        if meta0.architecture != settings.architecture:
-            problems.append(
-                f"the network is a {meta0.architecture!r} but the settings ask for "
-                f"{settings.architecture!r} (use TrainSettings.continuing(network, ...))"
-            )
-        if meta0.in_channels != in_channels:
-            problems.append(
-                f"the network takes {meta0.in_channels} input channel(s), the training set "
-                f"has {in_channels} (context slices differ)"
-            )
-        if tuple(meta0.class_names) != names:
-            problems.append(
-                f"the network's classes {list(meta0.class_names)} differ from the training "
-                f"set's {list(names)}"
-            )
-        net_vs = _voxel_size(meta0.voxel_size)
-        set_vs = _voxel_size(trainset.metadata.get("voxel_size"))
-        if net_vs and set_vs and abs(net_vs - set_vs) > VOXEL_SIZE_TOLERANCE * net_vs:
-            problems.append(
-                f"the network was trained at voxel size {net_vs:g} A, the training set is at "
-                f"{set_vs:g} A (bin or rescale the tomogram to the network's voxel size)"
-            )
-        if problems:
-            raise TomosegError("Cannot continue training: " + "; ".join(problems) + ".")
-        arch, params = meta0.architecture, dict(meta0.model_params)
-    else:
-        arch = settings.architecture
-        params = resolved_params(arch, settings.model_params)
-
+    arch, params = _architecture(settings, init, trainset, int(in_channels))
     if init is not None:
         start, started_from = None, "the network being continued"
     else:
@@ -1045,8 +1431,7 @@ def iter_train(
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    meta_in = dict(getattr(trainset, "metadata", {}) or {})
-    network = Network.create(arch, in_channels, n_classes, model_params=params, class_names=names)
+    network = Network.create(arch, in_channels, len(names), model_params=params, class_names=names)
     model = network.model
     if init is not None:
         model.load_state_dict(init.model.state_dict())
@@ -1056,299 +1441,57 @@ def iter_train(
     model.to(device)
     model.train()
 
-    train_idx, val_idx, split = split_by_box(
-        trainset.box_ids, trainset.positive, float(settings.validation_fraction), rng
+    data, saved = _split_or_resume(
+        trainset, settings, rng, model, device, ckpt_path, fingerprint if resume else None
     )
-    saved: TrainingState | None = None
-    if resume:
-        saved = load_checkpoint(
-            ckpt_path,  # type: ignore[arg-type]
-            fingerprint=fingerprint,
-            model=model,
-            parameters=list(model.parameters()),
-            n_samples=int(n_samples),
-        )
-        train_idx, val_idx, split = saved.train_idx, saved.val_idx, dict(saved.split)
-        if len(saved.class_weights) != n_classes:
-            raise TomosegError(
-                f"Cannot resume training from {ckpt_path}: it holds {len(saved.class_weights)} "
-                f"class weights for {n_classes} classes. The checkpoint is damaged; delete it "
-                "and train from the start."
-            )
-        if saved.device.split(":")[0] != device.type:
-            warnings.warn(
-                f"Resuming on {device} a run checkpointed on {saved.device}: it continues "
-                "correctly, but not bit for bit as it would have on the same device.",
-                UserWarning,
-                stacklevel=2,
-            )
-    if not split["held_out"]:
-        warnings.warn(
-            f"Validating on the training boxes ({split['reason']}); the validation metrics "
-            "will be optimistic. Box more examples for an honest estimate.",
-            UserWarning,
-            stacklevel=2,
-        )
-
-    labels_np = trainset.labels
-    train_labels = labels_np[train_idx]
-    counts = np.bincount(train_labels.ravel(), minlength=n_classes)[:n_classes]
-    if saved is not None:
-        weights = list(saved.class_weights)
-    elif settings.class_weights == "auto":
-        weights, _ = auto_class_weights(train_labels, n_classes)
-    elif settings.class_weights is None:
-        weights = [1.0] * n_classes
-    else:
-        weights = [float(w) for w in settings.class_weights]
-        if len(weights) != n_classes:
-            raise TomosegError(
-                f"class_weights has {len(weights)} values but the training set has "
-                f"{n_classes} classes ({', '.join(names)})."
-            )
-    absent = [names[c] for c in range(1, n_classes) if counts[c] == 0]
-    if absent:
-        warnings.warn(
-            f"No training pixels of class(es) {', '.join(absent)}; the network cannot learn "
-            "them. Paint them in some positive boxes.",
-            UserWarning,
-            stacklevel=2,
-        )
-
-    images_t = torch.from_numpy(np.ascontiguousarray(trainset.images, dtype=np.float32))
-    labels_t = torch.from_numpy(np.ascontiguousarray(labels_np))
-    if device.type != "cpu":
-        pin = device.type == "cuda"
-        if pin:
-            images_t, labels_t = images_t.pin_memory(), labels_t.pin_memory()
+    weights, counts = _class_weights(settings, saved, trainset.labels[data.train_idx], names)
     loss_fn = _Loss(
         weights, model.n_outputs, device, _ignore_index(trainset), float(settings.dice_weight)
     )
-    optimiser = torch.optim.Adam(model.parameters(), lr=float(settings.learning_rate))
-    schedule = _lr_schedule(settings)
-    scaler = _grad_scaler(use_amp)
-    batches = _Batches(train_idx, int(settings.batch_size), rng)
-    augmentation = resolve_augmentation(settings.augmentation)
-
+    run = _Run(model, settings, data, loss_fn, names, device, use_amp, rng, weights)
+    if saved is not None:
+        run.restore(saved, ckpt_path)  # type: ignore[arg-type]
     history0 = [dict(h) for h in (init.meta.history if init is not None else [])]
     step0 = int(history0[-1].get("step", len(history0))) if history0 else 0
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    stopped = False
-    steps_done = 0
-    total = int(settings.iterations)
-    if saved is not None:
-        _restore(saved, ckpt_path, model, optimiser, scaler, rng, batches, device)  # type: ignore[arg-type]
-        history, best, steps_done = saved.history, saved.best, saved.step
-    checkpointed = steps_done if saved is not None else -1
 
-    def write_checkpoint() -> None:
-        """Save the run's state (a failed write warns: training goes on without it)."""
-        nonlocal checkpointed
-        state = TrainingState(
-            step=steps_done,
-            fingerprint=fingerprint,
-            model=model.state_dict(),
-            optimizer=optimiser.state_dict()["state"],
-            scaler=scaler.state_dict(),
-            history=jsonable(history),
-            best=None
-            if best is None
-            else {
-                **jsonable({k: v for k, v in best.items() if k != "state"}),
-                "state": best["state"],
-            },
-            rng=rng.bit_generator.state,
-            torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            batches_order=batches.order,
-            batches_pos=batches.pos,
-            train_idx=train_idx,
-            val_idx=val_idx,
-            split=jsonable(split),
-            class_weights=[float(w) for w in weights],
-            device=str(device),
-        )
-        try:
-            save_checkpoint(ckpt_path, state)  # type: ignore[arg-type]
-        except TomosegError as exc:
-            warnings.warn(
-                f"Could not write the training checkpoint ({exc}); training goes on, but a "
-                "crash now could not be resumed.",
-                UserWarning,
-                stacklevel=3,
-            )
-            return
-        checkpointed = steps_done
+    def checkpoint() -> None:
+        run.write_checkpoint(ckpt_path, fingerprint)  # type: ignore[arg-type]
 
-    def evaluate(step: int) -> dict[str, float]:
-        nonlocal best
-        val_loss, conf = _evaluate(
-            model, images_t, labels_t, val_idx, loss_fn, n_classes, device, use_amp
-        )
-        metrics = metrics_from_confusion(conf, names)
-        score = metrics["mean_foreground_f1"]
-        better = (
-            best is None
-            or score > best["score"]
-            or (score == best["score"] and val_loss < best["val_loss"])
-        )
-        if better:
-            best = {
-                "score": score,
-                "val_loss": val_loss,
-                "step": step,
-                "state": _state_copy(model),
-                "metrics": metrics,
-            }
-        out = {"val_loss": val_loss, "val_mean_dice": score}
-        for cname in names[1:]:
-            out[f"val_dice_{cname}"] = metrics["classes"][cname]["f1"]
-        return out
-
-    for i in range(steps_done, total):
-        if should_stop():
-            stopped = True
-            if ckpt_path is not None and checkpointed != steps_done:
-                write_checkpoint()
-            break
-        idx = torch.from_numpy(batches.next())
-        x = images_t[idx]
-        y = labels_t[idx]
-        if settings.augment:
-            x, y = flip_rotate(x, y, rng)
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True).long()
-        if settings.augment and any(augmentation.values()):
-            x, y = augment_batch(x, y, rng, augmentation)
-        for group in optimiser.param_groups:
-            group["lr"] = schedule(i)
-        optimiser.zero_grad(set_to_none=True)
-        with _autocast(device, use_amp):
-            logits = model(x)
-        loss = loss_fn(logits, y)
-        scaler.scale(loss).backward()
-        scaler.step(optimiser)
-        scaler.update()
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise TomosegError(
-                f"Training diverged at mini-batch {i + 1} (the loss is {loss_value}); "
-                "use a smaller learning rate."
-            )
-        steps_done = i + 1
-        step = step0 + steps_done
-        entry: dict[str, Any] = {"step": step, "loss": loss_value}
-        if steps_done % settings.eval_every == 0 or steps_done == total:
-            entry.update(evaluate(step))
-        history.append(entry)
-        if (
-            ckpt_path is not None
-            and steps_done % settings.checkpoint_every == 0
-            and steps_done < total
-        ):
-            write_checkpoint()
-        yield Progress(
-            stage="train",
-            step=steps_done,
-            total=total,
-            message=f"mini-batch {steps_done}/{total}, loss {loss_value:.4f}",
-            metrics={k: float(v) for k, v in entry.items() if k != "step"},
-        )
-
-    if not stopped and keep_checkpoint and ckpt_path is not None and checkpointed != steps_done:
-        write_checkpoint()
-    if best is None:
-        # stopped before the first evaluation: judge the weights as they are
-        extra = evaluate(step0 + steps_done)
-        if history:
-            history[-1].update(extra)
-    assert best is not None
-    model.load_state_dict(best["state"])
-    if start_state is not None:  # the returned network, and its validation metrics
-        model.load_state_dict(average_weights(best["state"], start_state, settings.keep_start))
-        _, conf = _evaluate(
-            model, images_t, labels_t, val_idx, loss_fn, n_classes, device, use_amp
-        )
-        best["metrics"] = metrics_from_confusion(conf, names)
-    model.eval()
-    calibration_idx = val_idx if split["held_out"] else train_idx
-    threshold, calibration = calibrate_threshold(
-        _predict(model, images_t[torch.from_numpy(calibration_idx)], device),
-        labels_np[calibration_idx],
-        np.asarray(trainset.box_ids)[calibration_idx],
-        _ignore_index(trainset),
-    )
-    calibration["on"] = "held-out boxes" if split["held_out"] else "training boxes"
-
-    candidates = val_idx if split["held_out"] else train_idx
+    stopped = yield from _loop(run, step0, should_stop, checkpoint if ckpt_path else None)
+    finished = not stopped and ckpt_path is not None
+    if finished and keep_checkpoint and run.checkpointed != run.steps_done:
+        checkpoint()
+    _finish_model(run, step0, start_state)
+    threshold, calibration = _calibrate(run, trainset)
+    candidates = data.val_idx if data.split["held_out"] else data.train_idx
     preview = _make_preview(
         model,
         trainset,
         _preview_indices(
             np.asarray(trainset.positive, bool), candidates, int(settings.preview_samples)
         ),
-        n_classes,
+        len(names),
         device,
     )
-    seconds = time.perf_counter() - t_start
-    full_history = history0 + history
+    best = run.best
+    assert best is not None
     metadata = {
-        "split": jsonable(split),
-        "validated_on": "held-out boxes" if split["held_out"] else "training boxes",
-        "n_train_samples": int(train_idx.size),
-        "n_validation_samples": int(val_idx.size),
-        "class_weights": [float(w) for w in weights],
-        "dice_weight": float(settings.dice_weight),
-        "augmentation": augmentation if settings.augment else "off",
-        "class_pixel_counts": [int(c) for c in counts],
-        "best_step": int(best["step"]),
-        "steps_done": int(steps_done),
-        "continued_from_step": int(step0),
-        "learning_rate": float(settings.learning_rate),
-        "batch_size": int(settings.batch_size),
-        "seed": int(settings.seed),
-        "validation_fraction": float(settings.validation_fraction),
-        "mixed_precision": use_amp,
+        **_run_metadata(run, settings, weights, counts, step0),
         "resumed_from_step": None if saved is None else int(saved.step),
         "threshold_calibration": calibration,
         "started_from": started_from,
         "keep_start": float(settings.keep_start) if start_state is not None else 0.0,
     }
-    box_size = meta_in.get("box_size")
-    context = meta_in.get("context_slices", (in_channels - 1) // 2)
-    colours = meta_in.get("class_colors")
-    network.meta = NetworkMeta(
-        architecture=arch,
-        model_params=params,
-        in_channels=int(in_channels),
-        n_classes=n_classes,
-        class_names=names,
-        class_colors=tuple(colours) if colours and len(colours) == n_classes else (),
-        voxel_size=_voxel_size(meta_in.get("voxel_size")),
-        box_size=int(box_size) if _positive_int(box_size) else int(trainset.images.shape[-1]),
-        normalisation=jsonable(dict(meta_in.get("normalisation") or {})),
-        context_slices=int(context) if _is_int(context) and context >= 0 else 0,
-        threshold=float(threshold),
-        trainset_summary=jsonable(
-            {
-                "n_samples": int(n_samples),
-                "n_positive_samples": int(np.count_nonzero(trainset.positive)),
-                **{k: split[k] for k in ("n_boxes", "n_positive_boxes", "n_negative_boxes")},
-                "metadata": meta_in,
-            }
-        ),
-        history=jsonable(full_history),
-        metrics=jsonable({**best["metrics"], "training": metadata}),
-        versions=package_versions(),
-    )
+    full_history = history0 + run.history
+    metrics = {**best["metrics"], "training": metadata}
+    network.meta = _network_meta(trainset, arch, params, threshold, full_history, metrics)
     result = TrainResult(
         network=network,
         history=full_history,
         metrics=best["metrics"],
         preview=preview,
         stopped=stopped,
-        seconds=seconds,
+        seconds=time.perf_counter() - t_start,
         device=str(device),
         metadata=metadata,
     )
