@@ -412,8 +412,10 @@ def robust_stats(
     """Mean and standard deviation of the finite voxels, from a random subsample.
 
     Whole X rows at random (Z, Y) positions are read, in file order, so a memory-mapped
-    tomogram of many GB costs a few hundred small reads.  Volumes with at most ``sample``
-    voxels are measured completely.  NaN and Inf are ignored.
+    tomogram of many GB costs a few hundred small reads (a lazy array, e.g. dask or Zarr,
+    is read a block of slices at a time instead: the same rows, so the same numbers).
+    Volumes with at most ``sample`` voxels are measured completely.  NaN and Inf are
+    ignored.
     """
     if volume.size == 0:
         raise TomosegError("Cannot measure an empty volume.")
@@ -449,7 +451,7 @@ def robust_stats(
         index = np.unravel_index(picks, volume.shape[:-1])
         step = max(1, _block_len(row_len))
         for start in range(0, want, step):
-            add(volume[tuple(i[start : start + step] for i in index)])
+            add(_rows(volume, tuple(i[start : start + step] for i in index)))
     if total == 0:
         raise TomosegError(
             "The volume has no finite values (all NaN or Inf); check the file or the filters."
@@ -457,6 +459,24 @@ def robust_stats(
     mean = acc / total
     var = max(acc2 / total - mean * mean, 0.0)
     return float(mean), float(math.sqrt(var))
+
+
+def _rows(volume: np.ndarray, index: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``volume[index]`` for sorted index arrays on the leading axes.  Lazy arrays (dask,
+    Zarr) take no such index: they are read one block of Z slices at a time."""
+    if isinstance(volume, np.ndarray):
+        return volume[index]
+    zs = index[0]
+    block = _block_len(int(np.prod(volume.shape[1:])))
+    pieces = []
+    i = 0
+    while i < len(zs):
+        z0 = int(zs[i])
+        j = int(np.searchsorted(zs, z0 + block, side="left"))
+        slab = np.asarray(volume[z0 : min(z0 + block, volume.shape[0])])
+        pieces.append(slab[(zs[i:j] - z0, *(k[i:j] for k in index[1:]))])
+        i = j
+    return np.concatenate(pieces)
 
 
 def _safe_std(std: float) -> float:
