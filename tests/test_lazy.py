@@ -228,6 +228,21 @@ def test_merge_and_pick_on_dask_arrays_equal_the_in_memory_ones():
     assert found.particles == expected.particles and found.stats == expected.stats
 
 
+def test_a_training_set_from_an_ome_zarr_tomogram_equals_the_in_memory_one(tmp_path):
+    from napari_tomoseg.boxes import Box
+    from napari_tomoseg.trainset import TrainsetSettings, build_training_set
+
+    volume, labels = blob_volume()
+    tomo = read_tomogram(write_portal_zarr(tmp_path / "t.zarr", volume))
+    painted = read_tomogram(write_portal_zarr(tmp_path / "l.zarr", labels, levels=1))
+    boxes = ([Box(6, 35, 45, 32)], [Box(2, 20, 20, 32), Box(9, 50, 70, 32)])
+    settings = TrainsetSettings(box_size=32, ncopy=2, seed=0)
+    expected = build_training_set(volume, labels, *boxes, settings, voxel_size=VOXEL)
+    got = build_training_set(tomo.data, painted.data, *boxes, settings, voxel_size=VOXEL)
+    np.testing.assert_array_equal(got.images, expected.images)
+    np.testing.assert_array_equal(got.labels, expected.labels)
+
+
 def test_released_pages_leave_resident_memory_and_keep_the_data(tmp_path):
     path = tmp_path / "big.npy"
     mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(64, 512, 512))
@@ -306,8 +321,16 @@ def _rows(path):
 # -- the widgets in a real viewer --------------------------------------------------------------
 @pytest.fixture
 def _widget_settings(tmp_path, monkeypatch):
+    """Settings and cache in the test's folder; a modal question would hang: it fails."""
+    from napari_tomoseg._widgets import _common
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError(f"unexpected question to the user: {args}")
+
     monkeypatch.setenv("TOMOSEG_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("TOMOSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_common, "ask_unsaved_changes", unexpected)
+    monkeypatch.setattr(_common, "ask_annotations_folder", unexpected)
 
 
 def _apply_in_viewer(viewer, qtbot, layer, net_path):
@@ -326,7 +349,7 @@ def test_widgets_on_ome_zarr_and_dask_layers_equal_the_in_memory_path(
     make_napari_viewer, qtbot, tmp_path, _widget_settings
 ):
     pytest.importorskip("napari")
-    from napari_tomoseg._widgets import MergeWidget, PickWidget
+    from napari_tomoseg._widgets import BoxWidget, MergeWidget, PickWidget
 
     volume, _ = blob_volume()
     net_path = save_network(tiny_network(), tmp_path / "blob.tsnet")
@@ -334,6 +357,11 @@ def test_widgets_on_ome_zarr_and_dask_layers_equal_the_in_memory_path(
     zarr_path = write_portal_zarr(tmp_path / "TS_9.zarr", volume)
     [pyramid] = viewer.open(str(zarr_path), plugin="napari-tomoseg")
     assert pyramid.multiscale and pyramid.scale == pytest.approx((VOXEL,) * 3)
+    boxes = BoxWidget(viewer)  # boxes, painting and gallery on the finest level
+    boxes.tomogram.value = pyramid
+    assert boxes.add_box((6, 35, 45), positive=True).fits(volume.shape)
+    assert boxes.paint_layer().data.shape == volume.shape
+    boxes.update_gallery()
     scale = (VOXEL,) * 3
     in_memory = viewer.add_image(volume, name="memory", scale=scale)
     lazy = viewer.add_image(da.from_array(volume, chunks=(4, 35, 45)), name="dask", scale=scale)
