@@ -262,6 +262,33 @@ def test_released_pages_leave_resident_memory_and_keep_the_data(tmp_path):
     assert hasattr(mmap, "MADV_DONTNEED")
 
 
+def _mapped_mib(process, folder):
+    """Resident MiB of this process's maps of the files in ``folder``."""
+    return sum(m.rss for m in process.memory_maps() if m.path.startswith(str(folder))) / 2**20
+
+
+def test_apply_to_a_file_keeps_no_pages_of_the_files_resident(tmp_path):
+    from napari_tomoseg.inference import apply_file
+
+    rng = np.random.default_rng(0)
+    write_mrc(tmp_path / "t.mrc", rng.standard_normal((24, 384, 384), dtype=np.float32), 10.0)
+    process = psutil.Process()
+    tomo = read_tomogram(tmp_path / "t.mrc")
+    robust_stats(tomo.data)  # its sampled rows map whole page-cache folios: released
+    assert _mapped_mib(process, tmp_path) < 2.0
+    seen = []
+    result = apply_file(
+        tiny_network(),
+        tmp_path / "t.mrc",
+        tmp_path / "m.mrc",
+        tmp_path / "p.mrc",
+        callback=lambda event: seen.append(_mapped_mib(process, tmp_path)),
+    )
+    # files of 13.5 + 3.4 + 3.4 MiB; a slice of them is 0.84 MiB, a batch of 8 slices 6.75
+    assert len(seen) >= 3 and max(seen) < 8.0, seen
+    assert result.mask.shape == (24, 384, 384)
+
+
 # -- the command line -----------------------------------------------------------------------------
 def run(*argv):
     return cli.main(["--quiet", *map(str, argv)])
