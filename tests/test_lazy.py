@@ -140,6 +140,30 @@ def test_units_and_translation_become_angstrom(tmp_path):
     assert tomo.levels == [tomo.data]
 
 
+def _channel_zarr(path, data):
+    """An OME-Zarr of one level with a channel axis first, in micrometres."""
+    group = zarr.open_group(str(path), mode="w", **({"zarr_format": 2} if ZARR3 else {}))
+    make = getattr(group, "create_array", None) or group.create_dataset
+    make("0", shape=data.shape, dtype=data.dtype, chunks=data.shape)[...] = data
+    axes = [{"name": "c", "type": "channel"}]
+    axes += [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+    transform = {"type": "scale", "scale": [1.0, 0.001, 0.001, 0.001]}
+    datasets = [{"path": "0", "coordinateTransformations": [transform]}]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": datasets}]
+    return path
+
+
+def test_a_single_channel_axis_is_dropped_and_several_are_refused(tmp_path):
+    volume, _ = blob_volume()
+    tomo = read_tomogram(_channel_zarr(tmp_path / "c1.zarr", volume[None]))
+    assert tomo.data.shape == volume.shape and not isinstance(tomo.data, np.ndarray)
+    assert tomo.voxel_size == pytest.approx((10.0, 10.0, 10.0))  # 1 nm, from micrometres
+    np.testing.assert_array_equal(np.asarray(tomo.data[2:4]), volume[2:4])
+    two = _channel_zarr(tmp_path / "c2.zarr", np.stack([volume, volume]))
+    with pytest.raises(TomosegIOError, match=r"several images \(axes \['c'\] of lengths \(2,\)"):
+        read_tomogram(two)
+
+
 def test_a_plain_zarr_array_opens_without_voxel_size(tmp_path):
     volume, _ = blob_volume()
     zarr.save_array(str(tmp_path / "plain.zarr"), volume)

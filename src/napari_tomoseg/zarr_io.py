@@ -1,8 +1,9 @@
 """OME-Zarr input: a tomogram stored as an OME-NGFF image (a multiscale pyramid) or as a
 plain Zarr array, opened lazily.
 
-Nothing is read until a slice is asked for: the arrays are ``zarr`` arrays, and indexing one
-reads only the chunks it touches.  The finest level (the first dataset of the first
+Nothing is read until a slice is asked for: the arrays are ``zarr`` arrays (dask views of
+them when leading time / channel axes of length 1 are dropped), and indexing one reads only
+the chunks it touches.  The finest level (the first dataset of the first
 ``multiscales`` entry) is the one every computation uses; the whole pyramid is kept for
 display (a napari multiscale layer).  The voxel size is the finest level's ``scale``
 transformation (times a ``multiscales``-wide one, if any) on the three space axes,
@@ -75,18 +76,48 @@ def _multiscales(group: Any, path: Path) -> dict[str, Any]:
 
 
 def _axes(entry: dict[str, Any], ndim: int, path: Path) -> list[dict[str, Any]]:
-    """The axes as dicts (NGFF 0.3 lists names only); space axes must be (z,) y, x, last."""
+    """The axes as dicts (NGFF 0.3 lists names only): time / channel axes first, then the
+    space axes, which must be (z,) y, x."""
     raw = entry.get("axes") or [{"name": n} for n in "zyx"[-ndim:]]
     axes = [a if isinstance(a, dict) else {"name": str(a)} for a in raw]
     names = [str(a.get("name", "")).lower() for a in axes]
-    if len(axes) != ndim or names != list("zyx"[-ndim:]) or ndim not in (2, 3):
+    space = [n for n in names if n in ("x", "y", "z")]
+    if (
+        len(axes) != ndim
+        or len(space) not in (2, 3)
+        or names[len(names) - len(space) :] != list("zyx"[-len(space) :])
+    ):
         raise _fail(
             path,
             f"its axes are {names} (an array of {ndim} dimensions)",
-            "napari-tomoseg reads (z, y, x) tomograms and (y, x) images; take the single "
-            "channel or time point out first.",
+            "napari-tomoseg reads (z, y, x) tomograms and (y, x) images, after any time or "
+            "channel axes.",
         )
     return axes
+
+
+def _leading(axes: list[dict[str, Any]]) -> int:
+    """How many axes (time, channel) come before the space axes."""
+    return len(axes) - sum(str(a.get("name", "")).lower() in ("x", "y", "z") for a in axes)
+
+
+def _single_image(levels: list[Any], axes: list[dict[str, Any]], path: Path) -> list[Any]:
+    """The levels without their leading time / channel axes, which must have length 1
+    (lazily: dask views of the Zarr arrays)."""
+    lead = _leading(axes)
+    if lead == 0:
+        return levels
+    names = [str(a.get("name")) for a in axes[:lead]]
+    sizes = tuple(int(n) for n in levels[0].shape[:lead])
+    if any(n != 1 for n in sizes):
+        raise _fail(
+            path,
+            f"it holds several images (axes {names} of lengths {sizes})",
+            "napari-tomoseg reads one tomogram: take one channel and time point out first.",
+        )
+    import dask.array as da
+
+    return [da.from_zarr(level)[(0,) * lead] for level in levels]
 
 
 def _transforms(items: Any) -> tuple[list[float] | None, list[float] | None]:
@@ -124,9 +155,14 @@ def _geometry(
     scale, shift = _transforms(entry["datasets"][0].get("coordinateTransformations"))
     outer_scale, outer_shift = _transforms(entry.get("coordinateTransformations"))
     n = len(axes)
+    lead = _leading(axes)
+    for values in (scale, shift, outer_scale, outer_shift):
+        if values is not None and len(values) != n:
+            raise _fail(path, f"a transformation has {len(values)} values for {n} axes")
     scale = np.asarray(scale or [1.0] * n) * np.asarray(outer_scale or [1.0] * n)
     shift = np.asarray(shift or [0.0] * n) * np.asarray(outer_scale or [1.0] * n)
     shift = shift + np.asarray(outer_shift or [0.0] * n)
+    scale, shift, axes = scale[lead:], shift[lead:], axes[lead:]
     factors = _angstrom_factors(axes, path)
     if factors is None:
         warnings.warn(
@@ -135,9 +171,9 @@ def _geometry(
             MissingVoxelSizeWarning,
             stacklevel=4,
         )
-        factors = [1.0] * n
-    voxel = tuple(float(v) for v in scale * factors)
-    origin = tuple(float(v) for v in shift * factors)
+        factors = [1.0] * len(axes)
+    voxel = tuple(float(v) for v in scale * np.asarray(factors))
+    origin = tuple(float(v) for v in shift * np.asarray(factors))
     if not all(np.isfinite(v) and v > 0 for v in voxel):
         raise _fail(path, f"its scale {tuple(scale)} is not a positive voxel size")
     return voxel, origin
@@ -175,6 +211,7 @@ def read_zarr(path: Path) -> tuple[list[Any], tuple[float, ...] | None, tuple[fl
         levels = _levels(node, entry, path)
         axes = _axes(entry, levels[0].ndim, path)
         voxel, origin = _geometry(entry, axes, path)
+        levels = _single_image(levels, axes, path)
         kind = "ome-zarr"
     for level in levels:
         if np.dtype(level.dtype).kind not in "biuf":
