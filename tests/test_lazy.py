@@ -413,6 +413,16 @@ def test_widgets_on_ome_zarr_and_dask_layers_equal_the_in_memory_path(
     assert boxes.add_box((6, 35, 45), positive=True).fits(volume.shape)
     assert boxes.paint_layer().data.shape == volume.shape
     boxes.update_gallery()
+    from napari_tomoseg._widgets import ImportWidget
+
+    importer = ImportWidget(viewer)  # binning reads the finest level, a block at a time
+    importer.source.value = pyramid
+    importer.shrink.value = 2
+    importer.run()
+    qtbot.waitUntil(lambda: "TS_9 (bin 2)" in viewer.layers, timeout=60_000)
+    binned = viewer.layers["TS_9 (bin 2)"]
+    assert binned.data.shape == (6, 35, 45)
+    assert binned.scale == pytest.approx((2 * VOXEL,) * 3)
     scale = (VOXEL,) * 3
     in_memory = viewer.add_image(volume, name="memory", scale=scale)
     lazy = viewer.add_image(da.from_array(volume, chunks=(4, 35, 45)), name="dask", scale=scale)
