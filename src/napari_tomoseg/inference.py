@@ -38,7 +38,11 @@ front, so a full disk is an error before the run, not a crash during it) that ar
 only when the run finishes, all together (:func:`napari_tomoseg.io.atomic_paths`), so a
 cancelled or failed run leaves nothing under the final names and previous outputs intact.
 Peak memory does not grow with the number of slices (measured in the tests with
-``tracemalloc``); it grows with the slice area, ``batch_size`` and ``tile_size``.
+``tracemalloc``); it grows with the slice area, ``batch_size`` and ``tile_size``.  The
+pages of the memory-mapped input and outputs leave resident memory after each slice
+(:func:`napari_tomoseg.io.release_pages`), so the resident size stays flat too.  The
+volume may be any array that slices like numpy (a dask or Zarr array): only slices of it
+are ever read.
 ``tomogram`` normalisation reads a fixed-size random sample of the volume once
 (:func:`napari_tomoseg.preprocess.robust_stats`).
 
@@ -119,6 +123,7 @@ from .io import (
     new_mrc_mmap,
     output_header_texts,
     read_tomogram,
+    release_pages,
     voxel_triple,
 )
 from .models import predict_proba
@@ -1873,17 +1878,22 @@ _HeaderStats = HeaderStats
 
 
 class _RecordingArray:
-    """Wraps an output memory map: writes go through and are counted for the header."""
+    """Wraps an output memory map: writes go through and are counted for the header; then
+    the map's pages, and those of ``release`` (the memory-mapped input), leave resident
+    memory, so it stays flat however many slices the files hold (:func:`release_pages`)."""
 
-    def __init__(self, target: np.ndarray, stats: _HeaderStats) -> None:
+    def __init__(self, target: np.ndarray, stats: _HeaderStats, release: Sequence = ()) -> None:
         self.target = target
         self.stats = stats
         self.shape = target.shape
         self.dtype = np.dtype(target.dtype)
+        self.release = (target, *release)
 
     def __setitem__(self, key: Any, value: np.ndarray) -> None:
         self.target[key] = value
         self.stats.add(value)
+        for array in self.release:
+            release_pages(array)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         return np.asarray(self.target[key]).astype(self.dtype)
@@ -1900,9 +1910,11 @@ def iter_apply_file(
     should_stop: StopCheck = never_stop,
     voxel_size: VoxelSize | None = None,
 ) -> Generator[Progress, None, ApplyResult]:
-    """Apply ``network`` to an MRC file, streaming, writing MRC files with the voxel size kept.
+    """Apply ``network`` to a tomogram file, streaming, writing MRC files with the voxel
+    size kept.
 
-    The tomogram is memory-mapped; the mask (uint8 class indices) and, if
+    The tomogram (MRC, or OME-Zarr: see :func:`napari_tomoseg.io.read_tomogram`) is
+    memory-mapped or read lazily; the mask (uint8 class indices) and, if
     ``output_prob_path`` is given, the probability maps (``round(100 * p)``, one file per
     foreground class, see :func:`probability_paths`) are written through memory maps into
     temporary files renamed at the end.  A cancelled run returns ``stopped=True`` and leaves
@@ -1949,7 +1961,10 @@ def iter_apply_file(
                 ) from None
             mrcs = [mrc for mrc, _ in opened]
             stats = [HeaderStats() for _ in mrcs]
-            arrays = [_RecordingArray(data, s) for (_, data), s in zip(opened, stats)]
+            arrays = [
+                _RecordingArray(data, s, release=[tomo.data] if k == 0 else [])
+                for k, ((_, data), s) in enumerate(zip(opened, stats))
+            ]
             outputs = ApplyOutputs(
                 mask=arrays[0],  # type: ignore[arg-type]
                 probabilities=arrays[1:] or None,  # type: ignore[arg-type]

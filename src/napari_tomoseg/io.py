@@ -11,6 +11,7 @@ import contextlib
 import errno
 import gzip
 import math
+import mmap
 import os
 import re
 import secrets
@@ -35,6 +36,7 @@ from .errors import (
     TomosegError,
     TomosegIOError,
 )
+from .zarr_io import is_zarr_path
 
 #: File name endings the reader accepts (tomograms, stacks, tilt series, aligned stacks).
 MRC_EXTENSIONS: tuple[str, ...] = (".mrc", ".rec", ".map", ".st", ".ali", ".mrcs", ".mrc.gz")
@@ -66,8 +68,10 @@ class Tomogram:
     """A volume with the facts of its header.
 
     ``data`` is (Z, Y, X) (or (Y, X) for a single image), memory-mapped when read from an
-    uncompressed file.  ``voxel_size`` is (Z, Y, X) in Angstrom, or ``None`` when the file
-    does not give a usable one.
+    uncompressed MRC file, a lazy Zarr array (read chunk by chunk when indexed) for
+    OME-Zarr.  ``voxel_size`` is (Z, Y, X) in Angstrom, or ``None`` when the file does not
+    give a usable one.  ``levels``: an OME-Zarr pyramid, finest (``data``) first, for
+    display; empty for MRC files.
     """
 
     data: np.ndarray
@@ -76,6 +80,7 @@ class Tomogram:
     path: Path | None = None
     mode: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    levels: list[Any] = field(default_factory=list)
 
     @property
     def scale(self) -> tuple[float, ...]:
@@ -99,6 +104,11 @@ def is_mrc_path(path: str | os.PathLike) -> bool:
     """True if the file name has one of the MRC endings the reader accepts."""
     name = str(path).lower()
     return name.endswith(MRC_EXTENSIONS)
+
+
+def is_tomogram_path(path: str | os.PathLike) -> bool:
+    """True for the files :func:`read_tomogram` opens: MRC-family files and ``.zarr``."""
+    return is_mrc_path(path) or is_zarr_path(path)
 
 
 def _as_zyx(values: Any) -> tuple[float, float, float]:
@@ -128,13 +138,16 @@ def _fail(path: Path, problem: str, advice: str = "") -> TomosegIOError:
 
 
 def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
-    """Open an MRC-family file; the data stays on disk (memory-mapped) when possible.
+    """Open an MRC-family file or an OME-Zarr (``.zarr``); the data stays on disk
+    (memory-mapped, or a lazy Zarr array) when possible.
 
     Raises :class:`TomosegIOError` naming the file and the problem when the file is missing,
     empty, not an MRC file, truncated, or of an unsupported mode.  Warns with
     :class:`MissingVoxelSizeWarning` when the header has no usable voxel size.
     """
     path = Path(path)
+    if is_zarr_path(path):
+        return _read_zarr_tomogram(path)
     if not path.exists():
         raise _fail(path, "the file does not exist")
     if path.is_dir():
@@ -221,6 +234,30 @@ def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
     )
 
 
+def _read_zarr_tomogram(path: Path) -> Tomogram:
+    """An OME-Zarr image or Zarr array as a :class:`Tomogram` (see :mod:`.zarr_io`)."""
+    from .zarr_io import read_zarr
+
+    levels, voxel, origin, kind = read_zarr(path)
+    data = levels[0]
+    if voxel is None:
+        warnings.warn(
+            f"{path.name}: the Zarr array records no voxel size; using 1.0. Set the real "
+            "pixel size, or networks and coordinates will be in wrong units.",
+            MissingVoxelSizeWarning,
+            stacklevel=3,
+        )
+    shape = tuple(int(s) for s in data.shape)
+    return Tomogram(
+        data=data,
+        voxel_size=voxel_triple(voxel),
+        origin=(0.0,) * (3 - len(origin)) + tuple(origin),  # type: ignore[arg-type]
+        path=path,
+        extra={"shape": shape, "source_format": kind, "levels": len(levels)},
+        levels=levels,
+    )
+
+
 def header_labels(header: Any) -> list[str]:
     """The text labels of an MRC header (``nlabl`` of them, blanks stripped)."""
     n = min(max(int(header.nlabl), 0), 10)
@@ -280,8 +317,12 @@ def output_names(output_dir: Path, tomogram: str | os.PathLike, label: str) -> t
 
 
 def mrc_stem(path: str | os.PathLike) -> str:
-    """A file's name without its ending (``tomo1.rec`` and ``tomo1.mrc.gz`` give ``tomo1``)."""
-    return Path(Path(path).name.removesuffix(".gz")).stem
+    """A file's name without its ending (``tomo1.rec``, ``tomo1.mrc.gz`` and
+    ``tomo1.ome.zarr`` give ``tomo1``)."""
+    name = Path(path).name
+    if is_zarr_path(name):
+        return re.sub(r"(\.ome)?\.zarr$", "", name, flags=re.IGNORECASE)
+    return Path(name.removesuffix(".gz")).stem
 
 
 def _read_in_memory(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -825,6 +866,50 @@ def _remove_leftovers(folder: Path) -> None:
         return  # tidying up never stops a write
     if removed:
         warnings.warn(describe_removed(removed, folder), TemporariesRemovedWarning, stacklevel=4)
+
+
+#: Voxels per block when a volume is read a block of Z slices at a time (:func:`read_slabs`).
+SLAB_VOXELS = 4_000_000
+
+
+def read_slabs(volume: Any, max_voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, np.ndarray]]:
+    """``(z0, block)`` for consecutive blocks of whole Z slices of a (Z, ...) volume, each
+    read into memory on its own (a lazy dask or Zarr array, or a memory map, is never
+    read whole)."""
+    plane = math.prod(int(n) for n in volume.shape[1:])
+    step = max(1, int(max_voxels) // max(1, plane))
+    for z0 in range(0, int(volume.shape[0]), step):
+        yield z0, np.asarray(volume[z0 : z0 + step])
+
+
+def _shared_mapping_of(array: Any) -> mmap.mmap | None:
+    """The shared ``mmap`` behind a numpy memory map (or a view of one), else None (also
+    for copy-on-write maps, whose changes exist only in memory)."""
+    seen = array
+    while seen is not None:
+        found = getattr(seen, "_mmap", None)
+        if isinstance(seen, np.memmap) and isinstance(found, mmap.mmap):
+            return None if seen.mode == "c" else found
+        seen = getattr(seen, "base", None)
+    return None
+
+
+def release_pages(array: Any) -> None:
+    """Drop a memory-mapped array's pages from this process's resident memory.
+
+    The data is kept: in a file mapped shared (numpy's ``"r"``, ``"r+"`` and ``"w+"``
+    modes, mrcfile's memory maps; copy-on-write maps are left alone) written pages stay in
+    the page cache until written back, and a later access reads them again.  Streaming
+    code calls this after each block so that resident memory does not grow with the file
+    (``madvise(MADV_DONTNEED)``; a no-op for arrays in memory and where the system lacks
+    it).
+    """
+    mapping = _shared_mapping_of(array)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mapping is None or advice is None or mapping.closed:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        mapping.madvise(advice)
 
 
 def voxel_triple(voxel_size: Any) -> tuple[float, float, float] | None:

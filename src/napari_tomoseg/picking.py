@@ -15,7 +15,9 @@
   for RELION, read back with :func:`read_csv` / :func:`read_star`.
 * **Memory**: one feature at a time, a 1-byte mask and a 4-byte component map of the whole
   volume (scipy's labelling needs them in memory); everything else is done inside each
-  component's bounding box.  For very large tomograms, pick on a binned mask.
+  component's bounding box.  The input mask (memory-mapped, dask or Zarr) is read a block
+  of slices at a time, and the probability maps only inside each box.  For very large
+  tomograms, pick on a binned mask.
 * **Meshes**: :func:`surface_mesh` extracts a closed, consistently oriented triangle
   surface (scikit-image's marching cubes) for napari's Surface layer and copick.
 
@@ -48,7 +50,7 @@ from scipy import ndimage
 
 from . import __version__
 from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
-from .io import atomic_path, voxel_triple
+from .io import atomic_path, read_slabs, voxel_triple
 from .probability import probabilities_as_float
 
 PICK_METHODS = ("centroid", "peak")
@@ -211,15 +213,25 @@ def _probability_for(probabilities: Any, label: int, n_picked: int) -> np.ndarra
 # -- picking --------------------------------------------------------------------------------------
 def _bincount(labels: np.ndarray, minlength: int) -> np.ndarray:
     """Voxels per value of a non-negative integer volume, a block of slices at a time (so
-    no full-size int64 copy is made)."""
+    no full-size int64 copy is made, and a lazy volume is never read whole)."""
     counts = np.zeros(max(1, minlength), dtype=np.int64)
-    step = max(1, 4_000_000 // max(1, int(np.prod(labels.shape[1:]))))
-    for z0 in range(0, labels.shape[0], step):
-        part = np.bincount(np.asarray(labels[z0 : z0 + step]).ravel())
+    for _, block in read_slabs(labels):
+        if block.dtype.kind == "i" and block.size and int(block.min()) < 0:
+            raise TomosegError("The mask has negative labels; labels are 0 (background) or more.")
+        part = np.bincount(block.ravel())
         if part.size > counts.size:
             counts = np.concatenate([counts, np.zeros(part.size - counts.size, np.int64)])
         counts[: part.size] += part
     return counts
+
+
+def feature_mask(mask: Any, label: int) -> np.ndarray:
+    """The boolean (Z, Y, X) mask of one label of ``mask``, built a block of slices at a
+    time: ``mask`` (memory-mapped, dask, Zarr) is never read whole into memory."""
+    out = np.zeros(tuple(int(n) for n in mask.shape), dtype=bool)
+    for z0, block in read_slabs(mask):
+        np.equal(block, label, out=out[z0 : z0 + block.shape[0]])
+    return out
 
 
 def _peaks(
@@ -283,12 +295,8 @@ def pick(
     if np.dtype(mask.dtype).kind not in "biu":
         raise TomosegError(f"The mask must hold integer labels, got dtype {mask.dtype}.")
     vs = voxel_triple(voxel_size)
-    labels_arr = np.asarray(mask)
-    if labels_arr.dtype == np.bool_:
-        labels_arr = labels_arr.astype(np.uint8)
-    if labels_arr.size and int(labels_arr.min()) < 0:
-        raise TomosegError("The mask has negative labels; labels are 0 (background) or more.")
-    present = _bincount(labels_arr, 1)
+    shape = tuple(int(n) for n in mask.shape)
+    present = _bincount(mask, 1)
     if settings.classes is None:
         classes = [v for v in range(1, len(present)) if present[v] > 0]
     else:
@@ -299,12 +307,12 @@ def pick(
     for label in classes:
         name = _class_name(class_names, label)
         prob = _probability_for(probabilities, label, len(classes))
-        if prob is not None and tuple(prob.shape) != tuple(labels_arr.shape):
+        if prob is not None and tuple(prob.shape) != shape:
             raise TomosegError(
                 f"The probability map for {name!r} has shape {tuple(prob.shape)}, the mask "
-                f"{tuple(labels_arr.shape)}."
+                f"{shape}."
             )
-        comps, n = ndimage.label(labels_arr == label)
+        comps, n = ndimage.label(feature_mask(mask, label))
         sizes = _bincount(comps, n + 1)
         kept = [c for c in range(1, n + 1) if sizes[c] >= settings.min_size]
         boxes = ndimage.find_objects(comps) if kept else []
@@ -361,7 +369,7 @@ def pick(
         particles=particles,
         stats=stats,
         voxel_size=vs,
-        shape=tuple(int(s) for s in labels_arr.shape),  # type: ignore[arg-type]
+        shape=shape,  # type: ignore[arg-type]
         settings=settings,
     )
 

@@ -39,11 +39,13 @@ from scipy import ndimage
 
 from .boxes import DEFAULT_BOX_SIZE
 from .errors import TomosegError
-from .io import voxel_triple
+from .io import release_pages, voxel_triple
 from .progress import Progress, StopCheck, drive, never_stop
 
 #: Target size (in float64 elements) of one block of a volume processed at a time.
 _BLOCK_ELEMENTS = 8_000_000
+#: Rows of a memory-mapped volume :func:`robust_stats` reads before releasing their pages.
+_MAPPED_ROWS = 32
 
 #: Gaussian cutoff convention: amplitude 1/2 at the cutoff -> sigma_f = f_c / sqrt(2 ln 2).
 _HALF_AMPLITUDE = math.sqrt(2.0 * math.log(2.0))
@@ -412,8 +414,12 @@ def robust_stats(
     """Mean and standard deviation of the finite voxels, from a random subsample.
 
     Whole X rows at random (Z, Y) positions are read, in file order, so a memory-mapped
-    tomogram of many GB costs a few hundred small reads.  Volumes with at most ``sample``
-    voxels are measured completely.  NaN and Inf are ignored.
+    tomogram of many GB costs a few hundred small reads (a lazy array, e.g. dask or Zarr,
+    is read a block of slices at a time instead: the same rows, so the same numbers).  The
+    pages a memory map brings in are released as it goes (:func:`.io.release_pages`), so
+    resident memory does not grow with the file.
+    Volumes with at most ``sample`` voxels are measured completely.  NaN and Inf are
+    ignored.
     """
     if volume.size == 0:
         raise TomosegError("Cannot measure an empty volume.")
@@ -440,6 +446,7 @@ def robust_stats(
             step = _block_len(int(np.prod(volume.shape[1:])))
             for start in range(0, volume.shape[0], step):
                 add(volume[start : start + step])
+                release_pages(volume)
     else:
         row_len = volume.shape[-1]
         n_rows = int(np.prod(volume.shape[:-1]))
@@ -448,8 +455,11 @@ def robust_stats(
         picks = np.sort(rng.choice(n_rows, size=want, replace=False))
         index = np.unravel_index(picks, volume.shape[:-1])
         step = max(1, _block_len(row_len))
+        if isinstance(volume, np.memmap):  # a row maps its whole page-cache folio (up to
+            step = min(step, _MAPPED_ROWS)  # MBs): read few rows, then drop their pages
         for start in range(0, want, step):
-            add(volume[tuple(i[start : start + step] for i in index)])
+            add(_rows(volume, tuple(i[start : start + step] for i in index)))
+            release_pages(volume)
     if total == 0:
         raise TomosegError(
             "The volume has no finite values (all NaN or Inf); check the file or the filters."
@@ -457,6 +467,24 @@ def robust_stats(
     mean = acc / total
     var = max(acc2 / total - mean * mean, 0.0)
     return float(mean), float(math.sqrt(var))
+
+
+def _rows(volume: np.ndarray, index: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``volume[index]`` for sorted index arrays on the leading axes.  Lazy arrays (dask,
+    Zarr) take no such index: they are read one block of Z slices at a time."""
+    if isinstance(volume, np.ndarray):
+        return volume[index]
+    zs = index[0]
+    block = _block_len(int(np.prod(volume.shape[1:])))
+    pieces = []
+    i = 0
+    while i < len(zs):
+        z0 = int(zs[i])
+        j = int(np.searchsorted(zs, z0 + block, side="left"))
+        slab = np.asarray(volume[z0 : min(z0 + block, volume.shape[0])])
+        pieces.append(slab[(zs[i:j] - z0, *(k[i:j] for k in index[1:]))])
+        i = j
+    return np.concatenate(pieces)
 
 
 def _safe_std(std: float) -> float:

@@ -34,6 +34,7 @@ from ._common import (
     describe_error,
     grid_kwargs,
     layer_choices,
+    layer_volume,
     notify_error,
     notify_info,
     voxel_size_of,
@@ -140,14 +141,14 @@ class ApplyWidget(Container):
             tomo = self.tomogram.value
             if tomo is None:
                 raise TomosegError("Choose the tomogram to segment.")
-            if tomo.data.ndim != 3:
+            volume = layer_volume(tomo)
+            if volume.ndim != 3:
                 raise TomosegError(f"'{tomo.name}' is not a 3D tomogram.")
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
         threshold = None if self.own_threshold.value else float(self.threshold.value)
         settings = ApplySettings(threshold=threshold, tta=bool(self.tta.value))
-        volume = tomo.data
         voxel_size = voxel_size_of(tomo)
         self.run_button.enabled = False
         self.cancel_button.enabled = True
@@ -178,9 +179,9 @@ class ApplyWidget(Container):
     def add_result_layers(self, tomo: Any, network: Any, result: Any) -> list[Any]:
         """Probability map(s) as Image layers, the mask as a Labels layer, on the grid."""
         names = list(result.class_names)
-        probs = np.asarray(result.probabilities)
-        if probs.ndim == 3:
-            probs = probs[np.newaxis]
+        probs = result.probabilities
+        if getattr(probs, "ndim", 0) == 3:
+            probs = [probs]
         meta_common = {
             "voxel_size": voxel_size_of(tomo),
             "voxel_size_unit": "angstrom",
@@ -188,10 +189,10 @@ class ApplyWidget(Container):
             "threshold": result.threshold,
         }
         added = []
-        for k in range(probs.shape[0]):
+        for k, prob in enumerate(probs):
             feature = names[k + 1] if k + 1 < len(names) else f"feature {k + 1}"
             layer = self.viewer.add_image(
-                probs[k],
+                prob,
                 name=f"{feature} probability ({tomo.name})",
                 colormap="magma",
                 blending="additive",
@@ -200,9 +201,9 @@ class ApplyWidget(Container):
                     **meta_common,
                     "tomoseg_probability": True,
                     "feature": feature,
-                    "scale_max": scale_of(probs.dtype),
+                    "scale_max": scale_of(prob.dtype),
                 },
-                contrast_limits=(0.0, scale_of(probs.dtype)),
+                contrast_limits=(0.0, scale_of(prob.dtype)),
                 **grid_kwargs(tomo),
             )
             added.append(layer)

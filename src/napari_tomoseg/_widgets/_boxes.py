@@ -42,6 +42,7 @@ from ._common import (
     describe_error,
     grid_kwargs,
     layer_choices,
+    layer_volume,
     notify_error,
     notify_info,
     source_of,
@@ -175,8 +176,9 @@ class BoxWidget(Container):
         layer = self.tomogram.value
         if layer is None:
             raise TomosegError("Open a tomogram first: the boxes are placed on its slices.")
-        if layer.data.ndim != 3:
-            raise TomosegError(f"'{layer.name}' is {layer.data.ndim}D; boxes need a 3D tomogram.")
+        ndim = layer_volume(layer).ndim
+        if ndim != 3:
+            raise TomosegError(f"'{layer.name}' is {ndim}D; boxes need a 3D tomogram.")
         return layer
 
     def _layer(self, name: str) -> Any:
@@ -218,7 +220,7 @@ class BoxWidget(Container):
             return layer
         tomo = self._tomogram_layer()
         layer = self.viewer.add_labels(
-            np.zeros(tomo.data.shape, dtype=np.uint8),
+            np.zeros(layer_volume(tomo).shape, dtype=np.uint8),
             name=PAINT_LAYER,
             opacity=0.6,
             metadata={
@@ -243,7 +245,9 @@ class BoxWidget(Container):
     def add_box(self, centre_zyx: Any, positive: bool) -> Box:
         """Add a box centred (as near as fits) on a voxel position of the tomogram."""
         tomo = self._tomogram_layer()
-        box = place_box(np.asarray(centre_zyx, float), int(self.box_size.value), tomo.data.shape)
+        box = place_box(
+            np.asarray(centre_zyx, float), int(self.box_size.value), layer_volume(tomo).shape
+        )
         layer = self.box_layer(positive)
         layer.add_rectangles(box.to_shape(), edge_color=layer.current_edge_color)
         if positive:
@@ -345,14 +349,14 @@ class BoxWidget(Container):
     def update_gallery(self, *_: Any) -> None:
         """Show every box's crop (positives first), click a thumbnail to go to it."""
         try:
-            tomo = self._tomogram_layer()
+            volume = layer_volume(self._tomogram_layer())
             items = []
             for positive in (True, False):
                 color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
                 for i, box in enumerate(self.boxes(positive)):
                     image = (
-                        crop(np.asarray(tomo.data), box)[0]
-                        if box.fits(tomo.data.shape)
+                        crop(volume, box)[0]
+                        if box.fits(volume.shape)
                         else np.zeros((box.size, box.size), np.float32)
                     )
                     kind = "positive" if positive else "negative"

@@ -88,6 +88,13 @@ def layer_choices(viewer: napari.Viewer, kind: str) -> Callable[[Any], list[tupl
     return choices
 
 
+def layer_volume(layer: Any) -> Any:
+    """The array a widget computes on: the layer's data, or a multiscale layer's finest
+    level.  It is passed on as it is (memory-mapped, dask, Zarr), never read whole here:
+    the core reads it a block of slices at a time."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
 def voxel_size_of(layer: Any) -> tuple[float, float, float] | None:
     """The voxel size (Z, Y, X, Angstrom) a layer carries, from metadata or its scale."""
     vs = (layer.metadata or {}).get("voxel_size")

@@ -18,7 +18,14 @@ from magicgui.widgets import (
 from .._layers import image_layer_kwargs, voxel_metadata
 from ..io import MRC_EXTENSIONS
 from ..preprocess import PreprocessSettings, iter_preprocess
-from ._common import RememberedSettings, TaskRunner, layer_choices, notify_info, voxel_size_of
+from ._common import (
+    RememberedSettings,
+    TaskRunner,
+    layer_choices,
+    layer_volume,
+    notify_info,
+    voxel_size_of,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -123,7 +130,7 @@ class ImportWidget(Container):
             return None
         settings = self.settings()
         voxel_size = voxel_size_of(layer)
-        data = layer.data
+        data = layer_volume(layer)  # a multiscale layer: its finest level
         name = (
             f"{layer.name} (bin {settings.shrink})"
             if settings.shrink > 1

@@ -22,6 +22,7 @@ from ._common import (
     describe_error,
     grid_kwargs,
     layer_choices,
+    layer_volume,
     notify_error,
     notify_info,
     voxel_size_of,
@@ -33,11 +34,17 @@ if TYPE_CHECKING:
 MERGED_LAYER = "merged features"
 
 
-def probability_of(layer: Any) -> np.ndarray:
-    """A probability layer's data in [0, 1] (stored maps are bytes, see ``probability``)."""
-    data = np.asarray(layer.data)
+def probability_of(layer: Any) -> Any:
+    """A probability layer's data as the merge reads it, not read into memory: stored maps
+    (bytes, see ``probability``) as they are; a layer whose ``scale_max`` metadata says
+    otherwise, lazily divided to [0, 1]."""
+    data = layer_volume(layer)
     scale_max = float((layer.metadata or {}).get("scale_max", scale_of(data.dtype)))
-    return data if scale_max == 1.0 else data.astype(np.float32) / scale_max
+    if scale_max == scale_of(data.dtype):
+        return data
+    import dask.array as da
+
+    return da.asarray(data).astype(np.float32) / np.float32(scale_max)
 
 
 class MergeRow(Container):
@@ -123,12 +130,11 @@ class MergeWidget(Container):
         if MERGED_LAYER in self.viewer.layers:
             self.viewer.layers.remove(MERGED_LAYER)
         layer = self.viewer.add_labels(result.mask, **kwargs)
-        counts = {
-            name: int(np.count_nonzero(result.mask == v))
+        self.status.value = ", ".join(
+            f"{name}: {result.voxels.get(v, 0)} voxels"
             for v, name in enumerate(result.names)
             if v > 0
-        }
-        self.status.value = ", ".join(f"{n}: {c} voxels" for n, c in counts.items())
+        )
         return layer
 
     def save(self, path: Any) -> Path | None:

@@ -10,11 +10,12 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
 
 from ..errors import TomosegError
-from ..picking import PickSettings, pick, surface_mesh, write_csv, write_star
+from ..picking import PickSettings, feature_mask, pick, surface_mesh, write_csv, write_star
 from ._common import (
     describe_error,
     grid_kwargs,
     layer_choices,
+    layer_volume,
     notify_error,
     notify_info,
     voxel_size_of,
@@ -101,7 +102,7 @@ class PickWidget(Container):
         try:
             layer = self._layer()
             value = int(self.feature.value)
-            mask = np.asarray(layer.data) == value
+            mask = feature_mask(layer_volume(layer), value)
             if not mask.any():
                 raise TomosegError(f"Label {value} does not occur in '{layer.name}'.")
             vertices, faces = surface_mesh(mask)
@@ -128,7 +129,7 @@ class PickWidget(Container):
             top = max([int(k) for k in names] + [int(self.feature.value)])
             class_names = [names.get(i, names.get(str(i), f"feature {i}")) for i in range(top + 1)]
             self.result = pick(
-                np.asarray(layer.data),
+                layer_volume(layer),
                 voxel_size=voxel_size_of(layer),
                 class_names=class_names,
                 settings=settings,

@@ -45,6 +45,7 @@ from ._common import (
     checkpoint_path_for,
     describe_error,
     layer_choices,
+    layer_volume,
     notify_error,
     notify_info,
     source_of,
@@ -356,7 +357,7 @@ class TrainWidget(Container):
                 "Choose the tomogram, the painting and the positive boxes "
                 "(the box widget makes them)."
             )
-        volume = tomo.data
+        volume = layer_volume(tomo)
         labels = np.asarray(paint.data)
         box_size = _box_size(pos_layer)
         positives = [box_from_shape(s, box_size, i) for i, s in enumerate(pos_layer.data)]
@@ -461,7 +462,7 @@ class TrainWidget(Container):
             extra = {
                 "scale": scale,
                 "units": tuple(str(u) for u in tomo.units)[-2:],
-                "translate": (0.0, (tomo.data.shape[-1] + 16) * scale[-1]),
+                "translate": (0.0, (layer_volume(tomo).shape[-1] + 16) * scale[-1]),
             }
         if PREVIEW_LAYER in self.viewer.layers:
             self.viewer.layers.remove(PREVIEW_LAYER)
