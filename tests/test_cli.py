@@ -182,6 +182,8 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
             "1,5,5",
             "--dice-weight",
             0.5,
+            "--keep-start",
+            0.3,
             "--augmentation",  # 40 mini-batches: too few to learn through the augmentation
             "none",
         )
@@ -189,6 +191,7 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     )
     recorded = load_network(tmp_path / "net.tsnet").meta.metrics["training"]
     assert recorded["class_weights"] == [1.0, 5.0, 5.0] and recorded["dice_weight"] == 0.5
+    assert "all_features" in recorded["started_from"] and recorded["keep_start"] == 0.3
     bad = ("train", tmp_path / "ts.npz", "-o", tmp_path / "bad.tsnet", "--class-weights")
     assert run(*bad, "1,x") == cli.EXIT_INPUT
     assert "--class-weights must be none, auto or numbers" in capsys.readouterr().err
