@@ -80,9 +80,18 @@ class MergeWidget(Container):
         self.save_button.changed.connect(lambda: self.save(self.save_path.value))
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
+        viewer.layers.events.inserted.connect(lambda event: self.add_map(event.value))
         for layer in viewer.layers:
-            if (layer.metadata or {}).get("tomoseg_probability"):
-                self.add_row(layer)
+            self.add_map(layer)
+
+    def add_map(self, layer: Any) -> MergeRow | None:
+        """A row for a probability map the Apply widget made, unless one shows it already
+        (so the maps applied after this widget opened are listed too)."""
+        if not (layer.metadata or {}).get("tomoseg_probability"):
+            return None
+        if any(getattr(row.layer.value, "name", None) == layer.name for row in self.rows):
+            return None
+        return self.add_row(layer)
 
     def add_row(self, layer: Any = None, threshold: float = 0.5, weight: float = 1.0) -> MergeRow:
         row = MergeRow(self.viewer)
