@@ -12,18 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import QSize
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFrame,
-    QLabel,
-    QScrollArea,
-    QSizePolicy,
-    QTabWidget,
-    QWidget,
-)
+from qtpy.QtWidgets import QFrame, QScrollArea, QTabWidget
 
 from ._apply import ApplyWidget
 from ._boxes import BoxWidget
+from ._common import fit_narrow
 from ._import import ImportWidget
 from ._merge import MergeWidget
 from ._pick import PickWidget
@@ -34,8 +27,6 @@ if TYPE_CHECKING:
 
 #: Width the TomoSeg dock asks for: room for the fields, the rest goes to the canvas.
 DOCK_WIDTH = 320
-#: Characters of a layer name a drop-down list shows at least.
-COMBO_CHARACTERS = 8
 #: Height a scrolled step asks for at least (it scrolls below that).
 MIN_STEP_HEIGHT = 80
 
@@ -48,17 +39,6 @@ STEPS = (
     ("merge", "Merge", MergeWidget, "5. Merge features"),
     ("pick", "Pick", PickWidget, "6. Render and pick"),
 )
-
-
-def fit_narrow(widget: QWidget) -> None:
-    """Let a step be narrower than its longest message and layer name: messages wrap,
-    drop-down lists show the start of long names (the open list shows them whole)."""
-    for label in widget.findChildren(QLabel):
-        label.setWordWrap(True)
-        label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
-    for combo in widget.findChildren(QComboBox):
-        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        combo.setMinimumContentsLength(COMBO_CHARACTERS)
 
 
 class Scrolled(QScrollArea):

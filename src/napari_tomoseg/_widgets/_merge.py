@@ -20,6 +20,7 @@ from ..merge import MergeInput, merge_probability_maps
 from ..probability import scale_of
 from ._common import (
     describe_error,
+    fit_narrow,
     grid_kwargs,
     layer_choices,
     notify_error,
@@ -41,14 +42,17 @@ def probability_of(layer: Any) -> np.ndarray:
 
 
 class MergeRow(Container):
-    """One probability map with its threshold and weight."""
+    """One probability map with its threshold and weight (one field a line, so a row
+    fits a narrow dock)."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(layout="horizontal", labels=False)
-        self.layer = ComboBox(choices=layer_choices(viewer, "image"))
-        self.threshold = FloatSpinBox(value=0.5, min=0.0, max=1.0, step=0.05, tooltip="threshold")
-        self.weight = FloatSpinBox(value=1.0, min=0.0, max=100.0, step=0.1, tooltip="weight")
+        super().__init__(labels=True)
+        self.layer = ComboBox(label="map", choices=layer_choices(viewer, "image"))
+        self.threshold = FloatSpinBox(label="threshold", value=0.5, min=0.0, max=1.0, step=0.05)
+        self.weight = FloatSpinBox(label="weight", value=1.0, min=0.0, max=100.0, step=0.1)
+        self.margins = (0, 4, 0, 4)
         self.extend([self.layer, self.threshold, self.weight])
+        fit_narrow(self.native)  # rows come and go: each fits the dock on its own
 
 
 class MergeWidget(Container):
@@ -57,8 +61,9 @@ class MergeWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=False)
         self.viewer = viewer
-        self.help = Label(value="map | threshold | weight")
+        self.help = Label(value="Each probability map with its threshold and weight:")
         self.rows = Container(labels=False)
+        self.rows.margins = (0, 0, 0, 0)
         self.add_button = PushButton(text="Add probability map")
         self.merge_button = PushButton(text="Merge")
         self.save_path = FileEdit(label="save as", mode="w", filter="*.mrc")
