@@ -204,6 +204,8 @@ def _drive(viewer: napari.Viewer, out: Path, mode: Mode) -> list[Shot]:
     boxes = dock.show_step("boxes")
     boxes.tomogram.value = image
     paint_boxes(viewer, boxes, np.asarray(truth.data), mode)
+    settle()
+    dock.currentWidget().ensureWidgetVisible(boxes.gallery)  # scrolled down to the crops
     shots.append(shot(viewer, "step2-boxes", out))
 
     train = dock.show_step("train")

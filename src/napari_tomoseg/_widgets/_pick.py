@@ -171,9 +171,14 @@ class PickWidget(Container):
         ]
         self._show_plane(layer)
         self.viewer.dims.ndisplay = 3
-        self.viewer.camera.angles = VIEW_ANGLES
-        self.viewer.fit_to_view(layers=self.surfaces)
-        self.viewer.camera.center = tuple(layer.data_to_world(scene.centre))
+        camera = getattr(self.viewer, "scene", self.viewer).camera  # napari 0.9: scene
+        if hasattr(self.viewer, "fit_to_view"):  # newer napari
+            camera.angles = VIEW_ANGLES
+            self.viewer.fit_to_view(layers=self.surfaces)
+        else:
+            self.viewer.reset_view()
+            camera.angles = VIEW_ANGLES
+        camera.center = tuple(layer.data_to_world(scene.centre))
         specks = sum(s.specks for s in scene.surfaces)
         self.status.value = (
             f"3D view: {len(scene.surfaces)} feature(s), {specks} specks under "
