@@ -35,7 +35,7 @@ class RenderSettings:
     min_size: int = 200
     #: Gaussian smoothing of each feature's mask before the surface is taken (voxels);
     #: 0 shows the voxels' own staircase
-    sigma: float = 1.0
+    sigma: float = 1.5
     #: the surface is drawn where the smoothed mask crosses this value; below 0.5 keeps
     #: membranes one or two voxels thin from breaking up after smoothing
     level: float = 0.35
