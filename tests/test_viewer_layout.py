@@ -133,7 +133,10 @@ def test_demo_viewer_shows_what_the_readme_says_on_a_laptop_screen(
     assert train.positive.value.name == POSITIVE_LAYER
     assert train.negative.value.name == NEGATIVE_LAYER
     assert train.tomogram.value.name == "simulated tomogram"
-    assert dock.steps["merge"].rows[0].layer.value.name == names[5]
+    [row] = dock.steps["merge"].rows  # the map is listed, at the threshold of its mask
+    assert row.layer.value.name == names[5]
+    threshold = viewer.layers[names[5]].metadata["threshold"]
+    assert row.threshold.value == pytest.approx(threshold, abs=0.01)
 
     assert_fits_the_window(viewer)
     assert_canvas_is_most_of_the_window(viewer)

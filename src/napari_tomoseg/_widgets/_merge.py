@@ -90,13 +90,16 @@ class MergeWidget(Container):
             self.add_map(layer)
 
     def add_map(self, layer: Any) -> MergeRow | None:
-        """A row for a probability map the Apply widget made, unless one shows it already
-        (so the maps applied after this widget opened are listed too)."""
+        """A row for a probability map the Apply widget made, with the threshold of its
+        mask, unless one shows it already (so the maps applied after this widget opened
+        are listed too)."""
         if not (layer.metadata or {}).get("tomoseg_probability"):
             return None
         if any(getattr(row.layer.value, "name", None) == layer.name for row in self.rows):
             return None
-        return self.add_row(layer)
+        # the threshold its mask was cut at (the network's own, unless the user chose one)
+        threshold = float(layer.metadata.get("threshold") or 0.5)
+        return self.add_row(layer, threshold=threshold)
 
     def add_row(self, layer: Any = None, threshold: float = 0.5, weight: float = 1.0) -> MergeRow:
         row = MergeRow(self.viewer)
