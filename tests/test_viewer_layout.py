@@ -238,3 +238,14 @@ def test_show_in_3d_frames_the_features_without_specks(make_napari_viewer, qtbot
     pick.render_3d()
     qtbot.waitUntil(lambda: not pick.renderer.running, timeout=60_000)
     qtbot.waitUntil(lambda: len([s for s in viewer.layers if "3D" in s.name]) == 2, timeout=5000)
+
+
+def test_the_all_steps_dock_opens_from_the_plugin_menu(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(*LAPTOP)
+    _, dock = viewer.window.add_plugin_dock_widget("napari-tomoseg", "TomoSeg (all steps)")
+    settle(qtbot)
+    assert [dock.tabText(i) for i in range(dock.count())] == [title for _, title, *_ in STEPS]
+    assert [type(dock.steps[key]) for key, *_ in STEPS] == [cls for _, _, cls, _ in STEPS]
+    assert_fits_the_window(viewer)
+    assert_canvas_is_most_of_the_window(viewer)
