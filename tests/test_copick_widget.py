@@ -72,6 +72,8 @@ def test_the_manifest_lists_the_copick_widget():
     manifest = PluginManifest.from_file(Path(napari_tomoseg.__file__).parent / "napari.yaml")
     [command] = [c for c in manifest.contributions.commands if c.id.endswith("copick_widget")]
     module, name = command.python_name.split(":")
-    assert getattr(importlib.import_module(module), name) is CopickWidget
+    dock = getattr(importlib.import_module(module), name)
+    assert dock.__init__.__qualname__ != CopickWidget.__init__.__qualname__  # scrolled
+    assert dock.__name__ == "CopickWidgetDock"
     shown = {w.command: w.display_name for w in manifest.contributions.widgets}
     assert shown[command.id] == "7. copick project"

@@ -122,44 +122,9 @@ def _cmd_demo(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 
 def _open_demo_viewer(result: Any) -> None:
     """Show the demo's tomogram, boxes, painting and result in napari with the widgets."""
-    import napari
-    import numpy as np
+    from ._widgets._demo import open_demo_viewer
 
-    from ._layers import labels_layer_kwargs
-    from .boxes import boxes_to_shapes
-    from .synthetic import CLASS_COLORS, CLASS_NAMES
-
-    sim = result.simulation
-    scale = (float(sim.voxel_size),) * 3
-    viewer = napari.Viewer(title="napari-tomoseg demo")
-    viewer.add_image(sim.tomogram, name="simulated tomogram", scale=scale, units="angstrom")
-    viewer.add_labels(
-        sim.labels,
-        **labels_layer_kwargs("ground truth", scale, CLASS_NAMES, CLASS_COLORS, visible=False),
-    )
-    viewer.add_shapes(
-        boxes_to_shapes(result.positives),
-        ndim=3,
-        name="positive boxes",
-        edge_color="#33dd55",
-        face_color="transparent",
-        scale=scale,
-    )
-    viewer.add_shapes(
-        boxes_to_shapes(result.negatives),
-        ndim=3,
-        name="negative boxes",
-        edge_color="#ee3333",
-        face_color="transparent",
-        scale=scale,
-    )
-    viewer.add_labels(np.asarray(result.mask), name="network mask", scale=scale)
-    for key in ("train_widget", "apply_widget"):
-        viewer.window.add_plugin_dock_widget("napari-tomoseg", _WIDGET_TITLES[key])
-    napari.run()
-
-
-_WIDGET_TITLES = {"train_widget": "3. Train network", "apply_widget": "4. Apply network"}
+    open_demo_viewer(result)
 
 
 def _cmd_simulate(args: argparse.Namespace, progress: ProgressPrinter) -> int:

@@ -250,6 +250,11 @@ class DemoResult:
     negatives: list[Box] = field(default_factory=list)
     mask: np.ndarray | None = None
     probabilities: np.ndarray | None = None
+    #: the feature trained (a simulator class name), the trained network and the
+    #: inference result, for showing the run in napari (``tomoseg demo --viewer``)
+    feature: str = ""
+    network: Any = None
+    applied: Any = None
 
 
 def _output_paths(output_dir: str | Path | None, feature: str) -> dict[str, Path]:
@@ -357,6 +362,9 @@ def iter_demo(
         negatives=negatives,
         mask=mask,
         probabilities=applied.probabilities,
+        feature=s.feature,
+        network=result.network,
+        applied=applied,
     )
 
 

@@ -134,8 +134,8 @@ class BoxWidget(Container):
                 self.refresh_gallery,
             ]
         )
-        self.suggestions = SuggestionPanel(self)
-        self.append(self.suggestions)
+        self.suggestions = SuggestionPanel(self)  # full width: no label column of its own
+        self.native.layout().addWidget(self.suggestions.native)
         self.gallery = Gallery()
         self.native.layout().addWidget(self.gallery)
         self.remembered = RememberedSettings(

@@ -399,6 +399,24 @@ class TaskRunner:
         self._stop = True
 
 
+#: Characters of a layer name a drop-down list shows at least.
+COMBO_CHARACTERS = 8
+
+
+def fit_narrow(widget: Any) -> None:
+    """Let a (Qt) widget be narrower than its longest message and layer name: messages
+    wrap, drop-down lists show the start of long names (the open list shows them whole),
+    so a step fits a narrow dock."""
+    from qtpy.QtWidgets import QComboBox, QLabel, QSizePolicy
+
+    for label in widget.findChildren(QLabel):
+        label.setWordWrap(True)
+        label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+    for combo in widget.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(COMBO_CHARACTERS)
+
+
 def first_or_none(items: Iterable[Any]) -> Any:
     for item in items:
         return item

@@ -23,13 +23,17 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
+def gray_qimage(data: np.ndarray) -> QImage:
+    """A QImage (its own copy of the pixels) of a 2D uint8 array."""
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    height, width = data.shape
+    return QImage(data.data, width, height, width, QImage.Format_Grayscale8).copy()
+
+
 class _Thumb(QLabel):
     def __init__(self, image: np.ndarray, caption: str, color: str, on_click: Callable[[], None]):
         super().__init__()
-        data = np.ascontiguousarray(to_uint8(image))
-        qimage = QImage(
-            data.data, data.shape[1], data.shape[0], data.shape[1], QImage.Format_Grayscale8
-        ).copy()
+        qimage = gray_qimage(to_uint8(image))
         self.setPixmap(
             QPixmap.fromImage(qimage).scaled(
                 THUMB_PIXELS, THUMB_PIXELS, Qt.KeepAspectRatio, Qt.SmoothTransformation

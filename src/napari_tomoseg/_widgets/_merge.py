@@ -20,6 +20,7 @@ from ..merge import MergeInput, merge_probability_maps
 from ..probability import scale_of
 from ._common import (
     describe_error,
+    fit_narrow,
     grid_kwargs,
     layer_choices,
     layer_volume,
@@ -48,14 +49,17 @@ def probability_of(layer: Any) -> Any:
 
 
 class MergeRow(Container):
-    """One probability map with its threshold and weight."""
+    """One probability map with its threshold and weight (one field a line, so a row
+    fits a narrow dock)."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(layout="horizontal", labels=False)
-        self.layer = ComboBox(choices=layer_choices(viewer, "image"))
-        self.threshold = FloatSpinBox(value=0.5, min=0.0, max=1.0, step=0.05, tooltip="threshold")
-        self.weight = FloatSpinBox(value=1.0, min=0.0, max=100.0, step=0.1, tooltip="weight")
+        super().__init__(labels=True)
+        self.layer = ComboBox(label="map", choices=layer_choices(viewer, "image"))
+        self.threshold = FloatSpinBox(label="threshold", value=0.5, min=0.0, max=1.0, step=0.05)
+        self.weight = FloatSpinBox(label="weight", value=1.0, min=0.0, max=100.0, step=0.1)
+        self.margins = (0, 4, 0, 4)
         self.extend([self.layer, self.threshold, self.weight])
+        fit_narrow(self.native)  # rows come and go: each fits the dock on its own
 
 
 class MergeWidget(Container):
@@ -64,8 +68,9 @@ class MergeWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=False)
         self.viewer = viewer
-        self.help = Label(value="map | threshold | weight")
+        self.help = Label(value="Each probability map with its threshold and weight:")
         self.rows = Container(labels=False)
+        self.rows.margins = (0, 0, 0, 0)
         self.add_button = PushButton(text="Add probability map")
         self.merge_button = PushButton(text="Merge")
         self.save_path = FileEdit(label="save as", mode="w", filter="*.mrc")
@@ -87,9 +92,21 @@ class MergeWidget(Container):
         self.save_button.changed.connect(lambda: self.save(self.save_path.value))
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
+        viewer.layers.events.inserted.connect(lambda event: self.add_map(event.value))
         for layer in viewer.layers:
-            if (layer.metadata or {}).get("tomoseg_probability"):
-                self.add_row(layer)
+            self.add_map(layer)
+
+    def add_map(self, layer: Any) -> MergeRow | None:
+        """A row for a probability map the Apply widget made, with the threshold of its
+        mask, unless one shows it already (so the maps applied after this widget opened
+        are listed too)."""
+        if not (layer.metadata or {}).get("tomoseg_probability"):
+            return None
+        if any(getattr(row.layer.value, "name", None) == layer.name for row in self.rows):
+            return None
+        # the threshold its mask was cut at (the network's own, unless the user chose one)
+        threshold = float(layer.metadata.get("threshold") or 0.5)
+        return self.add_row(layer, threshold=threshold)
 
     def add_row(self, layer: Any = None, threshold: float = 0.5, weight: float = 1.0) -> MergeRow:
         row = MergeRow(self.viewer)

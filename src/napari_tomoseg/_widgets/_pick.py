@@ -1,5 +1,6 @@
-"""Render and extract: show a segmentation in 3D (optionally as a surface), pick particles
-into a Points layer and export their coordinates (CSV or RELION .star, Angstrom)."""
+"""Render and extract: show a segmentation in 3D (one smooth surface per feature, specks
+removed, framed; optionally with the tomogram as a slicing plane), pick particles into a
+Points layer and export their coordinates (CSV or RELION .star, Angstrom)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    SpinBox,
+)
 
 from ..errors import TomosegError
 from ..picking import PickSettings, feature_mask, pick, surface_mesh, write_csv, write_star
+from ..progress import Progress
+from ..render import RenderSettings, render_scene
 from ._common import (
+    TaskRunner,
     describe_error,
     grid_kwargs,
     layer_choices,
@@ -26,6 +39,8 @@ if TYPE_CHECKING:
 
 #: Metadata of the segmentation that its Points layer keeps (voxel size and origin).
 _KEPT_METADATA = ("voxel_size", "voxel_size_unit", "source_path", "copick")
+#: The camera's angles in the 3D view: from above and to the side, so depth shows.
+VIEW_ANGLES = (-20.0, 30.0, 60.0)
 
 
 class PickWidget(Container):
@@ -35,6 +50,25 @@ class PickWidget(Container):
         super().__init__(labels=True)
         self.viewer = viewer
         self.segmentation = ComboBox(label="segmentation", choices=layer_choices(viewer, "labels"))
+        self.speck_size = SpinBox(
+            label="specks under (voxels)",
+            value=RenderSettings.min_size,
+            min=1,
+            max=10_000_000,
+            tooltip="Pieces of a feature smaller than this are not shown in 3D.",
+        )
+        self.smoothing = FloatSpinBox(
+            label="smoothing (voxels)",
+            value=RenderSettings.sigma,
+            min=0.0,
+            max=5.0,
+            step=0.25,
+            tooltip="Gaussian smoothing of each feature before its surface is drawn.",
+        )
+        self.plane = CheckBox(label="tomogram as a slicing plane", value=True)
+        self.tomogram = ComboBox(
+            label="tomogram", choices=layer_choices(viewer, "image"), nullable=True
+        )
         self.show_3d = PushButton(text="Show in 3D")
         self.feature = SpinBox(label="feature label", value=1, min=1, max=65535)
         self.mesh_button = PushButton(text="Add surface mesh of this feature")
@@ -54,6 +88,10 @@ class PickWidget(Container):
         self.extend(
             [
                 self.segmentation,
+                self.speck_size,
+                self.smoothing,
+                self.plane,
+                self.tomogram,
                 self.show_3d,
                 self.feature,
                 self.mesh_button,
@@ -67,12 +105,16 @@ class PickWidget(Container):
             ]
         )
         self.result: Any = None
+        self.renderer = TaskRunner("3D view")
+        self.surfaces: list[Any] = []
+        self.scene: Any = None
         self.show_3d.changed.connect(self.render_3d)
         self.mesh_button.changed.connect(self.add_mesh)
         self.pick_button.changed.connect(self.pick)
         self.export_button.changed.connect(lambda: self.export(self.export_path.value))
-        viewer.layers.events.inserted.connect(self.segmentation.reset_choices)
-        viewer.layers.events.removed.connect(self.segmentation.reset_choices)
+        for combo in (self.segmentation, self.tomogram):
+            viewer.layers.events.inserted.connect(combo.reset_choices)
+            viewer.layers.events.removed.connect(combo.reset_choices)
 
     def _layer(self) -> Any:
         layer = self.segmentation.value
@@ -80,22 +122,83 @@ class PickWidget(Container):
             raise TomosegError("Choose a segmentation (a Labels layer) first.")
         return layer
 
-    def render_3d(self, *_: Any) -> None:
-        """Switch to the 3D view showing the segmentation (and surfaces, points) alone:
-        images and boxes would hide it, so they are hidden (tick them to bring them back)."""
+    def render_3d(self, *_: Any) -> Any:
+        """Show the segmentation in 3D: one smooth surface per feature in its colour,
+        specks removed (computed in a worker), the view framed on what is left."""
         try:
             layer = self._layer()
+            settings = RenderSettings(
+                min_size=int(self.speck_size.value), sigma=float(self.smoothing.value)
+            )
+            settings.check()
         except TomosegError as exc:
             notify_error(describe_error(exc))
-            return
+            return None
+        labels = np.asarray(layer.data)
+
+        def task(_stop: Any) -> Any:
+            yield Progress("render", 0, 1, message="smoothing the features' surfaces")
+            return render_scene(labels, settings=settings)
+
+        self.status.value = "computing the surfaces..."
+        return self.renderer.start(task, on_done=lambda scene: self.show_scene(layer, scene))
+
+    def show_scene(self, layer: Any, scene: Any) -> list[Any]:
+        """Replace the 3D surfaces by those of ``scene``, hide what would hide them, and
+        frame them (camera centred on the kept features, zoomed to fit)."""
+        self.scene = scene
+        for old in self.surfaces:
+            if old in self.viewer.layers:
+                self.viewer.layers.remove(old)
+        if not scene.surfaces:
+            self.status.value = "nothing to show: every piece is smaller than the speck size"
+            notify_error(f"Nothing of '{layer.name}' is left to show in 3D; lower the speck size.")
+            self.surfaces = []
+            return []
         for other in self.viewer.layers:
-            if other is not layer and other._type_string in ("image", "shapes", "labels"):
+            if other._type_string in ("image", "shapes", "labels", "surface"):
                 other.visible = False
+        names = layer.metadata.get("class_names") or {}
+        self.surfaces = [
+            self.viewer.add_surface(
+                (surface.vertices, surface.faces),
+                name=f"{names.get(surface.value, f'feature {surface.value}')} 3D",
+                vertex_colors=np.tile(
+                    np.asarray(layer.get_color(surface.value)), (len(surface.vertices), 1)
+                ),
+                shading="smooth",
+                metadata={"tomoseg_render": layer.name, "feature": surface.value},
+                **grid_kwargs(layer),
+            )
+            for surface in scene.surfaces
+        ]
+        self._show_plane(layer)
         self.viewer.dims.ndisplay = 3
-        layer.visible = True
-        layer.opacity = 0.8
-        self.viewer.layers.selection.active = layer
-        self.status.value = "3D view: other images, labels and boxes hidden"
+        camera = getattr(self.viewer, "scene", self.viewer).camera  # napari 0.9: scene
+        if hasattr(self.viewer, "fit_to_view"):  # newer napari
+            camera.angles = VIEW_ANGLES
+            self.viewer.fit_to_view(layers=self.surfaces)
+        else:
+            self.viewer.reset_view()
+            camera.angles = VIEW_ANGLES
+        camera.center = tuple(layer.data_to_world(scene.centre))
+        specks = sum(s.specks for s in scene.surfaces)
+        self.status.value = (
+            f"3D view: {len(scene.surfaces)} feature(s), {specks} specks under "
+            f"{int(self.speck_size.value)} voxels left out"
+        )
+        return self.surfaces
+
+    def _show_plane(self, layer: Any) -> None:
+        """The chosen tomogram as one slice (the current Z) in the 3D view."""
+        tomo = self.tomogram.value
+        if not self.plane.value or tomo is None or tomo.data.shape != layer.data.shape:
+            return
+        z = float(tomo.world_to_data(self.viewer.dims.point)[0])
+        tomo.depiction = "plane"
+        tomo.plane.normal = (1.0, 0.0, 0.0)
+        tomo.plane.position = (z, tomo.data.shape[1] / 2, tomo.data.shape[2] / 2)
+        tomo.visible = True
 
     def add_mesh(self, *_: Any) -> Any:
         """A Surface layer of one feature's boundary, on the segmentation's grid."""

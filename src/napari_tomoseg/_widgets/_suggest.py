@@ -37,7 +37,10 @@ class SuggestionPanel(Container):
             label="probability map", choices=lambda _: self._map_layers(), nullable=True
         )
         self.number = SpinBox(label="suggestions", value=20, min=1, max=500)
-        self.suggest_button = PushButton(text="Suggest boxes where the network fires")
+        self.suggest_button = PushButton(
+            text="Suggest boxes",
+            tooltip="Boxes where the network fires far from every positive box",
+        )
         self.status = Label(value="")
         self.accept_negative = PushButton(text="Negative box", enabled=False)
         self.accept_positive = PushButton(text="Positive box (paint it)", enabled=False)

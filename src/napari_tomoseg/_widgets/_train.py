@@ -5,7 +5,8 @@ so far, errors as notifications.  Each run keeps a checkpoint per tomogram in th
 cache folder (``~/.cache/napari-tomoseg/checkpoints``) until it finishes; when one exists
 (a run stopped, or napari closed or crashed), "resume interrupted training" continues it.
 When done the training preview (box, manual label, network output for each sample) opens
-as a layer and the network can be saved.  "Copy prediction" puts the network's answer
+in a dock widget of its own (not a layer, so the view does not move) and the network can
+be saved.  "Copy prediction" puts the network's answer
 into the painting inside the boxes (or on the current slice) for the user to correct before
 retraining.
 """
@@ -52,11 +53,11 @@ from ._common import (
     voxel_size_of,
 )
 from ._plot import LinePlot
+from ._preview import PREVIEW_DOCK, PreviewPanel
 
 if TYPE_CHECKING:
     import napari
 
-PREVIEW_LAYER = "training preview"
 RESUME_TEXT = "resume interrupted training"
 
 
@@ -222,6 +223,7 @@ class TrainWidget(Container):
         )
         self.runner = TaskRunner("Training")
         self.result: Any = None
+        self.preview: PreviewPanel | None = None
         self._resuming = False
         self.events_seen = 0
         self.tomogram.changed.connect(self.update_resume)
@@ -448,35 +450,36 @@ class TrainWidget(Container):
         self.stop_button.enabled = False
         self.update_resume()
 
-    def show_preview(self, result: Any) -> Any:
-        """Add the training preview (box | label | output per sample) as an image layer."""
+    def show_preview(self, result: Any) -> PreviewPanel | None:
+        """Show the training preview (box | label | output per sample) in its own dock
+        widget: no layer is added, so the scene, the camera and the dims stay as they are."""
         stack = result.preview.as_stack()
         if stack.shape[0] == 0:
             return None
-        mosaic = preview_mosaic(stack)
-        tomo = self.tomogram.value
-        extra: dict[str, Any] = {}
-        if tomo is not None:
-            # A 2D image shows on every slice: put it beside the tomogram in X, same pixels.
-            scale = tuple(tomo.scale)[-2:]
-            extra = {
-                "scale": scale,
-                "units": tuple(str(u) for u in tomo.units)[-2:],
-                "translate": (0.0, (layer_volume(tomo).shape[-1] + 16) * scale[-1]),
-            }
-        if PREVIEW_LAYER in self.viewer.layers:
-            self.viewer.layers.remove(PREVIEW_LAYER)
-        return self.viewer.add_image(
-            mosaic,
-            name=PREVIEW_LAYER,
-            colormap="gray",
-            contrast_limits=(0.0, 1.0),
-            metadata={
-                "panels": ["box", "manual label", "network output"],
-                "samples": int(stack.shape[0] // 3),
-            },
-            **extra,
+        samples = int(stack.shape[0] // 3)
+        panel = self._preview_panel()
+        panel.show_image(
+            preview_mosaic(stack, per_row=2),
+            f"{samples} held-out samples, each as box | your label | network output",
         )
+        dock = panel.parentWidget()
+        if dock is not None:
+            dock.show()
+            dock.raise_()
+        return panel
+
+    def _preview_panel(self) -> PreviewPanel:
+        """The preview dock's panel, docked beside the widgets the first time (or again
+        after the user closed it)."""
+        window = getattr(self.viewer, "window", None)
+        docked = getattr(window, "dock_widgets", {}) if window is not None else {}
+        if PREVIEW_DOCK in docked:
+            self.preview = docked[PREVIEW_DOCK]
+            return self.preview
+        self.preview = PreviewPanel()
+        if window is not None:
+            window.add_dock_widget(self.preview, name=PREVIEW_DOCK, area="right", tabify=True)
+        return self.preview
 
     def undo_copy(self, *_: Any) -> int:
         """Put back the painting that the last "Copy prediction" replaced.
