@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .colours import default_class_colors
 from .errors import OutputExistsError, TomosegError
 from .io import Tomogram, voxel_triple
 
@@ -52,17 +53,6 @@ DEFAULT_SESSION = "0"
 DEFAULT_TOMO_TYPE = "tomoseg"
 #: Features that are particles (points) when copick first meets them.
 PARTICLE_FEATURES = frozenset({"ribosome", "ribosomes", "particle", "particles"})
-#: RGBA colours of new objects, by label (the project's viewers show them).
-_COLOURS = (
-    (31, 119, 180, 255),
-    (255, 127, 14, 255),
-    (44, 160, 44, 255),
-    (214, 39, 40, 255),
-    (148, 103, 189, 255),
-    (140, 86, 75, 255),
-    (227, 119, 194, 255),
-    (23, 190, 207, 255),
-)
 
 
 def require_copick() -> Any:
@@ -162,8 +152,14 @@ def ensure_object(root: Any, name: str, label: int, *, particle: bool) -> Any:
         name,
         is_particle=bool(particle or name in PARTICLE_FEATURES),
         label=int(label),
-        color=_COLOURS[(label - 1) % len(_COLOURS)],
+        color=_colour(label),
     )
+
+
+def _colour(label: int) -> tuple[int, ...]:
+    """The RGBA (0-255) colour of a new object: the one napari-tomoseg shows its label in."""
+    rgba = default_class_colors(int(label) + 1)[-1]
+    return tuple(round(255 * c) for c in rgba)
 
 
 def ensure_objects(

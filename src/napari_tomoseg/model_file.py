@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .colours import default_class_colors
 from .errors import TomosegError, TomosegIOError
 from .io import atomic_path
 from .models import MODELS, available, build_model, get_spec, predict_proba, resolved_params
@@ -74,27 +75,6 @@ _READ_ERRORS = (
 )
 _MAX_CLASSES = 65535
 _MAX_IN_CHANNELS = 1024
-
-#: Colours (RGBA in [0, 1]) given to classes when none are recorded: transparent
-#: background, then distinct hues (napari-friendly).
-_PALETTE: tuple[tuple[float, float, float, float], ...] = (
-    (0.0, 0.0, 0.0, 0.0),
-    (1.0, 0.85, 0.1, 1.0),
-    (0.2, 0.7, 1.0, 1.0),
-    (1.0, 0.3, 0.3, 1.0),
-    (0.4, 0.9, 0.4, 1.0),
-    (0.85, 0.45, 1.0, 1.0),
-    (1.0, 0.6, 0.2, 1.0),
-    (0.3, 1.0, 0.9, 1.0),
-)
-
-
-def default_class_colors(n_classes: int) -> tuple[tuple[float, float, float, float], ...]:
-    """RGBA colours for ``n_classes`` classes (background transparent, palette repeats)."""
-    colours = [_PALETTE[0]]
-    for i in range(1, n_classes):
-        colours.append(_PALETTE[1 + (i - 1) % (len(_PALETTE) - 1)])
-    return tuple(colours)
 
 
 def default_class_names(n_classes: int) -> tuple[str, ...]:
