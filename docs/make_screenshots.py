@@ -26,11 +26,10 @@ import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication, QDockWidget, QLabel
 
-from napari_tomoseg._widgets._common import CONFIG_ENV
 from napari_tomoseg._widgets._dock import Scrolled, TomosegDock
 from napari_tomoseg._widgets._preview import PREVIEW_DOCK, PreviewPanel
 from napari_tomoseg.demo import boxes_from_ground_truth
-from napari_tomoseg.folders import CACHE_ENV
+from napari_tomoseg.folders import CACHE_ENV, CONFIG_ENV
 from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram
 
 OUT = Path(__file__).parent / "images"
