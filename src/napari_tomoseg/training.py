@@ -878,7 +878,6 @@ def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) ->
             "augment": bool(settings.augment),
             "augmentation": resolve_augmentation(settings.augmentation),
             "start_from": settings.start_from,
-            "keep_start": float(settings.keep_start),
             "dice_weight": float(settings.dice_weight),
             "eval_every": int(settings.eval_every),
         }
