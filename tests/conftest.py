@@ -2,6 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import pytest
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen" if not os.environ.get("DISPLAY") else "xcb")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test that trains: small tensors gain nothing from threads, and
+    on a busy machine oversubscribed threads slow training several-fold."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_per_module():
+    """:func:`one_torch_thread` for a whole module (``pytestmark = usefixtures(...)``)."""
+    with _torch_threads(1):
+        yield

@@ -277,16 +277,6 @@ class _Interrupts:
         return None
 
 
-@pytest.fixture
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_train_keeps_a_checkpoint_until_done_and_resumes(
     tmp_path, capsys, monkeypatch, one_torch_thread
 ):

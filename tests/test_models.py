@@ -21,14 +21,7 @@ from napari_tomoseg.models import (
 ARCHS = ["tomoseg-cnn", "unet", "unet-lite"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors gain nothing from intra-op threads, and on a busy machine
-    oversubscribed threads slow training several-fold; restore the caller's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def test_registry_lists_the_architectures():

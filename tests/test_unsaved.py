@@ -38,7 +38,6 @@ from test_widgets import (  # noqa: E402, F401  (fixtures)
     _no_modal_questions,
     _settings_dir,
     answers,
-    one_torch_thread,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

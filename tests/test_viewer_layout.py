@@ -22,7 +22,6 @@ from test_widgets import (  # noqa: E402, F401  (fixtures)
     _no_modal_questions,
     _one_box_training,
     _settings_dir,
-    one_torch_thread,
 )
 
 #: A laptop screen, and the most height one dock widget may ask for on it.

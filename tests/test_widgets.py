@@ -77,18 +77,6 @@ def answers(monkeypatch) -> Answers:
 
 
 @pytest.fixture
-def one_torch_thread():
-    """Training in a widget test: one thread is as fast on small tensors, and the machine
-    may be busy."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def errors_shown():
     """Collect the error notifications napari shows."""
     seen: list[str] = []
