@@ -169,9 +169,12 @@ def paint_boxes(viewer: napari.Viewer, boxes, labels: np.ndarray, mode: Mode) ->
     viewer.reset_view()  # the slice of the first box, the whole slice in view
 
 
-def make_screenshots(out: Path = OUT, mode: Mode | None = None) -> list[Shot]:
+def make_screenshots(
+    out: Path = OUT, mode: Mode | None = None, viewer: napari.Viewer | None = None
+) -> list[Shot]:
     """Drive every step in a real viewer and save a screenshot of each into ``out``.
 
+    ``viewer``: a shown viewer to use (a test's); by default a new one, closed at the end.
     Remembered settings and autosaves go to a temporary folder (unless the environment
     names one), so the user's own never show in the pictures."""
     mode = mode or Mode()
@@ -179,6 +182,8 @@ def make_screenshots(out: Path = OUT, mode: Mode | None = None) -> list[Shot]:
     with tempfile.TemporaryDirectory() as scratch:
         os.environ.setdefault(CONFIG_ENV, str(Path(scratch) / "config"))
         os.environ.setdefault(CACHE_ENV, str(Path(scratch) / "cache"))
+        if viewer is not None:
+            return _drive(viewer, out, mode)
         viewer = napari.Viewer(title="napari-tomoseg")
         try:
             return _drive(viewer, out, mode)

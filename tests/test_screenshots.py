@@ -37,7 +37,9 @@ def filled_fraction(path: Path, canvas: tuple[int, int, int, int]) -> float:
 
 
 @pytest.mark.viewer
-def test_quick_screenshots_show_the_data_and_nothing_cut_off(tmp_path, monkeypatch):
+def test_quick_screenshots_show_the_data_and_nothing_cut_off(
+    tmp_path, monkeypatch, make_napari_viewer
+):
     import torch
 
     monkeypatch.setenv("TOMOSEG_CONFIG_DIR", str(tmp_path / "config"))
@@ -46,7 +48,8 @@ def test_quick_screenshots_show_the_data_and_nothing_cut_off(tmp_path, monkeypat
     torch.set_num_threads(1)
     try:
         script = _script()
-        shots = script.make_screenshots(tmp_path / "images", script.QUICK)
+        viewer = make_napari_viewer(show=True, title="napari-tomoseg")
+        shots = script.make_screenshots(tmp_path / "images", script.QUICK, viewer)
     finally:
         torch.set_num_threads(threads)
     assert [s.name for s in shots] == [
