@@ -122,9 +122,8 @@ class TrainSettings:
     The loss is cross-entropy (weighted by ``class_weights``: ``None``, ``"auto"`` or one
     weight per class) plus ``dice_weight`` times a soft Dice loss of the feature classes
     (module notes).  ``checkpoint`` is a file the run writes its full state to every
-    ``checkpoint_every`` mini-batches and when stopped, so
-    that a crashed or stopped run can be resumed (``iter_train(..., resume=True)``); it is
-    deleted when the run finishes.
+    ``checkpoint_every`` mini-batches and when stopped, so that a crashed or stopped run can
+    be resumed (``iter_train(..., resume=True)``); it is deleted when the run finishes.
     """
 
     architecture: str = DEFAULT_ARCHITECTURE
