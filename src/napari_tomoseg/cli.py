@@ -719,20 +719,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
         return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tomoseg",
-        formatter_class=HelpWithDefaults,
-        description="Segment cryo-electron tomograms with networks trained from a few "
-        "painted boxes (EMAN2 TomoSeg workflow). Lengths are in Angstrom, box positions in "
-        "voxels (z, y, x).",
-        epilog="Typical path: build-trainset -> train -> apply -> merge -> pick. "
-        "'tomoseg demo' runs it all on a simulated tomogram.",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    command = functools.partial(sub.add_parser, formatter_class=HelpWithDefaults)
-
+def _add_demo(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg demo`` command and its options."""
     p = command(
         "demo",
         help="run the whole job on a simulated tomogram",
@@ -765,6 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace earlier demo files")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_simulate(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg simulate`` command and its options."""
     p = command("simulate", help="write a simulated tomogram and its ground truth")
     p.add_argument("-o", "--output", required=True, help="tomogram MRC to write")
     p.add_argument("--labels-output", help="ground-truth labels MRC to write")
@@ -781,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_simulate)
 
+
+def _add_build_trainset(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg build-trainset`` command and its options."""
     p = command(
         "build-trainset",
         help="cut boxes into a training set",
@@ -826,6 +820,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_build_trainset)
 
+
+def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg train`` command and its options."""
     p = command(
         "train",
         help="train a network on a training set",
@@ -897,6 +894,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
+
+def _add_apply(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg apply`` command and its options."""
     p = command(
         "apply",
         help="segment whole tomograms with a network",
@@ -1001,6 +1001,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dashboard", metavar="ADDRESS", help="local cluster dashboard, e.g. :8787")
     p.set_defaults(func=_cmd_apply)
 
+
+def _add_merge(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg merge`` command and its options."""
     p = command(
         "merge",
         help="merge probability maps into one multi-level mask",
@@ -1021,6 +1024,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_merge)
 
+
+def _add_pick(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg pick`` command and its options."""
     p = command(
         "pick",
         help="extract particle coordinates from a mask",
@@ -1053,6 +1059,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_pick)
 
+
+def _add_clean(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg clean`` command and its options."""
     p = command(
         "clean",
         help="list and remove temporary files that killed runs left behind",
@@ -1089,6 +1098,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_clean)
 
+
+def _add_pretrained(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg pretrained`` command and its options."""
     p = command(
         "pretrained",
         help="list the networks shipped with napari-tomoseg",
@@ -1098,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_pretrained)
 
+
+def _add_suggest(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``tomoseg suggest`` command and its options."""
     p = command(
         "suggest",
         help="suggest boxes where a network fires far from every positive box",
@@ -1124,6 +1139,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_suggest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tomoseg",
+        formatter_class=HelpWithDefaults,
+        description="Segment cryo-electron tomograms with networks trained from a few "
+        "painted boxes (EMAN2 TomoSeg workflow). Lengths are in Angstrom, box positions in "
+        "voxels (z, y, x).",
+        epilog="Typical path: build-trainset -> train -> apply -> merge -> pick. "
+        "'tomoseg demo' runs it all on a simulated tomogram.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    command = functools.partial(sub.add_parser, formatter_class=HelpWithDefaults)
+
+    _add_demo(command)
+    _add_simulate(command)
+    _add_build_trainset(command)
+    _add_train(command)
+    _add_apply(command)
+    _add_merge(command)
+    _add_pick(command)
+    _add_clean(command)
+    _add_pretrained(command)
+    _add_suggest(command)
     from ._cli_copick import add_copick_parsers
 
     add_copick_parsers(command)
