@@ -447,6 +447,133 @@ def _as_classes(values: np.ndarray, where: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def _check_inputs(
+    volume: np.ndarray, labels: np.ndarray, positive: list, negative: list, size: int
+) -> tuple[int, ...]:
+    """Refuse a tomogram, painting or boxes that cannot make a training set; the shape."""
+    volume_shape = tuple(int(s) for s in volume.shape)
+    if volume.ndim != 3:
+        raise TomosegError(f"The tomogram must be 3D (Z, Y, X); got shape {volume_shape}.")
+    if np.dtype(volume.dtype).kind not in "biuf":
+        raise TomosegError(
+            f"The tomogram must hold real numbers; got dtype {volume.dtype}. Convert it "
+            "(e.g. to float32) first."
+        )
+    if tuple(labels.shape) != volume_shape:
+        raise TomosegError(
+            f"The labels (shape {tuple(labels.shape)}) do not match the tomogram (shape "
+            f"{volume_shape}); paint in a Labels layer made for this tomogram."
+        )
+    _check_labels(labels)
+    validate_boxes(positive, volume_shape, kind="positive")
+    validate_boxes(negative, volume_shape, kind="negative")
+    for kind, boxes in (("Positive", positive), ("Negative", negative)):
+        for i, box in enumerate(boxes):
+            if box.size != size:
+                raise TomosegError(
+                    f"{kind} box {i + 1} at {box.describe()} is {box.size} px, but the training "
+                    f"box size is {size} px; redraw the boxes or change the box size."
+                )
+    return volume_shape
+
+
+def _classes(
+    labels: np.ndarray,
+    positive: list,
+    class_names: Sequence[str] | None,
+    ignore: int | None,
+) -> tuple[str, ...]:
+    """The class names: as given (they must name every painted value), else one per label
+    value 0..K painted in the positive boxes.  Every positive box must hold paint."""
+    top = 0
+    for i, box in enumerate(positive):
+        painted = _as_classes(np.asarray(labels[box.slices()]), f"positive box {i + 1}")
+        if not painted.any():
+            raise TomosegError(
+                f"Positive box {i + 1} at {box.describe()} has no painted voxels; paint the "
+                "feature inside it or remove the box."
+            )
+        top = max(top, int(painted.max()))
+    if class_names is not None:
+        names = tuple(str(c) for c in class_names)
+        if len(names) < 2:
+            raise TomosegError("Give at least two class names: background and a feature.")
+        if top > len(names) - 1:
+            raise TomosegError(
+                f"The positive boxes hold label {top}, but only {len(names)} classes "
+                f"are named ({', '.join(names)}); name every label value."
+            )
+    else:
+        names = tuple(_default_class_names(top + 1))
+    limit = IGNORE_INDEX if ignore is not None else 256
+    if len(names) > limit:
+        raise TomosegError(f"{len(names)} classes are too many; at most {limit} are supported.")
+    return names
+
+
+def _class_maps(
+    lab: np.ndarray, n_classes: int, box_mask: np.ndarray, ignore: int | None
+) -> list[tuple[int, np.ndarray]]:
+    """One indicator map per class painted in a box's region (to be rotated with the
+    image); with ``ignore``, unpainted voxels outside the box become their own map."""
+    lab[lab >= n_classes] = 0
+    unknown = (lab == 0) & ~box_mask if ignore is not None else None
+    maps: list[tuple[int, np.ndarray]] = []
+    for value in np.unique(lab):
+        member = lab == value
+        if unknown is not None and value == 0:
+            member &= ~unknown
+        maps.append((int(value), member.astype(np.float64)))
+    if unknown is not None and unknown.any():
+        maps.append((ignore, unknown.astype(np.float64)))
+    return maps
+
+
+def _trainset_metadata(
+    settings: TrainsetSettings,
+    positive: list,
+    negative: list,
+    copies: tuple[int, int],
+    stats: tuple[float, float] | None,
+    class_names: tuple[str, ...],
+    ignore: int | None,
+    voxel_size: float | Sequence[float] | None,
+    source: str | None,
+    volume_shape: tuple[int, ...],
+) -> dict[str, Any]:
+    """What a training set records about how it was made."""
+    return {
+        "format": TRAINSET_FORMAT,
+        "version": TRAINSET_VERSION,
+        "created_with": f"napari-tomoseg {__version__}",
+        "settings": asdict(settings),
+        "box_size": int(settings.box_size),
+        "ncopy": int(settings.ncopy),
+        "copies_per_positive": copies[0],
+        "copies_per_negative": copies[1],
+        "normalisation": settings.normalisation_spec().to_dict(),
+        "tomogram_stats": None if stats is None else {"mean": stats[0], "std": stats[1]},
+        "context_slices": int(settings.context_slices),
+        "voxel_size": None if voxel_size is None else list(voxel_triple(voxel_size)),
+        "n_positive_boxes": len(positive),
+        "n_negative_boxes": len(negative),
+        "positive_boxes": [b.as_list() for b in positive],
+        "negative_boxes": [b.as_list() for b in negative],
+        "seed": int(settings.seed),
+        "source": source,
+        "class_names": list(class_names),
+        "ignore_index": ignore,
+        "augmentation": {
+            "rotate": bool(settings.rotate),
+            "flip": bool(settings.flip),
+            "image_interpolation": "cubic spline",
+            "label_interpolation": "per-class linear, most likely class",
+            "edge": "mirror reflection",
+        },
+        "volume_shape": list(volume_shape),
+    }
+
+
 def build_training_set(
     volume: np.ndarray,
     labels: np.ndarray,
@@ -467,69 +594,21 @@ def build_training_set(
     """
     settings = settings or TrainsetSettings()
     settings.validate()
-    volume_shape = tuple(int(s) for s in volume.shape)
-    if volume.ndim != 3:
-        raise TomosegError(f"The tomogram must be 3D (Z, Y, X); got shape {volume_shape}.")
-    if np.dtype(volume.dtype).kind not in "biuf":
-        raise TomosegError(
-            f"The tomogram must hold real numbers; got dtype {volume.dtype}. Convert it "
-            "(e.g. to float32) first."
-        )
-    if tuple(labels.shape) != volume_shape:
-        raise TomosegError(
-            f"The labels (shape {tuple(labels.shape)}) do not match the tomogram (shape "
-            f"{volume_shape}); paint in a Labels layer made for this tomogram."
-        )
-    _check_labels(labels)
     positive, negative = list(positive), list(negative)
-    validate_boxes(positive, volume_shape, kind="positive")
-    validate_boxes(negative, volume_shape, kind="negative")
     size = int(settings.box_size)
-    for kind, boxes in (("Positive", positive), ("Negative", negative)):
-        for i, box in enumerate(boxes):
-            if box.size != size:
-                raise TomosegError(
-                    f"{kind} box {i + 1} at {box.describe()} is {box.size} px, but the training "
-                    f"box size is {size} px; redraw the boxes or change the box size."
-                )
-
-    # Classes from the painted positive boxes.
-    top = 0
-    for i, box in enumerate(positive):
-        painted = _as_classes(np.asarray(labels[box.slices()]), f"positive box {i + 1}")
-        if not painted.any():
-            raise TomosegError(
-                f"Positive box {i + 1} at {box.describe()} has no painted voxels; paint the "
-                "feature inside it or remove the box."
-            )
-        top = max(top, int(painted.max()))
-    if class_names is not None:
-        class_names = tuple(str(c) for c in class_names)
-        if len(class_names) < 2:
-            raise TomosegError("Give at least two class names: background and a feature.")
-        if top > len(class_names) - 1:
-            raise TomosegError(
-                f"The positive boxes hold label {top}, but only {len(class_names)} classes "
-                f"are named ({', '.join(class_names)}); name every label value."
-            )
-        n_classes = len(class_names)
-    else:
-        n_classes = top + 1
-        class_names = _default_class_names(n_classes)
+    volume_shape = _check_inputs(volume, labels, positive, negative, size)
     ignore = IGNORE_INDEX if settings.outside_box == "ignore" else None
-    limit = IGNORE_INDEX if ignore is not None else 256
-    if n_classes > limit:
-        raise TomosegError(f"{n_classes} classes are too many; at most {limit} are supported.")
+    class_names = _classes(labels, positive, class_names, ignore)
+    n_classes = len(class_names)
 
     norm = settings.normalisation_spec()
     stats = robust_stats(volume) if norm.mode == "tomogram" else None
     context = int(settings.context_slices)
-    channels = 2 * context + 1
     n_pos, n_neg = len(positive), len(negative)
     copies_pos, copies_neg = copies_per_box(n_pos, n_neg, int(settings.ncopy))
     total = n_pos * copies_pos + n_neg * copies_neg
 
-    images = np.empty((total, channels, size, size), dtype=np.float32)
+    images = np.empty((total, 2 * context + 1, size, size), dtype=np.float32)
     out_labels = np.zeros((total, size, size), dtype=np.uint8)
     box_ids = np.empty(total, dtype=np.int32)
     is_positive = np.zeros(total, dtype=bool)
@@ -557,17 +636,8 @@ def build_training_set(
         class_maps: list[tuple[int, np.ndarray]] = []
         if is_pos:
             lab = _as_classes(_region(labels, box, side, 0, np.int64)[0], f"{kind} box {number}")
-            lab[lab >= n_classes] = 0
-            unknown = (lab == 0) & ~box_mask if ignore is not None else None
-            for value in np.unique(lab):
-                member = lab == value
-                if unknown is not None and value == 0:
-                    member &= ~unknown
-                class_maps.append((int(value), member.astype(np.float64)))
-            if unknown is not None and unknown.any():
-                class_maps.append((ignore, unknown.astype(np.float64)))
-        n_copies = copies_pos if is_pos else copies_neg
-        for _ in range(n_copies):
+            class_maps = _class_maps(lab, n_classes, box_mask, ignore)
+        for _ in range(copies_pos if is_pos else copies_neg):
             angle = rng.uniform(0.0, 2.0 * math.pi) if settings.rotate else 0.0
             flip = bool(rng.random() < 0.5) if settings.flip else False
             grid = _sample_grid(size, side, angle, flip)
@@ -585,37 +655,19 @@ def build_training_set(
             is_positive[k] = is_pos
             k += 1
 
-    metadata: dict[str, Any] = {
-        "format": TRAINSET_FORMAT,
-        "version": TRAINSET_VERSION,
-        "created_with": f"napari-tomoseg {__version__}",
-        "settings": asdict(settings),
-        "box_size": size,
-        "ncopy": int(settings.ncopy),
-        "copies_per_positive": copies_pos,
-        "copies_per_negative": copies_neg,
-        "normalisation": norm.to_dict(),
-        "tomogram_stats": None if stats is None else {"mean": stats[0], "std": stats[1]},
-        "context_slices": context,
-        "voxel_size": None if voxel_size is None else list(voxel_triple(voxel_size)),
-        "n_positive_boxes": n_pos,
-        "n_negative_boxes": n_neg,
-        "positive_boxes": [b.as_list() for b in positive],
-        "negative_boxes": [b.as_list() for b in negative],
-        "seed": int(settings.seed),
-        "source": source,
-        "class_names": list(class_names),
-        "ignore_index": ignore,
-        "augmentation": {
-            "rotate": bool(settings.rotate),
-            "flip": bool(settings.flip),
-            "image_interpolation": "cubic spline",
-            "label_interpolation": "per-class linear, most likely class",
-            "edge": "mirror reflection",
-        },
-        "volume_shape": list(volume_shape),
-    }
-    result = TrainingSet(images, out_labels, box_ids, is_positive, tuple(class_names), metadata)
+    metadata = _trainset_metadata(
+        settings,
+        positive,
+        negative,
+        (copies_pos, copies_neg),
+        stats,
+        class_names,
+        ignore,
+        voxel_size,
+        source,
+        volume_shape,
+    )
+    result = TrainingSet(images, out_labels, box_ids, is_positive, class_names, metadata)
     result.metadata["class_pixel_counts"] = [int(c) for c in result.class_pixel_counts()]
     return result
 
