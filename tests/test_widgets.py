@@ -198,6 +198,24 @@ def test_settings_are_remembered(make_napari_viewer):
     assert second.learning_rate.value == pytest.approx(0.0005)
 
 
+def test_the_train_widget_says_which_network_it_starts_from(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 16, 16), np.float32), name="tomo")
+    paint = viewer.add_labels(np.zeros((4, 16, 16), np.uint8), name="painting")
+    paint.metadata["class_names"] = {0: "background", 1: "membrane"}
+    train = TrainWidget(viewer)
+    train.painting.value = paint
+    train.update_start_info()
+    assert train.start_info.value == (
+        "starts from: the shipped network 'single_membrane', keeps 50% of its weights"
+    )
+    paint.metadata["class_names"] = {0: "background", 1: "my particle"}
+    train.update_start_info()
+    assert train.start_info.value == "starts from: random weights (no match)"
+    train.start_from.value = "scratch"
+    assert train.start_info.value == "starts from: random weights"
+
+
 def test_widgets_dock_side_by_side_without_overlap(make_napari_viewer):
     viewer = make_napari_viewer(show=True)
     docks = []

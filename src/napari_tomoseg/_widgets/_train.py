@@ -289,6 +289,8 @@ class TrainWidget(Container):
         else:
             found = match(["background", *features])
             text = f"the shipped network '{found}'" if found else "random weights (no match)"
+        if text.startswith("the shipped") and TrainSettings.keep_start > 0:
+            text += f", keeps {TrainSettings.keep_start:.0%} of its weights"
         self.start_info.value = f"starts from: {text}"
 
     def _initial_network(self) -> Any:
