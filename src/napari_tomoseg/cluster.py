@@ -1065,6 +1065,165 @@ def _safe_key(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:40]
 
 
+def _network_facts(path: Path) -> tuple[str, tuple[str, ...]] | str:
+    """A network file's hash and class names, or why it cannot be read."""
+    from .model_file import read_network_meta
+
+    try:
+        meta = read_network_meta(path)
+        return file_sha256(path), tuple(meta.class_names)
+    except TomosegError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"Cannot read the network {path}: {exc}."
+
+
+def _plan_job(
+    job: BatchJob,
+    facts: tuple[str, tuple[str, ...]] | str,
+    settings: ApplySettings,
+    batch: BatchSettings,
+    manifest_data: dict[str, Any],
+    state: _State,
+    manifest_path: Path,
+    overwrite: bool,
+) -> JobOutcome | tuple[_TaskSpec, list[tuple[int, int]]]:
+    """What to do with one job: its outcome when it fails or is already done (the
+    manifest says so), else the task to run and its Z chunks."""
+    if isinstance(facts, str):
+        return JobOutcome(job, "failed", reason=facts)
+    net_sha, class_names = facts
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MissingVoxelSizeWarning)
+            tomo = read_tomogram(job.tomogram)
+        if tomo.data.ndim != 3:
+            raise TomosegError(
+                f"{job.tomogram} holds a 2D image; networks are applied to 3D tomograms."
+            )
+        shape = tuple(int(s) for s in tomo.data.shape)
+        del tomo
+        targets = _targets(job, class_names)
+        fingerprint = _fingerprint(job, net_sha, settings, class_names)
+        for folder in {t.parent for t in targets}:
+            folder.mkdir(parents=True, exist_ok=True)
+    except TomosegError as exc:
+        return JobOutcome(job, "failed", reason=str(exc))
+    except OSError as exc:
+        return JobOutcome(job, "failed", reason=f"{exc.__class__.__name__}: {exc}")
+    job_id = job.job_id
+    entry = manifest_data["jobs"].get(job_id)
+    same = entry is not None and entry.get("fingerprint") == fingerprint
+    if same and _outputs_match(entry, batch.verify_hashes):
+        manifest_data["failed"].pop(job_id, None)
+        return JobOutcome(
+            job,
+            "skipped",
+            outputs=[Path(o["path"]) for o in entry["outputs"]],
+            seconds=float(entry.get("seconds", 0.0)),
+            worker=str(entry.get("worker", "")),
+            chunks=int(entry.get("chunks", 1)),
+            notes=list(entry.get("notes", [])),
+        )
+    existing = [p for p in targets if p.exists()]
+    ours = same or _claimed(state, job_id, fingerprint)
+    if existing and not (overwrite or ours):
+        return JobOutcome(
+            job,
+            "failed",
+            reason=f"{existing[0]} already exists (not written by this batch); "
+            "choose another output folder or allow overwriting.",
+        )
+    spec = _TaskSpec(
+        job=_absolute(job),
+        job_id=job_id,
+        fingerprint=fingerprint,
+        network_sha256=net_sha,
+        class_names=class_names,
+        shape=shape,  # type: ignore[arg-type]
+        settings=settings,
+        overwrite=overwrite,
+        ours=ours,
+        manifest=manifest_path,
+        torch_threads=batch.torch_threads,
+        topic=None,
+    )
+    z_split = batch.z_split if settings.shrink == 1 else None
+    chunks = plan_z_chunks(shape[0], z_split, settings.z_chunk)
+    return spec, chunks
+
+
+def _workers_and_resources(dask_client: Any, batch: BatchSettings) -> tuple[int, Any]:
+    """How many workers the cluster has, and the Dask resources each task asks for (a GPU
+    where the workers offer GPUs, or where ``batch.gpu_tasks`` says so)."""
+    info = dask_client.scheduler_info()
+    n_workers = len(info.get("workers", {}))
+    gpu_workers = any(
+        (w.get("resources") or {}).get("GPU") for w in info.get("workers", {}).values()
+    )
+    use_gpu = gpu_workers if batch.gpu_tasks is None else batch.gpu_tasks
+    if use_gpu and n_workers and not gpu_workers:
+        warnings.warn(
+            "The tasks ask for a GPU but no worker of the cluster offers one (Dask "
+            "resource GPU); they wait until such a worker joins.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return n_workers, {"GPU": 1} if use_gpu else None
+
+
+def _submit(
+    dask_client: Any,
+    todo: list[tuple[int, _TaskSpec, list[tuple[int, int]]]],
+    jobs: list[BatchJob],
+    topic: str,
+    threads: int | None,
+    token: str,
+    resources: dict[str, int] | None,
+    pending: list[_Pending],
+) -> None:
+    """Send every task to the cluster, first jobs first: a job in one piece, or its Z
+    chunks and the stitch that waits for them.  Each job joins ``pending`` as it is sent
+    (so that a failure half-way leaves the sent ones there to cancel)."""
+    for rank, (i, spec, chunks) in enumerate(todo):
+        spec = replace(spec, topic=topic, torch_threads=threads)
+        stem = _safe_key(spec.job.tomogram.stem + "-" + spec.job.network.stem)
+        priority = len(todo) - rank
+        chunk_futures = []
+        if len(chunks) == 1:
+            future = dask_client.submit(
+                _run_whole_task,
+                spec,
+                key=f"tomoseg-apply-{stem}-{spec.job_id[:8]}-{token}",
+                pure=False,
+                resources=resources,
+                priority=priority,
+            )
+        else:
+            for z0, z1 in chunks:
+                chunk_futures.append(
+                    dask_client.submit(
+                        _run_chunk_task,
+                        spec,
+                        z0,
+                        z1,
+                        key=f"tomoseg-chunk-{stem}-z{z0}-{spec.job_id[:8]}-{token}",
+                        pure=False,
+                        resources=resources,
+                        priority=priority,
+                    )
+                )
+            future = dask_client.submit(
+                _run_stitch_task,
+                spec,
+                chunk_futures,
+                key=f"tomoseg-stitch-{stem}-{spec.job_id[:8]}-{token}",
+                pure=False,
+                priority=priority + len(todo),
+            )
+        pending.append(_Pending(spec, i, future, chunk_futures, chunks, jobs[i]))
+
+
 def iter_run_batch(
     jobs: Sequence[BatchJob],
     settings: ApplySettings | None = None,
@@ -1108,90 +1267,26 @@ def iter_run_batch(
     slices_of: dict[str, int] = {}
     networks: dict[Path, tuple[str, tuple[str, ...]] | str] = {}
     todo: list[tuple[int, _TaskSpec, list[tuple[int, int]]]] = []
-
-    def network_facts(path: Path) -> tuple[str, tuple[str, ...]] | str:
-        if path not in networks:
-            from .model_file import read_network_meta
-
-            try:
-                meta = read_network_meta(path)
-                networks[path] = (file_sha256(path), tuple(meta.class_names))
-            except TomosegError as exc:
-                networks[path] = str(exc)
-            except OSError as exc:
-                networks[path] = f"Cannot read the network {path}: {exc}."
-        return networks[path]
-
     for i, job in enumerate(jobs):
-        facts = network_facts(job.network)
-        if isinstance(facts, str):
-            outcomes[i] = JobOutcome(job, "failed", reason=facts)
-            continue
-        net_sha, class_names = facts
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", MissingVoxelSizeWarning)
-                tomo = read_tomogram(job.tomogram)
-            if tomo.data.ndim != 3:
-                raise TomosegError(
-                    f"{job.tomogram} holds a 2D image; networks are applied to 3D tomograms."
-                )
-            shape = tuple(int(s) for s in tomo.data.shape)
-            del tomo
-            targets = _targets(job, class_names)
-            fingerprint = _fingerprint(job, net_sha, settings, class_names)
-            for folder in {t.parent for t in targets}:
-                folder.mkdir(parents=True, exist_ok=True)
-        except TomosegError as exc:
-            outcomes[i] = JobOutcome(job, "failed", reason=str(exc))
-            continue
-        except OSError as exc:
-            outcomes[i] = JobOutcome(job, "failed", reason=f"{exc.__class__.__name__}: {exc}")
-            continue
-        job_id = job.job_id
-        entry = manifest_data["jobs"].get(job_id)
-        same = entry is not None and entry.get("fingerprint") == fingerprint
-        if same and _outputs_match(entry, batch.verify_hashes):
-            outcomes[i] = JobOutcome(
-                job,
-                "skipped",
-                outputs=[Path(o["path"]) for o in entry["outputs"]],
-                seconds=float(entry.get("seconds", 0.0)),
-                worker=str(entry.get("worker", "")),
-                chunks=int(entry.get("chunks", 1)),
-                notes=list(entry.get("notes", [])),
-            )
-            manifest_data["failed"].pop(job_id, None)
-            continue
-        existing = [p for p in targets if p.exists()]
-        ours = same or _claimed(state, job_id, fingerprint)
-        if existing and not (overwrite or ours):
-            outcomes[i] = JobOutcome(
-                job,
-                "failed",
-                reason=f"{existing[0]} already exists (not written by this batch); "
-                "choose another output folder or allow overwriting.",
-            )
-            continue
-        spec = _TaskSpec(
-            job=_absolute(job),
-            job_id=job_id,
-            fingerprint=fingerprint,
-            network_sha256=net_sha,
-            class_names=class_names,
-            shape=shape,  # type: ignore[arg-type]
-            settings=settings,
-            overwrite=overwrite,
-            ours=ours,
-            manifest=manifest_path,
-            torch_threads=batch.torch_threads,
-            topic=None,
+        if job.network not in networks:
+            networks[job.network] = _network_facts(job.network)
+        planned = _plan_job(
+            job,
+            networks[job.network],
+            settings,
+            batch,
+            manifest_data,
+            state,
+            manifest_path,
+            overwrite,
         )
-        z_split = batch.z_split if settings.shrink == 1 else None
-        chunks = plan_z_chunks(shape[0], z_split, settings.z_chunk)
+        if isinstance(planned, JobOutcome):
+            outcomes[i] = planned
+            continue
+        spec, chunks = planned
         todo.append((i, spec, chunks))
-        total_slices += shape[0]
-        slices_of[job_id] = shape[0]
+        total_slices += spec.shape[0]
+        slices_of[spec.job_id] = spec.shape[0]
 
     n_workers = 0
     stopped = False
@@ -1241,20 +1336,7 @@ def iter_run_batch(
     own_cluster = client is None and not batch.scheduler
     worker_timeout = batch.worker_timeout or (_LOCAL_WORKER_TIMEOUT if own_cluster else None)
     with open_client(batch, client) as (dask_client, threads):
-        info = dask_client.scheduler_info()
-        n_workers = len(info.get("workers", {}))
-        gpu_workers = any(
-            (w.get("resources") or {}).get("GPU") for w in info.get("workers", {}).values()
-        )
-        use_gpu = gpu_workers if batch.gpu_tasks is None else batch.gpu_tasks
-        resources = {"GPU": 1} if use_gpu else None
-        if use_gpu and n_workers and not gpu_workers:
-            warnings.warn(
-                "The tasks ask for a GPU but no worker of the cluster offers one (Dask "
-                "resource GPU); they wait until such a worker joins.",
-                UserWarning,
-                stacklevel=2,
-            )
+        n_workers, resources = _workers_and_resources(dask_client, batch)
         token = uuid.uuid4().hex[:8]
         topic = f"tomoseg-progress-{token}"
         events: queue.Queue[Any] = queue.Queue()
@@ -1262,43 +1344,7 @@ def iter_run_batch(
         progress_of: dict[str, dict[int, int]] = {}
         pending: list[_Pending] = []
         try:
-            for rank, (i, spec, chunks) in enumerate(todo):
-                spec = replace(spec, topic=topic, torch_threads=threads)
-                stem = _safe_key(spec.job.tomogram.stem + "-" + spec.job.network.stem)
-                priority = len(todo) - rank
-                chunk_futures = []
-                if len(chunks) == 1:
-                    future = dask_client.submit(
-                        _run_whole_task,
-                        spec,
-                        key=f"tomoseg-apply-{stem}-{spec.job_id[:8]}-{token}",
-                        pure=False,
-                        resources=resources,
-                        priority=priority,
-                    )
-                else:
-                    for z0, z1 in chunks:
-                        chunk_futures.append(
-                            dask_client.submit(
-                                _run_chunk_task,
-                                spec,
-                                z0,
-                                z1,
-                                key=f"tomoseg-chunk-{stem}-z{z0}-{spec.job_id[:8]}-{token}",
-                                pure=False,
-                                resources=resources,
-                                priority=priority,
-                            )
-                        )
-                    future = dask_client.submit(
-                        _run_stitch_task,
-                        spec,
-                        chunk_futures,
-                        key=f"tomoseg-stitch-{stem}-{spec.job_id[:8]}-{token}",
-                        pure=False,
-                        priority=priority + len(todo),
-                    )
-                pending.append(_Pending(spec, i, future, chunk_futures, chunks, jobs[i]))
+            _submit(dask_client, todo, jobs, topic, threads, token, resources, pending)
             finished_slices = 0
             yield Progress(
                 "batch",
