@@ -173,23 +173,22 @@ def test_training_preview_leaves_the_view_and_the_dims_alone(
     viewer.camera.center = (0.0, 300.0, 400.0)
     viewer.camera.zoom = 2.5
     settle(qtbot)
-    before = (
-        tuple(viewer.camera.center),
-        viewer.camera.zoom,
-        tuple(viewer.dims.range),
-        tuple(viewer.dims.current_step),
-        [layer.name for layer in viewer.layers],
-    )
+
+    def view() -> tuple:
+        """What the user sees: camera, dims and layers."""
+        return (
+            tuple(viewer.camera.center),
+            viewer.camera.zoom,
+            tuple(viewer.dims.range),
+            tuple(viewer.dims.current_step),
+            [layer.name for layer in viewer.layers],
+        )
+
+    before = view()
     train.start_training()
     qtbot.waitUntil(lambda: train.result is not None and not train.runner.running, timeout=120_000)
     settle(qtbot)
-    after = (
-        tuple(viewer.camera.center),
-        viewer.camera.zoom,
-        tuple(viewer.dims.range),
-        tuple(viewer.dims.current_step),
-        [layer.name for layer in viewer.layers],
-    )
+    after = view()
     assert after == before
     # the preview is shown, in its own dock widget
     assert train.preview is not None and train.preview.image is not None

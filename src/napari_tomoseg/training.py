@@ -964,13 +964,17 @@ def _checkpoint_path(settings: TrainSettings, resume: bool) -> Path | None:
 
 
 def _architecture(
-    settings: TrainSettings, init: Network | None, trainset: TrainingSet, in_channels: int
+    settings: TrainSettings,
+    init: Network | None,
+    trainset: TrainingSet,
+    names: tuple[str, ...],
+    in_channels: int,
 ) -> tuple[str, dict[str, Any]]:
     """Architecture and parameters of the run: the settings', or those of the network it
     continues, which must fit the settings and the training set."""
     if init is None:
         return settings.architecture, resolved_params(settings.architecture, settings.model_params)
-    meta0, names = init.meta, tuple(str(n) for n in trainset.class_names)
+    meta0 = init.meta
     problems = []
     if meta0.architecture != settings.architecture:
         problems.append(
@@ -1412,7 +1416,7 @@ def iter_train(
     n_samples, in_channels = trainset.images.shape[:2]
     device = select_device(settings.device)
     use_amp = bool(settings.mixed_precision) and device.type == "cuda"
-    arch, params = _architecture(settings, init, trainset, int(in_channels))
+    arch, params = _architecture(settings, init, trainset, names, int(in_channels))
     if init is not None:
         start, started_from = None, "the network being continued"
     else:
