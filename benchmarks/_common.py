@@ -180,3 +180,32 @@ def binary_trainset(
     from napari_tomoseg.demo import trainset_from_truth
 
     return trainset_from_truth(sim, [feature], n_positive, n_negative, seed=seed)
+
+
+# -- a command's peak memory, as a scheduler counts it --------------------------------
+CLI = "import sys; from napari_tomoseg.cli import main; sys.exit(main())"
+# A small process starts the command and reads its peak from wait4.  Started from this one
+# directly, the command's ru_maxrss would begin at this process's own peak (Linux counts the
+# resident size of the address space that exec replaces, here a copy of this one's).
+LAUNCHER = r"""
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), time.perf_counter() - t0, usage.ru_maxrss)
+"""
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd``; (seconds, peak resident MiB of it and its children).  Fails loudly."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    status, seconds, peak_kib = out.stdout.strip().splitlines()[-1].split()
+    if int(status) != 0:
+        sys.stderr.write(out.stdout)
+        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
+    return float(seconds), int(peak_kib) / 1024  # Linux reports KiB

@@ -18,40 +18,12 @@ network's activations, are what the memory column shows.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import command_line, describe_machine, machine_info, markdown_table
-
-CLI = "import sys; from napari_tomoseg.cli import main; sys.exit(main())"
-# A small process starts the command and reads its peak from wait4.  Started from this one
-# directly, the command's ru_maxrss would begin at this process's own peak (Linux counts the
-# resident size of the address space that exec replaces, here a copy of this one's).
-LAUNCHER = r"""
-import os, subprocess, sys, time
-t0 = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:])
-_, status, usage = os.wait4(proc.pid, 0)
-print(os.waitstatus_to_exitcode(status), time.perf_counter() - t0, usage.ru_maxrss)
-"""
-
-
-def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd``; (seconds, peak resident MiB of it and its children).  Fails loudly."""
-    out = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, *cmd],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    status, seconds, peak_kib = out.stdout.strip().splitlines()[-1].split()
-    if int(status) != 0:
-        sys.stderr.write(out.stdout)
-        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
-    return float(seconds), int(peak_kib) / 1024  # Linux reports KiB
+from _common import CLI, command_line, describe_machine, machine_info, markdown_table, run_measured
 
 
 def write_tomogram(path: Path, depth: int, xy: int, seed: int = 0) -> None:

@@ -118,6 +118,82 @@ def test_min_size_classes_names_and_anisotropic_volumes():
     assert "vesicle: 1 particles" in result.summary()
 
 
+def shapes_across_slabs(shape=(24, 40, 40)):
+    """A U (two arms that join only in the last slices), a diagonal rod, spheres and a
+    two-voxel speck: components that cross, and join across, the faces between slabs."""
+    mask = np.zeros(shape, np.uint8)
+    mask[2:22, 5:8, 5:8] = 1
+    mask[2:22, 5:8, 20:23] = 1
+    mask[19:22, 5:8, 5:23] = 1  # the U's bottom
+    for z in range(shape[0]):
+        mask[z, 30 - z // 2 : 33 - z // 2, 10 + z : 13 + z] = 1
+    mask[sphere(shape, (6, 25, 30), 4)] = 1
+    mask[sphere(shape, (18, 34, 34), 3)] = 1
+    mask[0, 0, 0:2] = 1
+    return mask
+
+
+def slabs_of(monkeypatch, slices):
+    import functools
+
+    from napari_tomoseg import picking
+    from napari_tomoseg.io import read_slabs
+
+    plane = 40 * 40
+    monkeypatch.setattr(
+        picking, "read_slabs", functools.partial(read_slabs, max_voxels=slices * plane)
+    )
+
+
+@pytest.mark.parametrize("slices", [1, 3, 24])
+def test_components_joined_across_slabs_are_scipys_of_the_whole_volume(monkeypatch, slices):
+    from scipy import ndimage
+
+    mask = shapes_across_slabs()
+    labels, n = ndimage.label(mask)
+    sizes = ndimage.sum_labels(mask, labels, range(1, n + 1))
+    kept = [i + 1 for i in range(n) if sizes[i] >= 5]
+    expected = ndimage.center_of_mass(mask, labels, kept)
+    rng = np.random.default_rng(1)
+    prob = rng.random(mask.shape).astype(np.float32)
+    scores = ndimage.mean(prob, labels, kept)
+    slabs_of(monkeypatch, slices)
+    result = pick(mask, probabilities=prob, settings=PickSettings(min_size=5))
+    assert result.stats[1].components == len(kept) == 4  # the speck is too small
+    assert [p.component for p in result.particles] == list(range(1, 5))  # scipy's order
+    assert np.allclose(result.coordinates(), expected)
+    assert [p.size for p in result.particles] == [int(sizes[k - 1]) for k in kept]
+    assert np.allclose([p.score for p in result.particles], scores, atol=1e-5)
+    assert result.stats[1].voxels == int(sum(sizes[k - 1] for k in kept))
+
+
+def test_peak_picking_in_slabs_equals_picking_in_one(monkeypatch):
+    mask = shapes_across_slabs()
+    settings = PickSettings(min_size=5, method="peak", min_distance=4)
+    whole = pick(mask, settings=settings)
+    slabs_of(monkeypatch, 2)
+    assert pick(mask, settings=settings).particles == whole.particles
+
+
+def test_picking_memory_does_not_grow_with_the_volume(monkeypatch):
+    import tracemalloc
+
+    slabs_of(monkeypatch, 4)  # 4 slices of 40 x 40 per slab
+    peaks = []
+    for depth in (16, 160):
+        mask = np.zeros((depth, 40, 40), np.uint8)
+        mask[:, 18:22, :] = 1  # a sheet through every slab
+        for z in range(4, depth - 4, 10):
+            mask[sphere(mask.shape, (z, 8, 20), 3)] = 1
+        tracemalloc.start()
+        result = pick(mask, settings=PickSettings(min_size=5))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert result.stats[1].components == 1 + len(range(4, depth - 4, 10))
+    # a whole-volume label map would take 5 bytes a voxel: 1.2 MB more for 160 slices
+    assert peaks[1] < peaks[0] + 200_000, peaks
+
+
 @pytest.mark.parametrize(
     "kw",
     [{"min_size": 0}, {"method": "magic"}, {"min_distance": 0}, {"classes": [0]}],

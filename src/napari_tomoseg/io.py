@@ -875,11 +875,13 @@ SLAB_VOXELS = 4_000_000
 def read_slabs(volume: Any, max_voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, np.ndarray]]:
     """``(z0, block)`` for consecutive blocks of whole Z slices of a (Z, ...) volume, each
     read into memory on its own (a lazy dask or Zarr array, or a memory map, is never
-    read whole)."""
+    read whole).  A memory map's pages are released after each block (:func:`release_pages`),
+    so resident memory does not grow with the volume."""
     plane = math.prod(int(n) for n in volume.shape[1:])
     step = max(1, int(max_voxels) // max(1, plane))
     for z0 in range(0, int(volume.shape[0]), step):
         yield z0, np.asarray(volume[z0 : z0 + step])
+        release_pages(volume)
 
 
 def _shared_mapping_of(array: Any) -> mmap.mmap | None:

@@ -13,11 +13,11 @@
   the centres of touching blobs.
 * **Export**: CSV (``label,class,z,y,x,z_A,y_A,x_A,size,component,score``) and a STAR file
   for RELION, read back with :func:`read_csv` / :func:`read_star`.
-* **Memory**: one feature at a time, a 1-byte mask and a 4-byte component map of the whole
-  volume (scipy's labelling needs them in memory); everything else is done inside each
-  component's bounding box.  The input mask (memory-mapped, dask or Zarr) is read a block
-  of slices at a time, and the probability maps only inside each box.  For very large
-  tomograms, pick on a binned mask.
+* **Memory**: the mask (memory-mapped, dask or Zarr) is read a block of slices at a time;
+  each block is labelled on its own and components touching across the face to the next
+  block are joined (a graph of the touching pieces), so no whole-volume label map is
+  made.  Sums per component give sizes, centroids and scores; ``"peak"`` picking reads and
+  labels each kept component's bounding box again.
 * **Meshes**: :func:`surface_mesh` extracts a closed, consistently oriented triangle
   surface (scikit-image's marching cubes) for napari's Surface layer and copick.
 
@@ -41,16 +41,18 @@ import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from . import __version__
 from .errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
-from .io import atomic_path, read_slabs, voxel_triple
+from .io import atomic_path, read_slabs, release_pages, voxel_triple
 from .probability import probabilities_as_float
 
 PICK_METHODS = ("centroid", "peak")
@@ -270,6 +272,164 @@ def _peaks(
     return out
 
 
+@dataclass
+class _Regions:
+    """Connected regions of one feature, one row each: voxel count, sums of the voxels'
+    (Z, Y, X) and of their probabilities, bounding box (``lo`` inclusive, ``hi``
+    exclusive) and the raster index of the first voxel (which orders regions as scipy's
+    labelling of the whole volume does).  All of these add up when regions join."""
+
+    size: np.ndarray
+    sums: np.ndarray
+    score: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    first: np.ndarray
+
+    @classmethod
+    def empty(cls) -> _Regions:
+        return cls._of_size(0)
+
+    @classmethod
+    def _of_size(cls, n: int) -> _Regions:
+        big = np.iinfo(np.int64).max
+        return cls(
+            size=np.zeros(n, np.int64),
+            sums=np.zeros((n, 3)),
+            score=np.zeros(n),
+            lo=np.full((n, 3), big, np.int64),
+            hi=np.zeros((n, 3), np.int64),
+            first=np.full(n, big, np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.size)
+
+    def take(self, index: np.ndarray) -> _Regions:
+        return _Regions(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    @classmethod
+    def concat(cls, parts: Sequence[_Regions]) -> _Regions:
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def merged(self, group: np.ndarray, n: int) -> _Regions:
+        """Rows with the same ``group`` value joined into one row each (``n`` groups)."""
+        out = _Regions._of_size(n)
+        np.add.at(out.size, group, self.size)
+        np.add.at(out.sums, group, self.sums)
+        np.add.at(out.score, group, self.score)
+        np.minimum.at(out.lo, group, self.lo)
+        np.maximum.at(out.hi, group, self.hi)
+        np.minimum.at(out.first, group, self.first)
+        return out
+
+
+def _slab_regions(
+    labels: np.ndarray, n: int, z0: int, plane: int, prob: np.ndarray | None
+) -> _Regions:
+    """The regions of one slab's labels (1..n), in whole-volume coordinates."""
+    out = _Regions._of_size(n)
+    flat = labels.ravel()
+    where = np.flatnonzero(flat)
+    ids = flat[where].astype(np.intp) - 1
+    coords = list(np.unravel_index(where, labels.shape))
+    coords[0] = coords[0] + z0
+    out.size[:] = np.bincount(ids, minlength=n)
+    for axis, c in enumerate(coords):
+        out.sums[:, axis] = np.bincount(ids, weights=c, minlength=n)
+        np.minimum.at(out.lo[:, axis], ids, c)
+        np.maximum.at(out.hi[:, axis], ids, c + 1)
+    if prob is not None:
+        out.score[:] = np.bincount(ids, weights=prob.ravel()[where], minlength=n)
+    np.minimum.at(out.first, ids, where + z0 * plane)
+    return out
+
+
+def _joined(
+    open_regions: _Regions, open_face: np.ndarray | None, pieces: _Regions, first: np.ndarray
+) -> tuple[int, np.ndarray]:
+    """Groups of the regions still open at the previous slab's last slice (labelled
+    1..k in ``open_face``) and of a new slab's pieces (labelled 1..n in ``first``, the
+    slab's first slice) that touch across the face between them."""
+    k, total = len(open_regions), len(open_regions) + len(pieces)
+    if open_face is None or k == 0 or len(pieces) == 0:
+        return total, np.arange(total)
+    a, b = open_face.ravel(), first.ravel()
+    both = (a > 0) & (b > 0)
+    rows, cols = a[both].astype(np.int64) - 1, k + b[both].astype(np.int64) - 1
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(total, total))
+    return connected_components(graph, directed=False)
+
+
+def _components(mask: Any, label: int, prob: Any, min_size: int) -> _Regions:
+    """The connected regions (6-connectivity) of ``mask == label`` with at least
+    ``min_size`` voxels, in raster order of their first voxel.
+
+    Streamed: ``mask`` (and ``prob``) are read a slab of slices at a time; a region that
+    reaches a slab's last slice stays open and joins the regions of the next slab that
+    touch it, so memory holds one slab and the regions crossing its face, never a
+    whole-volume label map."""
+    shape = tuple(int(n) for n in mask.shape)
+    plane = shape[1] * shape[2]
+    kept: list[_Regions] = []
+    open_regions, open_face = _Regions.empty(), None
+    for z0, block in read_slabs(mask):
+        z1 = z0 + block.shape[0]
+        labels, n = ndimage.label(block == label)
+        p = None if prob is None else probabilities_as_float(np.asarray(prob[z0:z1]))
+        pieces = _slab_regions(labels, n, z0, plane, p)
+        groups, group = _joined(open_regions, open_face, pieces, labels[0])
+        merged = _Regions.concat([open_regions, pieces]).merged(group, groups)
+        face = labels[-1] if z1 < shape[0] else np.zeros_like(labels[-1])
+        face_group = group[len(open_regions) + face[face > 0].astype(np.intp) - 1]
+        still = np.zeros(groups, bool)
+        still[face_group] = True
+        closed = merged.take(~still)
+        kept.append(closed.take(closed.size >= min_size))
+        open_regions = merged.take(still)
+        open_face = np.zeros(face.shape, np.int64)
+        open_face[face > 0] = np.cumsum(still)[face_group]
+        release_pages(prob)
+    regions = _Regions.concat(kept)
+    return regions.take(np.argsort(regions.first, kind="stable"))
+
+
+def _region_in_box(
+    mask: Any, label: int, regions: _Regions, i: int, margin: int
+) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Region ``i``'s bounding box (grown by ``margin`` voxels, inside the volume) and its
+    voxels there: the box of ``mask`` is read and labelled, and the region is the piece
+    holding its first voxel (a region lies whole inside its bounding box)."""
+    shape = tuple(int(n) for n in mask.shape)
+    box = tuple(
+        slice(max(0, int(lo) - margin), min(n, int(hi) + margin))
+        for lo, hi, n in zip(regions.lo[i], regions.hi[i], shape)
+    )
+    labels, _ = ndimage.label(np.asarray(mask[box]) == label)
+    seed = np.unravel_index(int(regions.first[i]), shape)
+    local = tuple(int(s) - b.start for s, b in zip(seed, box))
+    return box, labels == labels[local]
+
+
+def _region_particles(
+    mask: Any, label: int, prob: Any, regions: _Regions, i: int, settings: PickSettings
+) -> list[tuple[np.ndarray, float]]:
+    """``(position, score)`` of the particles of region ``i``."""
+    size = int(regions.size[i])
+    if settings.method == "centroid":
+        score = float(regions.score[i] / size) if prob is not None else 1.0
+        return [(regions.sums[i] / size, score)]
+    box, region = _region_in_box(mask, label, regions, i, margin=1)
+    if prob is not None:
+        value = ndimage.gaussian_filter(probabilities_as_float(np.asarray(prob[box])), 1.0)
+    else:
+        value = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    return [(pos + offset, score) for pos, score in _peaks(value, region, settings.min_distance)]
+
+
 def pick(
     mask: np.ndarray,
     *,
@@ -285,6 +445,7 @@ def pick(
     returns them) or a dict label -> map; float or stored bytes (:mod:`.probability`).  They
     place ``"peak"`` particles and give centroids a score.  ``voxel_size`` (Z, Y, X or one
     value, Angstrom) gives volumes in nm^3.  ``class_names``: index (or dict key) = label.
+    ``mask`` and the maps may be lazy (memory-mapped, dask, Zarr): they are streamed.
     """
     settings = settings or PickSettings()
     settings.validate()
@@ -312,55 +473,19 @@ def pick(
                 f"The probability map for {name!r} has shape {tuple(prob.shape)}, the mask "
                 f"{shape}."
             )
-        comps, n = ndimage.label(feature_mask(mask, label))
-        sizes = _bincount(comps, n + 1)
-        kept = [c for c in range(1, n + 1) if sizes[c] >= settings.min_size]
-        boxes = ndimage.find_objects(comps) if kept else []
+        regions = _components(mask, label, prob, settings.min_size)
         before = len(particles)
-        for number, c in enumerate(kept, start=1):
-            box = boxes[c - 1]
-            assert box is not None
-            if settings.method == "peak":  # one voxel of background around the component
-                box = tuple(
-                    slice(max(0, s.start - 1), min(n_ax, s.stop + 1))
-                    for s, n_ax in zip(box, comps.shape)
-                )
-            region = comps[box] == c
-            offset = np.array([s.start for s in box], dtype=np.float64)
-            if settings.method == "centroid":
-                where = np.argwhere(region)
-                score = (
-                    float(probabilities_as_float(prob[box])[region].mean())
-                    if prob is not None
-                    else 1.0
-                )
-                found = [(where.mean(axis=0), score)]
-            else:
-                if prob is not None:
-                    value = ndimage.gaussian_filter(probabilities_as_float(prob[box]), 1.0)
-                else:
-                    value = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
-                found = _peaks(value, region, int(settings.min_distance))
-            for pos, score in found:
-                z, y, x = pos + offset
+        for i in range(len(regions)):
+            for pos, score in _region_particles(mask, label, prob, regions, i, settings):
+                z, y, x = (float(v) for v in pos)
                 particles.append(
-                    Particle(
-                        label=label,
-                        class_name=name,
-                        z=float(z),
-                        y=float(y),
-                        x=float(x),
-                        size=int(sizes[c]),
-                        component=number,
-                        score=float(score),
-                    )
+                    Particle(label, name, z, y, x, int(regions.size[i]), i + 1, float(score))
                 )
-        del comps
-        voxels = int(sum(int(sizes[c]) for c in kept))
+        voxels = int(regions.size.sum())
         stats[label] = FeatureStats(
             label=label,
             name=name,
-            components=len(kept),
+            components=len(regions),
             particles=len(particles) - before,
             voxels=voxels,
             volume_nm3=None if voxel_nm3 is None else voxels * voxel_nm3,
