@@ -40,6 +40,15 @@ is reported and the other jobs go on.  A task whose worker dies is rescheduled b
 ``allowed_failures`` times (local clusters; a remote scheduler uses its own setting), then
 reported as failed.
 
+**What Dask gives, and what this module keeps itself.**  Dask schedules the tasks, places
+them by resources (``GPU=1``), reruns a task whose worker died and reports progress events.
+It keeps nothing once the client is gone, so three things are ours: the manifest (a batch
+killed by a wall-time limit, or rerun the next day, must skip what is done and prove the
+outputs are the ones it wrote), the claim files (a rerun may replace its own half-written
+outputs, never a user's file) and the local worker plan (one process per GPU with only that
+GPU visible, or per core within the RAM; ``dask-cuda`` does the GPU half but needs CUDA
+packages, and nothing in Dask plans the CPU half).
+
 Dask (``distributed``) is an optional dependency: ``pip install "napari-tomoseg[cluster]"``.
 """
 
@@ -1224,49 +1233,140 @@ def _submit(
         pending.append(_Pending(spec, i, future, chunk_futures, chunks, jobs[i]))
 
 
-def iter_run_batch(
-    jobs: Sequence[BatchJob],
-    settings: ApplySettings | None = None,
-    batch: BatchSettings | None = None,
-    *,
-    client: Any = None,
-    manifest: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    should_stop: StopCheck = never_stop,
-) -> Generator[Progress, None, BatchResult]:
-    """Run ``jobs`` on a Dask cluster; yields progress, returns a :class:`BatchResult`.
+@dataclass
+class _BatchRun:
+    """One run of a batch as it goes: each job's outcome, the manifest (saved as jobs end),
+    the tasks still pending on the cluster and the slice counts progress is given in."""
 
-    ``settings``: how each network is applied (as for ``iter_apply_file``).  ``batch``:
-    where and how (:class:`BatchSettings`).  ``client``: an existing
-    ``distributed.Client`` to use (else one is made from ``batch``).  ``manifest``: the
-    batch manifest (default ``tomoseg-batch.json`` in the first job's output folder).
-    ``overwrite``: replace outputs that the batch did not write itself.
+    manifest_path: Path
+    state: _State
+    manifest: dict[str, Any]
+    outcomes: list[JobOutcome | None]
+    todo: list[tuple[int, _TaskSpec, list[tuple[int, int]]]] = field(default_factory=list)
+    slices_of: dict[str, int] = field(default_factory=dict)
+    progress_of: dict[str, dict[int, int]] = field(default_factory=dict)
+    pending: list[_Pending] = field(default_factory=list)
+    total_slices: int = 0
+    finished_slices: int = 0
+    last_message: str = ""
 
-    Progress events (stage ``"batch"``) count slices over the whole batch; ``metrics``
-    hold the numbers of jobs done / skipped / failed, ``message`` the latest news, and
-    ``payload`` the :class:`JobOutcome` of a job that has just ended.  When
-    ``should_stop()`` becomes true, unfinished tasks are cancelled and the result is
-    returned with ``stopped=True`` (finished jobs stay recorded).
-    """
-    start = time.perf_counter()
-    settings = settings or ApplySettings()
-    settings.validate()
-    batch = batch or BatchSettings()
-    batch.validate()
-    jobs = list(jobs)
-    if not jobs:
-        raise TomosegError("The batch has no jobs.")
-    check_jobs(jobs)
+    def counts(self) -> dict[str, float]:
+        out = {s: 0.0 for s in _STATUSES}
+        for o in self.outcomes:
+            if o is not None:
+                out[o.status] += 1
+        return out
+
+    def progress(self, done: int, message: str, payload: Any = None) -> Progress:
+        return Progress(
+            "batch",
+            done,
+            self.total_slices,
+            message=message,
+            metrics=self.counts(),
+            payload=payload,
+        )
+
+    def record(
+        self, outcome: JobOutcome, record: dict[str, Any] | None, save: bool = True
+    ) -> None:
+        """Put a job's end into the manifest (and save it, then drop the worker's record)."""
+        job_id = outcome.job.job_id
+        if record is not None:
+            self.manifest["jobs"][job_id] = {k: v for k, v in record.items() if k != "reused"}
+            self.manifest["failed"].pop(job_id, None)
+        elif outcome.status == "failed":
+            self.manifest["failed"][job_id] = {
+                "tomogram": str(outcome.job.tomogram),
+                "network": str(outcome.job.network),
+                "reason": outcome.reason,
+                "time": _now(),
+            }
+        if not save:
+            return
+        _save_manifest(self.manifest_path, self.manifest)
+        if record is not None:
+            with contextlib.suppress(OSError):
+                (self.state.records / f"{job_id}.json").unlink()
+
+    def end_pending(self, client: Any, status: str, reason: str, record: bool) -> None:
+        """Cancel every pending task; its job ends with ``status`` for ``reason``."""
+        for p in self.pending:
+            client.cancel([p.future, *p.chunk_futures])
+            self.outcomes[p.index] = JobOutcome(p.job, status, reason=reason)
+            if record:
+                self.record(self.outcomes[p.index], None)
+        self.pending = []
+
+    def read_events(self, events: queue.Queue[Any]) -> bool:
+        """Take the workers' slice counts from ``events``; True when a message changed."""
+        changed = False
+        while True:
+            try:
+                _, msg = events.get_nowait()
+            except queue.Empty:
+                return changed
+            if not (isinstance(msg, dict) and msg.get("job") in self.slices_of):
+                continue
+            job_id = msg["job"]
+            self.progress_of.setdefault(job_id, {})[int(msg["z0"])] = int(msg["done"])
+            done_now = sum(self.progress_of[job_id].values())
+            name = next((p.job.name for p in self.pending if p.spec.job_id == job_id), "")
+            if name:
+                self.last_message = f"{name}: {done_now}/{self.slices_of[job_id]} slices"
+                changed = True
+
+    def collect_ended(self) -> list[JobOutcome]:
+        """The outcomes of the pending jobs that have ended (recorded, and no longer
+        pending)."""
+        still: list[_Pending] = []
+        ended: list[JobOutcome] = []
+        for p in self.pending:
+            if not p.future.done():
+                still.append(p)
+                continue
+            outcome, record = _collect(p)
+            self.outcomes[p.index] = outcome
+            self.record(outcome, record)
+            self.finished_slices += self.slices_of[p.spec.job_id]
+            ended.append(outcome)
+        self.pending = still
+        return ended
+
+    def slices_done(self) -> int:
+        """Slices of the ended jobs plus those the pending ones reported."""
+        return self.finished_slices + sum(
+            min(
+                self.slices_of[p.spec.job_id],
+                sum(self.progress_of.get(p.spec.job_id, {}).values()),
+            )
+            for p in self.pending
+        )
+
+    def result(self, start: float, n_workers: int, stopped: bool = False) -> BatchResult:
+        return BatchResult(
+            outcomes=[o for o in self.outcomes if o is not None],
+            manifest=self.manifest_path,
+            seconds=time.perf_counter() - start,
+            n_workers=n_workers,
+            stopped=stopped,
+        )
+
+
+def _plan_run(
+    jobs: list[BatchJob],
+    settings: ApplySettings,
+    batch: BatchSettings,
+    manifest: str | os.PathLike | None,
+    overwrite: bool,
+) -> _BatchRun:
+    """Read the manifest and plan every job: ended (failed, or already done) or to do."""
     manifest_path = Path(manifest) if manifest else jobs[0].mask.parent / DEFAULT_MANIFEST_NAME
     state = _State(manifest_path)
     manifest_data = read_manifest(manifest_path)
     _fold_records(state, manifest_data)
-
-    outcomes: list[JobOutcome | None] = [None] * len(jobs)
-    total_slices = 0
-    slices_of: dict[str, int] = {}
+    run = _BatchRun(manifest_path, state, manifest_data, [None] * len(jobs))
     networks: dict[Path, tuple[str, tuple[str, ...]] | str] = {}
-    todo: list[tuple[int, _TaskSpec, list[tuple[int, int]]]] = []
     for i, job in enumerate(jobs):
         if job.network not in networks:
             networks[job.network] = _network_facts(job.network)
@@ -1281,58 +1381,108 @@ def iter_run_batch(
             overwrite,
         )
         if isinstance(planned, JobOutcome):
-            outcomes[i] = planned
+            run.outcomes[i] = planned
+            if planned.status == "failed":
+                run.record(planned, None, save=False)
             continue
         spec, chunks = planned
-        todo.append((i, spec, chunks))
-        total_slices += spec.shape[0]
-        slices_of[spec.job_id] = spec.shape[0]
-
-    n_workers = 0
-    stopped = False
-
-    def counts() -> dict[str, float]:
-        out = {s: 0.0 for s in _STATUSES}
-        for o in outcomes:
-            if o is not None:
-                out[o.status] += 1
-        return out
-
-    def record_outcome(
-        outcome: JobOutcome, record: dict[str, Any] | None, save: bool = True
-    ) -> None:
-        job_id = outcome.job.job_id
-        if record is not None:
-            entry = {k: v for k, v in record.items() if k != "reused"}
-            manifest_data["jobs"][job_id] = entry
-            manifest_data["failed"].pop(job_id, None)
-        elif outcome.status == "failed":
-            manifest_data["failed"][job_id] = {
-                "tomogram": str(outcome.job.tomogram),
-                "network": str(outcome.job.network),
-                "reason": outcome.reason,
-                "time": _now(),
-            }
-        if not save:
-            return
-        _save_manifest(manifest_path, manifest_data)
-        if record is not None:
-            with contextlib.suppress(OSError):
-                (state.records / f"{job_id}.json").unlink()
-
-    for o in outcomes:
-        if o is not None and o.status == "failed":
-            record_outcome(o, None, save=False)
+        run.todo.append((i, spec, chunks))
+        run.total_slices += spec.shape[0]
+        run.slices_of[spec.job_id] = spec.shape[0]
     _save_manifest(manifest_path, manifest_data)
-    if not todo:
-        yield Progress("batch", 0, 0, message="nothing to do", metrics=counts())
-        return BatchResult(
-            outcomes=[o for o in outcomes if o is not None],
-            manifest=manifest_path,
-            seconds=time.perf_counter() - start,
-            n_workers=0,
-        )
+    return run
 
+
+def _no_workers_for(client: Any, since: float | None) -> float | None:
+    """When the cluster has had no worker since (monotonic time), else None."""
+    if client.scheduler_info().get("workers"):
+        return None
+    return since or time.monotonic()
+
+
+def _watch(
+    run: _BatchRun,
+    client: Any,
+    events: queue.Queue[Any],
+    worker_timeout: float | None,
+    should_stop: StopCheck,
+) -> Generator[Progress, None, bool]:
+    """Follow the pending tasks until all have ended, yielding progress; returns whether
+    the batch was stopped.  Jobs fail when the cluster has had no worker for
+    ``worker_timeout`` seconds."""
+    no_workers_since: float | None = None
+    next_check = time.monotonic() + _WORKER_CHECK_SECONDS
+    while run.pending:
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + _WORKER_CHECK_SECONDS
+            no_workers_since = _no_workers_for(client, no_workers_since)
+            if no_workers_since is not None:
+                waited = time.monotonic() - no_workers_since
+                if worker_timeout is not None and waited > worker_timeout:
+                    reason = (
+                        f"the cluster had no worker for {waited:.0f} s (they died or "
+                        "never started; see the worker logs)"
+                    )
+                    run.end_pending(client, "failed", reason, record=True)
+                    break
+                yield run.progress(run.finished_slices, f"waiting for workers ({waited:.0f} s)")
+        if should_stop():
+            run.end_pending(client, "cancelled", "the batch was stopped", record=False)
+            return True
+        changed = run.read_events(events)
+        ended = run.collect_ended()
+        done = run.slices_done()
+        for outcome in ended:
+            word = {"done": "done", "failed": "FAILED"}.get(outcome.status, outcome.status)
+            yield run.progress(done, f"{word}: {outcome.job.name}", payload=outcome)
+        if changed and not ended:
+            yield run.progress(done, run.last_message)
+        if run.pending and not ended:
+            time.sleep(_POLL_SECONDS)
+    return False
+
+
+def iter_run_batch(
+    jobs: Sequence[BatchJob],
+    settings: ApplySettings | None = None,
+    batch: BatchSettings | None = None,
+    *,
+    client: Any = None,
+    manifest: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    should_stop: StopCheck = never_stop,
+) -> Generator[Progress, None, BatchResult]:
+    """Run ``jobs`` on a Dask cluster; yields progress, returns a :class:`BatchResult`.
+
+    Parameters
+    ----------
+    jobs : the tomogram x network jobs (:func:`plan_batch`).
+    settings : how each network is applied (as for ``iter_apply_file``).
+    batch : where and how (:class:`BatchSettings`).
+    client : an existing ``distributed.Client`` to use (else one is made from ``batch``).
+    manifest : the batch manifest (default ``tomoseg-batch.json`` in the first job's
+        output folder).
+    overwrite : replace outputs that the batch did not write itself.
+    should_stop : when it becomes true, unfinished tasks are cancelled and the result is
+        returned with ``stopped=True`` (finished jobs stay recorded).
+
+    Progress events (stage ``"batch"``) count slices over the whole batch; ``metrics``
+    hold the numbers of jobs done / skipped / failed, ``message`` the latest news, and
+    ``payload`` the :class:`JobOutcome` of a job that has just ended.
+    """
+    start = time.perf_counter()
+    settings = settings or ApplySettings()
+    settings.validate()
+    batch = batch or BatchSettings()
+    batch.validate()
+    jobs = list(jobs)
+    if not jobs:
+        raise TomosegError("The batch has no jobs.")
+    check_jobs(jobs)
+    run = _plan_run(jobs, settings, batch, manifest, overwrite)
+    if not run.todo:
+        yield run.progress(0, "nothing to do")
+        return run.result(start, 0)
     own_cluster = client is None and not batch.scheduler
     worker_timeout = batch.worker_timeout or (_LOCAL_WORKER_TIMEOUT if own_cluster else None)
     with open_client(batch, client) as (dask_client, threads):
@@ -1341,124 +1491,26 @@ def iter_run_batch(
         topic = f"tomoseg-progress-{token}"
         events: queue.Queue[Any] = queue.Queue()
         dask_client.subscribe_topic(topic, events.put)
-        progress_of: dict[str, dict[int, int]] = {}
-        pending: list[_Pending] = []
         try:
-            _submit(dask_client, todo, jobs, topic, threads, token, resources, pending)
-            finished_slices = 0
+            _submit(dask_client, run.todo, jobs, topic, threads, token, resources, run.pending)
             yield Progress(
                 "batch",
                 0,
-                total_slices,
-                message=f"{len(pending)} job(s) sent to {n_workers} worker(s)",
-                metrics=counts(),
+                run.total_slices,
+                message=f"{len(run.pending)} job(s) sent to {n_workers} worker(s)",
+                metrics=run.counts(),
             )
-            last_message = ""
-            no_workers_since: float | None = None
-            next_check = time.monotonic() + _WORKER_CHECK_SECONDS
-            while pending:
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + _WORKER_CHECK_SECONDS
-                    if dask_client.scheduler_info().get("workers"):
-                        no_workers_since = None
-                    else:
-                        no_workers_since = no_workers_since or time.monotonic()
-                        waited = time.monotonic() - no_workers_since
-                        if worker_timeout is not None and waited > worker_timeout:
-                            reason = (
-                                f"the cluster had no worker for {waited:.0f} s (they died or "
-                                "never started; see the worker logs)"
-                            )
-                            for p in pending:
-                                dask_client.cancel([p.future, *p.chunk_futures])
-                                outcomes[p.index] = JobOutcome(p.job, "failed", reason=reason)
-                                record_outcome(outcomes[p.index], None)
-                            pending = []
-                            break
-                        yield Progress(
-                            "batch",
-                            finished_slices,
-                            total_slices,
-                            message=f"waiting for workers ({waited:.0f} s)",
-                            metrics=counts(),
-                        )
-                if should_stop():
-                    stopped = True
-                    for p in pending:
-                        dask_client.cancel([p.future, *p.chunk_futures])
-                        outcomes[p.index] = JobOutcome(
-                            p.job, "cancelled", reason="the batch was stopped"
-                        )
-                    pending = []
-                    break
-                changed = False
-                while True:
-                    try:
-                        _, msg = events.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(msg, dict) and msg.get("job") in slices_of:
-                        progress_of.setdefault(msg["job"], {})[int(msg["z0"])] = int(msg["done"])
-                        done_now = sum(progress_of[msg["job"]].values())
-                        name = next(
-                            (p.job.name for p in pending if p.spec.job_id == msg["job"]),
-                            "",
-                        )
-                        if name:
-                            last_message = f"{name}: {done_now}/{slices_of[msg['job']]} slices"
-                            changed = True
-                still: list[_Pending] = []
-                ended: list[JobOutcome] = []
-                for p in pending:
-                    if not p.future.done():
-                        still.append(p)
-                        continue
-                    outcome = _collect(p)
-                    outcomes[p.index] = outcome[0]
-                    record_outcome(*outcome)
-                    finished_slices += slices_of[p.spec.job_id]
-                    ended.append(outcome[0])
-                pending = still
-                live = sum(
-                    min(slices_of[p.spec.job_id], sum(progress_of.get(p.spec.job_id, {}).values()))
-                    for p in pending
-                )
-                for outcome in ended:
-                    word = {"done": "done", "failed": "FAILED"}.get(outcome.status, outcome.status)
-                    yield Progress(
-                        "batch",
-                        finished_slices + live,
-                        total_slices,
-                        message=f"{word}: {outcome.job.name}",
-                        metrics=counts(),
-                        payload=outcome,
-                    )
-                if changed and not ended:
-                    yield Progress(
-                        "batch",
-                        finished_slices + live,
-                        total_slices,
-                        message=last_message,
-                        metrics=counts(),
-                    )
-                if pending and not ended:
-                    time.sleep(_POLL_SECONDS)
+            stopped = yield from _watch(run, dask_client, events, worker_timeout, should_stop)
         finally:
             with contextlib.suppress(Exception):
                 dask_client.unsubscribe_topic(topic)
-            for p in pending:
+            for p in run.pending:
                 with contextlib.suppress(Exception):
                     dask_client.cancel([p.future, *p.chunk_futures])
-    _save_manifest(manifest_path, manifest_data)
-    _tidy(state)
-    _remove_superseded(outcomes)
-    return BatchResult(
-        outcomes=[o for o in outcomes if o is not None],
-        manifest=manifest_path,
-        seconds=time.perf_counter() - start,
-        n_workers=n_workers,
-        stopped=stopped,
-    )
+    _save_manifest(run.manifest_path, run.manifest)
+    _tidy(run.state)
+    _remove_superseded(run.outcomes)
+    return run.result(start, n_workers, stopped)
 
 
 def _remove_superseded(outcomes: Sequence[JobOutcome | None]) -> None:
