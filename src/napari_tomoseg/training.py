@@ -17,26 +17,19 @@ What it does, and why:
   validates on the training boxes, warns, and says so in ``TrainResult.metadata``.
 - **Loss.**  Cross-entropy (for binary networks, with one output, the equivalent binary
   cross-entropy with logits) plus ``dice_weight`` times a soft Dice loss: one minus the
-  mean Dice of the feature classes, computed from the probabilities over the whole
-  mini-batch.  Features are a few percent of the pixels; the Dice term does not let the
-  background's majority decide, and in our measurements (single membrane of the simulated
-  tomogram, 10 positive and 30 negative boxes, ``unet-lite``) the Dice over the whole
-  tomogram was 0.55 with cross-entropy alone and 0.39 with weighted cross-entropy after
-  300 mini-batches, and 0.71 with the Dice term after 400 (0.59 on a tomogram of another
-  scene).  Class-weighted
-  cross-entropy (Zhao & Zhou used fixed weights of 2000-3000 for the imbalance) is kept as
-  an option: ``class_weights="auto"`` weights each feature class by its inverse pixel
-  frequency relative to the background (clipped to ``[1, AUTO_WEIGHT_MAX]``) in the
-  training labels, or give one weight per class; with the Dice term it measured worse
-  (0.62 and 0.50 on the same task), hence the default ``None``.  The validation loss that
-  is reported (and breaks ties between equal validation Dice) is the cross-entropy part
-  alone, averaged over the validation pixels: a batch Dice would depend on how the
+  mean Dice of the feature classes over the whole mini-batch, so that the background's
+  majority does not decide (features are a few percent of the pixels).  Class-weighted
+  cross-entropy (Zhao & Zhou's fixed weights of 2000-3000) is an option:
+  ``class_weights="auto"`` weights each feature class by its inverse pixel frequency
+  (clipped to ``[1, AUTO_WEIGHT_MAX]``), or give one weight per class; the default is none
+  (``docs/benchmarks.md``, "Choices measured in the code's early days").  The reported
+  validation loss (which breaks ties between equal validation Dice) is the cross-entropy
+  part alone, averaged over the validation pixels: a batch Dice would depend on how the
   validation samples are grouped.
 - **Optimiser.**  Adam.  The learning rate rises linearly over a short warm-up (without
   it the faithful ``tomoseg-cnn`` can lose all its ReLUs in the first steps at 1e-3) and
   then stays constant; ``lr_schedule="cosine"`` decays it to ``LR_FLOOR`` times the rate
-  instead (EMAN2 decays by 0.9 per epoch; in our measurements on short CPU runs the
-  constant rate did as well or better).  To continue training an existing network pass it
+  instead (EMAN2 decays by 0.9 per epoch).  To continue training an existing network pass it
   as ``init`` and give a smaller ``learning_rate`` (as in EMAN2).
 - **Repeatable.**  The seed fixes the weight initialisation, the split, the order of the
   mini-batches and the augmentation: on a CPU the same seed gives the same loss history.

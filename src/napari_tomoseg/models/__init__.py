@@ -21,20 +21,8 @@ Registered architectures:
 More can be added with :func:`register`.  Loss and class weighting live in
 :mod:`napari_tomoseg.training`, not in the models.
 
-Choice of the default (measured on a CPU, one thread, torch 2.13; 300-400 mini-batches of
-16, Adam 1e-3 with warm-up).  Held-out-box Dice on procedurally generated membranes (rings
-in noise with dark distractor blobs, 480 samples, two seeds): ``unet-lite`` 0.924 / 0.928,
-``unet`` 0.927 / 0.931, ``tomoseg-cnn`` 0.867 / 0.891.  On the project's simulated
-tomograms (single membrane and microtubule, 20 positive and 60 negative boxes) the two
-U-Nets traded places from run to run (held-out Dice 0.32-0.56 for either, no consistent
-winner) and ``tomoseg-cnn`` trailed.  Speed: forward 0.95 Mvoxel/s for ``unet-lite``
-against 0.22 (``unet``) and 0.24 (``tomoseg-cnn``); a training step of 16 boxes takes
-0.14 s against 0.73 s and 1.05 s.  Accuracy being equal within the noise, the 4-7 times
-faster ``unet-lite`` is the default.  ``benchmarks/accuracy.py`` confirms it on tomograms
-the training never saw (single membrane, 10 positive and 100 negative boxes, 600
-mini-batches of the Dice + cross-entropy loss): F1 0.53 ``unet-lite``, 0.54 ``unet``, 0.54
-``tomoseg-cnn``; a training mini-batch takes 0.13, 0.75 and 0.67 s on 2 threads
-(``docs/benchmarks.md``).
+``unet-lite`` is the default: as accurate as the others within the noise, and 4-7 times
+faster (``docs/benchmarks.md``, "Choices measured in the code's early days").
 """
 
 from __future__ import annotations
