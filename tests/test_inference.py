@@ -27,6 +27,8 @@ from napari_tomoseg.inference import (
     probabilities_as_float,
     receptive_field,
 )
+from napari_tomoseg.inference import apply as inf_apply
+from napari_tomoseg.inference import tiling as inf_tiling
 from napari_tomoseg.io import header_labels, read_tomogram, source_label, write_mrc
 from napari_tomoseg.model_file import Network, NetworkMeta
 from napari_tomoseg.models import build_model, predict_proba
@@ -158,7 +160,7 @@ def test_receptive_field_of_registered_architectures():
     assert rf_lite.margin > rf.margin
     # the single-channel tracer agrees with the full positive-weight copy
     small = build_model("tomoseg-cnn", 1, 2, n_kernels=[3, 3])
-    probe = inf._positive_copy(small)
+    probe = inf_tiling._positive_copy(small)
     x = torch.zeros((2, 1, 160, 160), dtype=torch.float64)
     x[0, 0, 80, 80] = 1.0
     with torch.no_grad():
@@ -180,10 +182,10 @@ def test_receptive_field_of_registered_architectures():
 def test_tile_plan_covers_every_pixel(h, w, tile, overlap_frac, margin, align):
     tile = max(tile, align)
     overlap = int(overlap_frac * tile) // align * align
-    if overlap >= inf._round_up(tile, align):
+    if overlap >= inf_tiling._round_up(tile, align):
         return
     plan = plan_tiles((h, w), tile, overlap, margin, align)
-    assert plan.tile <= inf._round_up(tile, align)
+    assert plan.tile <= inf_tiling._round_up(tile, align)
     assert all(o % align == 0 for o in plan.origins_y + plan.origins_x)
     ph, pw = plan.padded_shape
     assert ph >= h and pw >= w
@@ -194,7 +196,7 @@ def _tiled_vs_whole(model, shape, tile, n_classes, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(2, 1, *shape)).astype(np.float32)
     rf = receptive_field(model, 1)
-    tile_size, overlap, _ = inf._effective_tiling(ApplySettings(tile_size=tile), rf)
+    tile_size, overlap, _ = inf_tiling._effective_tiling(ApplySettings(tile_size=tile), rf)
     plan = plan_tiles(shape, tile_size, overlap, rf.margin, rf.alignment)
     assert plan.n_tiles >= 4  # really tiled
     tiled = dict(predict_slices(model, [(i, x[i]) for i in range(2)], plan, batch_size=3))
@@ -304,15 +306,15 @@ def test_tta_setting_reaches_the_run():
 # -- masks --------------------------------------------------------------------------------------
 def test_mask_rules_binary_and_multiclass():
     binary = np.array([[[0.7]], [[0.3]]], dtype=np.float32)  # (2, 1, 1): p1 = 0.3
-    assert inf._make_mask(binary, 0.25)[0, 0] == 1  # binary: p >= threshold
-    assert inf._make_mask(binary, 0.5)[0, 0] == 0
+    assert inf_apply._make_mask(binary, 0.25)[0, 0] == 1  # binary: p >= threshold
+    assert inf_apply._make_mask(binary, 0.5)[0, 0] == 0
     p = np.zeros((3, 1, 4), dtype=np.float32)
     p[:, 0, 0] = [0.2, 0.5, 0.3]  # class 1 wins and reaches 0.5
     p[:, 0, 1] = [0.3, 0.35, 0.35]  # tie between 1 and 2 (argmax: 1) but below 0.5
     p[:, 0, 2] = [0.6, 0.1, 0.3]  # background wins
     p[:, 0, 3] = [0.1, 0.3, 0.6]
-    assert inf._make_mask(p, 0.5).tolist() == [[1, 0, 0, 2]]
-    assert inf._make_mask(p, 0.3).tolist() == [[1, 1, 0, 2]]
+    assert inf_apply._make_mask(p, 0.5).tolist() == [[1, 0, 0, 2]]
+    assert inf_apply._make_mask(p, 0.3).tolist() == [[1, 1, 0, 2]]
 
 
 def test_probability_storage_round_trip():
