@@ -572,6 +572,30 @@ def test_bad_settings_are_refused(kw):
         ApplySettings(**kw).validate()
 
 
+def test_one_device_rule_for_training_and_applying():
+    from napari_tomoseg.inference import resolve_device
+    from napari_tomoseg.training import select_device
+
+    assert select_device is resolve_device
+    assert resolve_device(" CPU ") == torch.device("cpu")  # as training always accepted
+    assert resolve_device("cpu:0") == torch.device("cpu", 0)  # as applying always accepted
+    assert resolve_device(torch.device("meta")) == torch.device("meta")
+    with pytest.raises(TomosegError, match="Unknown device"):
+        resolve_device("tpu9")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        with pytest.raises(TomosegError, match="MPS"):
+            resolve_device("mps")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        assert resolve_device(f"cuda:{n - 1}") == torch.device("cuda", n - 1)
+        with pytest.raises(TomosegError, match=f"only {n} CUDA GPU"):
+            resolve_device(f"cuda:{n}")
+    else:
+        with pytest.raises(TomosegError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
 def test_bad_inputs_are_refused():
     net = network(Threshold(), 2)
     with pytest.raises(TomosegError, match="3D"):

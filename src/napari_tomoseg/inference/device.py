@@ -1,10 +1,11 @@
 """Which device a network runs on, and surviving its running out of memory.
 
-:func:`resolve_device` turns a device name into a torch device for both training and
-applying.  During an apply, a forward pass that runs out of device memory is tried again
-with half the tiles per batch, down to one tile, then as smaller tiles
-(:func:`_predict_within_memory`); :class:`MemoryBudget` carries the smaller batch size
-through the rest of the run and collects notes saying so.
+:func:`resolve_device` turns a device name into a torch device, for training
+(:func:`napari_tomoseg.training.select_device` is the same function) and applying.  During
+an apply, a forward pass that runs out of device memory is tried again with half the tiles
+per batch, down to one tile, then as smaller tiles (:func:`_predict_within_memory`);
+:class:`MemoryBudget` carries the smaller batch size through the rest of the run and
+collects notes saying so.
 """
 
 from __future__ import annotations
@@ -18,27 +19,53 @@ from ..errors import TomosegError
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The torch device for ``"auto"`` (CUDA, then MPS, then CPU) or a device string."""
+    """The torch device to train or apply on (the one function both use).
+
+    Parameters
+    ----------
+    device
+        ``"auto"``: CUDA if available, then Apple MPS, then the CPU.  Otherwise a torch
+        device name (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``; case and surrounding
+        spaces do not matter) or a ``torch.device``, which is returned as it is.
+
+    Raises :class:`TomosegError` for a name torch does not know, and for CUDA, a CUDA GPU
+    index or MPS that this machine does not have.
+    """
     if isinstance(device, torch.device):
         return device
-    if device == "auto":
+    name = str(device).strip().lower()
+    if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        dev = torch.device(device)
+        dev = torch.device(name)
     except (RuntimeError, TypeError):
         raise TomosegError(
-            f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+            f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
         ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TomosegError(
-            f"Device {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'."
-        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TomosegError(
+                f"Device {device!r} was asked for but CUDA is not available here (no CUDA "
+                "GPU, or torch was installed without CUDA support); use 'auto' or 'cpu', or "
+                "install a CUDA build of torch."
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise TomosegError(
+                f"GPU {dev.index} was requested but only {count} CUDA GPU(s) exist."
+            )
+    elif dev.type == "mps" and not _mps_available():
+        raise TomosegError("Apple MPS was requested but is not available; use 'auto'.")
     return dev
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 class DeviceMemoryError(TomosegError, RuntimeError):
