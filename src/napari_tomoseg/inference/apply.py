@@ -11,10 +11,11 @@ of one for a binary network).  ``shrink`` applies to a mean-binned copy (in memo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
-from collections.abc import Callable, Generator
-from dataclasses import replace
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,12 +38,13 @@ from .predict import _iter_planes
 from .settings import ApplyOutputs, ApplyResult, ApplySettings, VoxelSize, _run_result
 from .source import (
     _check_voxel_size,
+    _Geometry,
     _network_voxel_size,
     _Prefetched,
     _resize_tensor,
     _SliceSource,
 )
-from .tiling import _effective_tiling, plan_tiles, receptive_field
+from .tiling import TilePlan, _effective_tiling, plan_tiles, receptive_field
 
 
 def _quantize_tensor(p: torch.Tensor) -> torch.Tensor:
@@ -148,15 +150,7 @@ def iter_apply(
     settings = (settings or ApplySettings()).resolved(network)
     settings.validate()
     meta, model, class_names, context = _meta_checks(network)
-    if volume.ndim != 3:
-        raise TomosegError(
-            f"Networks are applied to 3D (Z, Y, X) tomograms; got shape {tuple(volume.shape)}."
-        )
-    if volume.dtype.kind not in "biuf" or min(volume.shape) < 1:
-        raise TomosegError(
-            f"Cannot apply a network to an array of dtype {volume.dtype} and shape "
-            f"{tuple(volume.shape)}."
-        )
+    _check_volume(volume)
     vs = voxel_triple(voxel_size)
     z_lo, z_hi = _check_z_range(z_range, int(volume.shape[0]), settings)
     if settings.shrink > 1:
@@ -169,27 +163,27 @@ def iter_apply(
 
     start = time.perf_counter()
     shape = tuple(int(s) for s in volume.shape)
-    n_fg = len(class_names) - 1
     slab = (z_hi - z_lo, shape[1], shape[2])
-    outputs = _allocate_outputs(slab, n_fg, out, keep_probabilities)
+    outputs = _allocate_outputs(slab, len(class_names) - 1, out, keep_probabilities)
     geometry, notes = _check_voxel_size(vs, _network_voxel_size(meta), shape, settings, context)
-
     device = resolve_device(settings.device)
     yield Progress("apply", 0, slab[0], message="measuring the network and the tomogram")
-    rf = receptive_field(model, context * 2 + 1)
-    fast = prepare_for_inference(model, device)  # a copy: the caller's model is not moved
-    tile, overlap, tile_notes = _effective_tiling(settings, rf)
-    notes += tile_notes
-    plan = plan_tiles(geometry.net_plane, tile, overlap, rf.margin, rf.alignment)
-    norm = Normalisation.from_dict(dict(meta.normalisation))
-    stats = robust_stats(volume) if norm.mode == "tomogram" else None
-    source = _SliceSource(volume, norm, stats, geometry, refuse=settings.nonfinite == "refuse")
-    amp = bool(settings.mixed_precision) and device.type == "cuda"
-    tta = settings.tta_transforms if settings.tta else 0
-    budget = MemoryBudget(int(settings.batch_size), notes)
-    done = 0
+    fast, plan = _prepare_network(model, context, settings, geometry, device, notes)
+    run = _Run(
+        model=fast,
+        plan=plan,
+        device=device,
+        settings=settings,
+        budget=MemoryBudget(int(settings.batch_size), notes),
+        n_classes=len(class_names),
+        geometry=geometry,
+        source=_slice_source(volume, meta, geometry, settings),
+        outputs=outputs,
+        z_lo=z_lo,
+    )
 
-    def finish(stopped: bool) -> ApplyResult:
+    def finish(stopped: bool, done: int) -> ApplyResult:
+        run.source.add_note(notes)
         return _run_result(
             outputs,
             class_names,
@@ -203,58 +197,131 @@ def iter_apply(
 
     # the next slices are read and normalised while the network works on these
     prefetched = _Prefetched(
-        ((z, source.stack(z, context)) for z in range(z_lo, z_hi)), depth=settings.z_chunk
+        ((z, run.source.stack(z, context)) for z in range(z_lo, z_hi)), depth=settings.z_chunk
     )
-    allocator = _keep_freed_memory(device.type == "cpu")
-    allocator.__enter__()
-    try:
-        for z0 in range(z_lo, z_hi, settings.z_chunk):
-            z1 = min(z_hi, z0 + settings.z_chunk)
-            stacks = itertools.islice(prefetched, z1 - z0)
-            for z, probs in _iter_planes(
-                fast,
-                stacks,
-                plan,
-                device=device,
-                batch_size=settings.batch_size,
-                amp=amp,
-                tta=tta,
-                n_classes=len(class_names),
-                should_stop=should_stop,
-                budget=budget,
-            ):
-                if probs.device.type not in ("cpu", "cuda"):
-                    probs = probs.cpu()  # e.g. MPS: resampling and rounding on the CPU
-                if geometry.rescaled:
-                    probs = _resize_tensor(probs, geometry.plane)  # linear: sums stay 1
-                bad = source.nonfinite.pop(z, None)
-                if bad is not None:  # no data there: background, probability 0
-                    where_bad = torch.from_numpy(bad).to(probs.device)
-                    probs[:, where_bad] = 0.0
-                    probs[0, where_bad] = 1.0
-                # threshold and quantise where the probabilities are; copy back only bytes
-                outputs.mask[z - z_lo] = _make_mask(probs, settings.threshold).cpu().numpy()
-                if outputs.probabilities is not None:
-                    stored = _quantize_tensor(probs[1:]).cpu().numpy()
-                    for k, arr in enumerate(outputs.probabilities):
-                        arr[z - z_lo] = stored[k]
-                done += 1
-            if done < z1 - z_lo:  # asked to stop between two batches
-                source.add_note(notes)
-                return finish(stopped=True)
-            elapsed = time.perf_counter() - start
-            yield Progress(
-                "apply",
-                done,
-                slab[0],
-                message=f"slices {z0}-{z1 - 1} of {shape[0]}",
-                metrics={"slices_per_second": done / elapsed if elapsed > 0 else 0.0},
-            )
-    finally:
-        prefetched.close()
-        allocator.__exit__(None, None, None)
-    source.add_note(notes)
-    return finish(stopped=False)
+    with _keep_freed_memory(device.type == "cpu"), contextlib.closing(prefetched):
+        done = yield from _iter_slabs(run, prefetched, z_hi, should_stop, start, shape[0])
+        if done < slab[0]:  # asked to stop between two batches
+            return finish(stopped=True, done=done)
+    return finish(stopped=False, done=done)
+
+
+def _check_volume(volume: np.ndarray) -> None:
+    """Raise :class:`TomosegError` unless ``volume`` is a non-empty 3D array of numbers."""
+    if volume.ndim != 3:
+        raise TomosegError(
+            f"Networks are applied to 3D (Z, Y, X) tomograms; got shape {tuple(volume.shape)}."
+        )
+    if volume.dtype.kind not in "biuf" or min(volume.shape) < 1:
+        raise TomosegError(
+            f"Cannot apply a network to an array of dtype {volume.dtype} and shape "
+            f"{tuple(volume.shape)}."
+        )
+
+
+def _prepare_network(
+    model: nn.Module,
+    context: int,
+    settings: ApplySettings,
+    geometry: _Geometry,
+    device: torch.device,
+    notes: list[str],
+) -> tuple[nn.Module, TilePlan]:
+    """The fast copy of ``model`` on ``device`` (:func:`prepare_for_inference`; the caller's
+    model is not moved) and the tiles of the plane it sees; tiling notes go to ``notes``."""
+    rf = receptive_field(model, context * 2 + 1)
+    fast = prepare_for_inference(model, device)
+    tile, overlap, tile_notes = _effective_tiling(settings, rf, stacklevel=4)
+    notes += tile_notes
+    return fast, plan_tiles(geometry.net_plane, tile, overlap, rf.margin, rf.alignment)
+
+
+def _slice_source(
+    volume: np.ndarray, meta: Any, geometry: _Geometry, settings: ApplySettings
+) -> _SliceSource:
+    """The slices of ``volume`` as the network sees them, normalised as it was trained."""
+    norm = Normalisation.from_dict(dict(meta.normalisation))
+    stats = robust_stats(volume) if norm.mode == "tomogram" else None
+    return _SliceSource(volume, norm, stats, geometry, refuse=settings.nonfinite == "refuse")
+
+
+@dataclass
+class _Run:
+    """What the slab loop of :func:`iter_apply` works with: the prepared network and its
+    tiles, where the slices come from and where slice ``z`` goes (``z - z_lo``)."""
+
+    model: nn.Module
+    plan: TilePlan
+    device: torch.device
+    settings: ApplySettings
+    budget: MemoryBudget
+    n_classes: int
+    geometry: _Geometry
+    source: _SliceSource
+    outputs: ApplyOutputs
+    z_lo: int
+
+
+def _iter_slabs(
+    run: _Run,
+    stacks: Iterator[tuple[int, np.ndarray]],
+    z_hi: int,
+    should_stop: StopCheck,
+    start: float,
+    depth: int,
+) -> Generator[Progress, None, int]:
+    """Run the network over slices ``run.z_lo:z_hi`` of ``stacks``, ``z_chunk`` slices a
+    progress event; returns how many slices were stored (fewer when asked to stop)."""
+    settings = run.settings
+    done = 0
+    for z0 in range(run.z_lo, z_hi, settings.z_chunk):
+        z1 = min(z_hi, z0 + settings.z_chunk)
+        for z, probs in _iter_planes(
+            run.model,
+            itertools.islice(stacks, z1 - z0),
+            run.plan,
+            device=run.device,
+            batch_size=settings.batch_size,
+            amp=bool(settings.mixed_precision) and run.device.type == "cuda",
+            tta=settings.tta_transforms if settings.tta else 0,
+            n_classes=run.n_classes,
+            should_stop=should_stop,
+            budget=run.budget,
+        ):
+            _store_plane(run, z, probs)
+            done += 1
+        if done < z1 - run.z_lo:  # asked to stop between two batches
+            return done
+        elapsed = time.perf_counter() - start
+        yield Progress(
+            "apply",
+            done,
+            z_hi - run.z_lo,
+            message=f"slices {z0}-{z1 - 1} of {depth}",
+            metrics={"slices_per_second": done / elapsed if elapsed > 0 else 0.0},
+        )
+    return done
+
+
+def _store_plane(run: _Run, z: int, probs: torch.Tensor) -> None:
+    """Slice ``z``'s (K, H', W') probabilities into the outputs: back on the tomogram's grid,
+    its NaN / infinite voxels background, thresholded and quantised where the
+    probabilities are (only bytes are copied back)."""
+    if probs.device.type not in ("cpu", "cuda"):
+        probs = probs.cpu()  # e.g. MPS: resampling and rounding on the CPU
+    if run.geometry.rescaled:
+        probs = _resize_tensor(probs, run.geometry.plane)  # linear: sums stay 1
+    bad = run.source.nonfinite.pop(z, None)
+    if bad is not None:  # no data there: background, probability 0
+        where_bad = torch.from_numpy(bad).to(probs.device)
+        probs[:, where_bad] = 0.0
+        probs[0, where_bad] = 1.0
+    outputs = run.outputs
+    outputs.mask[z - run.z_lo] = _make_mask(probs, run.settings.threshold).cpu().numpy()
+    if outputs.probabilities is not None:
+        stored = _quantize_tensor(probs[1:]).cpu().numpy()
+        for k, arr in enumerate(outputs.probabilities):
+            arr[z - run.z_lo] = stored[k]
 
 
 def _check_z_range(

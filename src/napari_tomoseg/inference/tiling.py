@@ -337,8 +337,11 @@ def auto_overlap(rf: ReceptiveField) -> int:
     return _round_up(2 * rf.margin + AUTO_BLEND, rf.alignment)
 
 
-def _effective_tiling(settings: ApplySettings, rf: ReceptiveField) -> tuple[int, int, list[str]]:
-    """Tile size and overlap for these settings and this network, with notes."""
+def _effective_tiling(
+    settings: ApplySettings, rf: ReceptiveField, stacklevel: int = 3
+) -> tuple[int, int, list[str]]:
+    """Tile size and overlap for these settings and this network, with notes (a warning
+    for an inexact overlap, ``stacklevel`` frames up)."""
     notes: list[str] = []
     tile = _round_up(settings.tile_size, rf.alignment)
     if settings.overlap == "auto":
@@ -356,7 +359,7 @@ def _effective_tiling(settings: ApplySettings, rf: ReceptiveField) -> tuple[int,
                 f"An overlap of {overlap} px is less than twice the network's receptive-field "
                 f"margin ({rf.margin} px): tiles are blended but differ slightly from "
                 f"whole-slice inference near their edges. Use overlap='auto' for exact results.",
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
         if overlap >= tile:
             raise TomosegError(
