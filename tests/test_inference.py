@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import tracemalloc
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from napari_tomoseg.inference import (
     receptive_field,
 )
 from napari_tomoseg.inference import apply as inf_apply
+from napari_tomoseg.inference import kernels as inf_kernels
 from napari_tomoseg.inference import tiling as inf_tiling
 from napari_tomoseg.io import header_labels, read_tomogram, source_label, write_mrc
 from napari_tomoseg.model_file import Network, NetworkMeta
@@ -655,3 +658,120 @@ def test_binned_file_run_matches_binned_memory_run(tmp_path):
     assert np.array_equal(np.asarray(on_disk.probabilities[0]), memory.probabilities[0])
     assert read_tomogram(tmp_path / "mask.mrc").voxel_size == pytest.approx((10.0,) * 3)
     assert dice(memory.mask, labels) > 0.85
+
+
+# -- the CPU allocator tuning -------------------------------------------------------------------
+_CPU = ApplySettings(device="cpu")
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",  # bytes in mmapped blocks
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _glibc_probe():
+    """``mapped(nbytes)``: whether glibc serves a block that large with fresh mmap pages
+    (freed straight back to the system), or None without glibc's ``mallinfo2``."""
+    libc = inf_kernels._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def mapped(nbytes: int) -> bool:
+        before = libc.mallinfo2().hblkhd
+        block = libc.malloc(nbytes)
+        after = libc.mallinfo2().hblkhd
+        libc.free(block)
+        return after - before >= nbytes
+
+    return mapped
+
+
+def _paused_cpu_run():
+    """A CPU apply suspended after its first slab, inside the allocator tuning."""
+    vol, _ = blobs((4, 40, 40))
+    settings = replace(_CPU, z_chunk=1)
+    gen = iter_apply(network(Threshold(), 2), vol, voxel_size=10.0, settings=settings)
+    assert next(gen).step == 0  # "measuring": not yet tuned
+    assert next(gen).step == 1  # the first slab is done, the second not begun
+    return gen
+
+
+def test_allocator_tuning_lasts_the_run_and_is_undone_however_it_ends(monkeypatch):
+    mapped = _glibc_probe()
+    if mapped is None:
+        pytest.skip("needs glibc with mallinfo2")
+    monkeypatch.delenv(inf_kernels.KEEP_FREED_MEMORY_ENV, raising=False)
+    big = 40 << 20
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    gen = _paused_cpu_run()
+    assert not mapped(big)  # during the run: from the heap, kept for the next pass
+    gen.close()  # a cancelled or abandoned run (the widget's worker quits)
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    gen = _paused_cpu_run()
+    with pytest.raises(TomosegError, match="boom"):
+        gen.throw(TomosegError("boom"))
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    vol, _ = blobs((3, 40, 40))
+    apply_network(network(Threshold(), 2), vol, voxel_size=10.0, settings=_CPU)
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    with inf_kernels._keep_freed_memory():
+        with inf_kernels._keep_freed_memory():
+            pass
+        assert not mapped(big)  # nested: the inner one leaves the outer's tuning in place
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    monkeypatch.setenv(inf_kernels.KEEP_FREED_MEMORY_ENV, "0")
+    gen = _paused_cpu_run()
+    assert mapped(big)  # turned off: the allocator is never changed
+    gen.close()
+
+
+class _RecordingLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_allocator_settings_put_back_after_a_run_are_those_glibc_settles_at(monkeypatch):
+    libc = _RecordingLibc()
+    monkeypatch.setattr(inf_kernels, "_glibc", lambda: libc)
+    monkeypatch.delenv(inf_kernels.KEEP_FREED_MEMORY_ENV, raising=False)
+    vol, _ = blobs((3, 40, 40))
+    apply_network(network(Threshold(), 2), vol, voxel_size=10.0, settings=_CPU)
+    k = inf_kernels
+    top_pad, mmap, trim = k._M_TOP_PAD, k._M_MMAP_THRESHOLD, k._M_TRIM_THRESHOLD
+    assert libc.calls == [
+        ("mallopt", mmap, 1 << 30),
+        ("mallopt", trim, 2**31 - 1),
+        ("mallopt", top_pad, 1 << 30),
+        ("mallopt", top_pad, 128 << 10),
+        ("mallopt", mmap, 32 << 20),
+        ("mallopt", trim, 64 << 20),
+        ("malloc_trim", 0),
+    ]
+    libc.calls.clear()
+    monkeypatch.setenv(inf_kernels.KEEP_FREED_MEMORY_ENV, "off")
+    apply_network(network(Threshold(), 2), vol, voxel_size=10.0, settings=_CPU)
+    assert libc.calls == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import os
 import platform
 import sys
 import threading
@@ -225,6 +226,9 @@ def _cudnn_autotune(device: torch.device) -> Iterator[None]:
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _ALLOCATOR_LOCK = threading.Lock()
 _ALLOCATOR_USERS = 0
+#: Set to ``0`` (or ``no``, ``off``, ``false``) to leave glibc's allocator alone during CPU
+#: runs (:func:`_keep_freed_memory`), at the cost of their speed.
+KEEP_FREED_MEMORY_ENV = "TOMOSEG_KEEP_FREED_MEMORY"
 
 
 def _glibc() -> Any:
@@ -238,6 +242,12 @@ def _glibc() -> Any:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+def _allocator_tuning_allowed() -> bool:
+    """False when :data:`KEEP_FREED_MEMORY_ENV` turns the allocator tuning off."""
+    value = os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip().lower()
+    return value not in ("0", "no", "off", "false")
+
+
 @contextlib.contextmanager
 def _keep_freed_memory(enabled: bool = True) -> Iterator[None]:
     """Let glibc's allocator keep and reuse freed memory while a CPU run lasts.
@@ -247,13 +257,19 @@ def _keep_freed_memory(enabled: bool = True) -> Iterator[None]:
     every pass page-faults its whole working set again (on a CPU about half the apply time
     of ``unet-lite`` and ``tomoseg-cnn``, ``docs/benchmarks.md``).  Here large blocks come
     from the heap (grown 1 GiB at a time) and freed memory stays for the next pass; the peak
-    is unchanged (the same blocks are live at once).  Afterwards the allocator is set as its
-    own dynamic tuning leaves it after large blocks were freed (mmap threshold 32 MiB, trim
-    threshold 64 MiB) and the unused memory is returned (``malloc_trim``).  Does nothing
-    on other C libraries and systems.  Process-wide, so nested and concurrent runs count.
+    is unchanged (the same blocks are live at once).
+
+    When the last run ends (however it ends: finished, stopped, failed or its generator
+    closed) the unused memory is returned (``malloc_trim``) and blocks over 32 MiB are
+    mapped and returned on ``free`` again, as before the run.  glibc cannot report its
+    previous settings, so they are set to where its own dynamic tuning settles once a large
+    block was freed (mmap threshold 32 MiB, trim threshold 64 MiB, top pad 128 KiB); from
+    then on they stay there rather than adapting.  ``enabled=False``, the environment
+    variable :data:`KEEP_FREED_MEMORY_ENV` set to ``0``, or a C library other than glibc
+    leave the allocator untouched.  Process-wide, so nested and concurrent runs count.
     """
     global _ALLOCATOR_USERS
-    libc = _glibc() if enabled else None
+    libc = _glibc() if enabled and _allocator_tuning_allowed() else None
     if libc is None:
         yield
         return
