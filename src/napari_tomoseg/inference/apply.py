@@ -136,16 +136,29 @@ def iter_apply(
 ) -> Generator[Progress, None, ApplyResult]:
     """Apply ``network`` to a (Z, Y, X) ``volume``; yields progress, returns the result.
 
-    ``volume`` may be memory-mapped: it is read slice by slice.  ``voxel_size``
-    is the tomogram's (Z, Y, X, or one value) in Angstrom.  Results go into ``out`` (e.g.
-    memory maps) or new in-memory arrays.  When ``should_stop()`` becomes true the run ends
-    after the current batch and returns with ``stopped=True``.
-
-    ``z_range=(z0, z1)`` computes only those slices, exactly as a whole run would (the
-    whole tomogram's normalisation, neighbouring context slices, the same tile batches):
-    the outputs then hold ``z1 - z0`` slices.  ``z0`` must be a multiple of
-    ``settings.z_chunk`` (batches start there); this is how a tomogram is split across
-    cluster workers.
+    Parameters
+    ----------
+    network
+        A loaded network (``.model`` and ``.meta``, :func:`napari_tomoseg.model_file.
+        load_network`).
+    volume
+        The tomogram; it may be memory-mapped or lazy (dask, Zarr): it is read slice by
+        slice.
+    voxel_size
+        The tomogram's (Z, Y, X, or one value) in Angstrom, or None (unknown: a warning).
+    settings
+        How to apply (:class:`ApplySettings`; the defaults when None).
+    should_stop
+        Checked before every batch; when true the run ends and returns ``stopped=True``.
+    out
+        Arrays (e.g. memory maps) for the results; new in-memory arrays when None.
+    keep_probabilities
+        False keeps only the mask (when ``out`` is None).
+    z_range
+        ``(z0, z1)``: only those slices, exactly as a whole run computes them (the whole
+        tomogram's normalisation, neighbouring context slices, the same tile batches); the
+        outputs then hold ``z1 - z0`` slices.  ``z0`` must be a multiple of
+        ``settings.z_chunk``.  This is how a tomogram is split across cluster workers.
     """
     settings = (settings or ApplySettings()).resolved(network)
     settings.validate()
@@ -439,7 +452,17 @@ def apply_network(
     callback: Callable[[Progress], None] | None = None,
     **kw: Any,
 ) -> ApplyResult:
-    """Run :func:`iter_apply` to the end (``kw`` as there); ``callback`` sees the progress."""
+    """Run :func:`iter_apply` to the end and return its :class:`ApplyResult`.
+
+    Parameters
+    ----------
+    network, volume
+        As for :func:`iter_apply`.
+    callback
+        Called with each :class:`~napari_tomoseg.progress.Progress` event, or None.
+    **kw
+        :func:`iter_apply`'s keyword arguments (``voxel_size``, ``settings``, ...).
+    """
     return drive(iter_apply(network, volume, **kw), callback)
 
 
@@ -451,6 +474,18 @@ def apply_binned(
     settings: ApplySettings | None = None,
     **kw: Any,
 ) -> ApplyResult:
-    """Apply to ``volume`` binned by ``shrink``; probabilities and mask come back full size."""
+    """Apply to ``volume`` binned by ``shrink``; probabilities and mask come back full size.
+
+    Parameters
+    ----------
+    network, volume
+        As for :func:`iter_apply`.
+    shrink
+        The binning factor (replaces ``settings.shrink``).
+    settings
+        The other settings (the defaults when None).
+    **kw
+        :func:`apply_network`'s other arguments (``voxel_size``, ``callback``, ...).
+    """
     settings = replace(settings or ApplySettings(), shrink=shrink)
     return apply_network(network, volume, settings=settings, **kw)

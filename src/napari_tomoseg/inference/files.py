@@ -39,6 +39,13 @@ from .settings import ApplyOutputs, ApplyResult, ApplySettings, VoxelSize
 def probability_paths(path: str | os.PathLike, foreground_names: Sequence[str]) -> list[Path]:
     """File names for the probability maps: ``path`` itself for a single foreground class,
     else one file per class with the class name before the extension (``prob_ribosome.mrc``).
+
+    Parameters
+    ----------
+    path
+        The probability map file asked for.
+    foreground_names
+        The network's class names but the background's.
     """
     path = Path(path)
     names = list(foreground_names)
@@ -99,15 +106,32 @@ def iter_apply_file(
     voxel_size: VoxelSize | None = None,
 ) -> Generator[Progress, None, ApplyResult]:
     """Apply ``network`` to a tomogram file, streaming, writing MRC files with the voxel
-    size kept.
+    size kept; yields progress, returns the result.
 
-    The tomogram (MRC, or OME-Zarr: see :func:`napari_tomoseg.io.read_tomogram`) is
-    memory-mapped or read lazily; the mask (uint8 class indices) and, if
-    ``output_prob_path`` is given, the probability maps (``round(100 * p)``, one file per
-    foreground class, see :func:`probability_paths`) are written through memory maps into
-    temporary files renamed at the end.  A cancelled run returns ``stopped=True`` and leaves
-    no file under the final names.  ``voxel_size`` overrides the header's.  The returned
-    result's arrays are read-only memory maps of the written files.
+    The outputs are written through memory maps into temporary files renamed at the end;
+    a cancelled run returns ``stopped=True`` and leaves no file under the final names.  The
+    returned result's arrays are read-only memory maps of the written files.
+
+    Parameters
+    ----------
+    network
+        A loaded network, as for :func:`iter_apply`.
+    tomogram_path
+        The tomogram: MRC (memory-mapped) or OME-Zarr (read lazily), see
+        :func:`napari_tomoseg.io.read_tomogram`.
+    output_mask_path
+        The mask file (uint8 class indices).
+    output_prob_path
+        The probability map file (``round(100 * p)``; one file per foreground class, see
+        :func:`probability_paths`), or None for none.
+    settings
+        How to apply (:class:`ApplySettings`; the defaults when None).
+    overwrite
+        Replace existing outputs (else they are refused).
+    should_stop
+        As for :func:`iter_apply`.
+    voxel_size
+        Overrides the header's (Z, Y, X, or one value, Angstrom).
     """
     settings = settings or ApplySettings()
     settings.validate()
@@ -121,15 +145,7 @@ def iter_apply_file(
     mask_path = Path(output_mask_path)
     prob_paths = probability_paths(output_prob_path, class_names[1:]) if output_prob_path else []
     targets = [mask_path, *prob_paths]
-    for p in targets:
-        if p.resolve() == src.resolve():
-            raise TomosegError(
-                f"The output {p} would replace the input tomogram; choose another name."
-            )
-        if str(p).lower().endswith(".gz"):
-            raise TomosegError(f"{p}: compressed outputs cannot be streamed; drop the .gz ending.")
-    if len(set(targets)) != len(targets):
-        raise TomosegError("The mask and probability outputs must have different file names.")
+    _check_targets(src, targets)
 
     result: ApplyResult | None = None
     try:
@@ -186,6 +202,20 @@ def iter_apply_file(
     return result
 
 
+def _check_targets(src: Path, targets: list[Path]) -> None:
+    """Refuse output files that would replace the input, are compressed (they cannot be
+    written through memory maps) or share a name."""
+    for p in targets:
+        if p.resolve() == src.resolve():
+            raise TomosegError(
+                f"The output {p} would replace the input tomogram; choose another name."
+            )
+        if str(p).lower().endswith(".gz"):
+            raise TomosegError(f"{p}: compressed outputs cannot be streamed; drop the .gz ending.")
+    if len(set(targets)) != len(targets):
+        raise TomosegError("The mask and probability outputs must have different file names.")
+
+
 def apply_file(
     network: Any,
     tomogram_path: str | os.PathLike,
@@ -194,6 +224,16 @@ def apply_file(
     callback: Callable[[Progress], None] | None = None,
     **kw: Any,
 ) -> ApplyResult:
-    """Run :func:`iter_apply_file` to the end; ``callback`` sees the progress."""
+    """Run :func:`iter_apply_file` to the end and return its :class:`ApplyResult`.
+
+    Parameters
+    ----------
+    network, tomogram_path, output_mask_path, output_prob_path
+        As for :func:`iter_apply_file`.
+    callback
+        Called with each :class:`~napari_tomoseg.progress.Progress` event, or None.
+    **kw
+        :func:`iter_apply_file`'s keyword arguments (``settings``, ``overwrite``, ...).
+    """
     gen = iter_apply_file(network, tomogram_path, output_mask_path, output_prob_path, **kw)
     return drive(gen, callback)

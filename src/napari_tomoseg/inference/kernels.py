@@ -188,10 +188,18 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str = "cpu") 
     """A copy of ``model`` made fast for applying on ``device``; ``model`` is not changed.
 
     The copy is in evaluation mode, needs no gradients, has its batch norms folded into the
-    convolutions before them (:func:`_fold_batch_norm`) and, on a CPU or a CUDA GPU, keeps
-    its weights (and takes its inputs) channels-last, the layout oneDNN and cuDNN run
-    convolutions fastest in (speed-ups in ``docs/benchmarks.md``).  The outputs agree with
-    the plain model's to float rounding (about 1e-7).
+    convolutions before them (:func:`_fold_batch_norm`), on a CPU computes its large-kernel
+    convolutions by FFT (:class:`FFTConv2d`) and, on a CPU or a CUDA GPU, keeps its weights
+    (and takes its inputs) channels-last, the layout oneDNN and cuDNN run convolutions
+    fastest in (speed-ups in ``docs/benchmarks.md``).  The outputs agree with the plain
+    model's to float rounding.
+
+    Parameters
+    ----------
+    model
+        The network.
+    device
+        Where the copy goes (a name or ``torch.device``, see :func:`resolve_device`).
     """
     device = resolve_device(device)
     fast = copy.deepcopy(model).eval()

@@ -131,7 +131,13 @@ class ApplySettings:
 
 def network_threshold(network: Any) -> float:
     """The probability at which ``network``'s mask is cut: the threshold recorded in its
-    file (chosen on its held-out boxes), or :data:`DEFAULT_THRESHOLD`."""
+    file (chosen on its held-out boxes), or :data:`DEFAULT_THRESHOLD`.
+
+    Parameters
+    ----------
+    network
+        A loaded network, or anything without ``.meta.threshold`` (None included).
+    """
     own = getattr(getattr(network, "meta", None), "threshold", None)
     return float(own) if own is not None else DEFAULT_THRESHOLD
 

@@ -170,6 +170,13 @@ def receptive_field(model: nn.Module, in_channels: int) -> ReceptiveField:
     output pixel it influences, measured on a positive-weight copy of the network (see
     :func:`_support_copy`) with impulses at several phases of the pooling grid.  It depends
     on the architecture only, not on the weights.
+
+    Parameters
+    ----------
+    model
+        A 2D fully convolutional network (its weights are not used, nor is it changed).
+    in_channels
+        The channels it takes (``2 * context_slices + 1``).
     """
     cached = _RF_CACHE.get(model)
     if cached is not None:
@@ -293,11 +300,23 @@ def plan_tiles(
 ) -> TilePlan:
     """Lay square tiles over a (H, W) plane.
 
-    Tiles start on multiples of ``alignment`` and share ``overlap`` pixels; the tile size is
-    then trimmed (never grown past ``tile_size``) so the tiles fit the plane with as little
-    padding as possible.  ``margin`` pixels at each inner tile edge get zero weight; the rest
-    of the overlap is a cosine ramp.  Exact for a network with this receptive-field margin
-    when ``overlap >= 2 * margin``.
+    The tile size is trimmed (never grown past ``tile_size``) so the tiles fit the plane
+    with as little padding as possible.  Exact for a network with this receptive-field
+    margin when ``overlap >= 2 * margin``.
+
+    Parameters
+    ----------
+    shape
+        The plane's (H, W).
+    tile_size
+        The largest tile side, pixels (rounded up to ``alignment``).
+    overlap
+        Pixels shared by neighbouring tiles (rounded up to ``alignment``).
+    margin
+        Pixels at each inner tile edge that get zero weight (a quarter of the overlap when
+        the overlap is under ``2 * margin``); the rest of the overlap is a cosine ramp.
+    alignment
+        Tiles start on multiples of it (the network's, :class:`ReceptiveField`).
     """
     a = max(1, int(alignment))
     h, w = (int(s) for s in shape)
