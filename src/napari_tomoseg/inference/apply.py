@@ -396,17 +396,21 @@ def _iter_apply_binned(
         should_stop=should_stop,
     )
     notes = [f"applied to a copy binned by {shrink}", *inner.notes]
-    if inner.stopped or should_stop():
+
+    def finish(stopped: bool) -> ApplyResult:
         return _run_result(
             outputs,
             class_names,
             vs,
             start,
-            stopped=True,
-            slices_done=0,
+            stopped=stopped,
+            slices_done=0 if stopped else shape[0],
             notes=notes,
             threshold=settings.threshold,
         )
+
+    if inner.stopped or should_stop():
+        return finish(stopped=True)
     del binned
     full = outputs.probabilities or [np.zeros(shape, dtype=PROBABILITY_DTYPE) for _ in range(n_fg)]
     for k, small in enumerate(inner.probabilities):
@@ -419,31 +423,13 @@ def _iter_apply_binned(
             out=_QuantizingSink(full[k]),  # type: ignore[arg-type]
         )
         if should_stop():
-            return _run_result(
-                outputs,
-                class_names,
-                vs,
-                start,
-                stopped=True,
-                slices_done=0,
-                notes=notes,
-                threshold=settings.threshold,
-            )
+            return finish(stopped=True)
     for z in range(shape[0]):
         fg = np.stack([probabilities_as_float(f[z]) for f in full])
         probs = np.concatenate([np.clip(1.0 - fg.sum(axis=0), 0.0, 1.0)[None], fg])
         outputs.mask[z] = _make_mask(probs, settings.threshold)
     yield Progress("unbin", n_fg, n_fg, message="done")
-    return _run_result(
-        outputs,
-        class_names,
-        vs,
-        start,
-        stopped=False,
-        slices_done=shape[0],
-        notes=notes,
-        threshold=settings.threshold,
-    )
+    return finish(stopped=False)
 
 
 def apply_network(
