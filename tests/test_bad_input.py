@@ -49,6 +49,8 @@ from napari_tomoseg.inference import (
     apply_network,
     iter_apply_file,
 )
+from napari_tomoseg.inference import apply as inf_apply
+from napari_tomoseg.inference import predict as inf_predict
 from napari_tomoseg.merge import MergeInput, merge_probability_maps
 from napari_tomoseg.model_file import Network, load_network, save_network
 from napari_tomoseg.picking import Particle, pick, write_csv, write_star
@@ -841,7 +843,7 @@ OOM_SHAPE = (5, 96, 80)
 
 def _oom_when(monkeypatch, too_big: Callable[[np.ndarray], bool], message: str | None = None):
     """Make the forward pass raise a CUDA out-of-memory error for batches ``too_big`` says."""
-    real = inf._predict_batch
+    real = inf_predict._predict_batch
     calls = {"refused": 0, "run": 0}
 
     def predict(model, batch, device, **kw):
@@ -855,7 +857,7 @@ def _oom_when(monkeypatch, too_big: Callable[[np.ndarray], bool], message: str |
         calls["run"] += 1
         return real(model, batch, device, **kw)
 
-    monkeypatch.setattr(inf, "_predict_batch", predict)
+    monkeypatch.setattr(inf_predict, "_predict_batch", predict)
     return calls
 
 
@@ -928,7 +930,7 @@ def test_other_runtime_errors_are_not_retried(monkeypatch):
     def broken(*_args, **_kw):
         raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
 
-    monkeypatch.setattr(inf, "_predict_batch", broken)
+    monkeypatch.setattr(inf_predict, "_predict_batch", broken)
     with pytest.raises(RuntimeError, match="CUDNN_STATUS"):
         _run(tiny_network(), volume(OOM_SHAPE))
 
@@ -1022,7 +1024,7 @@ def test_apply_file_on_a_full_disk_keeps_the_previous_outputs(monkeypatch, tmp_p
     before = _snapshot(tmp_path)
     other = tiny_network(n_classes=3, class_names=("background", "membrane", "ribosome"), seed=5)
     if where == "mid-run":
-        _fail_on_call(monkeypatch, inf, "_make_mask", 4)
+        _fail_on_call(monkeypatch, inf_apply, "_make_mask", 4)
         match = "No space left on device"
     elif where == "reserve":
         monkeypatch.setattr(os, "posix_fallocate", _enospc, raising=False)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import tracemalloc
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,6 +29,9 @@ from napari_tomoseg.inference import (
     probabilities_as_float,
     receptive_field,
 )
+from napari_tomoseg.inference import apply as inf_apply
+from napari_tomoseg.inference import kernels as inf_kernels
+from napari_tomoseg.inference import tiling as inf_tiling
 from napari_tomoseg.io import header_labels, read_tomogram, source_label, write_mrc
 from napari_tomoseg.model_file import Network, NetworkMeta
 from napari_tomoseg.models import build_model, predict_proba
@@ -158,7 +163,7 @@ def test_receptive_field_of_registered_architectures():
     assert rf_lite.margin > rf.margin
     # the single-channel tracer agrees with the full positive-weight copy
     small = build_model("tomoseg-cnn", 1, 2, n_kernels=[3, 3])
-    probe = inf._positive_copy(small)
+    probe = inf_tiling._positive_copy(small)
     x = torch.zeros((2, 1, 160, 160), dtype=torch.float64)
     x[0, 0, 80, 80] = 1.0
     with torch.no_grad():
@@ -180,10 +185,10 @@ def test_receptive_field_of_registered_architectures():
 def test_tile_plan_covers_every_pixel(h, w, tile, overlap_frac, margin, align):
     tile = max(tile, align)
     overlap = int(overlap_frac * tile) // align * align
-    if overlap >= inf._round_up(tile, align):
+    if overlap >= inf_tiling._round_up(tile, align):
         return
     plan = plan_tiles((h, w), tile, overlap, margin, align)
-    assert plan.tile <= inf._round_up(tile, align)
+    assert plan.tile <= inf_tiling._round_up(tile, align)
     assert all(o % align == 0 for o in plan.origins_y + plan.origins_x)
     ph, pw = plan.padded_shape
     assert ph >= h and pw >= w
@@ -194,7 +199,7 @@ def _tiled_vs_whole(model, shape, tile, n_classes, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(2, 1, *shape)).astype(np.float32)
     rf = receptive_field(model, 1)
-    tile_size, overlap, _ = inf._effective_tiling(ApplySettings(tile_size=tile), rf)
+    tile_size, overlap, _ = inf_tiling._effective_tiling(ApplySettings(tile_size=tile), rf)
     plan = plan_tiles(shape, tile_size, overlap, rf.margin, rf.alignment)
     assert plan.n_tiles >= 4  # really tiled
     tiled = dict(predict_slices(model, [(i, x[i]) for i in range(2)], plan, batch_size=3))
@@ -304,15 +309,15 @@ def test_tta_setting_reaches_the_run():
 # -- masks --------------------------------------------------------------------------------------
 def test_mask_rules_binary_and_multiclass():
     binary = np.array([[[0.7]], [[0.3]]], dtype=np.float32)  # (2, 1, 1): p1 = 0.3
-    assert inf._make_mask(binary, 0.25)[0, 0] == 1  # binary: p >= threshold
-    assert inf._make_mask(binary, 0.5)[0, 0] == 0
+    assert inf_apply._make_mask(binary, 0.25)[0, 0] == 1  # binary: p >= threshold
+    assert inf_apply._make_mask(binary, 0.5)[0, 0] == 0
     p = np.zeros((3, 1, 4), dtype=np.float32)
     p[:, 0, 0] = [0.2, 0.5, 0.3]  # class 1 wins and reaches 0.5
     p[:, 0, 1] = [0.3, 0.35, 0.35]  # tie between 1 and 2 (argmax: 1) but below 0.5
     p[:, 0, 2] = [0.6, 0.1, 0.3]  # background wins
     p[:, 0, 3] = [0.1, 0.3, 0.6]
-    assert inf._make_mask(p, 0.5).tolist() == [[1, 0, 0, 2]]
-    assert inf._make_mask(p, 0.3).tolist() == [[1, 1, 0, 2]]
+    assert inf_apply._make_mask(p, 0.5).tolist() == [[1, 0, 0, 2]]
+    assert inf_apply._make_mask(p, 0.3).tolist() == [[1, 1, 0, 2]]
 
 
 def test_probability_storage_round_trip():
@@ -570,6 +575,30 @@ def test_bad_settings_are_refused(kw):
         ApplySettings(**kw).validate()
 
 
+def test_one_device_rule_for_training_and_applying():
+    from napari_tomoseg.inference import resolve_device
+    from napari_tomoseg.training import select_device
+
+    assert select_device is resolve_device
+    assert resolve_device(" CPU ") == torch.device("cpu")  # as training always accepted
+    assert resolve_device("cpu:0") == torch.device("cpu", 0)  # as applying always accepted
+    assert resolve_device(torch.device("meta")) == torch.device("meta")
+    with pytest.raises(TomosegError, match="Unknown device"):
+        resolve_device("tpu9")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        with pytest.raises(TomosegError, match="MPS"):
+            resolve_device("mps")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        assert resolve_device(f"cuda:{n - 1}") == torch.device("cuda", n - 1)
+        with pytest.raises(TomosegError, match=f"only {n} CUDA GPU"):
+            resolve_device(f"cuda:{n}")
+    else:
+        with pytest.raises(TomosegError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
 def test_bad_inputs_are_refused():
     net = network(Threshold(), 2)
     with pytest.raises(TomosegError, match="3D"):
@@ -629,3 +658,120 @@ def test_binned_file_run_matches_binned_memory_run(tmp_path):
     assert np.array_equal(np.asarray(on_disk.probabilities[0]), memory.probabilities[0])
     assert read_tomogram(tmp_path / "mask.mrc").voxel_size == pytest.approx((10.0,) * 3)
     assert dice(memory.mask, labels) > 0.85
+
+
+# -- the CPU allocator tuning -------------------------------------------------------------------
+_CPU = ApplySettings(device="cpu")
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",  # bytes in mmapped blocks
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _glibc_probe():
+    """``mapped(nbytes)``: whether glibc serves a block that large with fresh mmap pages
+    (freed straight back to the system), or None without glibc's ``mallinfo2``."""
+    libc = inf_kernels._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def mapped(nbytes: int) -> bool:
+        before = libc.mallinfo2().hblkhd
+        block = libc.malloc(nbytes)
+        after = libc.mallinfo2().hblkhd
+        libc.free(block)
+        return after - before >= nbytes
+
+    return mapped
+
+
+def _paused_cpu_run():
+    """A CPU apply suspended after its first slab, inside the allocator tuning."""
+    vol, _ = blobs((4, 40, 40))
+    settings = replace(_CPU, z_chunk=1)
+    gen = iter_apply(network(Threshold(), 2), vol, voxel_size=10.0, settings=settings)
+    assert next(gen).step == 0  # "measuring": not yet tuned
+    assert next(gen).step == 1  # the first slab is done, the second not begun
+    return gen
+
+
+def test_allocator_tuning_lasts_the_run_and_is_undone_however_it_ends(monkeypatch):
+    mapped = _glibc_probe()
+    if mapped is None:
+        pytest.skip("needs glibc with mallinfo2")
+    monkeypatch.delenv(inf_kernels.KEEP_FREED_MEMORY_ENV, raising=False)
+    big = 40 << 20
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    gen = _paused_cpu_run()
+    assert not mapped(big)  # during the run: from the heap, kept for the next pass
+    gen.close()  # a cancelled or abandoned run (the widget's worker quits)
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    gen = _paused_cpu_run()
+    with pytest.raises(TomosegError, match="boom"):
+        gen.throw(TomosegError("boom"))
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    vol, _ = blobs((3, 40, 40))
+    apply_network(network(Threshold(), 2), vol, voxel_size=10.0, settings=_CPU)
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    with inf_kernels._keep_freed_memory():
+        with inf_kernels._keep_freed_memory():
+            pass
+        assert not mapped(big)  # nested: the inner one leaves the outer's tuning in place
+    assert mapped(big) and inf_kernels._ALLOCATOR_USERS == 0
+    monkeypatch.setenv(inf_kernels.KEEP_FREED_MEMORY_ENV, "0")
+    gen = _paused_cpu_run()
+    assert mapped(big)  # turned off: the allocator is never changed
+    gen.close()
+
+
+class _RecordingLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_allocator_settings_put_back_after_a_run_are_those_glibc_settles_at(monkeypatch):
+    libc = _RecordingLibc()
+    monkeypatch.setattr(inf_kernels, "_glibc", lambda: libc)
+    monkeypatch.delenv(inf_kernels.KEEP_FREED_MEMORY_ENV, raising=False)
+    vol, _ = blobs((3, 40, 40))
+    apply_network(network(Threshold(), 2), vol, voxel_size=10.0, settings=_CPU)
+    k = inf_kernels
+    top_pad, mmap, trim = k._M_TOP_PAD, k._M_MMAP_THRESHOLD, k._M_TRIM_THRESHOLD
+    assert libc.calls == [
+        ("mallopt", mmap, 1 << 30),
+        ("mallopt", trim, 2**31 - 1),
+        ("mallopt", top_pad, 1 << 30),
+        ("mallopt", top_pad, 128 << 10),
+        ("mallopt", mmap, 32 << 20),
+        ("mallopt", trim, 64 << 20),
+        ("malloc_trim", 0),
+    ]
+    libc.calls.clear()
+    monkeypatch.setenv(inf_kernels.KEEP_FREED_MEMORY_ENV, "off")
+    apply_network(network(Threshold(), 2), vol, voxel_size=10.0, settings=_CPU)
+    assert libc.calls == []

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,6 +22,8 @@ from napari_tomoseg.merge import (
 )
 from napari_tomoseg.probability import quantize_probabilities
 from napari_tomoseg.progress import drive
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def maps(*values):
@@ -155,3 +162,16 @@ def test_bad_inputs_are_refused(bad, message):
     b = np.zeros((2, 3, 4), np.float32)
     with pytest.raises(TomosegError, match=message):
         merge_probability_maps(bad(a, b))
+
+
+def test_merge_and_picking_do_not_import_torch():
+    """Merging and picking read stored probabilities (napari_tomoseg.probability), not the
+    inference package, so they run where torch is not installed or slow to import."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    code = (
+        "import sys, napari_tomoseg.merge, napari_tomoseg.picking\n"
+        "loaded = [m for m in ('torch', 'napari_tomoseg.inference') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)

@@ -310,10 +310,9 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .inference import ApplySettings, iter_apply_file
+    from .inference import ApplySettings, iter_apply_file, resolve_device
     from .io import output_names
     from .model_file import load_network
-    from .training import select_device
 
     settings = ApplySettings(
         threshold=args.threshold,
@@ -343,7 +342,7 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         for net_path in networks:
             if should_stop():
                 break
-            network = load_network(net_path, device=select_device(args.device))
+            network = load_network(net_path, device=resolve_device(args.device))
             label = args.name or Path(net_path).stem
             for i, tomogram in enumerate(args.tomograms, 1):
                 if should_stop():

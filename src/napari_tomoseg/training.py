@@ -74,6 +74,7 @@ from .checkpoint import (
     trainset_fingerprint,
 )
 from .errors import TomosegError
+from .inference.device import resolve_device
 from .model_file import Network, NetworkMeta, jsonable, package_versions
 from .models import DEFAULT_ARCHITECTURE, get_spec, logits_to_proba, resolved_params
 from .pretrained import AUTO, SCRATCH, available, starting_network, transfer_weights
@@ -309,45 +310,9 @@ class TrainResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def select_device(requested: str = "auto") -> torch.device:
-    """The torch device to train on.
-
-    ``"auto"``: CUDA if available, then Apple MPS, then the CPU.  Asking for ``"cuda"``
-    (or ``"cuda:N"``) or ``"mps"`` where there is none raises :class:`TomosegError`.
-    """
-    req = str(requested).strip().lower()
-    if req == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if req == "cpu":
-        return torch.device("cpu")
-    if req.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TomosegError(
-                "CUDA was requested but no CUDA GPU is available (or torch was installed "
-                "without CUDA support); choose device 'auto' or 'cpu', or install a CUDA "
-                "build of torch."
-            )
-        try:
-            device = torch.device(req)
-        except RuntimeError:
-            raise TomosegError(f"Unknown device {requested!r}; use 'cuda' or 'cuda:N'.") from None
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise TomosegError(
-                f"GPU {device.index} was requested but only {count} CUDA GPU(s) exist."
-            )
-        return device
-    if req == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise TomosegError("Apple MPS was requested but is not available; use 'auto'.")
-        return torch.device("mps")
-    raise TomosegError(f"Unknown device {requested!r}; use 'auto', 'cpu', 'cuda', or 'mps'.")
+#: The same function as :func:`napari_tomoseg.inference.resolve_device` (one device rule for
+#: training and applying), under the name training has always had.
+select_device = resolve_device
 
 
 def confusion_matrix(
@@ -1407,7 +1372,7 @@ def iter_train(
     t_start = time.perf_counter()
     names = tuple(str(n) for n in trainset.class_names)
     n_samples, in_channels = trainset.images.shape[:2]
-    device = select_device(settings.device)
+    device = resolve_device(settings.device)
     use_amp = bool(settings.mixed_precision) and device.type == "cuda"
     arch, params = _architecture(settings, init, trainset, names, int(in_channels))
     if init is not None:
