@@ -15,17 +15,11 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets.bases import ValueWidget
 
 from ..errors import TomosegError
-from ..folders import cache_dir, cache_name, config_dir
+from ..folders import config_dir
 from ..progress import Progress
 
 if TYPE_CHECKING:
     import napari
-
-
-def checkpoint_path_for(source: str) -> Path:
-    """The training checkpoint of the tomogram ``source`` (a file path or a layer name):
-    ``<cache>/checkpoints/<name>-<CRC of source>.ckpt``, one per tomogram."""
-    return cache_dir() / "checkpoints" / f"{cache_name(source)}.ckpt"
 
 
 def source_of(layer: Any) -> str:

@@ -29,7 +29,7 @@ from magicgui.widgets import (
 )
 
 from ..boxes import box_from_shape
-from ..checkpoint import read_checkpoint_meta
+from ..checkpoint import default_checkpoint_path, read_checkpoint_meta
 from ..errors import TomosegError
 from ..model_file import load_network, save_network
 from ..models import DEFAULT_ARCHITECTURE, available
@@ -43,7 +43,6 @@ from ._common import (
     SESSION,
     RememberedSettings,
     TaskRunner,
-    checkpoint_path_for,
     describe_error,
     layer_choices,
     layer_volume,
@@ -309,7 +308,7 @@ class TrainWidget(Container):
         tomo = self.tomogram.value
         if tomo is None:
             return None
-        return checkpoint_path_for(source_of(tomo))
+        return default_checkpoint_path(source=source_of(tomo))
 
     def update_resume(self, *_: Any) -> None:
         """Offer to resume (ticked) when the chosen tomogram has an interrupted run."""
