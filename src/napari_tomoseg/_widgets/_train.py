@@ -263,8 +263,11 @@ class TrainWidget(Container):
             context_slices=int(self.context.value),
         )
 
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(
+    def train_settings(self, init: Any = None) -> TrainSettings:
+        """The settings of the fields, for a new network or to continue ``init`` (then its
+        own architecture, seed and validation split: ``TrainSettings.for_run``)."""
+        return TrainSettings.for_run(
+            init,
             architecture=str(self.architecture.value),
             iterations=int(self.iterations.value),
             learning_rate=float(self.learning_rate.value),
@@ -373,11 +376,8 @@ class TrainWidget(Container):
         class_names = class_names_from_layer(paint, labels)
         voxel_size = voxel_size_of(tomo)
         ts_settings = self.trainset_settings(box_size)
-        settings = self.train_settings()
         init = self._initial_network()
-        if init is not None:
-            settings.architecture = init.meta.architecture
-            settings.model_params = dict(init.meta.model_params)
+        settings = self.train_settings(init)
         source = source_of(tomo)
         checkpoint = self.checkpoint_path()
         resume = bool(self.resume.enabled and self.resume.value)
