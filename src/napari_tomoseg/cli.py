@@ -353,7 +353,7 @@ def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int
 
 def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     from .inference import ApplySettings, iter_apply_file
-    from .io import output_names
+    from .io import output_label, output_names
     from .model_file import load_network
     from .training import select_device
 
@@ -386,7 +386,7 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
             if should_stop():
                 break
             network = load_network(net_path, device=select_device(args.device))
-            label = args.name or Path(net_path).stem
+            label = output_label(net_path, args.name)
             for i, tomogram in enumerate(args.tomograms, 1):
                 if should_stop():
                     break
@@ -529,8 +529,7 @@ def _cmd_apply_batch(
     progress: ProgressPrinter,
 ) -> int:
     """``tomoseg apply`` on a Dask cluster: local, or a running scheduler."""
-    from .cluster import BatchJob, BatchSettings, JobOutcome, iter_run_batch
-    from .io import output_names
+    from .cluster import BatchSettings, JobOutcome, iter_run_batch, plan_batch
 
     batch = BatchSettings(
         scheduler=args.scheduler,
@@ -542,19 +541,13 @@ def _cmd_apply_batch(
         verify_hashes=args.verify_hashes,
     )
     batch.validate()
-    jobs = []
-    for net_path in networks:
-        label = args.name or Path(net_path).stem
-        for tomogram in args.tomograms:
-            mask_path, prob_path = output_names(out_dir, Path(tomogram), label)
-            jobs.append(
-                BatchJob(
-                    Path(tomogram),
-                    Path(net_path),
-                    mask_path,
-                    None if args.no_probabilities else prob_path,
-                )
-            )
+    jobs = plan_batch(
+        args.tomograms,
+        networks,
+        out_dir,
+        labels=[args.name] if args.name else None,  # --name: a single network
+        probabilities=not args.no_probabilities,
+    )
     where = args.scheduler or "a local Dask cluster"
     print(f"Applying {len(jobs)} job(s) on {where}", file=sys.stderr)
 
@@ -590,7 +583,14 @@ def _cmd_apply_batch(
 
 
 def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import classes_label, mrc_stem, read_tomogram, source_label, source_name, write_labels
+    from .io import (
+        classes_label,
+        output_feature,
+        read_tomogram,
+        source_label,
+        source_name,
+        write_labels,
+    )
     from .merge import MergeInput, iter_merge
 
     n = len(args.probabilities)
@@ -601,9 +601,7 @@ def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     if args.names:
         names = args.names.split(",")
     else:  # tomo1_membrane.mrc, made from tomo1: "membrane"
-        names = [mrc_stem(p).removesuffix("_prob") for p in args.probabilities]
-        if source:
-            names = [name.removeprefix(f"{source}_") for name in names]
+        names = [output_feature(p, source, "_prob") for p in args.probabilities]
     if len(names) != n:
         raise TomosegError(f"--names gives {len(names)} names for {n} probability maps.")
     inputs = [
