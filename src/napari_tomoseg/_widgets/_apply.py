@@ -28,7 +28,6 @@ from ..pretrained import available as shipped_networks
 from ..pretrained import load_pretrained
 from ..probability import scale_of
 from ._common import (
-    SESSION,
     RememberedSettings,
     TaskRunner,
     describe_error,
@@ -37,6 +36,7 @@ from ._common import (
     layer_volume,
     notify_error,
     notify_info,
+    session,
     voxel_size_of,
 )
 
@@ -120,12 +120,12 @@ class ApplyWidget(Container):
 
     def network(self) -> Any:
         if self.source.value == SOURCES[0]:
-            if SESSION.network is None:
+            if session().network is None:
                 raise TomosegError(
                     "No network has been trained in this session: train one, "
                     "or choose 'network file'."
                 )
-            return SESSION.network
+            return session().network
         if self.source.value == SOURCES[2]:
             if not self.shipped.value:
                 raise TomosegError("This installation has no shipped networks.")

@@ -37,14 +37,15 @@ from ..errors import TomosegError
 from . import _common
 from ._autosave import Autosaver, guard_viewer
 from ._common import (
-    SESSION,
     RememberedSettings,
     describe_error,
+    follow,
     grid_kwargs,
     layer_choices,
     layer_volume,
     notify_error,
     notify_info,
+    session,
     source_of,
     voxel_size_of,
 )
@@ -147,9 +148,9 @@ class BoxWidget(Container):
             },
         )
         self._snapping = False
-        self.changes = SESSION.annotations(viewer)
+        self.changes = session().annotations(viewer)
         self.changes.saver = self.save_before_replacing
-        self.changes.listeners.append(self.update_counts)
+        follow(self.changes.unsaved_changed, self, self.update_counts)
         for name in (POSITIVE_LAYER, NEGATIVE_LAYER, PAINT_LAYER):
             self.changes.watch(self._layer(name))
         self.autosaver = Autosaver(self.changes, self.gather_annotations, self.native)

@@ -40,7 +40,6 @@ from ..training import TrainSettings, iter_train
 from ..trainset import TrainsetSettings, build_training_set
 from ._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE_LAYER
 from ._common import (
-    SESSION,
     RememberedSettings,
     TaskRunner,
     describe_error,
@@ -48,6 +47,7 @@ from ._common import (
     layer_volume,
     notify_error,
     notify_info,
+    session,
     source_of,
     voxel_size_of,
 )
@@ -235,7 +235,7 @@ class TrainWidget(Container):
         self.undo_copy_button.changed.connect(self.undo_copy)
         # (painting, region, what the copy replaced, what it wrote) per region
         self._undo: list[tuple[Any, tuple[Any, ...], np.ndarray, np.ndarray]] = []
-        self.changes = SESSION.annotations(viewer)
+        self.changes = session().annotations(viewer)
         for combo in (self.tomogram, self.painting, self.positive, self.negative, self.copy_from):
             viewer.layers.events.inserted.connect(combo.reset_choices)
             viewer.layers.events.removed.connect(combo.reset_choices)
@@ -297,9 +297,9 @@ class TrainWidget(Container):
 
     def _initial_network(self) -> Any:
         if self.continue_current.value:
-            if SESSION.network is None:
+            if session().network is None:
                 raise TomosegError("There is no current network to continue; train one first.")
-            return SESSION.network
+            return session().network
         path = self.continue_from.value
         if path and str(path) not in ("", ".") and Path(path).is_file():
             return load_network(path)
@@ -427,7 +427,7 @@ class TrainWidget(Container):
 
     def _done(self, result: Any) -> None:
         self.result = result
-        SESSION.set_network(result.network, "just trained")
+        session().set_network(result.network, "just trained")
         mean_f1 = result.metrics.get("mean_foreground_f1")
         state = "stopped" if result.stopped else "finished"
         text = f"Training {state} in {result.seconds:.0f} s on {result.device}"
@@ -506,7 +506,7 @@ class TrainWidget(Container):
 
     def save_network(self, path: Any) -> Path | None:
         """Save the network trained last (refuses to overwrite an existing file)."""
-        if SESSION.network is None:
+        if session().network is None:
             notify_error("Train a network before saving it.")
             return None
         if not path or str(path) in ("", "."):
@@ -520,7 +520,7 @@ class TrainWidget(Container):
                 else path.with_suffix(".tsnet")
             )
         try:
-            saved = save_network(SESSION.network, path, overwrite=False)
+            saved = save_network(session().network, path, overwrite=False)
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
