@@ -31,6 +31,7 @@ from ._common import (
     RememberedSettings,
     TaskRunner,
     describe_error,
+    follow_layers,
     grid_kwargs,
     layer_choices,
     layer_volume,
@@ -114,8 +115,7 @@ class ApplyWidget(Container):
         self.runner = TaskRunner("Apply")
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.runner.stop)
-        viewer.layers.events.inserted.connect(self.tomogram.reset_choices)
-        viewer.layers.events.removed.connect(self.tomogram.reset_choices)
+        follow_layers(viewer, self.tomogram)
         self.layers_added: list[Any] = []
 
     def network(self) -> Any:

@@ -88,6 +88,18 @@ def layer_choices(viewer: napari.Viewer, kind: str) -> Callable[[Any], list[tupl
     return choices
 
 
+def follow_layers(viewer: napari.Viewer, *widgets: Any) -> None:
+    """Refresh the layer choices of ``widgets`` whenever a layer is added or removed."""
+    for widget in widgets:
+        viewer.layers.events.inserted.connect(widget.reset_choices)
+        viewer.layers.events.removed.connect(widget.reset_choices)
+
+
+def is_chosen(path: Any) -> bool:
+    """Whether a file or folder field holds a chosen path (an empty one holds "" or ".")."""
+    return bool(path) and str(path) not in ("", ".")
+
+
 def layer_volume(layer: Any) -> Any:
     """The array a widget computes on: the layer's data, or a multiscale layer's finest
     level.  It is passed on as it is (memory-mapped, dask, Zarr), never read whole here:

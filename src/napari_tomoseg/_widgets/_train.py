@@ -43,6 +43,8 @@ from ._common import (
     RememberedSettings,
     TaskRunner,
     describe_error,
+    follow_layers,
+    is_chosen,
     layer_choices,
     layer_volume,
     notify_error,
@@ -95,12 +97,49 @@ class TrainWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = viewer
+        self._make_layer_choices(viewer)
+        self._make_trainset_fields()
+        self._make_training_fields()
+        self._make_result_fields(viewer)
+        self._lay_out()
+        self.remembered = RememberedSettings(
+            "train",
+            {
+                "ncopy": self.ncopy,
+                "normalisation": self.normalisation,
+                "context": self.context,
+                "architecture": self.architecture,
+                "iterations": self.iterations,
+                "learning_rate": self.learning_rate,
+                "batch_size": self.batch_size,
+                "start_from": self.start_from,
+            },
+        )
+        self.runner = TaskRunner("Training")
+        self.result: Any = None
+        self.preview: PreviewPanel | None = None
+        self._resuming = False
+        self.events_seen = 0
+        # (painting, region, what the copy replaced, what it wrote) per region
+        self._undo: list[tuple[Any, tuple[Any, ...], np.ndarray, np.ndarray]] = []
+        self.changes = session().annotations(viewer)
+        self._connect(viewer)
+        self.select_default_layers()
+        self.update_resume()
+        self.update_start_info()
+
+    # -- fields ---------------------------------------------------------------------------
+    def _make_layer_choices(self, viewer: napari.viewer.Viewer) -> None:
+        """The layers training reads: the tomogram, the painting and the boxes."""
         self.tomogram = ComboBox(label="tomogram", choices=layer_choices(viewer, "image"))
         self.painting = ComboBox(label="painting", choices=layer_choices(viewer, "labels"))
         self.positive = ComboBox(label="positive boxes", choices=layer_choices(viewer, "shapes"))
         self.negative = ComboBox(
             label="negative boxes", choices=layer_choices(viewer, "shapes"), nullable=True
         )
+
+    def _make_trainset_fields(self) -> None:
+        """How the training set is built from the boxes (``TrainsetSettings``)."""
         self.ncopy = SpinBox(
             label="ncopy",
             value=TrainsetSettings.ncopy,
@@ -122,6 +161,10 @@ class TrainWidget(Container):
             tooltip="Neighbouring slices on each side used "
             "as extra input channels (2.5D); 0 = single slices.",
         )
+
+    def _make_training_fields(self) -> None:
+        """The network and how it is trained (``TrainSettings``), where it starts from, and
+        the Train and Stop buttons."""
         self.architecture = ComboBox(
             label="network", choices=available(), value=DEFAULT_ARCHITECTURE
         )
@@ -162,6 +205,9 @@ class TrainWidget(Container):
         self.train_button = PushButton(text="Train")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.status = Label(value="")
+
+    def _make_result_fields(self, viewer: napari.viewer.Viewer) -> None:
+        """What is done with the result: save it, copy its prediction into the painting."""
         self.save_path = FileEdit(label="save network as", mode="w", filter="*.tsnet")
         self.save_button = PushButton(text="Save network", enabled=False)
         self.copy_scope = ComboBox(
@@ -172,6 +218,9 @@ class TrainWidget(Container):
         )
         self.copy_button = PushButton(text="Copy prediction into painting")
         self.undo_copy_button = PushButton(text="Undo the copy", enabled=False)
+
+    def _lay_out(self) -> None:
+        """The fields in order, with the loss plot between training and its result."""
         self.extend(
             [
                 self.tomogram,
@@ -207,24 +256,9 @@ class TrainWidget(Container):
                 self.undo_copy_button,
             ]
         )
-        self.remembered = RememberedSettings(
-            "train",
-            {
-                "ncopy": self.ncopy,
-                "normalisation": self.normalisation,
-                "context": self.context,
-                "architecture": self.architecture,
-                "iterations": self.iterations,
-                "learning_rate": self.learning_rate,
-                "batch_size": self.batch_size,
-                "start_from": self.start_from,
-            },
-        )
-        self.runner = TaskRunner("Training")
-        self.result: Any = None
-        self.preview: PreviewPanel | None = None
-        self._resuming = False
-        self.events_seen = 0
+
+    def _connect(self, viewer: napari.viewer.Viewer) -> None:
+        """The buttons to what they do; the fields that say things to what they follow."""
         self.tomogram.changed.connect(self.update_resume)
         self.painting.changed.connect(self.update_start_info)
         self.start_from.changed.connect(self.update_start_info)
@@ -233,15 +267,9 @@ class TrainWidget(Container):
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
         self.copy_button.changed.connect(self.copy_prediction)
         self.undo_copy_button.changed.connect(self.undo_copy)
-        # (painting, region, what the copy replaced, what it wrote) per region
-        self._undo: list[tuple[Any, tuple[Any, ...], np.ndarray, np.ndarray]] = []
-        self.changes = session().annotations(viewer)
-        for combo in (self.tomogram, self.painting, self.positive, self.negative, self.copy_from):
-            viewer.layers.events.inserted.connect(combo.reset_choices)
-            viewer.layers.events.removed.connect(combo.reset_choices)
-        self.select_default_layers()
-        self.update_resume()
-        self.update_start_info()
+        follow_layers(
+            viewer, self.tomogram, self.painting, self.positive, self.negative, self.copy_from
+        )
 
     def select_default_layers(self, *_: Any) -> None:
         """Pick the layers the box widget made, by their names, when present."""
@@ -301,7 +329,7 @@ class TrainWidget(Container):
                 raise TomosegError("There is no current network to continue; train one first.")
             return session().network
         path = self.continue_from.value
-        if path and str(path) not in ("", ".") and Path(path).is_file():
+        if is_chosen(path) and Path(path).is_file():
             return load_network(path)
         return None
 
@@ -509,7 +537,7 @@ class TrainWidget(Container):
         if session().network is None:
             notify_error("Train a network before saving it.")
             return None
-        if not path or str(path) in ("", "."):
+        if not is_chosen(path):
             notify_error("Choose a file name for the network (e.g. membrane.tsnet).")
             return None
         path = Path(path)
