@@ -15,14 +15,16 @@ import json
 import math
 import warnings
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
-from napari_tomoseg.checkpoint import read_checkpoint_meta
+from napari_tomoseg.checkpoint import default_checkpoint_path, read_checkpoint_meta
 from napari_tomoseg.errors import TomosegError
+from napari_tomoseg.folders import CACHE_ENV
 from napari_tomoseg.model_file import Network, load_network, save_network
 from napari_tomoseg.models import DEFAULT_ARCHITECTURE
 from napari_tomoseg.progress import Progress
@@ -495,6 +497,35 @@ def test_continue_training_from_a_file(short_run, rings, tmp_path):
     assert more.network.meta.history == more.history
     again = load_network(save_network(more.network, tmp_path / "second.tsnet"))
     assert len(again.meta.history) == 30
+
+
+def test_settings_for_a_run_keep_what_a_continued_network_was_trained_with():
+    """Where the command line and the Train widget start: the defaults for a new network;
+    the network's own architecture, seed and validation split when continuing one."""
+    training = {"seed": 5, "validation_fraction": 0.25}
+    meta = SimpleNamespace(
+        architecture="unet", model_params={"w": 8}, metrics={"training": training}
+    )
+    net = SimpleNamespace(meta=meta)
+    fresh = TrainSettings.for_run(None, architecture="unet-lite", iterations=7)
+    assert (fresh.architecture, fresh.iterations, fresh.seed) == ("unet-lite", 7, 0)
+    more = TrainSettings.for_run(net, architecture="unet-lite", model_params={}, iterations=7)
+    assert (more.architecture, more.model_params, more.iterations) == ("unet", {"w": 8}, 7)
+    assert (more.seed, more.validation_fraction) == (5, 0.25)
+    assert TrainSettings.for_run(net, seed=2).seed == 2
+
+
+def test_checkpoint_lies_beside_the_output_or_per_tomogram_in_the_cache(tmp_path, monkeypatch):
+    """``tomoseg train`` keeps it beside the network it writes; the Train widget, with no
+    output file yet, one per tomogram in the cache (the same for the same tomogram)."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert default_checkpoint_path(tmp_path / "m.tsnet") == tmp_path / "m.tsnet.ckpt"
+    one = default_checkpoint_path(source="/data/a/tomo.mrc")
+    assert one.parent == tmp_path / "cache" / "checkpoints" and one.name.startswith("tomo.mrc-")
+    assert one == default_checkpoint_path(source="/data/a/tomo.mrc")
+    assert one != default_checkpoint_path(source="/data/b/tomo.mrc")
+    with pytest.raises(TypeError):
+        default_checkpoint_path()
 
 
 def test_continue_training_refuses_a_mismatched_network(short_run, rings):

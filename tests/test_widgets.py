@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -214,6 +216,57 @@ def test_the_train_widget_says_which_network_it_starts_from(make_napari_viewer):
     assert train.start_info.value == "starts from: random weights (no match)"
     train.start_from.value = "scratch"
     assert train.start_info.value == "starts from: random weights"
+
+
+def _network_trained_with(seed: int, validation_fraction: float):
+    """A stand-in for a network: what ``TrainSettings.continuing`` reads of one."""
+    training = {"seed": seed, "validation_fraction": validation_fraction}
+    meta = SimpleNamespace(
+        architecture="unet", model_params={"w": 8}, metrics={"training": training}
+    )
+    return SimpleNamespace(meta=meta)
+
+
+def test_continuing_the_current_network_keeps_what_it_was_trained_with(
+    make_napari_viewer, monkeypatch
+):
+    current = _common.Session()
+    monkeypatch.setattr(_common, "_SESSION", current)
+    assert _common.session() is current
+    current.set_network(_network_trained_with(5, 0.25), "just trained")
+    train = TrainWidget(make_napari_viewer())
+    train.continue_current.value = True
+    train.architecture.value = "unet-lite"
+    train.iterations.value = 7
+    settings = train.train_settings(train._initial_network())
+    assert (settings.architecture, settings.model_params, settings.iterations) == (
+        "unet",
+        {"w": 8},
+        7,
+    )
+    assert (settings.seed, settings.validation_fraction) == (5, 0.25)  # same boxes held out
+
+
+def test_the_session_says_when_it_hands_on_a_network():
+    current, seen = _common.Session(), []
+    current.network_changed.connect(lambda network, source: seen.append((network, source)))
+    network = _network_trained_with(0, 0.2)
+    current.set_network(network, "just trained")
+    assert seen == [(network, "just trained")] and current.network is network
+
+
+def test_a_destroyed_box_widget_no_longer_follows_the_annotations(make_napari_viewer, qtbot):
+    boxes = BoxWidget(make_napari_viewer())
+    changes = boxes.changes
+    changes.mark_changed()
+    assert UNSAVED_MARK in boxes.counts.value  # the counts follow the unsaved state
+    changes.mark_saved()
+    assert UNSAVED_MARK not in boxes.counts.value
+    with qtbot.waitSignal(boxes.native.destroyed):
+        boxes.native.deleteLater()
+    assert len(changes.unsaved_changed) == 0
+    changes.mark_changed()  # would write into the deleted counts label
+    assert changes.unsaved
 
 
 def test_widgets_dock_side_by_side_without_overlap(make_napari_viewer):

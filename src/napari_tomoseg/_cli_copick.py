@@ -6,20 +6,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .cli import EXIT_OK, HelpWithDefaults, ProgressPrinter, _writes_csv
 from .errors import TomosegError
-
-
-def _copick_feature_name(path: str | Path, source: str | None) -> str:
-    """What a mask from apply or merge is of, from its name (``tomo1_membrane_mask.mrc``
-    made from ``tomo1``: ``membrane``)."""
-    from .io import mrc_stem
-
-    stem = mrc_stem(path).removesuffix("_mask")
-    return stem.removeprefix(f"{source}_") if source and stem != source else stem
 
 
 def _copick_export_picks(args: argparse.Namespace, path: str) -> str:
@@ -45,14 +35,14 @@ def _copick_export_picks(args: argparse.Namespace, path: str) -> str:
 
 def _copick_export_mask(args: argparse.Namespace, path: str) -> list[str]:
     from .copick_io import export_meshes, export_segmentation
-    from .io import class_names_of, read_tomogram, source_name
+    from .io import class_names_of, output_feature, read_tomogram, source_name
 
     mask = read_tomogram(path)
     source = source_name(mask)
     run = args.run or source
     if not run:
         raise TomosegError(f"{path} does not record its tomogram; give the run with --run.")
-    feature = _copick_feature_name(path, source)
+    feature = output_feature(path, source, "_mask")  # tomo1_membrane_mask.mrc: membrane
     names: Any = args.names.split(",") if args.names else class_names_of(mask)
     if names is None:  # one feature: named after the file; several: feature 1, 2, ...
         names = {1: feature} if int(mask.data.max()) == 1 else None

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .errors import TomosegError
+from .folders import cache_dir, cache_name
 from .io import atomic_path
 from .model_file import (
     SafeFileKind,
@@ -120,10 +121,24 @@ class TrainingState:
     versions: dict[str, str] = field(default_factory=package_versions)
 
 
-def default_checkpoint_path(output: str | os.PathLike) -> Path:
-    """Where a run that writes ``output`` keeps its checkpoint: ``<output>.ckpt``."""
-    output = Path(output)
-    return output.with_name(output.name + CHECKPOINT_EXTENSION)
+def default_checkpoint_path(
+    output: str | os.PathLike | None = None, *, source: str | None = None
+) -> Path:
+    """Where a training run keeps its checkpoint (``tomoseg train`` and the Train widget).
+
+    A run that writes the network file ``output`` keeps it beside that file:
+    ``<output>.ckpt``.  A run with no output file (``output`` None: the Train widget, which
+    saves the network only when asked, after training) keeps one per tomogram ``source``
+    (its file path, or a layer name) in the user's cache,
+    ``<cache>/checkpoints/<name>-<CRC of source>.ckpt``, where the next run of the same
+    tomogram finds it to resume.
+    """
+    if output is not None:
+        output = Path(output)
+        return output.with_name(output.name + CHECKPOINT_EXTENSION)
+    if source is None:
+        raise TypeError("default_checkpoint_path needs the output file or the source tomogram")
+    return cache_dir() / "checkpoints" / f"{cache_name(source)}{CHECKPOINT_EXTENSION}"
 
 
 def array_crc(array: np.ndarray) -> int:

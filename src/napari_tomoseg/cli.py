@@ -207,21 +207,31 @@ def _parse_class_weights(text: str) -> str | list[float] | None:
 
 
 def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .augment import NO_AUGMENTATION
-    from .checkpoint import default_checkpoint_path, remove_checkpoint
-    from .model_file import load_network, save_network
-    from .training import TrainSettings, iter_train
+    from .checkpoint import remove_checkpoint
+    from .model_file import load_network
     from .trainset import TrainingSet
 
     trainset = TrainingSet.load(args.trainset)
     init = load_network(args.from_trained) if args.from_trained else None
-    if init is not None:
-        settings = TrainSettings.continuing(init)
-    else:
-        settings = TrainSettings()
-        if args.architecture:
-            settings.architecture = args.architecture
-    for name in (
+    settings = _train_settings(args, init)
+    output = Path(args.output)
+    checkpoint = _train_checkpoint(args, output)
+    settings.checkpoint = str(checkpoint)
+    result = _run_training(args, trainset, settings, init, checkpoint, progress)
+    _save_trained(result, output, checkpoint, overwrite=args.overwrite or args.resume)
+    if not result.stopped:
+        remove_checkpoint(checkpoint)
+    _print_training(result, output, checkpoint, settings.iterations)
+    return EXIT_OK
+
+
+def _train_settings(args: argparse.Namespace, init: Any) -> Any:
+    """The settings of ``tomoseg train``: the options given, on the defaults or on those of
+    the network it continues (``--from-trained``; see ``TrainSettings.for_run``)."""
+    from .augment import NO_AUGMENTATION
+    from .training import TrainSettings
+
+    names = (
         "iterations",
         "batch_size",
         "learning_rate",
@@ -230,21 +240,29 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         "checkpoint_every",
         "dice_weight",
         "keep_start",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(settings, name, value)
+    )
+    changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.architecture:
+        changes["architecture"] = args.architecture
     if args.class_weights is not None:
-        settings.class_weights = _parse_class_weights(args.class_weights)
-    settings.start_from = args.start_from
+        changes["class_weights"] = _parse_class_weights(args.class_weights)
+    changes["start_from"] = args.start_from
     if args.augmentation == "none":
-        settings.augmentation = dict(NO_AUGMENTATION)
-    output = Path(args.output)
+        changes["augmentation"] = dict(NO_AUGMENTATION)
+    return TrainSettings.for_run(init, **changes)
+
+
+def _train_checkpoint(args: argparse.Namespace, output: Path) -> Path:
+    """The checkpoint of ``tomoseg train`` (``--checkpoint``, else beside ``output``), once
+    the output and the checkpoint are known to allow the run: an existing output only with
+    --overwrite or --resume, --resume only from a checkpoint that is there, an unfinished
+    run's checkpoint replaced only with --overwrite."""
+    from .checkpoint import default_checkpoint_path
+
     # --resume may replace the network that the stopped run it continues saved there
     if output.exists() and not (args.overwrite or args.resume):
         raise OutputExistsError(output, "add --overwrite")
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(output)
-    settings.checkpoint = str(checkpoint)
     if args.resume and not checkpoint.is_file():
         raise TomosegError(
             f"--resume: there is no checkpoint {checkpoint} (a run that finished deletes its "
@@ -256,16 +274,31 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
             f"{checkpoint} holds the checkpoint of an unfinished run: add --resume to continue "
             "it, or --overwrite (or delete it) to start afresh."
         )
+    return checkpoint
+
+
+def _run_training(
+    args: argparse.Namespace,
+    trainset: Any,
+    settings: Any,
+    init: Any,
+    checkpoint: Path,
+    progress: ProgressPrinter,
+) -> Any:
+    """Train (the first Ctrl-C stops cleanly, keeping the result); a run that dies says how
+    to continue from its checkpoint, which is kept until the network is saved."""
+    from .training import iter_train
+
     with StopOnInterrupt() as should_stop:
         try:
-            result = drive(
+            return drive(
                 iter_train(
                     trainset,
                     settings,
                     init=init,
                     should_stop=should_stop,
                     resume=args.resume,
-                    keep_checkpoint=True,  # deleted below, once the network is saved
+                    keep_checkpoint=True,  # deleted by _cmd_train, once the network is saved
                 ),
                 progress,
             )
@@ -277,8 +310,15 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
                     file=sys.stderr,
                 )
             raise
+
+
+def _save_trained(result: Any, output: Path, checkpoint: Path, *, overwrite: bool) -> None:
+    """Save the trained network; when that fails (e.g. a full disk) with the checkpoint
+    still there, the error says that the trained state is kept in it."""
+    from .model_file import save_network
+
     try:
-        save_network(result.network, output, overwrite=args.overwrite or args.resume)
+        save_network(result.network, output, overwrite=overwrite)
     except TomosegError as exc:
         if checkpoint.is_file():  # e.g. a full disk: the trained state is not lost
             raise TomosegError(
@@ -286,8 +326,11 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
                 "output folder) and run the same command with --resume to save it."
             ) from exc
         raise
-    if not result.stopped:
-        remove_checkpoint(checkpoint)
+
+
+def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int) -> None:
+    """What ``tomoseg train`` did: how it ended, where it started from, the threshold, the
+    checkpoint of a stopped run and the validation scores of each class."""
     state = "stopped early" if result.stopped else "finished"
     print(f"Training {state} in {result.seconds:.0f} s on {result.device}; saved {output}")
     print(
@@ -298,7 +341,7 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     if result.stopped and checkpoint.is_file():
         steps = result.metadata["steps_done"]
         print(
-            f"Checkpoint after mini-batch {steps} of {settings.iterations}: {checkpoint}; "
+            f"Checkpoint after mini-batch {steps} of {iterations}: {checkpoint}; "
             "to continue, run the same command with --resume."
         )
     for name, m in result.metrics.get("classes", {}).items():
@@ -306,12 +349,11 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
             f"  {name:>18}: precision {m['precision']:.3f} recall {m['recall']:.3f} "
             f"F1/Dice {m['f1']:.3f}"
         )
-    return EXIT_OK
 
 
 def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     from .inference import ApplySettings, iter_apply_file, resolve_device
-    from .io import output_names
+    from .io import output_label, output_names
     from .model_file import load_network
 
     settings = ApplySettings(
@@ -343,7 +385,7 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
             if should_stop():
                 break
             network = load_network(net_path, device=resolve_device(args.device))
-            label = args.name or Path(net_path).stem
+            label = output_label(net_path, args.name)
             for i, tomogram in enumerate(args.tomograms, 1):
                 if should_stop():
                     break
@@ -486,8 +528,7 @@ def _cmd_apply_batch(
     progress: ProgressPrinter,
 ) -> int:
     """``tomoseg apply`` on a Dask cluster: local, or a running scheduler."""
-    from .cluster import BatchJob, BatchSettings, JobOutcome, iter_run_batch
-    from .io import output_names
+    from .cluster import BatchSettings, JobOutcome, iter_run_batch, plan_batch
 
     batch = BatchSettings(
         scheduler=args.scheduler,
@@ -499,19 +540,13 @@ def _cmd_apply_batch(
         verify_hashes=args.verify_hashes,
     )
     batch.validate()
-    jobs = []
-    for net_path in networks:
-        label = args.name or Path(net_path).stem
-        for tomogram in args.tomograms:
-            mask_path, prob_path = output_names(out_dir, Path(tomogram), label)
-            jobs.append(
-                BatchJob(
-                    Path(tomogram),
-                    Path(net_path),
-                    mask_path,
-                    None if args.no_probabilities else prob_path,
-                )
-            )
+    jobs = plan_batch(
+        args.tomograms,
+        networks,
+        out_dir,
+        labels=[args.name] if args.name else None,  # --name: a single network
+        probabilities=not args.no_probabilities,
+    )
     where = args.scheduler or "a local Dask cluster"
     print(f"Applying {len(jobs)} job(s) on {where}", file=sys.stderr)
 
@@ -547,7 +582,14 @@ def _cmd_apply_batch(
 
 
 def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import classes_label, mrc_stem, read_tomogram, source_label, source_name, write_labels
+    from .io import (
+        classes_label,
+        output_feature,
+        read_tomogram,
+        source_label,
+        source_name,
+        write_labels,
+    )
     from .merge import MergeInput, iter_merge
 
     n = len(args.probabilities)
@@ -558,9 +600,7 @@ def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     if args.names:
         names = args.names.split(",")
     else:  # tomo1_membrane.mrc, made from tomo1: "membrane"
-        names = [mrc_stem(p).removesuffix("_prob") for p in args.probabilities]
-        if source:
-            names = [name.removeprefix(f"{source}_") for name in names]
+        names = [output_feature(p, source, "_prob") for p in args.probabilities]
     if len(names) != n:
         raise TomosegError(f"--names gives {len(names)} names for {n} probability maps.")
     inputs = [

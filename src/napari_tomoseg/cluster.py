@@ -90,6 +90,7 @@ from .io import (
     finish_header,
     new_mrc_mmap,
     output_header_texts,
+    output_label,
     output_names,
     read_tomogram,
     remove_superseded_temporaries,
@@ -220,7 +221,7 @@ def plan_batch(
     nets = [Path(n) for n in networks]
     if not nets or not tomograms:
         raise TomosegError("A batch needs at least one tomogram and one network.")
-    names = list(labels) if labels is not None else [n.stem for n in nets]
+    names = list(labels) if labels is not None else [output_label(n) for n in nets]
     if len(names) != len(nets):
         raise TomosegError(f"{len(names)} labels were given for {len(nets)} networks.")
     out = Path(output_dir)

@@ -316,6 +316,20 @@ def output_names(output_dir: Path, tomogram: str | os.PathLike, label: str) -> t
     return output_dir / f"{stem}_{label}_mask.mrc", output_dir / f"{stem}_{label}.mrc"
 
 
+def output_label(network: str | os.PathLike, name: str | None = None) -> str:
+    """The ``label`` of :func:`output_names` for the network file ``network``: ``name``
+    when given (``tomoseg apply --name``), else the file's name without its extension."""
+    return name or Path(network).stem
+
+
+def output_feature(path: str | os.PathLike, source: str | None, suffix: str = "") -> str:
+    """What an output named by :func:`output_names` is of, read back from its name:
+    ``tomo1_membrane_mask.mrc`` (``suffix`` "_mask") or ``tomo1_membrane.mrc`` made from
+    ``tomo1`` (``source``, when known) is of ``membrane``."""
+    stem = mrc_stem(path).removesuffix(suffix)
+    return stem.removeprefix(f"{source}_") if source else stem
+
+
 def mrc_stem(path: str | os.PathLike) -> str:
     """A file's name without its ending (``tomo1.rec``, ``tomo1.mrc.gz`` and
     ``tomo1.ome.zarr`` give ``tomo1``)."""

@@ -162,6 +162,18 @@ class TrainSettings:
                 base["validation_fraction"] = fraction
         return cls(**{**base, **changes})
 
+    @classmethod
+    def for_run(cls, init: Network | None, **changes: Any) -> TrainSettings:
+        """Settings of a run that trains a new network (``init`` None: ``changes`` on the
+        defaults) or continues ``init`` (:meth:`continuing`: the network's own architecture
+        and parameters whatever ``changes`` say of them, its seed and validation fraction
+        unless ``changes`` give them).  ``tomoseg train`` and the Train widget both start
+        here."""
+        if init is None:
+            return cls(**changes)
+        own = {k: v for k, v in changes.items() if k not in ("architecture", "model_params")}
+        return cls.continuing(init, **own)
+
     def validate(self) -> None:
         """Raise :class:`TomosegError` naming the first invalid setting."""
         get_spec(self.architecture)

@@ -28,15 +28,16 @@ from ..pretrained import available as shipped_networks
 from ..pretrained import load_pretrained
 from ..probability import scale_of
 from ._common import (
-    SESSION,
     RememberedSettings,
     TaskRunner,
     describe_error,
+    follow_layers,
     grid_kwargs,
     layer_choices,
     layer_volume,
     notify_error,
     notify_info,
+    session,
     voxel_size_of,
 )
 
@@ -114,18 +115,17 @@ class ApplyWidget(Container):
         self.runner = TaskRunner("Apply")
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.runner.stop)
-        viewer.layers.events.inserted.connect(self.tomogram.reset_choices)
-        viewer.layers.events.removed.connect(self.tomogram.reset_choices)
+        follow_layers(viewer, self.tomogram)
         self.layers_added: list[Any] = []
 
     def network(self) -> Any:
         if self.source.value == SOURCES[0]:
-            if SESSION.network is None:
+            if session().network is None:
                 raise TomosegError(
                     "No network has been trained in this session: train one, "
                     "or choose 'network file'."
                 )
-            return SESSION.network
+            return session().network
         if self.source.value == SOURCES[2]:
             if not self.shipped.value:
                 raise TomosegError("This installation has no shipped networks.")

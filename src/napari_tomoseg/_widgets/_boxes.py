@@ -37,14 +37,17 @@ from ..errors import TomosegError
 from . import _common
 from ._autosave import Autosaver, guard_viewer
 from ._common import (
-    SESSION,
     RememberedSettings,
     describe_error,
+    follow,
+    follow_layers,
     grid_kwargs,
+    is_chosen,
     layer_choices,
     layer_volume,
     notify_error,
     notify_info,
+    session,
     source_of,
     voxel_size_of,
 )
@@ -147,9 +150,9 @@ class BoxWidget(Container):
             },
         )
         self._snapping = False
-        self.changes = SESSION.annotations(viewer)
+        self.changes = session().annotations(viewer)
         self.changes.saver = self.save_before_replacing
-        self.changes.listeners.append(self.update_counts)
+        follow(self.changes.unsaved_changed, self, self.update_counts)
         for name in (POSITIVE_LAYER, NEGATIVE_LAYER, PAINT_LAYER):
             self.changes.watch(self._layer(name))
         self.autosaver = Autosaver(self.changes, self.gather_annotations, self.native)
@@ -165,8 +168,7 @@ class BoxWidget(Container):
         self.save_button.changed.connect(lambda: self.save_annotations(self.folder.value))
         self.load_button.changed.connect(lambda: self.load_annotations(self.folder.value))
         self.box_size.changed.connect(self.snap_all)
-        viewer.layers.events.inserted.connect(self.tomogram.reset_choices)
-        viewer.layers.events.removed.connect(self.tomogram.reset_choices)
+        follow_layers(viewer, self.tomogram)
         viewer.mouse_drag_callbacks.append(self._on_click)
         self.update_counts()
         self.update_recovery()
@@ -409,7 +411,7 @@ class BoxWidget(Container):
             annotations = self.gather_annotations()
             if annotations is None or self._layer(PAINT_LAYER) is None:
                 raise TomosegError("There is nothing to save yet: add boxes and paint first.")
-            if not folder or str(folder) in ("", "."):
+            if not is_chosen(folder):
                 raise TomosegError("Choose an annotations folder first.")
             # The user chose this folder and pressed Save: replacing the annotations of the
             # same tomogram there is what they asked for; another tomogram's are refused.
@@ -429,7 +431,7 @@ class BoxWidget(Container):
         """Save the annotations into the annotations folder (asking for one if none is
         set) before an action replaces them; returns the folder, or None if not saved."""
         folder = self.folder.value
-        if not folder or str(folder) in ("", "."):
+        if not is_chosen(folder):
             folder = _common.ask_annotations_folder(self.native)
             if not folder:
                 return None
@@ -443,7 +445,7 @@ class BoxWidget(Container):
         """
         try:
             tomo = self._tomogram_layer()
-            if not folder or str(folder) in ("", "."):
+            if not is_chosen(folder):
                 raise TomosegError("Choose the annotations folder to load.")
             if not self.changes.confirm_replace("Loading annotations", self.native):
                 return None

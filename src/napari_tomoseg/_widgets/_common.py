@@ -1,31 +1,31 @@
 """Pieces every widget shares: layer lookup, the worker + progress + error pattern,
-remembered settings, the per-user folders, the session that hands a trained network from
-Train to Apply, and the record of unsaved annotations that is checked before an action
-replaces them."""
+remembered settings, the per-user folders, the session (:func:`session`) that hands a
+trained network from Train to Apply, and the record of unsaved annotations that is checked
+before an action replaces them.
+
+The session and the records of unsaved annotations are evented: they tell the widgets of a
+change through psygnal signals (``Session.network_changed``,
+``AnnotationChanges.unsaved_changed``), which hold a widget's methods weakly, and
+:func:`follow` drops a widget's connection when its Qt widget is destroyed, so a closed
+widget is never called back."""
 
 from __future__ import annotations
 
 import json
 import weakref
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets.bases import ValueWidget
+from psygnal import Signal, SignalInstance
 
 from ..errors import TomosegError
-from ..folders import cache_dir, cache_name, config_dir
+from ..folders import config_dir
 from ..progress import Progress
 
 if TYPE_CHECKING:
     import napari
-
-
-def checkpoint_path_for(source: str) -> Path:
-    """The training checkpoint of the tomogram ``source`` (a file path or a layer name):
-    ``<cache>/checkpoints/<name>-<CRC of source>.ckpt``, one per tomogram."""
-    return cache_dir() / "checkpoints" / f"{cache_name(source)}.ckpt"
 
 
 def source_of(layer: Any) -> str:
@@ -86,6 +86,18 @@ def layer_choices(viewer: napari.Viewer, kind: str) -> Callable[[Any], list[tupl
         return [(layer.name, layer) for layer in layers_of_type(viewer, kind)]
 
     return choices
+
+
+def follow_layers(viewer: napari.Viewer, *widgets: Any) -> None:
+    """Refresh the layer choices of ``widgets`` whenever a layer is added or removed."""
+    for widget in widgets:
+        viewer.layers.events.inserted.connect(widget.reset_choices)
+        viewer.layers.events.removed.connect(widget.reset_choices)
+
+
+def is_chosen(path: Any) -> bool:
+    """Whether a file or folder field holds a chosen path (an empty one holds "" or ".")."""
+    return bool(path) and str(path) not in ("", ".")
 
 
 def layer_volume(layer: Any) -> Any:
@@ -169,7 +181,10 @@ class AnnotationChanges:
     :meth:`mark_changed`.  ``generation`` counts the changes, so an autosave can tell
     whether it is still current.  ``saver`` (set by the box widget) saves the annotations
     and returns where, or None; ``autosaver`` (also set there) writes the autosave.
+    ``unsaved_changed`` is emitted with the new value of ``unsaved`` when it turns.
     """
+
+    unsaved_changed = Signal(bool)
 
     def __init__(self) -> None:
         self.unsaved = False
@@ -180,7 +195,6 @@ class AnnotationChanges:
         self.guarded = False
         self.closing_from_code = False
         self._close_guard_window: Callable[[], Any] = lambda: None
-        self.listeners: list[Callable[[], None]] = []
         self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @property
@@ -231,8 +245,7 @@ class AnnotationChanges:
         changed = unsaved != self.unsaved
         self.unsaved = unsaved
         if changed:
-            for listener in list(self.listeners):
-                listener()
+            self.unsaved_changed.emit(unsaved)
 
     def settle(self, action: str, parent: Any = None, *, effect: str = "replace") -> str:
         """Before ``action`` replaces or discards (``effect``) unsaved annotations, ask:
@@ -268,22 +281,26 @@ def _unproxied(obj: Any) -> Any:
     return getattr(obj, "__wrapped__", obj)
 
 
-@dataclass
 class Session:
-    """What one widget hands to another in this napari session."""
+    """What one widget hands to another in this napari process: the network trained last
+    (from Train or the demo, to Apply and to Train's "continue" and "Save"), and each
+    viewer's :class:`AnnotationChanges`.  One for the process: reach it with
+    :func:`session`.  ``network_changed`` is emitted with the network and where it came
+    from whenever :meth:`set_network` hands one on."""
 
-    network: Any = None  # the network trained last (model_file.Network)
-    network_source: str = ""
-    listeners: list[Callable[[], None]] = field(default_factory=list)
-    _changes: weakref.WeakKeyDictionary[Any, AnnotationChanges] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
+    network_changed = Signal(object, str)
+
+    def __init__(self) -> None:
+        self.network: Any = None  # the network trained last (model_file.Network)
+        self.network_source = ""
+        self._changes: weakref.WeakKeyDictionary[Any, AnnotationChanges] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def set_network(self, network: Any, source: str) -> None:
         self.network = network
         self.network_source = source
-        for listener in list(self.listeners):
-            listener()
+        self.network_changed.emit(network, source)
 
     def annotations(self, viewer: Any) -> AnnotationChanges:
         """The record of unsaved annotations of one viewer (shared by its widgets)."""
@@ -293,7 +310,28 @@ class Session:
         return changes
 
 
-SESSION = Session()
+_SESSION = Session()
+
+
+def session() -> Session:
+    """The session of this napari process, shared by the widgets of all its viewers."""
+    return _SESSION
+
+
+def follow(signal: SignalInstance, widget: Any, method: Callable[..., Any]) -> None:
+    """Call ``method`` (of the magicgui ``widget``) on each emission of ``signal`` while the
+    widget's Qt widget exists: psygnal holds the method weakly (a widget that is garbage
+    collected drops out), and the connection goes when the Qt widget is destroyed (a closed
+    widget whose Python object lives on is not called on its deleted parts)."""
+    signal.connect(method)
+    weak = weakref.WeakMethod(method)
+
+    def disconnect(*_: Any) -> None:
+        bound = weak()
+        if bound is not None:
+            signal.disconnect(bound, missing_ok=True)
+
+    widget.native.destroyed.connect(disconnect)
 
 
 def notify_error(message: str) -> None:

@@ -17,6 +17,8 @@ from ..io import mrc_stem
 from ._common import (
     RememberedSettings,
     describe_error,
+    follow_layers,
+    is_chosen,
     layer_choices,
     notify_error,
     notify_info,
@@ -84,13 +86,11 @@ class CopickWidget(Container):
         self.open_segmentation.changed.connect(self.read_segmentation)
         self.export_labels.changed.connect(self.write_segmentation)
         self.export_points.changed.connect(self.write_picks)
-        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
-            event.connect(self.labels.reset_choices)
-            event.connect(self.points.reset_choices)
+        follow_layers(viewer, self.labels, self.points)
 
     def _config(self) -> Path:
         path = self.config.value
-        if not path or str(path) in ("", "."):
+        if not is_chosen(path):
             raise TomosegError("Choose the copick project's config file (a .json).")
         return Path(path)
 

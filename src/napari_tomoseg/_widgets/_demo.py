@@ -15,7 +15,7 @@ import numpy as np
 from .._layers import image_layer_kwargs, labels_layer_kwargs, voxel_metadata
 from ..annotations import Annotations
 from ..synthetic import CLASS_COLORS, CLASS_NAMES
-from ._common import SESSION
+from ._common import session
 from ._dock import TomosegDock
 
 #: The name of the dock that holds the six steps.
@@ -66,7 +66,7 @@ def show_demo(viewer: Any, result: Any) -> TomosegDock:
     )
     boxes.changes.mark_saved()  # the demo's own annotations: only the user's edits count
     boxes.update_counts()
-    SESSION.set_network(result.network, "trained by the demo")
+    session().set_network(result.network, "trained by the demo")
     dock.steps["apply"].add_result_layers(tomo, result.network, result.applied)
     train = dock.steps["train"]
     train.select_default_layers()

@@ -21,6 +21,7 @@ from ..preprocess import PreprocessSettings, iter_preprocess
 from ._common import (
     RememberedSettings,
     TaskRunner,
+    follow_layers,
     layer_choices,
     layer_volume,
     notify_info,
@@ -102,8 +103,7 @@ class ImportWidget(Container):
         )
         self.open_button.changed.connect(self.open_file)
         self.run_button.changed.connect(self.run)
-        viewer.layers.events.inserted.connect(self.source.reset_choices)
-        viewer.layers.events.removed.connect(self.source.reset_choices)
+        follow_layers(viewer, self.source)
 
     def settings(self) -> PreprocessSettings:
         return PreprocessSettings(

@@ -21,7 +21,9 @@ from ..probability import scale_of
 from ._common import (
     describe_error,
     fit_narrow,
+    follow_layers,
     grid_kwargs,
+    is_chosen,
     layer_choices,
     layer_volume,
     notify_error,
@@ -90,8 +92,7 @@ class MergeWidget(Container):
         self.add_button.changed.connect(lambda: self.add_row())
         self.merge_button.changed.connect(self.merge)
         self.save_button.changed.connect(lambda: self.save(self.save_path.value))
-        viewer.layers.events.inserted.connect(self.reset_choices)
-        viewer.layers.events.removed.connect(self.reset_choices)
+        follow_layers(viewer, self)
         viewer.layers.events.inserted.connect(lambda event: self.add_map(event.value))
         for layer in viewer.layers:
             self.add_map(layer)
@@ -159,7 +160,7 @@ class MergeWidget(Container):
         if MERGED_LAYER not in self.viewer.layers:
             notify_error("Merge first, then save.")
             return None
-        if not path or str(path) in ("", "."):
+        if not is_chosen(path):
             notify_error("Choose a file name for the merged mask (e.g. merged.mrc).")
             return None
         layer = self.viewer.layers[MERGED_LAYER]

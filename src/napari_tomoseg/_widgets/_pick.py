@@ -26,7 +26,9 @@ from ..render import RenderSettings, render_scene
 from ._common import (
     TaskRunner,
     describe_error,
+    follow_layers,
     grid_kwargs,
+    is_chosen,
     layer_choices,
     layer_volume,
     notify_error,
@@ -112,9 +114,7 @@ class PickWidget(Container):
         self.mesh_button.changed.connect(self.add_mesh)
         self.pick_button.changed.connect(self.pick)
         self.export_button.changed.connect(lambda: self.export(self.export_path.value))
-        for combo in (self.segmentation, self.tomogram):
-            viewer.layers.events.inserted.connect(combo.reset_choices)
-            viewer.layers.events.removed.connect(combo.reset_choices)
+        follow_layers(viewer, self.segmentation, self.tomogram)
 
     def _layer(self) -> Any:
         layer = self.segmentation.value
@@ -271,7 +271,7 @@ class PickWidget(Container):
         if self.result is None:
             notify_error("Pick particles first.")
             return None
-        if not path or str(path) in ("", "."):
+        if not is_chosen(path):
             notify_error("Choose a file name ending in .star or .csv.")
             return None
         path = Path(path)

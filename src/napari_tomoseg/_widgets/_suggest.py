@@ -17,7 +17,14 @@ from ..inference import network_threshold
 from ..probability import probabilities_as_float
 from ..progress import Progress
 from ..suggest import Suggestion, suggest_boxes
-from ._common import TaskRunner, describe_error, grid_kwargs, notify_error, notify_info
+from ._common import (
+    TaskRunner,
+    describe_error,
+    follow_layers,
+    grid_kwargs,
+    notify_error,
+    notify_info,
+)
 
 if TYPE_CHECKING:
     from ._boxes import BoxWidget
@@ -62,8 +69,7 @@ class SuggestionPanel(Container):
         self.accept_negative.changed.connect(lambda: self.decide("negative"))
         self.accept_positive.changed.connect(lambda: self.decide("positive"))
         self.reject.changed.connect(lambda: self.decide("reject"))
-        self.viewer.layers.events.inserted.connect(self.probability.reset_choices)
-        self.viewer.layers.events.removed.connect(self.probability.reset_choices)
+        follow_layers(self.viewer, self.probability)
 
     def _map_layers(self) -> list[Any]:
         return [

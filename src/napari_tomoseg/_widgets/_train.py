@@ -29,7 +29,7 @@ from magicgui.widgets import (
 )
 
 from ..boxes import box_from_shape
-from ..checkpoint import read_checkpoint_meta
+from ..checkpoint import default_checkpoint_path, read_checkpoint_meta
 from ..errors import TomosegError
 from ..model_file import load_network, save_network
 from ..models import DEFAULT_ARCHITECTURE, available
@@ -40,15 +40,16 @@ from ..training import TrainSettings, iter_train
 from ..trainset import TrainsetSettings, build_training_set
 from ._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE_LAYER
 from ._common import (
-    SESSION,
     RememberedSettings,
     TaskRunner,
-    checkpoint_path_for,
     describe_error,
+    follow_layers,
+    is_chosen,
     layer_choices,
     layer_volume,
     notify_error,
     notify_info,
+    session,
     source_of,
     voxel_size_of,
 )
@@ -96,12 +97,49 @@ class TrainWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = viewer
+        self._make_layer_choices(viewer)
+        self._make_trainset_fields()
+        self._make_training_fields()
+        self._make_result_fields(viewer)
+        self._lay_out()
+        self.remembered = RememberedSettings(
+            "train",
+            {
+                "ncopy": self.ncopy,
+                "normalisation": self.normalisation,
+                "context": self.context,
+                "architecture": self.architecture,
+                "iterations": self.iterations,
+                "learning_rate": self.learning_rate,
+                "batch_size": self.batch_size,
+                "start_from": self.start_from,
+            },
+        )
+        self.runner = TaskRunner("Training")
+        self.result: Any = None
+        self.preview: PreviewPanel | None = None
+        self._resuming = False
+        self.events_seen = 0
+        # (painting, region, what the copy replaced, what it wrote) per region
+        self._undo: list[tuple[Any, tuple[Any, ...], np.ndarray, np.ndarray]] = []
+        self.changes = session().annotations(viewer)
+        self._connect(viewer)
+        self.select_default_layers()
+        self.update_resume()
+        self.update_start_info()
+
+    # -- fields ---------------------------------------------------------------------------
+    def _make_layer_choices(self, viewer: napari.viewer.Viewer) -> None:
+        """The layers training reads: the tomogram, the painting and the boxes."""
         self.tomogram = ComboBox(label="tomogram", choices=layer_choices(viewer, "image"))
         self.painting = ComboBox(label="painting", choices=layer_choices(viewer, "labels"))
         self.positive = ComboBox(label="positive boxes", choices=layer_choices(viewer, "shapes"))
         self.negative = ComboBox(
             label="negative boxes", choices=layer_choices(viewer, "shapes"), nullable=True
         )
+
+    def _make_trainset_fields(self) -> None:
+        """How the training set is built from the boxes (``TrainsetSettings``)."""
         self.ncopy = SpinBox(
             label="ncopy",
             value=TrainsetSettings.ncopy,
@@ -123,6 +161,10 @@ class TrainWidget(Container):
             tooltip="Neighbouring slices on each side used "
             "as extra input channels (2.5D); 0 = single slices.",
         )
+
+    def _make_training_fields(self) -> None:
+        """The network and how it is trained (``TrainSettings``), where it starts from, and
+        the Train and Stop buttons."""
         self.architecture = ComboBox(
             label="network", choices=available(), value=DEFAULT_ARCHITECTURE
         )
@@ -163,6 +205,9 @@ class TrainWidget(Container):
         self.train_button = PushButton(text="Train")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.status = Label(value="")
+
+    def _make_result_fields(self, viewer: napari.viewer.Viewer) -> None:
+        """What is done with the result: save it, copy its prediction into the painting."""
         self.save_path = FileEdit(label="save network as", mode="w", filter="*.tsnet")
         self.save_button = PushButton(text="Save network", enabled=False)
         self.copy_scope = ComboBox(
@@ -173,6 +218,9 @@ class TrainWidget(Container):
         )
         self.copy_button = PushButton(text="Copy prediction into painting")
         self.undo_copy_button = PushButton(text="Undo the copy", enabled=False)
+
+    def _lay_out(self) -> None:
+        """The fields in order, with the loss plot between training and its result."""
         self.extend(
             [
                 self.tomogram,
@@ -208,24 +256,9 @@ class TrainWidget(Container):
                 self.undo_copy_button,
             ]
         )
-        self.remembered = RememberedSettings(
-            "train",
-            {
-                "ncopy": self.ncopy,
-                "normalisation": self.normalisation,
-                "context": self.context,
-                "architecture": self.architecture,
-                "iterations": self.iterations,
-                "learning_rate": self.learning_rate,
-                "batch_size": self.batch_size,
-                "start_from": self.start_from,
-            },
-        )
-        self.runner = TaskRunner("Training")
-        self.result: Any = None
-        self.preview: PreviewPanel | None = None
-        self._resuming = False
-        self.events_seen = 0
+
+    def _connect(self, viewer: napari.viewer.Viewer) -> None:
+        """The buttons to what they do; the fields that say things to what they follow."""
         self.tomogram.changed.connect(self.update_resume)
         self.painting.changed.connect(self.update_start_info)
         self.start_from.changed.connect(self.update_start_info)
@@ -234,15 +267,9 @@ class TrainWidget(Container):
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
         self.copy_button.changed.connect(self.copy_prediction)
         self.undo_copy_button.changed.connect(self.undo_copy)
-        # (painting, region, what the copy replaced, what it wrote) per region
-        self._undo: list[tuple[Any, tuple[Any, ...], np.ndarray, np.ndarray]] = []
-        self.changes = SESSION.annotations(viewer)
-        for combo in (self.tomogram, self.painting, self.positive, self.negative, self.copy_from):
-            viewer.layers.events.inserted.connect(combo.reset_choices)
-            viewer.layers.events.removed.connect(combo.reset_choices)
-        self.select_default_layers()
-        self.update_resume()
-        self.update_start_info()
+        follow_layers(
+            viewer, self.tomogram, self.painting, self.positive, self.negative, self.copy_from
+        )
 
     def select_default_layers(self, *_: Any) -> None:
         """Pick the layers the box widget made, by their names, when present."""
@@ -264,8 +291,11 @@ class TrainWidget(Container):
             context_slices=int(self.context.value),
         )
 
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(
+    def train_settings(self, init: Any = None) -> TrainSettings:
+        """The settings of the fields, for a new network or to continue ``init`` (then its
+        own architecture, seed and validation split: ``TrainSettings.for_run``)."""
+        return TrainSettings.for_run(
+            init,
             architecture=str(self.architecture.value),
             iterations=int(self.iterations.value),
             learning_rate=float(self.learning_rate.value),
@@ -295,11 +325,11 @@ class TrainWidget(Container):
 
     def _initial_network(self) -> Any:
         if self.continue_current.value:
-            if SESSION.network is None:
+            if session().network is None:
                 raise TomosegError("There is no current network to continue; train one first.")
-            return SESSION.network
+            return session().network
         path = self.continue_from.value
-        if path and str(path) not in ("", ".") and Path(path).is_file():
+        if is_chosen(path) and Path(path).is_file():
             return load_network(path)
         return None
 
@@ -309,7 +339,7 @@ class TrainWidget(Container):
         tomo = self.tomogram.value
         if tomo is None:
             return None
-        return checkpoint_path_for(source_of(tomo))
+        return default_checkpoint_path(source=source_of(tomo))
 
     def update_resume(self, *_: Any) -> None:
         """Offer to resume (ticked) when the chosen tomogram has an interrupted run."""
@@ -374,11 +404,8 @@ class TrainWidget(Container):
         class_names = class_names_from_layer(paint, labels)
         voxel_size = voxel_size_of(tomo)
         ts_settings = self.trainset_settings(box_size)
-        settings = self.train_settings()
         init = self._initial_network()
-        if init is not None:
-            settings.architecture = init.meta.architecture
-            settings.model_params = dict(init.meta.model_params)
+        settings = self.train_settings(init)
         source = source_of(tomo)
         checkpoint = self.checkpoint_path()
         resume = bool(self.resume.enabled and self.resume.value)
@@ -428,7 +455,7 @@ class TrainWidget(Container):
 
     def _done(self, result: Any) -> None:
         self.result = result
-        SESSION.set_network(result.network, "just trained")
+        session().set_network(result.network, "just trained")
         mean_f1 = result.metrics.get("mean_foreground_f1")
         state = "stopped" if result.stopped else "finished"
         text = f"Training {state} in {result.seconds:.0f} s on {result.device}"
@@ -507,10 +534,10 @@ class TrainWidget(Container):
 
     def save_network(self, path: Any) -> Path | None:
         """Save the network trained last (refuses to overwrite an existing file)."""
-        if SESSION.network is None:
+        if session().network is None:
             notify_error("Train a network before saving it.")
             return None
-        if not path or str(path) in ("", "."):
+        if not is_chosen(path):
             notify_error("Choose a file name for the network (e.g. membrane.tsnet).")
             return None
         path = Path(path)
@@ -521,7 +548,7 @@ class TrainWidget(Container):
                 else path.with_suffix(".tsnet")
             )
         try:
-            saved = save_network(SESSION.network, path, overwrite=False)
+            saved = save_network(session().network, path, overwrite=False)
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
