@@ -176,8 +176,8 @@ def binary_trainset(
     """A TomoSeg training set for one feature of a simulated tomogram, boxed like a user:
     ``n_positive`` boxes rich in the feature and ``n_negative`` boxes free of it, the
     feature painted from the ground truth inside the positive boxes, default
-    :class:`TrainsetSettings` (:func:`napari_tomoseg.demo.trainset_from_truth`)."""
-    from napari_tomoseg.demo import trainset_from_truth
+    :class:`TrainsetSettings` (:func:`napari_tomoseg.simulator.demo.trainset_from_truth`)."""
+    from napari_tomoseg.simulator.demo import trainset_from_truth
 
     return trainset_from_truth(sim, [feature], n_positive, n_negative, seed=seed)
 

@@ -11,8 +11,8 @@
 Training data: the simulator's tomogram at its default setting (SNR 0.8, 10 A, defocus 4 um,
 tilts +-60, 5 nm membranes; scene seed = the training seed), boxed the way the TomoSeg
 protocol asks a person to: about 10 positive boxes rich in the feature and 100 negative
-boxes free of it (:func:`napari_tomoseg.demo.boxes_from_ground_truth`), the feature painted
-from the ground truth inside the positive boxes.  Every network is trained with the
+boxes free of it (:func:`napari_tomoseg.simulator.demo.boxes_from_ground_truth`), the
+feature painted from the ground truth inside the positive boxes.  Every network is trained with the
 package's ``TrainSettings`` defaults except ``--iterations`` and ``--set``.
 
 Test data:
@@ -31,7 +31,7 @@ Each network is applied to the central 60 % of the slices (Z from 0.2 to 0.8 of 
 the slices the boxes are drawn from, away from the top and bottom of the volume) and scored
 voxel by voxel against the ground truth; the confusion matrices of all test tomograms are
 summed before precision, recall and F1 (= Dice) are computed
-(:func:`napari_tomoseg.training.metrics_from_confusion`).  With several ``--train-seeds``
+(:func:`napari_tomoseg.learning.training.metrics_from_confusion`).  With several ``--train-seeds``
 (other training scenes, boxes and initialisations) the spread over seeds is reported.
 
 Reported:
@@ -187,7 +187,7 @@ def quick_options(shifted: bool = False) -> AccuracyOptions:
 
 def scored_slices(depth: int) -> tuple[int, int]:
     """``(z0, z1)``: the slices that are scored (:data:`Z_FRACTION` of the depth)."""
-    from napari_tomoseg.demo import central_slices
+    from napari_tomoseg.simulator.demo import central_slices
 
     return central_slices(depth, Z_FRACTION)
 
@@ -214,7 +214,7 @@ def shifted_settings(
 
 def make_tests(options: AccuracyOptions, say: Any = None) -> list[TestTomogram]:
     """Simulate the test tomograms ``options`` ask for."""
-    from napari_tomoseg.synthetic import simulate_tomogram
+    from napari_tomoseg.simulator.synthetic import simulate_tomogram
 
     plan: list[tuple[str, int, dict[str, Any]]] = []
     shape = tuple(options.shape)
@@ -257,9 +257,9 @@ def evaluate(
     (:func:`scored_slices`) are computed and scored.  ``threshold`` None uses the network's
     own.  Returns the pooled metrics and those of every test tomogram.
     """
-    from napari_tomoseg.inference import ApplySettings, apply_network
-    from napari_tomoseg.probability import probabilities_as_float
-    from napari_tomoseg.training import confusion_matrix, metrics_from_confusion
+    from napari_tomoseg.applying.inference import ApplySettings, apply_network
+    from napari_tomoseg.data.probability import probabilities_as_float
+    from napari_tomoseg.learning.training import confusion_matrix, metrics_from_confusion
 
     names = list(network.meta.class_names)
     k = len(names)
@@ -305,7 +305,7 @@ def _train(
     start: str,
     iterations: int | None = None,
 ) -> Any:
-    from napari_tomoseg.training import TrainSettings, train
+    from napari_tomoseg.learning.training import TrainSettings, train
 
     settings = TrainSettings(
         architecture=architecture, seed=seed, start_from=start, **options.train_overrides
@@ -345,7 +345,7 @@ def _binary_entry(
     tests: list[TestTomogram],
 ) -> dict[str, Any]:
     """Train one binary network on ``sim`` and score it on the tests."""
-    from napari_tomoseg.synthetic import CLASS_NAMES
+    from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
     ts = binary_trainset(sim, feature, n_positive, options.n_negative, seed)
     t0 = time.perf_counter()
@@ -368,8 +368,8 @@ def zero_shot(
 ) -> list[dict[str, Any]]:
     """Score the shipped networks as they are (no boxes): each binary network of
     ``features`` on its feature, the multi-class network on every class."""
-    from napari_tomoseg.pretrained import MULTICLASS, available, load_pretrained
-    from napari_tomoseg.synthetic import CLASS_NAMES
+    from napari_tomoseg.learning.pretrained import MULTICLASS, available, load_pretrained
+    from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
     entries = []
     for name in available():
@@ -387,10 +387,14 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
     """Train and test everything ``options`` asks for; returns all numbers as a dict."""
     import torch
 
-    from napari_tomoseg.demo import trainset_from_truth
-    from napari_tomoseg.models import DEFAULT_ARCHITECTURE, available
-    from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram
-    from napari_tomoseg.training import TrainSettings
+    from napari_tomoseg.learning.models import DEFAULT_ARCHITECTURE, available
+    from napari_tomoseg.learning.training import TrainSettings
+    from napari_tomoseg.simulator.demo import trainset_from_truth
+    from napari_tomoseg.simulator.synthetic import (
+        CLASS_NAMES,
+        SimulationSettings,
+        simulate_tomogram,
+    )
 
     def say(text: str) -> None:
         if log is not None:
@@ -498,7 +502,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
 
 
 def default_architecture() -> str:
-    from napari_tomoseg.models import DEFAULT_ARCHITECTURE
+    from napari_tomoseg.learning.models import DEFAULT_ARCHITECTURE
 
     return DEFAULT_ARCHITECTURE
 
@@ -525,11 +529,15 @@ def suggestion_round(
 ) -> dict[str, Any]:
     """Train, suggest boxes on the training tomogram, accept them by the truth, train again
     with them, and score both networks."""
-    from napari_tomoseg.demo import boxes_from_ground_truth
-    from napari_tomoseg.inference import ApplySettings, apply_network, probabilities_as_float
-    from napari_tomoseg.suggest import suggest_boxes
-    from napari_tomoseg.synthetic import CLASS_NAMES
-    from napari_tomoseg.trainset import TrainsetSettings, build_training_set
+    from napari_tomoseg.applying.inference import (
+        ApplySettings,
+        apply_network,
+        probabilities_as_float,
+    )
+    from napari_tomoseg.applying.suggest import suggest_boxes
+    from napari_tomoseg.learning.trainset import TrainsetSettings, build_training_set
+    from napari_tomoseg.simulator.demo import boxes_from_ground_truth
+    from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
     value = CLASS_NAMES.index(feature)
     positives, negatives = boxes_from_ground_truth(
@@ -587,7 +595,7 @@ def suggestion_round(
 def _pooled(entries: list[dict[str, Any]], test_names: list[str] | None = None) -> Any:
     """Metrics of the confusion matrices of ``entries`` summed over their tests (all, or
     those named), and over the entries (training seeds)."""
-    from napari_tomoseg.training import metrics_from_confusion
+    from napari_tomoseg.learning.training import metrics_from_confusion
 
     matrices = [
         np.asarray(t["confusion"])

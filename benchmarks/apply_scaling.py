@@ -27,7 +27,7 @@ from _common import CLI, command_line, describe_machine, machine_info, markdown_
 
 
 def write_tomogram(path: Path, depth: int, xy: int, seed: int = 0) -> None:
-    from napari_tomoseg.io import write_mrc
+    from napari_tomoseg.data.io import write_mrc
 
     rng = np.random.default_rng(seed)
     data = np.lib.format.open_memmap(
@@ -52,8 +52,8 @@ def main() -> int:
 
     import torch
 
-    from napari_tomoseg.model_file import Network, save_network
-    from napari_tomoseg.models import DEFAULT_ARCHITECTURE
+    from napari_tomoseg.learning.model_file import Network, save_network
+    from napari_tomoseg.learning.models import DEFAULT_ARCHITECTURE
 
     arch = "tomoseg-cnn" if args.tiny else args.architecture or DEFAULT_ARCHITECTURE
     params = {"n_kernels": [4, 4], "kernel_size": 5} if args.tiny else None

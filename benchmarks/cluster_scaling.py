@@ -10,9 +10,9 @@ architecture unless given) to all of them:
 
 * ``plain``: the single-process loop of ``tomoseg apply`` without cluster options
   (``inference.apply_file`` per tomogram, torch's default thread count), in a fresh process;
-* ``W workers x T threads``: :func:`napari_tomoseg.cluster.run_batch` on a local cluster of
-  W worker processes with T torch threads each (start-up, including importing the package
-  in each worker, is reported separately, not in the batch time; each worker loads the
+* ``W workers x T threads``: :func:`napari_tomoseg.applying.cluster.run_batch` on a local
+  cluster of W worker processes with T torch threads each (start-up, including importing the
+  package in each worker, is reported separately, not in the batch time; each worker loads the
   network once, inside the batch time);
 * ``z-split``: one tomogram of ``--split-slices`` slices cut into Z chunks of a quarter of
   it, on 1 and on 2 workers;
@@ -39,8 +39,8 @@ import numpy as np
 
 PLAIN = r"""
 import sys, time
-from napari_tomoseg.inference import ApplySettings, apply_file
-from napari_tomoseg.model_file import load_network
+from napari_tomoseg.applying.inference import ApplySettings, apply_file
+from napari_tomoseg.learning.model_file import load_network
 net = load_network(sys.argv[1])
 t0 = time.perf_counter()
 for i, tomo in enumerate(sys.argv[3:]):
@@ -53,8 +53,8 @@ print(time.perf_counter() - t0)
 MEMORY = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
-from napari_tomoseg.inference import ApplySettings, apply_file
-from napari_tomoseg.model_file import Network, save_network
+from napari_tomoseg.applying.inference import ApplySettings, apply_file
+from napari_tomoseg.learning.model_file import Network, save_network
 torch.manual_seed(0)
 net = Network.create(sys.argv[1], 1, 2, voxel_size=10.0,
                      normalisation={"mode": "tomogram", "clamp_sigma": 5.0})
@@ -65,7 +65,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def write_tomogram(path: Path, shape: tuple[int, int, int], seed: int) -> Path:
-    from napari_tomoseg.io import write_mrc
+    from napari_tomoseg.data.io import write_mrc
 
     rng = np.random.default_rng(seed)
     return write_mrc(path, rng.standard_normal(shape, dtype=np.float32), 10.0)
@@ -73,7 +73,7 @@ def write_tomogram(path: Path, shape: tuple[int, int, int], seed: int) -> Path:
 
 def _warm() -> int:
     """Import the package (and torch) in a worker, as any long batch has done early on."""
-    import napari_tomoseg.cluster  # noqa: F401
+    import napari_tomoseg.applying.cluster  # noqa: F401
 
     return os.getpid()
 
@@ -82,8 +82,8 @@ def run_cluster(jobs, workers: int, threads: int, z_split: int | None = None) ->
     """(start-up seconds, batch seconds) of one local-cluster run."""
     import distributed
 
-    from napari_tomoseg.cluster import BatchSettings, run_batch, start_local_cluster
-    from napari_tomoseg.inference import ApplySettings
+    from napari_tomoseg.applying.cluster import BatchSettings, run_batch, start_local_cluster
+    from napari_tomoseg.applying.inference import ApplySettings
 
     batch = BatchSettings(n_workers=workers, torch_threads=threads, gpus="none", z_split=z_split)
     t0 = time.perf_counter()
@@ -125,9 +125,9 @@ def main() -> int:
 
     import torch
 
-    from napari_tomoseg.cluster import plan_batch
-    from napari_tomoseg.model_file import Network, save_network
-    from napari_tomoseg.models import DEFAULT_ARCHITECTURE
+    from napari_tomoseg.applying.cluster import plan_batch
+    from napari_tomoseg.learning.model_file import Network, save_network
+    from napari_tomoseg.learning.models import DEFAULT_ARCHITECTURE
 
     arch = args.architecture or DEFAULT_ARCHITECTURE
     shape = tuple(args.shape)
@@ -178,7 +178,7 @@ def main() -> int:
 
         memory_rows = []
         if args.memory_xy:
-            from napari_tomoseg.models import available
+            from napari_tomoseg.learning.models import available
 
             probe = write_tomogram(root / "probe.mrc", (2, args.memory_xy, args.memory_xy), 7)
             for name in available():

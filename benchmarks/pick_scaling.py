@@ -50,7 +50,7 @@ def mask_slab(z0: int, z1: int, xy: int, centres: np.ndarray) -> np.ndarray:
 
 def write_mask(path: Path, depth: int, xy: int, seed: int = 0) -> int:
     """Write the mask slab by slab (never whole in memory); returns the number of spheres."""
-    from napari_tomoseg.io import write_labels
+    from napari_tomoseg.data.io import write_labels
 
     rng = np.random.default_rng(seed)
     n = int(PARTICLES_PER_SLICE * depth)
@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--xy", type=int, default=1024)
     args = parser.parse_args()
 
-    from napari_tomoseg.picking import read_star
+    from napari_tomoseg.applying.picking import read_star
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,11 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def score(args: argparse.Namespace) -> dict:
-    from napari_tomoseg.inference import ApplySettings, apply_network
-    from napari_tomoseg.io import read_tomogram
-    from napari_tomoseg.model_file import load_network
-    from napari_tomoseg.pretrained import available, feature_of, load_pretrained
-    from napari_tomoseg.probability import probabilities_as_float
+    from napari_tomoseg.applying.inference import ApplySettings, apply_network
+    from napari_tomoseg.data.io import read_tomogram
+    from napari_tomoseg.data.probability import probabilities_as_float
+    from napari_tomoseg.learning.model_file import load_network
+    from napari_tomoseg.learning.pretrained import available, feature_of, load_pretrained
 
     tomo = read_tomogram(args.tomogram)
     labels = np.asarray(read_tomogram(args.labels).data).astype(np.int16) % 256

@@ -215,7 +215,7 @@ def keras_twin_difference(model: Any, twin: Any, image: np.ndarray) -> float:
     one (H, W) image (H and W even)."""
     import torch
 
-    from napari_tomoseg.models import predict_proba
+    from napari_tomoseg.learning.models import predict_proba
 
     ours = predict_proba(model, torch.from_numpy(image[None, None]))[0, 1].numpy()
     theirs = twin.predict(image[None, :, :, None], verbose=0)[0, :, :, 0]
@@ -231,7 +231,7 @@ def _set_tensorflow_threads(threads: int) -> None:
 
 # -- one measurement (run in a child process) -------------------------------------------------
 def _load_volume(path: str) -> np.ndarray:
-    from napari_tomoseg.io import read_tomogram
+    from napari_tomoseg.data.io import read_tomogram
 
     return np.array(read_tomogram(path).data, dtype=np.float32)
 
@@ -262,11 +262,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if mode == "train":
         out = _measure_training(spec)
     else:
-        from napari_tomoseg.model_file import load_network
+        from napari_tomoseg.learning.model_file import load_network
 
         net = load_network(spec["network"])
         if mode == "file":
-            from napari_tomoseg.inference import ApplySettings, apply_file
+            from napari_tomoseg.applying.inference import ApplySettings, apply_file
 
             work = Path(spec["workdir"])
             t0 = time.perf_counter()
@@ -282,7 +282,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             out["notes"] = result.notes
             voxels = int(np.prod(result.mask.shape))
         elif mode == "memory":
-            from napari_tomoseg.inference import ApplySettings, apply_network
+            from napari_tomoseg.applying.inference import ApplySettings, apply_network
 
             vol = _load_volume(spec["tomogram"])
             t0 = time.perf_counter()
@@ -327,9 +327,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one architecture on the single-membrane task until the target validation Dice."""
+    from napari_tomoseg.learning.training import TrainSettings, iter_train
     from napari_tomoseg.progress import drive
-    from napari_tomoseg.synthetic import SimulationSettings, simulate_tomogram
-    from napari_tomoseg.training import TrainSettings, iter_train
+    from napari_tomoseg.simulator.synthetic import SimulationSettings, simulate_tomogram
 
     sim = simulate_tomogram(SimulationSettings(shape=tuple(spec["shape"]), seed=0))
     trainset = binary_trainset(
@@ -444,9 +444,9 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
     """Measure everything; returns a dict with the machine, rows, FLOPs and training."""
     import torch
 
-    from napari_tomoseg.io import write_mrc
-    from napari_tomoseg.model_file import Network, save_network
-    from napari_tomoseg.models import DEFAULT_ARCHITECTURE, available
+    from napari_tomoseg.data.io import write_mrc
+    from napari_tomoseg.learning.model_file import Network, save_network
+    from napari_tomoseg.learning.models import DEFAULT_ARCHITECTURE, available
 
     archs = options.architectures or available()
     cpus = os.cpu_count() or 1
@@ -591,7 +591,7 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
 
 def _write_large(path: Path, shape: tuple[int, int, int]) -> None:
     """A random float32 MRC of ``shape`` written slice by slice (never whole in memory)."""
-    from napari_tomoseg.io import new_mrc_mmap
+    from napari_tomoseg.data.io import new_mrc_mmap
 
     rng = np.random.default_rng(1)
     with new_mrc_mmap(path, shape, np.float32) as (mrc, data):

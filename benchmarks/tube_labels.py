@@ -45,7 +45,7 @@ def tube_labels(
 def main(argv: list[str] | None = None) -> int:
     import mrcfile
 
-    from napari_tomoseg.io import read_tomogram
+    from napari_tomoseg.data.io import read_tomogram
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tomogram", type=Path)

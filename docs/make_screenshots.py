@@ -28,9 +28,9 @@ from qtpy.QtWidgets import QApplication, QDockWidget, QLabel
 
 from napari_tomoseg._widgets._dock import Scrolled, TomosegDock
 from napari_tomoseg._widgets._preview import PREVIEW_DOCK, PreviewPanel
-from napari_tomoseg.demo import boxes_from_ground_truth
 from napari_tomoseg.folders import CACHE_ENV, CONFIG_ENV
-from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram
+from napari_tomoseg.simulator.demo import boxes_from_ground_truth
+from napari_tomoseg.simulator.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram
 
 OUT = Path(__file__).parent / "images"
 #: The window of the screenshots (a laptop-sized one: the layout must fit it).
@@ -134,7 +134,7 @@ def open_tomogram(viewer: napari.Viewer, mode: Mode) -> tuple:
     if not mode.quick:
         return tuple(viewer.open_sample("napari-tomoseg", "simulated_cell"))
     from napari_tomoseg._layers import image_layer_kwargs, labels_layer_kwargs, voxel_metadata
-    from napari_tomoseg.synthetic import CLASS_COLORS
+    from napari_tomoseg.simulator.synthetic import CLASS_COLORS
 
     sim = simulate_tomogram(SimulationSettings(shape=mode.shape, seed=0))
     scale = (float(sim.voxel_size),) * 3

@@ -5,7 +5,7 @@
                                [--threads T] [--work DIR] [--quick]
 
 1. Simulates ``--tomograms`` tomograms whose settings are drawn at random
-   (:func:`napari_tomoseg.synthetic.random_settings`: dose, defocus, tilt range,
+   (:func:`napari_tomoseg.simulator.synthetic.random_settings`: dose, defocus, tilt range,
    envelope, CTF correction, reconstruction smoothness, thickness, crowding, object counts,
    bilayer thickness, microtubule diameter, vesicle sizes), all at 10 A.
 2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "napari_tomoseg" / "networks"
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "napari_tomoseg" / "learning"
+PACKAGE_DIR = PACKAGE_DIR / "networks"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,9 +83,9 @@ def say(text: str) -> None:
 
 def build_trainset(args: argparse.Namespace) -> Any:
     """Simulate the tomograms and join their boxes into one six-class training set."""
-    from napari_tomoseg.demo import trainset_from_truth
-    from napari_tomoseg.synthetic import CLASS_NAMES, random_settings, simulate_tomogram
-    from napari_tomoseg.trainset import TrainingSet, TrainsetSettings, concatenate
+    from napari_tomoseg.learning.trainset import TrainingSet, TrainsetSettings, concatenate
+    from napari_tomoseg.simulator.demo import trainset_from_truth
+    from napari_tomoseg.simulator.synthetic import CLASS_NAMES, random_settings, simulate_tomogram
 
     cached = args.work / "pretrain.tstrain.npz" if args.work else None
     if cached is not None and cached.is_file():
@@ -125,8 +126,8 @@ def train_network(
     trainset: Any, args: argparse.Namespace, name: str, iterations: int, init: Any = None
 ) -> Any:
     """Train (resuming from ``--work`` when a checkpoint is there) and return the result."""
+    from napari_tomoseg.learning.training import TrainSettings, iter_train
     from napari_tomoseg.progress import drive
-    from napari_tomoseg.training import TrainSettings, iter_train
 
     settings = TrainSettings(
         iterations=iterations,
@@ -156,7 +157,7 @@ def train_network(
 
 def binary_subset(trainset: Any, feature: str) -> Any:
     """The six-class training set with one feature painted (the others background)."""
-    from napari_tomoseg.trainset import TrainingSet
+    from napari_tomoseg.learning.trainset import TrainingSet
 
     value = list(trainset.class_names).index(feature)
     labels = (trainset.labels == value).astype(np.uint8)
@@ -187,8 +188,8 @@ def describe(result: Any, seconds: float, extra: dict[str, Any]) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from napari_tomoseg.model_file import Network, save_network
-    from napari_tomoseg.pretrained import MULTICLASS, transfer_weights
+    from napari_tomoseg.learning.model_file import Network, save_network
+    from napari_tomoseg.learning.pretrained import MULTICLASS, transfer_weights
 
     args = parse_args(argv)
     if args.threads:

@@ -12,11 +12,11 @@ import numpy as np
 import psutil
 import pytest
 
-from napari_tomoseg import autosave
-from napari_tomoseg.annotations import INFO_FILE, Annotations
-from napari_tomoseg.boxes import Box
+from napari_tomoseg.data import autosave
+from napari_tomoseg.data.annotations import INFO_FILE, Annotations
+from napari_tomoseg.data.boxes import Box
+from napari_tomoseg.data.io import Writer, process_running, this_writer, write_mrc
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.io import Writer, process_running, this_writer, write_mrc
 
 
 @pytest.fixture(autouse=True)

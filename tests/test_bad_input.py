@@ -35,13 +35,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_tomoseg import inference as inf
-from napari_tomoseg import io as tio
 from napari_tomoseg._reader import get_reader
-from napari_tomoseg.annotations import Annotations, load_annotations, save_annotations
-from napari_tomoseg.boxes import Box, box_from_shape, read_boxes_csv, write_boxes_csv
-from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
-from napari_tomoseg.inference import (
+from napari_tomoseg.applying import inference as inf
+from napari_tomoseg.applying.inference import (
     ApplyOutputs,
     ApplySettings,
     DeviceMemoryError,
@@ -49,15 +45,19 @@ from napari_tomoseg.inference import (
     apply_network,
     iter_apply_file,
 )
-from napari_tomoseg.inference import apply as inf_apply
-from napari_tomoseg.inference import predict as inf_predict
-from napari_tomoseg.merge import MergeInput, merge_probability_maps
-from napari_tomoseg.model_file import Network, load_network, save_network
-from napari_tomoseg.picking import Particle, pick, write_csv, write_star
-from napari_tomoseg.preprocess import PreprocessSettings, lowpass, preprocess, robust_stats
+from napari_tomoseg.applying.inference import apply as inf_apply
+from napari_tomoseg.applying.inference import predict as inf_predict
+from napari_tomoseg.applying.merge import MergeInput, merge_probability_maps
+from napari_tomoseg.applying.picking import Particle, pick, write_csv, write_star
+from napari_tomoseg.data import io as tio
+from napari_tomoseg.data.annotations import Annotations, load_annotations, save_annotations
+from napari_tomoseg.data.boxes import Box, box_from_shape, read_boxes_csv, write_boxes_csv
+from napari_tomoseg.data.preprocess import PreprocessSettings, lowpass, preprocess, robust_stats
+from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
+from napari_tomoseg.learning.model_file import Network, load_network, save_network
+from napari_tomoseg.learning.training import TrainSettings, iter_train
+from napari_tomoseg.learning.trainset import TrainingSet, TrainsetSettings, build_training_set
 from napari_tomoseg.progress import drive
-from napari_tomoseg.training import TrainSettings, iter_train
-from napari_tomoseg.trainset import TrainingSet, TrainsetSettings, build_training_set
 
 #: Longest a refused call may take before it counts as a hang.
 HANG_S = 30
@@ -996,7 +996,7 @@ def test_save_annotations_on_a_full_disk_keeps_the_previous_ones(monkeypatch, tm
     changed = annotations()
     changed.painting[:] = 2
     changed.positives = changed.positives[:1]
-    import napari_tomoseg.annotations as ann
+    import napari_tomoseg.data.annotations as ann
 
     if where == "painting":
         _fail_on_call(monkeypatch, tio, "_write_mrc_body", 1)
@@ -1073,7 +1073,7 @@ _KILLED_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np
-    from napari_tomoseg.io import write_mrc
+    from napari_tomoseg.data.io import write_mrc
 
     target, started = Path(sys.argv[1]), Path(sys.argv[2])
 

@@ -36,7 +36,7 @@ def accuracy():
 
 
 def test_flops_per_voxel_of_the_chen_network_from_its_layer_shapes(speed):
-    from napari_tomoseg.models import build_model
+    from napari_tomoseg.learning.models import build_model
 
     model = build_model("tomoseg-cnn", 1, 2)
     # 15x15 kernels: 1 -> 40 at full resolution, then 40 -> 40 and 40 -> 1 after a 2x2 pool
@@ -83,7 +83,7 @@ import numpy as np
 import torch
 sys.path.insert(0, sys.argv[1])
 import speed
-from napari_tomoseg.models import build_model
+from napari_tomoseg.learning.models import build_model
 
 torch.manual_seed(3)
 model = build_model("tomoseg-cnn", 1, 2).eval()
@@ -121,7 +121,7 @@ def test_autosave_pause_measures_real_autosaves(tmp_path, monkeypatch, capsys):
     for row in rows:
         assert row["autosave_s"] > 0 and row["max_gap_ms"] >= row["p99_gap_ms"] > 0
         assert row["gather_ms"] < 1000 * row["autosave_s"]
-    from napari_tomoseg.autosave import list_autosaves
+    from napari_tomoseg.data.autosave import list_autosaves
 
     [saved] = list_autosaves()  # one tomogram, autosaved (the second replaced the first)
     assert saved.n_positive == saved.n_negative == 8

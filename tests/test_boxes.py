@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_tomoseg.boxes import (
+from napari_tomoseg.data.boxes import (
     DEFAULT_BOX_SIZE,
     Box,
     box_from_shape,

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from napari_tomoseg import cli
-from napari_tomoseg.boxes import read_boxes_csv, write_boxes_csv
-from napari_tomoseg.checkpoint import read_checkpoint_meta
-from napari_tomoseg.demo import boxes_from_ground_truth
+from napari_tomoseg.applying.picking import read_star
+from napari_tomoseg.data.boxes import read_boxes_csv, write_boxes_csv
+from napari_tomoseg.data.io import read_tomogram, write_labels, write_mrc
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.io import read_tomogram, write_labels, write_mrc
-from napari_tomoseg.model_file import load_network
-from napari_tomoseg.picking import read_star
-from napari_tomoseg.synthetic import CLASS_NAMES
+from napari_tomoseg.learning.checkpoint import read_checkpoint_meta
+from napari_tomoseg.learning.model_file import load_network
+from napari_tomoseg.simulator.demo import boxes_from_ground_truth
+from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
 MEMBRANE = CLASS_NAMES.index("single_membrane")
 RIBOSOME = CLASS_NAMES.index("ribosome")
@@ -48,7 +48,7 @@ def test_missing_input_is_a_clear_error_with_exit_1(tmp_path, capsys):
 
 
 def test_box_files_round_trip_and_napari_csv(tmp_path):
-    from napari_tomoseg.boxes import Box
+    from napari_tomoseg.data.boxes import Box
 
     boxes = [Box(3, 40, 50, 32), Box(7, 60, 60, 32)]
     path = write_boxes_csv(tmp_path / "b.csv", boxes)
@@ -64,7 +64,7 @@ def test_box_files_round_trip_and_napari_csv(tmp_path):
 
 
 def test_box_files_without_header_and_with_sizes(tmp_path):
-    from napari_tomoseg.boxes import Box
+    from napari_tomoseg.data.boxes import Box
 
     one = tmp_path / "one.csv"
     one.write_text("12,40,50\n")  # one headerless row: a box, not a header
@@ -81,8 +81,8 @@ def test_box_files_without_header_and_with_sizes(tmp_path):
 
 
 def test_build_trainset_takes_the_box_size_from_the_file(tmp_path, capsys):
-    from napari_tomoseg.boxes import Box
-    from napari_tomoseg.trainset import TrainingSet
+    from napari_tomoseg.data.boxes import Box
+    from napari_tomoseg.learning.trainset import TrainingSet
 
     rng = np.random.default_rng(0)
     write_mrc(tmp_path / "t.mrc", rng.normal(size=(8, 96, 96)).astype(np.float32), 10.0)
@@ -104,7 +104,7 @@ def test_build_trainset_takes_the_box_size_from_the_file(tmp_path, capsys):
 def test_every_option_has_help_with_its_default(capsys):
     import argparse
 
-    from napari_tomoseg.training import TrainSettings
+    from napari_tomoseg.learning.training import TrainSettings
 
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
@@ -327,8 +327,8 @@ def test_train_keeps_a_checkpoint_until_done_and_resumes(
 
     # The run finishes but its network cannot be written (a full disk): the checkpoint,
     # holding the final state, is kept, and --resume saves that network without training.
-    from napari_tomoseg import model_file
     from napari_tomoseg.errors import TomosegIOError
+    from napari_tomoseg.learning import model_file
 
     full = tmp_path / "full.tsnet"
 
@@ -350,7 +350,7 @@ def test_train_keeps_a_checkpoint_until_done_and_resumes(
 
 
 def test_demo_runs_the_whole_job_and_its_dice_is_that_of_its_files(tmp_path, capsys):
-    from napari_tomoseg.demo import dice_scores
+    from napari_tomoseg.simulator.demo import dice_scores
 
     out = tmp_path / "demo"
     assert run("demo", "--output-dir", out, "--iterations", 20, "--seed", 1) == 0

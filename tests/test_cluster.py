@@ -16,8 +16,9 @@ distributed = pytest.importorskip("distributed")
 import cloudpickle  # noqa: E402  (comes with distributed)
 import dask  # noqa: E402
 
-from napari_tomoseg import cli, cluster, io  # noqa: E402
-from napari_tomoseg.cluster import (  # noqa: E402
+from napari_tomoseg import cli  # noqa: E402
+from napari_tomoseg.applying import cluster  # noqa: E402
+from napari_tomoseg.applying.cluster import (  # noqa: E402
     BatchJob,
     BatchSettings,
     file_sha256,
@@ -29,11 +30,12 @@ from napari_tomoseg.cluster import (  # noqa: E402
     run_batch,
     worker_network,
 )
+from napari_tomoseg.applying.inference import ApplySettings, apply_file  # noqa: E402
+from napari_tomoseg.data import io  # noqa: E402
+from napari_tomoseg.data.io import read_tomogram, write_mrc  # noqa: E402
 from napari_tomoseg.errors import TomosegError  # noqa: E402
-from napari_tomoseg.inference import ApplySettings, apply_file  # noqa: E402
-from napari_tomoseg.io import read_tomogram, write_mrc  # noqa: E402
-from napari_tomoseg.model_file import Network, load_network, save_network  # noqa: E402
-from napari_tomoseg.synthetic import simulate_tomogram  # noqa: E402
+from napari_tomoseg.learning.model_file import Network, load_network, save_network  # noqa: E402
+from napari_tomoseg.simulator.synthetic import simulate_tomogram  # noqa: E402
 
 SHAPE = (24, 96, 96)
 SETTINGS = ApplySettings(z_chunk=4, batch_size=8)
@@ -221,8 +223,8 @@ def test_workers_remove_what_killed_runs_left_beside_their_outputs(data, client,
     """A temporary of a killed process of this host goes when a worker writes into its
     folder (a note of the job); one from another host, which cannot be checked, goes when
     the job that owns its output is done (a warning of the batch)."""
+    from napari_tomoseg.data.io import Writer, temporary_name
     from napari_tomoseg.errors import TemporariesRemovedWarning
-    from napari_tomoseg.io import Writer, temporary_name
     from test_leftovers import _killed_writer
 
     [job] = plan_batch([data["tomograms"][0]], [data["networks"]["flat"]], tmp_path)

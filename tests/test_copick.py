@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_tomoseg.applying.picking import PickSettings, mesh_area, mesh_volume, pick
 from napari_tomoseg.errors import OutputExistsError, TomosegError
-from napari_tomoseg.picking import PickSettings, mesh_area, mesh_volume, pick
 
 copick = pytest.importorskip("copick")
 
-from napari_tomoseg import copick_io  # noqa: E402
-from napari_tomoseg.copick_io import (  # noqa: E402
+from napari_tomoseg.applying import copick_io  # noqa: E402
+from napari_tomoseg.applying.copick_io import (  # noqa: E402
     export_meshes,
     export_picks,
     export_segmentation,
@@ -172,8 +172,8 @@ def test_without_copick_the_error_says_how_to_install_it(monkeypatch, tmp_path):
 # -- the command line -----------------------------------------------------------------------------
 def test_cli_exports_pick_and_merge_outputs_and_imports_them_back(tmp_path, labels, capsys):
     from napari_tomoseg import cli
-    from napari_tomoseg.io import read_tomogram, source_label, write_labels, write_mrc
-    from napari_tomoseg.picking import read_star
+    from napari_tomoseg.applying.picking import read_star
+    from napari_tomoseg.data.io import read_tomogram, source_label, write_labels, write_mrc
 
     def run(*argv):
         return cli.main(["--quiet", *map(str, argv)])
@@ -271,8 +271,8 @@ def test_cli_without_copick_says_how_to_install_it(tmp_path, monkeypatch, capsys
 
 def test_merged_masks_name_their_classes_for_pick_and_copick(tmp_path, labels, capsys):
     from napari_tomoseg import cli
-    from napari_tomoseg.io import class_names_of, read_tomogram, source_label, write_mrc
-    from napari_tomoseg.picking import read_star
+    from napari_tomoseg.applying.picking import read_star
+    from napari_tomoseg.data.io import class_names_of, read_tomogram, source_label, write_mrc
 
     def run(*argv):
         return cli.main(["--quiet", *map(str, argv)])

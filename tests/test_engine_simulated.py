@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_tomoseg.demo import boxes_from_ground_truth, central_slices, dice_scores
-from napari_tomoseg.inference import ApplySettings, apply_network
-from napari_tomoseg.synthetic import CLASS_NAMES, simulate_tomogram
-from napari_tomoseg.training import TrainSettings, train
-from napari_tomoseg.trainset import TrainsetSettings, build_training_set
+from napari_tomoseg.applying.inference import ApplySettings, apply_network
+from napari_tomoseg.learning.training import TrainSettings, train
+from napari_tomoseg.learning.trainset import TrainsetSettings, build_training_set
+from napari_tomoseg.simulator.demo import boxes_from_ground_truth, central_slices, dice_scores
+from napari_tomoseg.simulator.synthetic import CLASS_NAMES, simulate_tomogram
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ loads it.  The only acceptable outcomes are a load whose data is sane or a clean
 deadline per example catches hangs.  Runs are derandomized (the same examples every run, so
 CI is reproducible); set ``TOMOSEG_FUZZ_SCALE=N`` to run N times as many random examples.
 
-Inputs that once escaped :mod:`napari_tomoseg.model_file` (zip members it could not decode,
-model parameters that made it allocate without bound) have one test each, with the exact
+Inputs that once escaped :mod:`napari_tomoseg.learning.model_file` (zip members it could not
+decode, model parameters that made it allocate without bound) have one test each, with the exact
 input; the random properties leave those bytes and values alone so that they test
 everything else.
 """
@@ -31,10 +31,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from napari_tomoseg import io as tio
+from napari_tomoseg.data import io as tio
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.model_file import Network, NetworkMeta, load_network, save_network
-from napari_tomoseg.trainset import TrainingSet
+from napari_tomoseg.learning.model_file import Network, NetworkMeta, load_network, save_network
+from napari_tomoseg.learning.trainset import TrainingSet
 
 _SCALE = max(1, int(os.environ.get("TOMOSEG_FUZZ_SCALE", "1")))
 #: Longest one example may take (ms); loading a damaged file must never take long.

@@ -11,21 +11,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from napari_tomoseg.augment import (
+from napari_tomoseg.applying.inference import ApplySettings, apply_network
+from napari_tomoseg.applying.suggest import overlaps, suggest_boxes
+from napari_tomoseg.data.boxes import Box
+from napari_tomoseg.data.probability import probabilities_as_float
+from napari_tomoseg.errors import TomosegError
+from napari_tomoseg.learning.augment import (
     AUGMENTATION_DEFAULTS,
     NO_AUGMENTATION,
     augment_batch,
     resolve_augmentation,
 )
-from napari_tomoseg.boxes import Box
-from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.inference import ApplySettings, apply_network
-from napari_tomoseg.model_file import Network, load_network, save_network
-from napari_tomoseg.probability import probabilities_as_float
-from napari_tomoseg.suggest import overlaps, suggest_boxes
-from napari_tomoseg.synthetic import RANDOM_RANGES, random_settings, simulate_tomogram
-from napari_tomoseg.training import THRESHOLD_CANDIDATES, calibrate_threshold
-from napari_tomoseg.trainset import TrainingSet, concatenate
+from napari_tomoseg.learning.model_file import Network, load_network, save_network
+from napari_tomoseg.learning.training import THRESHOLD_CANDIDATES, calibrate_threshold
+from napari_tomoseg.learning.trainset import TrainingSet, concatenate
+from napari_tomoseg.simulator.synthetic import RANDOM_RANGES, random_settings, simulate_tomogram
 
 
 def _batch(seed: int = 0, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from napari_tomoseg import inference as inf
-from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
-from napari_tomoseg.inference import (
+from napari_tomoseg.applying import inference as inf
+from napari_tomoseg.applying.inference import (
     ApplySettings,
     apply_binned,
     apply_file,
@@ -29,14 +28,15 @@ from napari_tomoseg.inference import (
     probabilities_as_float,
     receptive_field,
 )
-from napari_tomoseg.inference import apply as inf_apply
-from napari_tomoseg.inference import kernels as inf_kernels
-from napari_tomoseg.inference import tiling as inf_tiling
-from napari_tomoseg.io import header_labels, read_tomogram, source_label, write_mrc
-from napari_tomoseg.model_file import Network, NetworkMeta
-from napari_tomoseg.models import build_model, predict_proba
-from napari_tomoseg.preprocess import Normalisation, robust_stats
-from napari_tomoseg.probability import PROBABILITY_LABEL
+from napari_tomoseg.applying.inference import apply as inf_apply
+from napari_tomoseg.applying.inference import kernels as inf_kernels
+from napari_tomoseg.applying.inference import tiling as inf_tiling
+from napari_tomoseg.data.io import header_labels, read_tomogram, source_label, write_mrc
+from napari_tomoseg.data.preprocess import Normalisation, robust_stats
+from napari_tomoseg.data.probability import PROBABILITY_LABEL
+from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
+from napari_tomoseg.learning.model_file import Network, NetworkMeta
+from napari_tomoseg.learning.models import build_model, predict_proba
 
 
 # -- small networks with known behaviour --------------------------------------------------------
@@ -576,8 +576,8 @@ def test_bad_settings_are_refused(kw):
 
 
 def test_one_device_rule_for_training_and_applying():
-    from napari_tomoseg.inference import resolve_device
-    from napari_tomoseg.training import select_device
+    from napari_tomoseg.applying.inference import resolve_device
+    from napari_tomoseg.learning.training import select_device
 
     assert select_device is resolve_device
     assert resolve_device(" CPU ") == torch.device("cpu")  # as training always accepted

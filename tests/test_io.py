@@ -9,9 +9,9 @@ import mrcfile
 import numpy as np
 import pytest
 
-from napari_tomoseg import io as tio
 from napari_tomoseg._reader import get_reader
 from napari_tomoseg._writer import write_image_layer, write_labels_layer
+from napari_tomoseg.data import io as tio
 from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
 
 MODES = {

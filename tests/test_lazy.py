@@ -14,13 +14,13 @@ import zarr
 
 from napari_tomoseg import cli
 from napari_tomoseg._reader import get_reader
+from napari_tomoseg.applying.inference import apply_network
+from napari_tomoseg.applying.merge import MergeInput, merge_probability_maps
+from napari_tomoseg.applying.picking import PickSettings, pick
+from napari_tomoseg.data.io import mrc_stem, read_tomogram, release_pages, write_mrc
+from napari_tomoseg.data.preprocess import _BLOCK_ELEMENTS, robust_stats
 from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegIOError
-from napari_tomoseg.inference import apply_network
-from napari_tomoseg.io import mrc_stem, read_tomogram, release_pages, write_mrc
-from napari_tomoseg.merge import MergeInput, merge_probability_maps
-from napari_tomoseg.model_file import Network, save_network
-from napari_tomoseg.picking import PickSettings, pick
-from napari_tomoseg.preprocess import _BLOCK_ELEMENTS, robust_stats
+from napari_tomoseg.learning.model_file import Network, save_network
 
 VOXEL = 13.48
 ZARR3 = int(zarr.__version__.split(".")[0]) >= 3
@@ -253,8 +253,8 @@ def test_merge_and_pick_on_dask_arrays_equal_the_in_memory_ones():
 
 
 def test_a_training_set_from_an_ome_zarr_tomogram_equals_the_in_memory_one(tmp_path):
-    from napari_tomoseg.boxes import Box
-    from napari_tomoseg.trainset import TrainsetSettings, build_training_set
+    from napari_tomoseg.data.boxes import Box
+    from napari_tomoseg.learning.trainset import TrainsetSettings, build_training_set
 
     volume, labels = blob_volume()
     tomo = read_tomogram(write_portal_zarr(tmp_path / "t.zarr", volume))
@@ -292,7 +292,7 @@ def _mapped_mib(process, folder):
 
 
 def test_apply_to_a_file_keeps_no_pages_of_the_files_resident(tmp_path):
-    from napari_tomoseg.inference import apply_file
+    from napari_tomoseg.applying.inference import apply_file
 
     rng = np.random.default_rng(0)
     write_mrc(tmp_path / "t.mrc", rng.standard_normal((24, 384, 384), dtype=np.float32), 10.0)

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from napari_tomoseg import cli
-from napari_tomoseg import io as tio
+from napari_tomoseg.data import io as tio
 from napari_tomoseg.errors import TemporariesRemovedWarning
-from napari_tomoseg.model_file import Network, save_network
+from napari_tomoseg.learning.model_file import Network, save_network
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _DIES_WHILE_WRITING = textwrap.dedent(
     """
     import os, signal, sys
-    from napari_tomoseg.io import atomic_path
+    from napari_tomoseg.data.io import atomic_path
 
     with atomic_path(sys.argv[1], overwrite=True) as tmp:
         tmp.write_bytes(b"x" * int(sys.argv[2]))

@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.merge import (
+from napari_tomoseg.applying.merge import (
     DEFAULT_COLORS,
     MergeInput,
     iter_merge,
     merge_probability_maps,
 )
-from napari_tomoseg.probability import quantize_probabilities
+from napari_tomoseg.data.probability import quantize_probabilities
+from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.progress import drive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,13 +165,14 @@ def test_bad_inputs_are_refused(bad, message):
 
 
 def test_merge_and_picking_do_not_import_torch():
-    """Merging and picking read stored probabilities (napari_tomoseg.probability), not the
+    """Merging and picking read stored probabilities (napari_tomoseg.data.probability), not the
     inference package, so they run where torch is not installed or slow to import."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     code = (
-        "import sys, napari_tomoseg.merge, napari_tomoseg.picking\n"
-        "loaded = [m for m in ('torch', 'napari_tomoseg.inference') if m in sys.modules]\n"
+        "import sys, napari_tomoseg.applying.merge, napari_tomoseg.applying.picking\n"
+        "heavy = ('torch', 'napari_tomoseg.applying.inference')\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)

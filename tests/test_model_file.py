@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from napari_tomoseg.errors import TomosegError, TomosegIOError
-from napari_tomoseg.model_file import (
+from napari_tomoseg.learning.model_file import (
     FORMAT_MAGIC,
     FORMAT_VERSION,
     Network,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.models import (
+from napari_tomoseg.learning.models import (
     DEFAULT_ARCHITECTURE,
     MODELS,
     ModelSpec,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_tomoseg import io as tio
+from napari_tomoseg.data import io as tio
 
 napari = pytest.importorskip("napari")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
-from napari_tomoseg.picking import (
+from napari_tomoseg.applying.picking import (
     CSV_COLUMNS,
     Particle,
     PickSettings,
@@ -19,8 +18,9 @@ from napari_tomoseg.picking import (
     write_csv,
     write_star,
 )
-from napari_tomoseg.probability import quantize_probabilities
-from napari_tomoseg.synthetic import RIBOSOME, simulate_tomogram
+from napari_tomoseg.data.probability import quantize_probabilities
+from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
+from napari_tomoseg.simulator.synthetic import RIBOSOME, simulate_tomogram
 
 
 def sphere(shape, centre, radius):
@@ -136,8 +136,8 @@ def shapes_across_slabs(shape=(24, 40, 40)):
 def slabs_of(monkeypatch, slices):
     import functools
 
-    from napari_tomoseg import picking
-    from napari_tomoseg.io import read_slabs
+    from napari_tomoseg.applying import picking
+    from napari_tomoseg.data.io import read_slabs
 
     plane = 40 * 40
     monkeypatch.setattr(

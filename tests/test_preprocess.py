@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.preprocess import (
+from napari_tomoseg.data.preprocess import (
     Normalisation,
     PreprocessSettings,
     bin_volume,
@@ -22,6 +21,7 @@ from napari_tomoseg.preprocess import (
     unbin_labels,
     unbin_volume,
 )
+from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.progress import Progress
 
 

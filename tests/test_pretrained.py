@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from napari_tomoseg import cli
-from napari_tomoseg.demo import central_slices, dice_scores, trainset_from_truth
+from napari_tomoseg.applying.inference import ApplySettings, apply_network
+from napari_tomoseg.data.io import read_tomogram, write_mrc
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.inference import ApplySettings, apply_network
-from napari_tomoseg.io import read_tomogram, write_mrc
-from napari_tomoseg.model_file import Network
-from napari_tomoseg.pretrained import (
+from napari_tomoseg.learning.model_file import Network
+from napari_tomoseg.learning.pretrained import (
     MULTICLASS,
     available,
     feature_of,
@@ -22,8 +21,9 @@ from napari_tomoseg.pretrained import (
     starting_network,
     transfer_weights,
 )
-from napari_tomoseg.synthetic import CLASS_NAMES, simulate_tomogram
-from napari_tomoseg.training import TrainSettings, train
+from napari_tomoseg.learning.training import TrainSettings, train
+from napari_tomoseg.simulator.demo import central_slices, dice_scores, trainset_from_truth
+from napari_tomoseg.simulator.synthetic import CLASS_NAMES, simulate_tomogram
 
 FEATURES = CLASS_NAMES[1:]
 

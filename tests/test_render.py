@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_tomoseg.applying.render import RenderSettings, remove_specks, render_scene
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.render import RenderSettings, remove_specks, render_scene
 
 
 def _ball(shape, centre, radius):

@@ -10,7 +10,7 @@ import pytest
 
 from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.progress import Progress
-from napari_tomoseg.synthetic import (
+from napari_tomoseg.simulator.synthetic import (
     CARBON_EDGE,
     CLASS_COLORS,
     CLASS_NAMES,

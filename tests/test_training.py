@@ -22,13 +22,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from napari_tomoseg.checkpoint import default_checkpoint_path, read_checkpoint_meta
 from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.folders import CACHE_ENV
-from napari_tomoseg.model_file import Network, load_network, save_network
-from napari_tomoseg.models import DEFAULT_ARCHITECTURE
-from napari_tomoseg.progress import Progress
-from napari_tomoseg.training import (
+from napari_tomoseg.learning.checkpoint import default_checkpoint_path, read_checkpoint_meta
+from napari_tomoseg.learning.model_file import Network, load_network, save_network
+from napari_tomoseg.learning.models import DEFAULT_ARCHITECTURE
+from napari_tomoseg.learning.training import (
     AUTO_WEIGHT_MAX,
     LR_FLOOR,
     WARMUP_STEPS,
@@ -43,7 +42,8 @@ from napari_tomoseg.training import (
     split_by_box,
     train,
 )
-from napari_tomoseg.trainset import TrainingSet
+from napari_tomoseg.learning.trainset import TrainingSet
+from napari_tomoseg.progress import Progress
 
 BOX = 64
 

@@ -9,10 +9,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from napari_tomoseg.boxes import Box, crop
+from napari_tomoseg.data.boxes import Box, crop
+from napari_tomoseg.data.preprocess import Normalisation, robust_stats
 from napari_tomoseg.errors import TomosegError, TomosegIOError
-from napari_tomoseg.preprocess import Normalisation, robust_stats
-from napari_tomoseg.trainset import (
+from napari_tomoseg.learning.trainset import (
     IGNORE_INDEX,
     TRAINSET_FORMAT,
     TrainingSet,

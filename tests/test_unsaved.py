@@ -29,11 +29,11 @@ from napari.utils.interactions import (  # noqa: E402
     mouse_release_callbacks,
 )
 
-from napari_tomoseg import autosave  # noqa: E402
 from napari_tomoseg._widgets import BoxWidget, TrainWidget  # noqa: E402
 from napari_tomoseg._widgets._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE_LAYER  # noqa: E402
-from napari_tomoseg.annotations import load_annotations  # noqa: E402
-from napari_tomoseg.io import write_mrc  # noqa: E402
+from napari_tomoseg.data import autosave  # noqa: E402
+from napari_tomoseg.data.annotations import load_annotations  # noqa: E402
+from napari_tomoseg.data.io import write_mrc  # noqa: E402
 from test_widgets import (  # noqa: E402, F401  (fixtures)
     _no_modal_questions,
     _settings_dir,

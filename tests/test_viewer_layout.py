@@ -16,8 +16,8 @@ from napari_tomoseg._widgets._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE
 from napari_tomoseg._widgets._demo import show_demo  # noqa: E402
 from napari_tomoseg._widgets._dock import STEPS, Scrolled  # noqa: E402
 from napari_tomoseg._widgets._preview import PREVIEW_DOCK  # noqa: E402
-from napari_tomoseg.demo import DemoSettings, run_demo  # noqa: E402
-from napari_tomoseg.synthetic import CLASS_NAMES  # noqa: E402
+from napari_tomoseg.simulator.demo import DemoSettings, run_demo  # noqa: E402
+from napari_tomoseg.simulator.synthetic import CLASS_NAMES  # noqa: E402
 from test_widgets import (  # noqa: E402, F401  (fixtures)
     _no_modal_questions,
     _one_box_training,

@@ -26,10 +26,10 @@ from napari_tomoseg._widgets._boxes import (  # noqa: E402
     POSITIVE_LAYER,
     UNSAVED_MARK,
 )
-from napari_tomoseg.annotations import PAINTING_FILE  # noqa: E402
-from napari_tomoseg.demo import boxes_from_ground_truth, central_slices, dice_scores  # noqa: E402
-from napari_tomoseg.io import read_tomogram  # noqa: E402
-from napari_tomoseg.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram  # noqa: E402
+from napari_tomoseg.data.annotations import PAINTING_FILE  # noqa: E402
+from napari_tomoseg.data.io import read_tomogram  # noqa: E402
+from napari_tomoseg.simulator.demo import boxes_from_ground_truth, central_slices, dice_scores  # noqa: E402
+from napari_tomoseg.simulator.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """``tomoseg copick export`` and ``tomoseg copick import``: the command line of
-:mod:`napari_tomoseg.copick_io` (kept apart from :mod:`napari_tomoseg.cli`, which adds them
-to its parser)."""
+:mod:`napari_tomoseg.applying.copick_io` (kept apart from :mod:`napari_tomoseg.cli`, which
+adds them to its parser)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from .errors import TomosegError
 
 
 def _copick_export_picks(args: argparse.Namespace, path: str) -> str:
-    from .copick_io import export_picks
-    from .picking import read_csv, read_star
+    from .applying.copick_io import export_picks
+    from .applying.picking import read_csv, read_star
 
     table = read_csv(path) if _writes_csv(path) else read_star(path)
     run = args.run or table.tomo_name
@@ -34,8 +34,8 @@ def _copick_export_picks(args: argparse.Namespace, path: str) -> str:
 
 
 def _copick_export_mask(args: argparse.Namespace, path: str) -> list[str]:
-    from .copick_io import export_meshes, export_segmentation
-    from .io import class_names_of, output_feature, read_tomogram, source_name
+    from .applying.copick_io import export_meshes, export_segmentation
+    from .data.io import class_names_of, output_feature, read_tomogram, source_name
 
     mask = read_tomogram(path)
     source = source_name(mask)
@@ -67,8 +67,8 @@ def _copick_export_mask(args: argparse.Namespace, path: str) -> list[str]:
 
 
 def _cmd_copick_export(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .copick_io import export_tomogram, open_project
-    from .io import mrc_stem, read_tomogram
+    from .applying.copick_io import export_tomogram, open_project
+    from .data.io import mrc_stem, read_tomogram
 
     if not (args.picks or args.mask or args.tomogram):
         raise TomosegError("Nothing to export: give --picks, --mask and/or --tomogram.")
@@ -95,8 +95,8 @@ def _cmd_copick_export(args: argparse.Namespace, progress: ProgressPrinter) -> i
 
 
 def _cmd_copick_import(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .copick_io import read_copick_segmentation, read_copick_tomogram
-    from .io import SOURCE_LABEL, classes_label, write_labels, write_mrc
+    from .applying.copick_io import read_copick_segmentation, read_copick_tomogram
+    from .data.io import SOURCE_LABEL, classes_label, write_labels, write_mrc
 
     if args.segmentation:
         labels, names = read_copick_segmentation(
@@ -195,7 +195,7 @@ def add_copick_parsers(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 def _copick_common(p: argparse.ArgumentParser, export: bool) -> None:
     """The options export and import share: who, which tomogram, voxel size, overwrite."""
-    from .copick_io import DEFAULT_SESSION, DEFAULT_TOMO_TYPE, DEFAULT_USER
+    from .applying.copick_io import DEFAULT_SESSION, DEFAULT_TOMO_TYPE, DEFAULT_USER
 
     if export:
         p.add_argument(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ._layers import image_layer_kwargs
-from .io import is_tomogram_path, mrc_stem, read_tomogram
+from .data.io import is_tomogram_path, mrc_stem, read_tomogram
 
 LayerData = tuple[Any, dict[str, Any], str]
 

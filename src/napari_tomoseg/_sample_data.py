@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._layers import image_layer_kwargs, labels_layer_kwargs, voxel_metadata
-from .synthetic import CLASS_COLORS, CLASS_NAMES, SimulationSettings, simulate_tomogram
+from .simulator.synthetic import CLASS_COLORS, CLASS_NAMES, SimulationSettings, simulate_tomogram
 
 #: Size of the sample: large enough for 64 px boxes, quick to simulate on a laptop.
 SAMPLE_SETTINGS = SimulationSettings(shape=(96, 256, 256), voxel_size=10.0, seed=0)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import write_labels, write_mrc
-from .probability import PROBABILITY_DTYPE, PROBABILITY_LABEL
+from .data.io import write_labels, write_mrc
+from .data.probability import PROBABILITY_DTYPE, PROBABILITY_LABEL
 
 
 def voxel_size_from_layer(meta: dict[str, Any]) -> tuple[float, float, float] | None:

@@ -90,7 +90,7 @@ class StopOnInterrupt:
 
 # -- subcommands ------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .demo import DemoSettings, iter_demo
+    from .simulator.demo import DemoSettings, iter_demo
 
     settings = DemoSettings(
         feature=args.feature,
@@ -128,8 +128,8 @@ def _open_demo_viewer(result: Any) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import write_labels, write_mrc
-    from .synthetic import CLASS_NAMES, SimulationSettings, iter_simulate_tomogram
+    from .data.io import write_labels, write_mrc
+    from .simulator.synthetic import CLASS_NAMES, SimulationSettings, iter_simulate_tomogram
 
     settings = SimulationSettings(
         shape=tuple(args.shape), seed=args.seed, voxel_size=args.voxel_size
@@ -150,7 +150,7 @@ def _cmd_simulate(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 def _read_box_files(args: argparse.Namespace) -> tuple[list, list, int]:
     """The positive and negative boxes of ``--positive``/``--negative`` and their size:
     ``--box-size`` when given (it replaces the files' sizes), else the files' own."""
-    from .boxes import DEFAULT_BOX_SIZE, read_boxes_csv
+    from .data.boxes import DEFAULT_BOX_SIZE, read_boxes_csv
 
     positives = read_boxes_csv(args.positive, args.box_size)
     negatives = read_boxes_csv(args.negative, args.box_size) if args.negative else []
@@ -159,8 +159,8 @@ def _read_box_files(args: argparse.Namespace) -> tuple[list, list, int]:
 
 
 def _cmd_build_trainset(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import read_tomogram
-    from .trainset import TrainsetSettings, build_training_set
+    from .data.io import read_tomogram
+    from .learning.trainset import TrainsetSettings, build_training_set
 
     tomo = read_tomogram(args.tomogram)
     labels = read_tomogram(args.labels)
@@ -207,9 +207,9 @@ def _parse_class_weights(text: str) -> str | list[float] | None:
 
 
 def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .checkpoint import remove_checkpoint
-    from .model_file import load_network
-    from .trainset import TrainingSet
+    from .learning.checkpoint import remove_checkpoint
+    from .learning.model_file import load_network
+    from .learning.trainset import TrainingSet
 
     trainset = TrainingSet.load(args.trainset)
     init = load_network(args.from_trained) if args.from_trained else None
@@ -228,8 +228,8 @@ def _cmd_train(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 def _train_settings(args: argparse.Namespace, init: Any) -> Any:
     """The settings of ``tomoseg train``: the options given, on the defaults or on those of
     the network it continues (``--from-trained``; see ``TrainSettings.for_run``)."""
-    from .augment import NO_AUGMENTATION
-    from .training import TrainSettings
+    from .learning.augment import NO_AUGMENTATION
+    from .learning.training import TrainSettings
 
     names = (
         "iterations",
@@ -257,7 +257,7 @@ def _train_checkpoint(args: argparse.Namespace, output: Path) -> Path:
     the output and the checkpoint are known to allow the run: an existing output only with
     --overwrite or --resume, --resume only from a checkpoint that is there, an unfinished
     run's checkpoint replaced only with --overwrite."""
-    from .checkpoint import default_checkpoint_path
+    from .learning.checkpoint import default_checkpoint_path
 
     # --resume may replace the network that the stopped run it continues saved there
     if output.exists() and not (args.overwrite or args.resume):
@@ -287,7 +287,7 @@ def _run_training(
 ) -> Any:
     """Train (the first Ctrl-C stops cleanly, keeping the result); a run that dies says how
     to continue from its checkpoint, which is kept until the network is saved."""
-    from .training import iter_train
+    from .learning.training import iter_train
 
     with StopOnInterrupt() as should_stop:
         try:
@@ -315,7 +315,7 @@ def _run_training(
 def _save_trained(result: Any, output: Path, checkpoint: Path, *, overwrite: bool) -> None:
     """Save the trained network; when that fails (e.g. a full disk) with the checkpoint
     still there, the error says that the trained state is kept in it."""
-    from .model_file import save_network
+    from .learning.model_file import save_network
 
     try:
         save_network(result.network, output, overwrite=overwrite)
@@ -352,9 +352,9 @@ def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int
 
 
 def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .inference import ApplySettings, iter_apply_file, resolve_device
-    from .io import output_label, output_names
-    from .model_file import load_network
+    from .applying.inference import ApplySettings, iter_apply_file, resolve_device
+    from .data.io import output_label, output_names
+    from .learning.model_file import load_network
 
     settings = ApplySettings(
         threshold=args.threshold,
@@ -428,7 +428,7 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 def _split_apply_inputs(args: argparse.Namespace) -> None:
     """``args.network`` and ``args.tomograms`` from the positional inputs and --pretrained."""
     if args.pretrained:
-        from .pretrained import shipped_file
+        from .learning.pretrained import shipped_file
 
         args.network, args.tomograms = str(shipped_file(args.pretrained)), list(args.inputs)
         return
@@ -442,8 +442,8 @@ def _split_apply_inputs(args: argparse.Namespace) -> None:
 
 def _cmd_pretrained(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     """List the networks shipped with the package."""
-    from .model_file import read_network_meta
-    from .pretrained import available
+    from .learning.model_file import read_network_meta
+    from .learning.pretrained import available
 
     files = available()
     if not files:
@@ -465,10 +465,10 @@ def _cmd_pretrained(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 
 def _cmd_suggest(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     """Boxes worth a look where a network fires far from every positive box."""
-    from .boxes import write_boxes_csv
-    from .io import read_tomogram
-    from .probability import probabilities_as_float
-    from .suggest import suggest_boxes
+    from .applying.suggest import suggest_boxes
+    from .data.boxes import write_boxes_csv
+    from .data.io import read_tomogram
+    from .data.probability import probabilities_as_float
 
     probability = read_tomogram(args.probabilities).data
     positives, negatives, box_size = _read_box_files(args)
@@ -528,7 +528,7 @@ def _cmd_apply_batch(
     progress: ProgressPrinter,
 ) -> int:
     """``tomoseg apply`` on a Dask cluster: local, or a running scheduler."""
-    from .cluster import BatchSettings, JobOutcome, iter_run_batch, plan_batch
+    from .applying.cluster import BatchSettings, JobOutcome, iter_run_batch, plan_batch
 
     batch = BatchSettings(
         scheduler=args.scheduler,
@@ -582,7 +582,8 @@ def _cmd_apply_batch(
 
 
 def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import (
+    from .applying.merge import MergeInput, iter_merge
+    from .data.io import (
         classes_label,
         output_feature,
         read_tomogram,
@@ -590,7 +591,6 @@ def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         source_name,
         write_labels,
     )
-    from .merge import MergeInput, iter_merge
 
     n = len(args.probabilities)
     thresholds = _per_input(args.threshold, n, "--threshold")
@@ -632,8 +632,8 @@ def _writes_csv(path: str | Path) -> bool:
 
 
 def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import class_names_of, mrc_stem, read_tomogram, source_name
-    from .picking import PickSettings, pick, write_csv, write_star
+    from .applying.picking import PickSettings, pick, write_csv, write_star
+    from .data.io import class_names_of, mrc_stem, read_tomogram, source_name
 
     mask = read_tomogram(args.mask)
     tomo_name = args.tomo_name or source_name(mask)
@@ -677,7 +677,7 @@ def _cmd_pick(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 
 
 def _cmd_clean(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .io import format_size, list_temporaries, remove_stale_temporaries
+    from .data.io import format_size, list_temporaries, remove_stale_temporaries
 
     if not args.folders and not args.autosaves:
         raise TomosegError("Give the folder(s) to clean, or --autosaves.")
@@ -709,8 +709,8 @@ def _cmd_clean(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 def _clean_autosaves(dry_run: bool) -> None:
     """List the autosaved annotations in the cache; remove them unless ``dry_run`` (those
     that a running viewer keeps up to date are kept)."""
-    from .autosave import autosave_root, discard_autosave, list_autosaves
-    from .io import format_size
+    from .data.autosave import autosave_root, discard_autosave, list_autosaves
+    from .data.io import format_size
 
     count = total = 0
     for info in list_autosaves():

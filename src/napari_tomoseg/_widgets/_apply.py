@@ -21,12 +21,12 @@ from magicgui.widgets import (
 )
 
 from .._layers import labels_layer_kwargs
+from ..applying.inference import DEFAULT_THRESHOLD, ApplySettings, iter_apply
+from ..data.probability import scale_of
 from ..errors import TomosegError
-from ..inference import DEFAULT_THRESHOLD, ApplySettings, iter_apply
-from ..model_file import load_network
-from ..pretrained import available as shipped_networks
-from ..pretrained import load_pretrained
-from ..probability import scale_of
+from ..learning.model_file import load_network
+from ..learning.pretrained import available as shipped_networks
+from ..learning.pretrained import load_pretrained
 from ._common import (
     RememberedSettings,
     TaskRunner,

@@ -3,7 +3,7 @@
 :class:`Autosaver` (one per viewer, made by the Boxes widget) writes the annotations to the
 cache folder every few minutes, and when training starts, while they have unsaved changes.
 It gathers them in the GUI thread (boxes and feature names, and a reference to the painting:
-no copy) and calls :func:`napari_tomoseg.autosave.write_autosave` in a worker thread, which
+no copy) and calls :func:`napari_tomoseg.data.autosave.write_autosave` in a worker thread, which
 copies the painting there and writes the copy; the viewer does not wait for either.  An
 autosave made while the user went on painting is not current, and the next one follows.
 
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..annotations import Annotations
-from ..autosave import AUTOSAVE_INTERVAL_S, AutosaveInfo, discard_autosave, write_autosave
+from ..data.annotations import Annotations
+from ..data.autosave import AUTOSAVE_INTERVAL_S, AutosaveInfo, discard_autosave, write_autosave
 from ..errors import TomosegError
 from ._common import CANCEL, DISCARD, AnnotationChanges, describe_error, notify_error
 

@@ -30,9 +30,9 @@ from magicgui.widgets import (
 )
 
 from .._layers import UNIT
-from ..annotations import Annotations, load_annotations, save_annotations
-from ..autosave import AutosaveInfo, discard_autosave, find_autosave, read_autosave
-from ..boxes import DEFAULT_BOX_SIZE, Box, box_from_shape, crop
+from ..data.annotations import Annotations, load_annotations, save_annotations
+from ..data.autosave import AutosaveInfo, discard_autosave, find_autosave, read_autosave
+from ..data.boxes import DEFAULT_BOX_SIZE, Box, box_from_shape, crop
 from ..errors import TomosegError
 from . import _common
 from ._autosave import Autosaver, guard_viewer

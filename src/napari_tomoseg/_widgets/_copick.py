@@ -1,6 +1,6 @@
 """copick project: open a run's tomogram or segmentation as layers, and write a Labels
 layer (with its surface meshes) or picked Points into the project.  The work is done by
-:mod:`napari_tomoseg.copick_io` (needs ``pip install napari-tomoseg[copick]``)."""
+:mod:`napari_tomoseg.applying.copick_io` (needs ``pip install napari-tomoseg[copick]``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 
-from .. import copick_io
 from .._layers import image_layer_kwargs, labels_layer_kwargs
+from ..applying import copick_io
+from ..data.io import mrc_stem
 from ..errors import TomosegError
-from ..io import mrc_stem
 from ._common import (
     RememberedSettings,
     describe_error,

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from .._layers import image_layer_kwargs, labels_layer_kwargs, voxel_metadata
-from ..annotations import Annotations
-from ..synthetic import CLASS_COLORS, CLASS_NAMES
+from ..data.annotations import Annotations
+from ..simulator.synthetic import CLASS_COLORS, CLASS_NAMES
 from ._common import session
 from ._dock import TomosegDock
 

@@ -16,8 +16,8 @@ from magicgui.widgets import (
 )
 
 from .._layers import image_layer_kwargs, voxel_metadata
-from ..io import MRC_EXTENSIONS
-from ..preprocess import PreprocessSettings, iter_preprocess
+from ..data.io import MRC_EXTENSIONS
+from ..data.preprocess import PreprocessSettings, iter_preprocess
 from ._common import (
     RememberedSettings,
     TaskRunner,

@@ -14,10 +14,10 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton
 
 from .._layers import labels_layer_kwargs
+from ..applying.merge import MergeInput, merge_probability_maps
+from ..data.io import write_labels
+from ..data.probability import scale_of
 from ..errors import TomosegError
-from ..io import write_labels
-from ..merge import MergeInput, merge_probability_maps
-from ..probability import scale_of
 from ._common import (
     describe_error,
     fit_narrow,

@@ -19,10 +19,17 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from ..applying.picking import (
+    PickSettings,
+    feature_mask,
+    pick,
+    surface_mesh,
+    write_csv,
+    write_star,
+)
+from ..applying.render import RenderSettings, render_scene
 from ..errors import TomosegError
-from ..picking import PickSettings, feature_mask, pick, surface_mesh, write_csv, write_star
 from ..progress import Progress
-from ..render import RenderSettings, render_scene
 from ._common import (
     TaskRunner,
     describe_error,

@@ -1,6 +1,6 @@
 """Suggested boxes in the Boxes widget: where the network fires far from every positive box.
 
-After a first training and apply, "Suggest boxes" asks :func:`napari_tomoseg.suggest.
+After a first training and apply, "Suggest boxes" asks :func:`napari_tomoseg.applying.suggest.
 suggest_boxes` for the strongest such places in the chosen probability map and shows them
 in a Shapes layer.  The panel goes to each in turn; one click accepts it as a negative box
 (the network is wrong there), as a positive box (the feature is there: paint it), or
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
 
-from ..inference import network_threshold
-from ..probability import probabilities_as_float
+from ..applying.inference import network_threshold
+from ..applying.suggest import Suggestion, suggest_boxes
+from ..data.probability import probabilities_as_float
 from ..progress import Progress
-from ..suggest import Suggestion, suggest_boxes
 from ._common import (
     TaskRunner,
     describe_error,

@@ -28,16 +28,16 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from ..boxes import box_from_shape
-from ..checkpoint import default_checkpoint_path, read_checkpoint_meta
+from ..data.boxes import box_from_shape
 from ..errors import TomosegError
-from ..model_file import load_network, save_network
-from ..models import DEFAULT_ARCHITECTURE, available
-from ..pretrained import AUTO, SCRATCH, match
-from ..pretrained import available as shipped_networks
+from ..learning.checkpoint import default_checkpoint_path, read_checkpoint_meta
+from ..learning.model_file import load_network, save_network
+from ..learning.models import DEFAULT_ARCHITECTURE, available
+from ..learning.pretrained import AUTO, SCRATCH, match
+from ..learning.pretrained import available as shipped_networks
+from ..learning.training import TrainSettings, iter_train
+from ..learning.trainset import TrainsetSettings, build_training_set
 from ..progress import Progress
-from ..training import TrainSettings, iter_train
-from ..trainset import TrainsetSettings, build_training_set
 from ._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE_LAYER
 from ._common import (
     RememberedSettings,

@@ -1,0 +1,1 @@
+"""The simulator: tomograms with exact ground truth, and the demo built on it."""
