@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.boxes import DEFAULT_BOX_SIZE, Box
+from ..data.boxes import DEFAULT_BOX_SIZE, Box, grid_box_sums
 from ..errors import TomosegError
 from ..progress import never_stop
 
@@ -57,23 +57,6 @@ def _near_positive(candidate: Box, positives: Sequence[Box], z_far: int) -> bool
         and abs(candidate.x - p.x) < reach
         for p in positives
     )
-
-
-def _box_sums(plane: np.ndarray, size: int, step: int) -> tuple[np.ndarray, ...]:
-    """Sum of ``plane`` inside every ``size`` box whose corner is on a ``step`` grid."""
-    ny, nx = plane.shape
-    integral = np.zeros((ny + 1, nx + 1), np.float64)
-    integral[1:, 1:] = plane.cumsum(0).cumsum(1)
-    y0 = np.arange(0, ny - size + 1, step)
-    x0 = np.arange(0, nx - size + 1, step)
-    yy, xx = np.meshgrid(y0, x0, indexing="ij")
-    sums = (
-        integral[yy + size, xx + size]
-        - integral[yy, xx + size]
-        - integral[yy + size, xx]
-        + integral[yy, xx]
-    )
-    return sums, yy, xx
 
 
 def suggest_boxes(
@@ -113,8 +96,8 @@ def suggest_boxes(
         plane = np.asarray(probability[z])
         plane = to_float(plane) if to_float is not None else plane.astype(np.float32)
         fired = plane >= threshold
-        sums, yy, xx = _box_sums(np.where(fired, plane, 0.0), box_size, step)
-        counts, _, _ = _box_sums(fired.astype(np.float32), box_size, step)
+        sums, yy, xx = grid_box_sums(np.where(fired, plane, 0.0), box_size, step)
+        counts, _, _ = grid_box_sums(fired.astype(np.float32), box_size, step)
         keep = sums.ravel() > 0
         zs = np.full(int(keep.sum()), z)
         rows.append(

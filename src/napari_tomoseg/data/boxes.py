@@ -356,3 +356,21 @@ def _boxes_from_shapes_rows(
         except (KeyError, TypeError, ValueError) as exc:
             raise _row_error(path, n, row, f"is not a shape vertex ({exc})") from None
     return boxes_from_shapes([np.array(v) for _, v in sorted(shapes.items())], box_size)
+
+
+def grid_box_sums(plane: np.ndarray, size: int, step: int) -> tuple[np.ndarray, ...]:
+    """Sum of ``plane`` inside every ``size`` x ``size`` box whose corner lies on a
+    ``step`` grid, from one integral image; also the corners' (Y, X) grids."""
+    ny, nx = plane.shape
+    integral = np.zeros((ny + 1, nx + 1), np.float64)
+    integral[1:, 1:] = plane.cumsum(0).cumsum(1)
+    y0 = np.arange(0, ny - size + 1, step)
+    x0 = np.arange(0, nx - size + 1, step)
+    yy, xx = np.meshgrid(y0, x0, indexing="ij")
+    sums = (
+        integral[yy + size, xx + size]
+        - integral[yy, xx + size]
+        - integral[yy + size, xx]
+        + integral[yy, xx]
+    )
+    return sums, yy, xx

@@ -719,18 +719,10 @@ def _make_preview(
 ) -> TrainingPreview:
     images = ts.images[indices]
     centre = images.shape[1] // 2
-    was_training = model.training
-    model.eval()
-    parts = []
-    try:
-        with torch.no_grad():
-            for start in range(0, images.shape[0], _EVAL_BATCH):
-                x = torch.from_numpy(images[start : start + _EVAL_BATCH]).to(device)
-                parts.append(logits_to_proba(model(x)).cpu().numpy())
-    finally:
-        model.train(was_training)
-    k = n_classes
-    proba = np.concatenate(parts) if parts else np.zeros((0, k, *images.shape[2:]), np.float32)
+    if len(images):
+        proba = _predict(model, torch.from_numpy(images), device)
+    else:
+        proba = np.zeros((0, n_classes, *images.shape[2:]), np.float32)
     if n_classes == 2:
         outputs = proba[:, 1].astype(np.float32)
         probabilities = None

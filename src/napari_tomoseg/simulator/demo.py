@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.boxes import DEFAULT_BOX_SIZE, Box
+from ..data.boxes import DEFAULT_BOX_SIZE, Box, grid_box_sums
 from ..errors import TomosegError
 from ..progress import Progress, drive
 
@@ -26,18 +26,7 @@ _GRID_STEP = 8
 
 def _box_fractions(mask2d: np.ndarray, box_size: int, step: int) -> tuple[np.ndarray, ...]:
     """Fraction of ``mask2d`` inside every box of ``box_size`` whose corner lies on the grid."""
-    ny, nx = mask2d.shape
-    integral = np.zeros((ny + 1, nx + 1), np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask2d, axis=0), axis=1)
-    y0 = np.arange(0, ny - box_size + 1, step)
-    x0 = np.arange(0, nx - box_size + 1, step)
-    yy, xx = np.meshgrid(y0, x0, indexing="ij")
-    sums = (
-        integral[yy + box_size, xx + box_size]
-        - integral[yy, xx + box_size]
-        - integral[yy + box_size, xx]
-        + integral[yy, xx]
-    )
+    sums, yy, xx = grid_box_sums(mask2d, box_size, step)
     return sums / float(box_size * box_size), yy, xx
 
 
