@@ -19,6 +19,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from .._layers import layer_voxel_size
 from ..applying.picking import (
     PickSettings,
     feature_mask,
@@ -40,7 +41,6 @@ from ._common import (
     layer_volume,
     notify_error,
     notify_info,
-    voxel_size_of,
 )
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ class PickWidget(Container):
             class_names = [names.get(i, names.get(str(i), f"feature {i}")) for i in range(top + 1)]
             self.result = pick(
                 layer_volume(layer),
-                voxel_size=voxel_size_of(layer),
+                voxel_size=layer_voxel_size(layer),
                 class_names=class_names,
                 settings=settings,
             )
@@ -283,8 +283,8 @@ class PickWidget(Container):
             return None
         path = Path(path)
         layer = self.segmentation.value
-        voxel_size = voxel_size_of(layer) if layer is not None else None
         try:
+            voxel_size = layer_voxel_size(layer) if layer is not None else None
             writer = write_csv if path.suffix.lower() == ".csv" else write_star
             out = writer(path, self.result.particles, voxel_size)
         except TomosegError as exc:
