@@ -19,7 +19,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from .._layers import layer_voxel_size
+from .._layers import layer_voxel_size, voxel_metadata
 from ..applying.picking import (
     PickSettings,
     feature_mask,
@@ -46,8 +46,8 @@ from ._common import (
 if TYPE_CHECKING:
     import napari
 
-#: Metadata of the segmentation that its Points layer keeps (voxel size and origin).
-_KEPT_METADATA = ("voxel_size", "voxel_size_unit", "source_path", "copick")
+#: Metadata of the segmentation that its Points layer keeps (besides its voxel size).
+_KEPT_METADATA = ("source_path", "copick")
 #: The camera's angles in the 3D view: from above and to the side, so depth shows.
 VIEW_ANGLES = (-20.0, 30.0, 60.0)
 
@@ -266,7 +266,8 @@ class PickWidget(Container):
                 "score": [p.score for p in particles],
             },
             metadata={  # what the points belong to, for exports
-                k: v for k, v in (layer.metadata or {}).items() if k in _KEPT_METADATA
+                **{k: v for k, v in (layer.metadata or {}).items() if k in _KEPT_METADATA},
+                **voxel_metadata(self.result.voxel_size),  # the segmentation's
             },
             **grid_kwargs(layer),
         )
