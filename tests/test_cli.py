@@ -358,7 +358,7 @@ def test_demo_runs_the_whole_job_and_its_dice_is_that_of_its_files(tmp_path, cap
     names = ["simulated_tomogram.mrc", "ground_truth.mrc", "single_membrane_mask.mrc"]
     tomogram, truth, mask = (read_tomogram(out / n) for n in names)
     assert tomogram.voxel_size == truth.voxel_size == mask.voxel_size == (10.0, 10.0, 10.0)
-    assert load_network(out / "single_membrane.tsnet").meta.voxel_size == 10.0  # in-plane
+    assert load_network(out / "single_membrane.tsnet").meta.voxel_size == (10.0, 10.0, 10.0)
     # the printed Dice are those of the written mask against the written truth
     labels, predicted = np.asarray(truth.data), np.asarray(mask.data)
     value = CLASS_NAMES.index("single_membrane")

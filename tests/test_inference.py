@@ -533,6 +533,23 @@ def test_rescale_uses_the_network_grid():
         apply_network(net, vol, voxel_size=2.5, settings=refuse)
 
 
+def test_context_slices_are_taken_at_the_network_z_voxel_size():
+    """A 2.5D network of anisotropic voxels: Y and X are checked against its in-plane size,
+    Z (the spacing of its context slices) against its own Z size."""
+    # the network looks only at the slice *before* (channel 0 of 3), 20 A away in Z
+    net = network(
+        Threshold(gain=40.0, level=0.0, channels=3, use=0), 2, context=1, voxel_size=(20, 10, 10)
+    )
+    vol = np.zeros((6, 40, 40), dtype=np.float32)
+    vol[2] = 1.0  # only slice 2 is bright
+    same = apply_network(net, vol, voxel_size=(20.0, 10.0, 10.0))
+    assert same.notes == []  # its own voxel size: nothing rescaled, context 1 slice apart
+    assert [bool(same.mask[z].all()) for z in range(6)] == [False] * 3 + [True] + [False] * 2
+    finer = apply_network(net, vol, voxel_size=10.0)  # 10 A slices: the slice 20 A before
+    assert finer.notes == ["context slices taken 2 slices apart (Z voxel 10 A, network 20 A)"]
+    assert [bool(finer.mask[z].all()) for z in range(6)] == [False] * 4 + [True, False]
+
+
 def test_unknown_voxel_size_warns_and_proceeds():
     vol, labels = blobs((3, 40, 40))
     net = network(Threshold(), 2, voxel_size=10.0)

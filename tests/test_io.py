@@ -287,3 +287,38 @@ def test_unsigned_byte_files_of_earlier_versions_still_read(tmp_path):
     tomo = tio.read_tomogram(path)
     assert tomo.data.dtype == np.uint8
     np.testing.assert_array_equal(tomo.data, data)
+
+
+# -- the voxel-size type ----------------------------------------------------------------------
+def test_voxel_size_parses_one_value_an_image_pair_or_z_y_x():
+    import json
+
+    from napari_tomoseg.data.voxels import VoxelSize
+
+    assert VoxelSize.parse(None) is None
+    cubic = VoxelSize.parse(10)
+    assert isinstance(cubic, VoxelSize) and cubic == (10.0, 10.0, 10.0)
+    assert VoxelSize.parse((7.0, 5.0)) == (7.0, 7.0, 5.0)  # (Y, X) of a 2D image: Z takes Y
+    vs = VoxelSize.parse(np.array([20, 10, 10.5]))
+    assert (vs.z, vs.y, vs.x, vs.inplane, vs.xyz) == (20.0, 10.0, 10.5, 10.5, (10.5, 10.0, 20.0))
+    assert vs.scaled(2) == (40.0, 20.0, 21.0)
+    assert (cubic.describe(), vs.describe()) == ("10 A", "20 x 10 x 10.5 A")
+    assert json.loads(json.dumps(vs)) == [20.0, 10.0, 10.5]  # a list of three in JSON files
+    for bad in (0, -1.0, "ten", [], [1.0, 2.0, 3.0, 4.0], [1.0, float("nan"), 1.0], np.inf):
+        with pytest.raises(TomosegError, match="Invalid voxel size"):
+            VoxelSize.parse(bad)
+        assert VoxelSize.parse_or_none(bad) is None
+    assert tio.voxel_triple == VoxelSize.parse  # the earlier name, the same function
+
+
+def test_readers_and_writers_carry_the_voxel_size_type(tmp_path):
+    from napari_tomoseg.data.voxels import VoxelSize
+
+    path = tio.write_mrc(tmp_path / "a.mrc", np.zeros((2, 4, 6), np.float32), (14.0, 13.0, 12.0))
+    tomo = tio.read_tomogram(path)
+    assert isinstance(tomo.voxel_size, VoxelSize) and tomo.voxel_size == (14.0, 13.0, 12.0)
+    assert tomo.metadata()["voxel_size"] == tomo.voxel_size
+    assert tomo.metadata()["voxel_size_unit"] == "angstrom"
+    with mrcfile.open(path) as mrc:  # (X, Y, Z) in the header
+        assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (12.0, 13.0, 14.0)
+    assert tio.Tomogram(np.zeros((2, 2, 2)), voxel_size=9.0).voxel_size == (9.0, 9.0, 9.0)

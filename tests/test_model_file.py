@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_tomoseg.data.voxels import VoxelSize
 from napari_tomoseg.errors import TomosegError, TomosegIOError
 from napari_tomoseg.learning.model_file import (
     FORMAT_MAGIC,
@@ -126,7 +127,7 @@ def test_metadata_is_recorded(saved):
     meta = read_network_meta(path)
     assert meta.architecture == "unet-lite"
     assert meta.class_names == ("background", "membrane", "microtubule")
-    assert meta.voxel_size == pytest.approx(13.7)
+    assert meta.voxel_size == pytest.approx((13.7, 13.7, 13.7))
     assert meta.box_size == 64 and meta.context_slices == 1 and meta.in_channels == 3
     assert meta.normalisation == {"method": "zscore", "mean": 0.1, "std": 2.5}
     assert meta.history[-1]["val_loss"] == 0.6
@@ -234,6 +235,9 @@ def test_foreign_and_missing_files(tmp_path):
         ({"architecture": "resnet"}, "does not know"),
         ({"class_names": ["background"]}, "class_names"),
         ({"voxel_size": -3.0}, "voxel_size"),
+        ({"voxel_size": [10.0, 10.0]}, "a list of three"),
+        ({"voxel_size": [10.0, 0.0, 10.0]}, "voxel_size"),
+        ({"voxel_size": [10.0, "10", 10.0]}, "voxel_size"),
         ({"in_channels": "three"}, "in_channels"),
         ({"model_params": {"base_channels": 16, "evil": 1}}, "evil"),
         ({"history": {"step": 1}}, "history"),
@@ -291,3 +295,56 @@ def test_meta_dict_round_trip_and_validation():
         NetworkMeta.from_dict({k: v for k, v in meta.to_dict().items() if k != "n_classes"})
     with pytest.raises(TomosegError, match="box_size"):
         NetworkMeta.from_dict({**meta.to_dict(), "box_size": 0})
+
+
+# -- the voxel size in the file ----------------------------------------------------------------
+def _context_cnn(voxel_size) -> Network:
+    torch.manual_seed(3)
+    return Network.create(
+        "tomoseg-cnn",
+        3,
+        2,
+        model_params={"n_kernels": [4], "kernel_size": 3},
+        voxel_size=voxel_size,
+        context_slices=1,
+        normalisation={"mode": "tomogram", "clamp_sigma": 5.0, "window": 16},
+    )
+
+
+def test_a_network_written_now_stores_z_y_x_and_reads_it_back(tmp_path):
+    net = _context_cnn((16.0, 10.0, 10.0))
+    assert isinstance(net.meta.voxel_size, VoxelSize)
+    path = save_network(net, tmp_path / "anisotropic.tsnet")
+    assert _meta(_arrays(path))["voxel_size"] == [16.0, 10.0, 10.0]
+    back = load_network(path).meta
+    assert isinstance(back.voxel_size, VoxelSize) and back.voxel_size == (16.0, 10.0, 10.0)
+    assert back == net.meta
+    cubic = save_network(_context_cnn(10.0), tmp_path / "cubic.tsnet")
+    assert _meta(_arrays(cubic))["voxel_size"] == [10.0, 10.0, 10.0]
+    assert read_network_meta(cubic).voxel_size == (10.0, 10.0, 10.0)
+
+
+def test_a_file_with_one_voxel_size_number_reads_as_cubic_voxels_and_applies_the_same(tmp_path):
+    from napari_tomoseg.applying.inference import apply_network
+    from napari_tomoseg.learning.pretrained import available
+
+    # the shipped networks are such files: one number
+    for shipped in available().values():
+        assert _meta(_arrays(shipped))["voxel_size"] == 10.0
+    new = save_network(_context_cnn(10.0), tmp_path / "new.tsnet")
+    old = _rewrite(_with_meta(_arrays(new), voxel_size=10), tmp_path / "old.tsnet")
+    old_net, new_net = load_network(old), load_network(new)
+    assert old_net.meta.voxel_size == (10.0, 10.0, 10.0)
+    assert isinstance(old_net.meta.voxel_size, VoxelSize)
+    assert old_net.meta == new_net.meta
+    # an 8 A tomogram: rescaled in-plane, context slices 1.25 slices apart, as before
+    volume = np.random.default_rng(0).normal(size=(6, 40, 48)).astype(np.float32)
+    a = apply_network(old_net, volume, voxel_size=8.0)
+    b = apply_network(new_net, volume, voxel_size=8.0)
+    assert np.array_equal(a.mask, b.mask)
+    assert all(np.array_equal(p, q) for p, q in zip(a.probabilities, b.probabilities))
+    assert a.notes == b.notes
+    assert "rescaled in-plane from 8 x 8 A to the network's 10 A (40 x 48 -> 32 x 38 px)" in (
+        " ".join(a.notes)
+    )
+    assert "context slices taken 1.25 slices apart (Z voxel 8 A, network 10 A)" in a.notes

@@ -34,6 +34,33 @@ def test_open_mrc_in_viewer_at_its_voxel_size(make_napari_viewer, tmp_path):
     np.testing.assert_array_equal(np.asarray(layer.data), data)
 
 
+def test_a_layer_voxel_size_is_written_and_read_back_as_one_type(make_napari_viewer):
+    from napari_tomoseg._layers import image_layer_kwargs, layer_voxel_size, voxel_metadata
+    from napari_tomoseg.data.voxels import VoxelSize
+
+    viewer = make_napari_viewer()
+    vs = VoxelSize(14.0, 13.0, 12.0)
+    meta = voxel_metadata(vs)
+    assert meta == {"voxel_size": (14.0, 13.0, 12.0), "voxel_size_unit": "angstrom"}
+    volume = np.zeros((2, 4, 4), np.float32)
+    layer = viewer.add_image(volume, **image_layer_kwargs("t", vs, meta))
+    back = layer_voxel_size(layer)
+    assert isinstance(back, VoxelSize) and back == vs
+    # what npe2 hands a writer: the layer's attributes as a dict
+    assert layer_voxel_size({"metadata": layer.metadata, "scale": layer.scale}) == vs
+    # cubic voxels as one number; unknown stays unknown
+    assert voxel_metadata(10.0)["voxel_size"] == (10.0, 10.0, 10.0)
+    assert voxel_metadata(None) == {"voxel_size": None, "voxel_size_unit": "angstrom"}
+    # no metadata: the scale (an image's (Y, X) as VoxelSize.parse reads it); 1.0: unknown
+    scaled = viewer.add_labels(volume.astype(np.uint8), scale=(9.0, 8.0, 8.0))
+    assert layer_voxel_size(scaled) == (9.0, 8.0, 8.0)
+    assert layer_voxel_size(viewer.add_image(np.zeros((4, 4)), scale=(5.0, 6.0))) == (5, 5, 6)
+    assert layer_voxel_size(viewer.add_image(volume)) is None
+    # metadata of more axes: the last three
+    wide = viewer.add_image(np.zeros((2, 2, 4, 4)), metadata={"voxel_size": [1.0, *vs]})
+    assert layer_voxel_size(wide) == vs
+
+
 def test_save_labels_layer_as_mrc_from_viewer(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     labels = np.zeros((4, 10, 10), np.int32)

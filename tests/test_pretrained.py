@@ -53,7 +53,7 @@ def test_every_feature_and_the_multiclass_network_are_shipped_and_load_safely():
         total += path.stat().st_size
         net = load_pretrained(name)
         meta = net.meta
-        assert meta.voxel_size == pytest.approx(10.0)
+        assert meta.voxel_size == pytest.approx((10.0, 10.0, 10.0))  # one number in the file
         assert meta.threshold is not None and 0.0 < meta.threshold < 1.0
         assert meta.architecture == TrainSettings().architecture
         if name == MULTICLASS:

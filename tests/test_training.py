@@ -399,7 +399,8 @@ def test_progress_history_preview_and_metadata(short_run, rings):
     meta = result.network.meta
     assert meta.architecture == "unet-lite" and meta.in_channels == 1 and meta.n_classes == 2
     assert meta.class_names == ("background", "membrane")
-    assert meta.voxel_size == 12.0 and meta.box_size == BOX and meta.context_slices == 0
+    assert meta.voxel_size == (12.0, 12.0, 12.0) and meta.box_size == BOX
+    assert meta.context_slices == 0
     assert meta.normalisation == rings.metadata["normalisation"]
     assert meta.history == result.history
     assert meta.trainset_summary["n_samples"] == len(rings.box_ids)
@@ -540,6 +541,21 @@ def test_continue_training_refuses_a_mismatched_network(short_run, rings):
     three.images = np.repeat(three.images, 3, axis=1)
     with pytest.raises(TomosegError, match="input channel"):
         next(iter_train(three, TrainSettings.continuing(net), init=net))
+
+
+def test_continuing_compares_the_in_plane_voxel_size_of_network_and_training_set(short_run, rings):
+    net = short_run[0].network
+    assert net.meta.voxel_size == (12.0, 12.0, 12.0)  # the training set's (Z, Y, X)
+    thicker = rings.subset(np.arange(len(rings.box_ids)))
+    thicker.metadata["voxel_size"] = [20.0, 12.0, 12.0]  # another Z, the same in-plane size
+    run = iter_train(thicker, TrainSettings.continuing(net, iterations=1), init=net)
+    assert next(run) is not None  # accepted: it started
+    run.close()
+    coarser = rings.subset(np.arange(len(rings.box_ids)))
+    coarser.metadata["voxel_size"] = [15.0, 15.0, 15.0]
+    refused = "trained at voxel size 12 A, the training set is at 15 A"
+    with pytest.raises(TomosegError, match=refused):
+        next(iter_train(coarser, TrainSettings.continuing(net), init=net))
 
 
 def test_multiclass_training_with_ignored_pixels():

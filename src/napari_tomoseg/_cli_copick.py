@@ -117,14 +117,14 @@ def _cmd_copick_import(args: argparse.Namespace, progress: ProgressPrinter) -> i
             header_texts=[SOURCE_LABEL + args.run, *classes_label(classes)],
         )
         listed = ", ".join(f"{v} = {n}" for v, n in sorted(names.items()) if v <= top)
-        print(f"Wrote {args.output} (labels {listed or 'none'}; {labels.voxel_size[0]:g} A)")
+        print(f"Wrote {args.output} (labels {listed or 'none'}; {labels.voxel_size.describe()})")
         return EXIT_OK
     tomo = read_copick_tomogram(
         args.config, args.run, tomo_type=args.tomo_type, voxel_size=args.voxel_size
     )
     write_mrc(args.output, tomo.data, tomo.voxel_size, overwrite=args.overwrite)
     kind = tomo.extra["copick"]["tomo_type"]
-    print(f"Wrote {args.output} (tomogram {kind} of run {args.run}, {tomo.voxel_size[0]:g} A)")
+    print(f"Wrote {args.output} (tomogram {kind} of run {args.run}, {tomo.voxel_size.describe()})")
     return EXIT_OK
 
 

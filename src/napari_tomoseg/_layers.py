@@ -1,7 +1,10 @@
-"""Layer keyword arguments shared by the reader, sample data and widgets.
+"""Layer keyword arguments shared by the reader, sample data and widgets, and the voxel
+size of a layer.
 
 Plain dictionaries (no napari import), so every layer napari-tomoseg makes carries the same
 facts: scale in Angstrom, ``units``, the voxel size in ``metadata``, class names and colours.
+The voxel size goes into a layer's metadata with :func:`voxel_metadata` and comes back out
+with :func:`layer_voxel_size`, both a :class:`~napari_tomoseg.data.voxels.VoxelSize`.
 """
 
 from __future__ import annotations
@@ -9,16 +12,45 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-#: The length unit of every layer scale (see docs/architecture.md).
-UNIT = "angstrom"
+import numpy as np
+
+from .data.voxels import UNIT, VoxelSize, voxel_metadata
+
+__all__ = [
+    "UNIT",
+    "image_layer_kwargs",
+    "labels_layer_kwargs",
+    "layer_voxel_size",
+    "voxel_metadata",
+]
 
 
-def voxel_metadata(voxel_size: Sequence[float] | float | None) -> dict[str, Any]:
-    """Metadata entries that record the voxel size (Z, Y, X) in Angstrom."""
-    if voxel_size is not None and not isinstance(voxel_size, Sequence):
-        voxel_size = (float(voxel_size),) * 3
-    vs = None if voxel_size is None else tuple(float(v) for v in voxel_size)
-    return {"voxel_size": vs, "voxel_size_unit": UNIT}
+def layer_voxel_size(layer: Any) -> VoxelSize | None:
+    """The voxel size (Z, Y, X, Angstrom) a layer carries: its ``metadata["voxel_size"]``
+    (the last three values), else its ``scale`` (the last three; an image's (Y, X) as
+    :meth:`VoxelSize.parse` reads it), ``None`` when that is napari's default of 1.0.
+
+    ``layer`` is a napari layer or the attributes npe2 hands a writer (a dict with
+    ``metadata`` and ``scale``).  A recorded value that is no voxel size raises
+    :class:`~napari_tomoseg.errors.TomosegError`.
+    """
+    if isinstance(layer, Mapping):
+        metadata, scale = layer.get("metadata"), layer.get("scale")
+    else:
+        metadata, scale = getattr(layer, "metadata", None), getattr(layer, "scale", None)
+    recorded = (metadata or {}).get("voxel_size")
+    if recorded is not None:
+        if isinstance(recorded, np.ndarray):
+            recorded = recorded.tolist()
+        if isinstance(recorded, Sequence) and not isinstance(recorded, str):
+            recorded = tuple(recorded)[-3:]
+        return VoxelSize.parse(recorded)
+    if scale is None:
+        return None
+    values = [float(s) for s in scale][-3:]
+    if all(abs(s - 1.0) < 1e-9 for s in values):
+        return None
+    return VoxelSize.parse(values)
 
 
 def image_layer_kwargs(

@@ -10,23 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from ._layers import layer_voxel_size
 from .data.io import write_labels, write_mrc
 from .data.probability import PROBABILITY_DTYPE, PROBABILITY_LABEL
-
-
-def voxel_size_from_layer(meta: dict[str, Any]) -> tuple[float, float, float] | None:
-    """The voxel size (Z, Y, X) in Angstrom from layer metadata, else from its scale."""
-    metadata = meta.get("metadata") or {}
-    voxel_size = metadata.get("voxel_size")
-    if voxel_size is not None:
-        return tuple(float(v) for v in voxel_size)[-3:]  # type: ignore[return-value]
-    scale = meta.get("scale")
-    if scale is None or all(abs(float(s) - 1.0) < 1e-9 for s in scale):
-        return None
-    values = [float(s) for s in scale][-3:]
-    if len(values) == 2:
-        values = [values[0], *values]
-    return (values[0], values[1], values[2])
 
 
 def _origin(meta: dict[str, Any]) -> tuple[float, float, float] | None:
@@ -37,7 +23,7 @@ def _origin(meta: dict[str, Any]) -> tuple[float, float, float] | None:
 def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Save a Labels layer as an integer MRC (uint8, or uint16 past label 127)."""
     labels = np.asarray(data)
-    write_labels(path, labels, voxel_size_from_layer(meta), origin=_origin(meta), overwrite=True)
+    write_labels(path, labels, layer_voxel_size(meta), origin=_origin(meta), overwrite=True)
     return [path]
 
 
@@ -50,7 +36,7 @@ def write_image_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     write_mrc(
         path,
         data,
-        voxel_size_from_layer(meta),
+        layer_voxel_size(meta),
         origin=_origin(meta),
         overwrite=True,
         dtype=PROBABILITY_DTYPE if stored else np.float32,

@@ -452,8 +452,9 @@ def _cmd_pretrained(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     for name, path in files.items():
         meta = read_network_meta(path)
         classes = ", ".join(meta.class_names[1:])
+        trained_at = meta.voxel_size.describe() if meta.voxel_size else "an unknown voxel size"
         print(
-            f"{name:>16}: {meta.architecture}, {classes}; trained at {meta.voxel_size:g} A, "
+            f"{name:>16}: {meta.architecture}, {classes}; trained at {trained_at}, "
             f"threshold {meta.threshold or 0.5:.2f} ({path})"
         )
     print(

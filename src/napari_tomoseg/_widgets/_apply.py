@@ -20,7 +20,7 @@ from magicgui.widgets import (
     PushButton,
 )
 
-from .._layers import labels_layer_kwargs
+from .._layers import labels_layer_kwargs, layer_voxel_size, voxel_metadata
 from ..applying.inference import DEFAULT_THRESHOLD, ApplySettings, iter_apply
 from ..data.probability import scale_of
 from ..errors import TomosegError
@@ -38,7 +38,6 @@ from ._common import (
     notify_error,
     notify_info,
     session,
-    voxel_size_of,
 )
 
 if TYPE_CHECKING:
@@ -144,12 +143,12 @@ class ApplyWidget(Container):
             volume = layer_volume(tomo)
             if volume.ndim != 3:
                 raise TomosegError(f"'{tomo.name}' is not a 3D tomogram.")
+            voxel_size = layer_voxel_size(tomo)
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
         threshold = None if self.own_threshold.value else float(self.threshold.value)
         settings = ApplySettings(threshold=threshold, tta=bool(self.tta.value))
-        voxel_size = voxel_size_of(tomo)
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = "applying..."
@@ -183,8 +182,7 @@ class ApplyWidget(Container):
         if getattr(probs, "ndim", 0) == 3:
             probs = [probs]
         meta_common = {
-            "voxel_size": voxel_size_of(tomo),
-            "voxel_size_unit": "angstrom",
+            **voxel_metadata(layer_voxel_size(tomo)),
             "source_layer": tomo.name,
             "threshold": result.threshold,
         }

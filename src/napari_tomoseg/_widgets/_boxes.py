@@ -29,7 +29,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from .._layers import UNIT
+from .._layers import layer_voxel_size, voxel_metadata
 from ..data.annotations import Annotations, load_annotations, save_annotations
 from ..data.autosave import AutosaveInfo, discard_autosave, find_autosave, read_autosave
 from ..data.boxes import DEFAULT_BOX_SIZE, Box, box_from_shape, crop
@@ -49,7 +49,6 @@ from ._common import (
     notify_info,
     session,
     source_of,
-    voxel_size_of,
 )
 from ._gallery import Gallery
 from ._suggest import SuggestionPanel
@@ -225,11 +224,7 @@ class BoxWidget(Container):
             np.zeros(layer_volume(tomo).shape, dtype=np.uint8),
             name=PAINT_LAYER,
             opacity=0.6,
-            metadata={
-                "class_names": {0: "background"},
-                "voxel_size_unit": UNIT,
-                "voxel_size": (tomo.metadata or {}).get("voxel_size"),
-            },
+            metadata={"class_names": {0: "background"}, **voxel_metadata(layer_voxel_size(tomo))},
             **grid_kwargs(tomo),
         )
         layer.brush_size = 6
@@ -400,7 +395,7 @@ class BoxWidget(Container):
             negatives=negatives,
             class_names={int(k): str(v) for k, v in names.items()} or {0: "background"},
             box_size=int(self.box_size.value),
-            voxel_size=voxel_size_of(tomo),
+            voxel_size=layer_voxel_size(tomo),
             source=source_of(tomo),
         )
 

@@ -107,17 +107,6 @@ def layer_volume(layer: Any) -> Any:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
-def voxel_size_of(layer: Any) -> tuple[float, float, float] | None:
-    """The voxel size (Z, Y, X, Angstrom) a layer carries, from metadata or its scale."""
-    vs = (layer.metadata or {}).get("voxel_size")
-    if vs is not None:
-        return tuple(float(v) for v in vs)[-3:]  # type: ignore[return-value]
-    scale = [float(s) for s in layer.scale][-3:]
-    if all(abs(s - 1.0) < 1e-9 for s in scale):
-        return None
-    return (scale[0], scale[1], scale[2])
-
-
 def grid_kwargs(layer: Any) -> dict[str, Any]:
     """scale/translate/units so a new layer lies exactly on another layer's voxel grid."""
     kwargs: dict[str, Any] = {

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 
-from .._layers import image_layer_kwargs, labels_layer_kwargs
+from .._layers import image_layer_kwargs, labels_layer_kwargs, layer_voxel_size, voxel_metadata
 from ..applying import copick_io
 from ..data.io import mrc_stem
 from ..errors import TomosegError
@@ -22,7 +22,6 @@ from ._common import (
     layer_choices,
     notify_error,
     notify_info,
-    voxel_size_of,
 )
 
 if TYPE_CHECKING:
@@ -119,10 +118,10 @@ class CopickWidget(Container):
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
-        meta = {"voxel_size": tomo.voxel_size, "voxel_size_unit": "angstrom", **tomo.extra}
+        meta = {**voxel_metadata(tomo.voxel_size), **tomo.extra}
         kwargs = image_layer_kwargs(f"{run} ({tomo.extra['copick']['tomo_type']})", tomo.scale)
         kwargs["metadata"] = meta
-        self.status.value = f"{run}: {tomo.data.shape} at {tomo.voxel_size[0]:g} A"
+        self.status.value = f"{run}: {tomo.data.shape} at {tomo.voxel_size.describe()}"
         return self.viewer.add_image(tomo.data, **kwargs)
 
     def read_segmentation(self, *_: Any) -> Any:
@@ -135,7 +134,7 @@ class CopickWidget(Container):
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
-        meta = {"voxel_size": labels.voxel_size, "voxel_size_unit": "angstrom", **labels.extra}
+        meta = {**voxel_metadata(labels.voxel_size), **labels.extra}
         name = labels.extra["copick"]["segmentation"]
         kwargs = labels_layer_kwargs(f"{run} {name}", labels.scale, {0: "background", **names})
         kwargs["metadata"].update(meta)
@@ -150,7 +149,7 @@ class CopickWidget(Container):
                 raise TomosegError("Choose a Labels layer (a mask) to write.")
             config, run, mask = self._config(), self._run(layer), np.asarray(layer.data)
             names = (layer.metadata or {}).get("class_names")
-            vs = voxel_size_of(layer)
+            vs = layer_voxel_size(layer)
             name = copick_io.export_segmentation(
                 config, run, mask, vs, names, multilabel_name=layer.name, **self._who()
             )
@@ -172,7 +171,7 @@ class CopickWidget(Container):
                 layer.data, {k: list(v) for k, v in layer.features.items()}
             )
             counts = copick_io.export_picks(
-                self._config(), self._run(layer), particles, voxel_size_of(layer), **self._who()
+                self._config(), self._run(layer), particles, layer_voxel_size(layer), **self._who()
             )
         except TomosegError as exc:
             notify_error(describe_error(exc))

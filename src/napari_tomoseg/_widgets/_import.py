@@ -15,7 +15,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from .._layers import image_layer_kwargs, voxel_metadata
+from .._layers import image_layer_kwargs, layer_voxel_size, voxel_metadata
 from ..data.io import MRC_EXTENSIONS
 from ..data.preprocess import PreprocessSettings, iter_preprocess
 from ._common import (
@@ -25,7 +25,6 @@ from ._common import (
     layer_choices,
     layer_volume,
     notify_info,
-    voxel_size_of,
 )
 
 if TYPE_CHECKING:
@@ -129,7 +128,7 @@ class ImportWidget(Container):
             notify_error("Open a tomogram first (File > Open, or 'open file' above).")
             return None
         settings = self.settings()
-        voxel_size = voxel_size_of(layer)
+        voxel_size = layer_voxel_size(layer)
         data = layer_volume(layer)  # a multiscale layer: its finest level
         name = (
             f"{layer.name} (bin {settings.shrink})"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton
 
-from .._layers import labels_layer_kwargs
+from .._layers import labels_layer_kwargs, layer_voxel_size, voxel_metadata
 from ..applying.merge import MergeInput, merge_probability_maps
 from ..data.io import write_labels
 from ..data.probability import scale_of
@@ -28,7 +28,6 @@ from ._common import (
     layer_volume,
     notify_error,
     notify_info,
-    voxel_size_of,
 )
 
 if TYPE_CHECKING:
@@ -138,11 +137,7 @@ class MergeWidget(Container):
             notify_error(describe_error(exc))
             return None
         first = rows[0].layer.value
-        meta = {
-            "voxel_size": voxel_size_of(first),
-            "voxel_size_unit": "angstrom",
-            **result.layer_metadata(),
-        }
+        meta = {**voxel_metadata(layer_voxel_size(first)), **result.layer_metadata()}
         kwargs = labels_layer_kwargs(MERGED_LAYER, first.scale, result.names, result.colors, meta)
         kwargs.update(grid_kwargs(first))
         if MERGED_LAYER in self.viewer.layers:
@@ -165,7 +160,7 @@ class MergeWidget(Container):
             return None
         layer = self.viewer.layers[MERGED_LAYER]
         try:
-            out = write_labels(path, np.asarray(layer.data), voxel_size_of(layer))
+            out = write_labels(path, np.asarray(layer.data), layer_voxel_size(layer))
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None

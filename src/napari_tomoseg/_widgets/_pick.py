@@ -19,6 +19,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from .._layers import layer_voxel_size, voxel_metadata
 from ..applying.picking import (
     PickSettings,
     feature_mask,
@@ -40,14 +41,13 @@ from ._common import (
     layer_volume,
     notify_error,
     notify_info,
-    voxel_size_of,
 )
 
 if TYPE_CHECKING:
     import napari
 
-#: Metadata of the segmentation that its Points layer keeps (voxel size and origin).
-_KEPT_METADATA = ("voxel_size", "voxel_size_unit", "source_path", "copick")
+#: Metadata of the segmentation that its Points layer keeps (besides its voxel size).
+_KEPT_METADATA = ("source_path", "copick")
 #: The camera's angles in the 3D view: from above and to the side, so depth shows.
 VIEW_ANGLES = (-20.0, 30.0, 60.0)
 
@@ -240,7 +240,7 @@ class PickWidget(Container):
             class_names = [names.get(i, names.get(str(i), f"feature {i}")) for i in range(top + 1)]
             self.result = pick(
                 layer_volume(layer),
-                voxel_size=voxel_size_of(layer),
+                voxel_size=layer_voxel_size(layer),
                 class_names=class_names,
                 settings=settings,
             )
@@ -266,7 +266,8 @@ class PickWidget(Container):
                 "score": [p.score for p in particles],
             },
             metadata={  # what the points belong to, for exports
-                k: v for k, v in (layer.metadata or {}).items() if k in _KEPT_METADATA
+                **{k: v for k, v in (layer.metadata or {}).items() if k in _KEPT_METADATA},
+                **voxel_metadata(self.result.voxel_size),  # the segmentation's
             },
             **grid_kwargs(layer),
         )
@@ -283,8 +284,8 @@ class PickWidget(Container):
             return None
         path = Path(path)
         layer = self.segmentation.value
-        voxel_size = voxel_size_of(layer) if layer is not None else None
         try:
+            voxel_size = layer_voxel_size(layer) if layer is not None else None
             writer = write_csv if path.suffix.lower() == ".csv" else write_star
             out = writer(path, self.result.particles, voxel_size)
         except TomosegError as exc:

@@ -28,6 +28,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from .._layers import layer_voxel_size
 from ..data.boxes import box_from_shape
 from ..errors import TomosegError
 from ..learning.checkpoint import default_checkpoint_path, read_checkpoint_meta
@@ -51,7 +52,6 @@ from ._common import (
     notify_info,
     session,
     source_of,
-    voxel_size_of,
 )
 from ._plot import LinePlot
 from ._preview import PREVIEW_DOCK, PreviewPanel
@@ -402,7 +402,7 @@ class TrainWidget(Container):
             else [box_from_shape(s, box_size, i) for i, s in enumerate(neg_layer.data)]
         )
         class_names = class_names_from_layer(paint, labels)
-        voxel_size = voxel_size_of(tomo)
+        voxel_size = layer_voxel_size(tomo)
         ts_settings = self.trainset_settings(box_size)
         init = self._initial_network()
         settings = self.train_settings(init)

@@ -88,6 +88,7 @@ from ..data.io import (
     remove_superseded_temporaries,
 )
 from ..data.probability import PROBABILITY_DTYPE
+from ..data.voxels import VoxelSize
 from ..errors import MissingVoxelSizeWarning, TemporariesRemovedWarning, TomosegError
 from ..progress import Progress, StopCheck, drive, never_stop
 from .inference import (
@@ -691,7 +692,7 @@ def _run_whole_task(spec: _TaskSpec) -> dict[str, Any]:
 def _iter_apply_slab(
     network: Any,
     volume: np.ndarray,
-    voxel_size: tuple[float, float, float] | None,
+    voxel_size: VoxelSize | None,
     settings: ApplySettings,
     z0: int,
     z1: int,

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..colours import default_class_colors
-from ..data.io import Tomogram, voxel_triple
+from ..data.io import Tomogram
+from ..data.voxels import VoxelSize
 from ..errors import OutputExistsError, TomosegError
 
 if TYPE_CHECKING:  # picking (and scipy) load when used: the command line starts faster
@@ -87,7 +88,7 @@ def copick_id(text: str, what: str) -> str:
 
 def isotropic_spacing(voxel_size: Any, what: str) -> float:
     """The one voxel spacing (Angstrom) copick files ``what`` under."""
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     if vs is None:
         raise TomosegError(
             f"The voxel size of {what} is unknown; copick files data by voxel spacing in "
@@ -95,8 +96,8 @@ def isotropic_spacing(voxel_size: Any, what: str) -> float:
         )
     if not np.allclose(vs, vs[0], rtol=1e-4):
         raise TomosegError(
-            f"{what} has voxels of {vs} Angstrom (Z, Y, X); copick has one voxel spacing per "
-            "tomogram. Resample to cubic voxels first."
+            f"{what} has voxels of {tuple(vs)} Angstrom (Z, Y, X); copick has one voxel "
+            "spacing per tomogram. Resample to cubic voxels first."
         )
     return round(float(vs[0]), 3)  # copick names folders VoxelSpacing<size:.3f>
 
@@ -208,7 +209,7 @@ def export_picks(
     X or one value) comes from ``picks`` when it is a table or result that knows it."""
     if voxel_size is None and hasattr(picks, "voxel_size"):  # a PickResult or ParticleTable
         voxel_size = picks.voxel_size
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     if vs is None:
         raise TomosegError(
             "The voxel size of the picks is unknown, so their positions cannot be given in "
@@ -351,7 +352,7 @@ def export_meshes(
     from .picking import surface_mesh
 
     mask = _check_mask(mask)
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     if vs is None:
         isotropic_spacing(None, "the mask")  # raises with the advice
     user, session = copick_id(user, "user"), copick_id(session, "session")
@@ -453,10 +454,9 @@ def read_copick_tomogram(
             known = ", ".join(t.tomo_type for t in spacing.tomograms)
             raise TomosegError(f"The run {run} has no tomogram {tomo_type!r} (it has: {known}).")
     tomo = _choose(tomos, lambda t: t.tomo_type, "tomogram", "--tomo-type")
-    vs = float(spacing.voxel_size)
     return Tomogram(
         data=_full_resolution(tomo, f"the tomogram {tomo.tomo_type} of run {run}"),
-        voxel_size=(vs, vs, vs),
+        voxel_size=VoxelSize.parse(float(spacing.voxel_size)),
         extra={"copick": {"config": str(config), "run": run, "tomo_type": tomo.tomo_type}},
     )
 
@@ -490,10 +490,9 @@ def read_copick_segmentation(
         names = {int(o.label): o.name for o in root.pickable_objects if o.label is not None}
     else:
         names = {1: seg.name}
-    vs = float(seg.voxel_size)
     tomogram = Tomogram(
         data=data,
-        voxel_size=(vs, vs, vs),
+        voxel_size=VoxelSize.parse(float(seg.voxel_size)),
         extra={"copick": {"config": str(config), "run": run, "segmentation": seg.name}},
     )
     return tomogram, names

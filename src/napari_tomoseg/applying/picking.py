@@ -51,8 +51,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .. import __version__
-from ..data.io import atomic_path, read_slabs, release_pages, voxel_triple
+from ..data.io import atomic_path, read_slabs, release_pages
 from ..data.probability import probabilities_as_float
+from ..data.voxels import VoxelSize
 from ..errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
 
 PICK_METHODS = ("centroid", "peak")
@@ -138,7 +139,7 @@ class PickResult:
 
     particles: list[Particle]
     stats: dict[int, FeatureStats]
-    voxel_size: tuple[float, float, float] | None
+    voxel_size: VoxelSize | None
     shape: tuple[int, int, int]
     settings: PickSettings = field(default_factory=PickSettings)
 
@@ -179,7 +180,7 @@ class ParticleTable:
     """What :func:`read_csv` / :func:`read_star` return."""
 
     particles: list[Particle]
-    voxel_size: tuple[float, float, float] | None = None
+    voxel_size: VoxelSize | None = None
     tomo_name: str | None = None
     shape: tuple[int, int, int] | None = None
 
@@ -455,7 +456,7 @@ def pick(
         )
     if np.dtype(mask.dtype).kind not in "biu":
         raise TomosegError(f"The mask must hold integer labels, got dtype {mask.dtype}.")
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     shape = tuple(int(n) for n in mask.shape)
     present = _bincount(mask, 1)
     if settings.classes is None:
@@ -530,7 +531,7 @@ def write_csv(
     items = _particles_of(particles)
     if voxel_size is None and isinstance(particles, PickResult):
         voxel_size = particles.voxel_size
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     if vs is None:
         warnings.warn(
             "No voxel size: the Angstrom columns of the CSV are left empty.",
@@ -597,9 +598,9 @@ def read_csv(path: str | os.PathLike) -> ParticleTable:
         except (TypeError, ValueError) as exc:
             raise TomosegIOError(f"Cannot read {path}: a row is malformed ({exc}).") from None
     vs = None
-    if all(ratios):
-        vs = tuple(float(np.median(r)) for r in ratios)
-    return ParticleTable(particles=particles, voxel_size=vs)  # type: ignore[arg-type]
+    if all(ratios):  # a ratio that is no voxel size (0 A columns) leaves it unknown
+        vs = VoxelSize.parse_or_none([float(np.median(r)) for r in ratios])
+    return ParticleTable(particles=particles, voxel_size=vs)
 
 
 # -- STAR -----------------------------------------------------------------------------------------
@@ -678,7 +679,7 @@ def write_star(
     if isinstance(particles, PickResult):
         voxel_size = particles.voxel_size if voxel_size is None else voxel_size
         shape = particles.shape if shape is None else shape
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     if vs is None:
         warnings.warn(
             "No voxel size: the STAR file has coordinates in voxels only.",
@@ -764,11 +765,12 @@ def read_star(path: str | os.PathLike) -> ParticleTable:
                 column("rlnAutopickFigureOfMerit", 1.0),
             )
         ]
-        vs = None
+        vs = None  # a pixel size that is no voxel size (RELION's 0: unknown) stays unknown
         if "tomosegVoxelSizeZYX" in general:
-            vs = tuple(float(v) for v in str(general["tomosegVoxelSizeZYX"]).split(","))
+            zyx = [float(v) for v in str(general["tomosegVoxelSizeZYX"]).split(",")]
+            vs = VoxelSize.parse_or_none(zyx) if len(zyx) == 3 else None
         elif "rlnImagePixelSize" in general:
-            vs = (float(general["rlnImagePixelSize"]),) * 3
+            vs = VoxelSize.parse_or_none(float(general["rlnImagePixelSize"]))
         shape = None
         if all(f"rlnTomoSize{a}" in general for a in "XYZ"):
             shape = tuple(int(general[f"rlnTomoSize{a}"]) for a in "ZYX")
@@ -779,7 +781,7 @@ def read_star(path: str | os.PathLike) -> ParticleTable:
         tomo = table["rlnTomoName"].iloc[0]
     return ParticleTable(
         particles=particles,
-        voxel_size=vs,  # type: ignore[arg-type]
+        voxel_size=vs,
         tomo_name=None if tomo is None else str(tomo),
         shape=shape,  # type: ignore[arg-type]
     )

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import TomosegError, TomosegIOError
 from .boxes import DEFAULT_BOX_SIZE, Box, read_boxes_csv, write_boxes_csv
 from .io import atomic_paths, read_tomogram, write_labels
+from .voxels import VoxelSize
 
 PAINTING_FILE = "painting.mrc"
 POSITIVE_FILE = "positive_boxes.csv"
@@ -32,15 +33,19 @@ FORMAT = "napari-tomoseg annotations"
 
 @dataclass
 class Annotations:
-    """A painting (Z, Y, X labels) with its boxes and feature names."""
+    """A painting (Z, Y, X labels) with its boxes and feature names; ``voxel_size`` as
+    :meth:`VoxelSize.parse` reads it (one value or (Z, Y, X) Angstrom, or ``None``)."""
 
     painting: np.ndarray
     positives: list[Box] = field(default_factory=list)
     negatives: list[Box] = field(default_factory=list)
     class_names: dict[int, str] = field(default_factory=lambda: {0: "background"})
     box_size: int = DEFAULT_BOX_SIZE
-    voxel_size: tuple[float, float, float] | None = None
+    voxel_size: VoxelSize | None = None
     source: str | None = None
+
+    def __post_init__(self) -> None:
+        self.voxel_size = VoxelSize.parse(self.voxel_size)
 
 
 def save_annotations(

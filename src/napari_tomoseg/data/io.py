@@ -33,9 +33,9 @@ from ..errors import (
     MissingVoxelSizeWarning,
     OutputExistsError,
     TemporariesRemovedWarning,
-    TomosegError,
     TomosegIOError,
 )
+from .voxels import VoxelSize, VoxelSizeLike, voxel_metadata
 from .zarr_io import is_zarr_path
 
 #: File name endings the reader accepts (tomograms, stacks, tilt series, aligned stacks).
@@ -69,18 +69,22 @@ class Tomogram:
 
     ``data`` is (Z, Y, X) (or (Y, X) for a single image), memory-mapped when read from an
     uncompressed MRC file, a lazy Zarr array (read chunk by chunk when indexed) for
-    OME-Zarr.  ``voxel_size`` is (Z, Y, X) in Angstrom, or ``None`` when the file does not
-    give a usable one.  ``levels``: an OME-Zarr pyramid, finest (``data``) first, for
+    OME-Zarr.  ``voxel_size`` is a :class:`~napari_tomoseg.data.voxels.VoxelSize` (Z, Y, X
+    in Angstrom; one value or (Y, X) given here becomes one), or ``None`` when the file does
+    not give a usable one.  ``levels``: an OME-Zarr pyramid, finest (``data``) first, for
     display; empty for MRC files.
     """
 
     data: np.ndarray
-    voxel_size: tuple[float, float, float] | None = None
+    voxel_size: VoxelSize | None = None
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     path: Path | None = None
     mode: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     levels: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.voxel_size = VoxelSize.parse(self.voxel_size)
 
     @property
     def scale(self) -> tuple[float, ...]:
@@ -91,8 +95,7 @@ class Tomogram:
     def metadata(self) -> dict[str, Any]:
         """Header facts for a napari layer's ``metadata``."""
         return {
-            "voxel_size": self.voxel_size,
-            "voxel_size_unit": "angstrom",
+            **voxel_metadata(self.voxel_size),
             "origin": self.origin,
             "source_path": str(self.path) if self.path else None,
             "mrc_mode": self.mode,
@@ -116,7 +119,7 @@ def _as_zyx(values: Any) -> tuple[float, float, float]:
     return (float(values.z), float(values.y), float(values.x))
 
 
-def voxel_size_from_header(header: Any) -> tuple[float, float, float] | None:
+def voxel_size_from_header(header: Any) -> VoxelSize | None:
     """Voxel size (Z, Y, X) in Angstrom from a header; ``None`` if absent, 0 or 1.0."""
     mx, my, mz = int(header.mx), int(header.my), int(header.mz)
     cell = header.cella
@@ -127,7 +130,7 @@ def voxel_size_from_header(header: Any) -> tuple[float, float, float] | None:
         return None
     if all(abs(s - 1.0) < 1e-6 for s in sizes):
         return None
-    return (sizes[0], sizes[1], sizes[2])
+    return VoxelSize(*sizes)
 
 
 def _fail(path: Path, problem: str, advice: str = "") -> TomosegIOError:
@@ -250,7 +253,7 @@ def _read_zarr_tomogram(path: Path) -> Tomogram:
     shape = tuple(int(s) for s in data.shape)
     return Tomogram(
         data=data,
-        voxel_size=voxel_triple(voxel),
+        voxel_size=voxel,
         origin=(0.0,) * (3 - len(origin)) + tuple(origin),  # type: ignore[arg-type]
         path=path,
         extra={"shape": shape, "source_format": kind, "levels": len(levels)},
@@ -928,32 +931,14 @@ def release_pages(array: Any) -> None:
         mapping.madvise(advice)
 
 
-def voxel_triple(voxel_size: Any) -> tuple[float, float, float] | None:
-    """A voxel size as (Z, Y, X) Angstrom from one value, (Y, X) or (Z, Y, X); None stays None.
-
-    The one place every module turns a user's voxel size into three numbers.
-    """
-    if voxel_size is None:
-        return None
-    try:
-        values = np.atleast_1d(np.asarray(voxel_size, dtype=float))
-    except (TypeError, ValueError):
-        values = np.array([np.nan])
-    if values.size == 1:
-        values = np.repeat(values, 3)
-    if values.size == 2:  # (Y, X) of a 2D image
-        values = np.array([values[0], values[0], values[1]])
-    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise TomosegError(
-            f"Invalid voxel size {voxel_size!r}: give one or three positive Angstrom values."
-        )
-    return (float(values[0]), float(values[1]), float(values[2]))
+#: The name modules and scripts used before :class:`VoxelSize`: the same parse function.
+voxel_triple = VoxelSize.parse
 
 
 def write_mrc(
     path: str | os.PathLike,
     data: np.ndarray,
-    voxel_size: float | tuple[float, ...] | None = None,
+    voxel_size: VoxelSizeLike | None = None,
     *,
     origin: tuple[float, float, float] | None = None,
     overwrite: bool = False,
@@ -981,7 +966,7 @@ def write_mrc(
             f"Cannot write {path}: dtype {target} has no MRC mode; convert to float32, "
             "int16, uint16 or uint8 first."
         )
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     compressed = str(path).lower().endswith(".gz")
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:
@@ -997,7 +982,7 @@ def _write_mrc_body(
     tmp: Path,
     data: np.ndarray,
     target: np.dtype,
-    vs: tuple[float, float, float] | None,
+    vs: VoxelSize | None,
     origin: tuple[float, float, float] | None,
     compressed: bool,
     header_texts: Sequence[str] = (),
@@ -1122,9 +1107,9 @@ def finish_header(
     file's header."""
     for text in list(header_texts)[:10]:  # an MRC header holds ten labels of 80 characters
         mrc.add_label(text[:80])
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     if vs is not None:
-        mrc.voxel_size = (vs[2], vs[1], vs[0])
+        mrc.voxel_size = vs.xyz
     if origin is not None:
         oz, oy, ox = (float(v) for v in origin)
         mrc.header.origin = (ox, oy, oz)
@@ -1139,7 +1124,7 @@ def finish_header(
 def write_labels(
     path: str | os.PathLike,
     labels: np.ndarray,
-    voxel_size: float | tuple[float, ...] | None = None,
+    voxel_size: VoxelSizeLike | None = None,
     **kwargs: Any,
 ) -> Path:
     """Write an integer segmentation as uint8 (or uint16 past label 127, see

@@ -40,7 +40,8 @@ from scipy import ndimage
 from ..errors import TomosegError
 from ..progress import Progress, StopCheck, drive, never_stop
 from .boxes import DEFAULT_BOX_SIZE
-from .io import release_pages, voxel_triple
+from .io import release_pages
+from .voxels import VoxelSize, VoxelSizeLike
 
 #: Target size (in float64 elements) of one block of a volume processed at a time.
 _BLOCK_ELEMENTS = 8_000_000
@@ -51,8 +52,6 @@ _MAPPED_ROWS = 32
 _HALF_AMPLITUDE = math.sqrt(2.0 * math.log(2.0))
 
 NORMALISATION_MODES = ("tomogram", "box")
-
-VoxelSize = float | Sequence[float]
 
 
 # -- small helpers ----------------------------------------------------------------------------
@@ -68,9 +67,9 @@ def _check_factor(factor: Any) -> int:
     return int(value)
 
 
-def _voxel_triple(voxel_size: VoxelSize | None) -> tuple[float, float, float]:
-    """The voxel size as (Z, Y, X); filtering in Angstrom needs one."""
-    vs = voxel_triple(voxel_size)
+def _needed_voxel_size(voxel_size: VoxelSizeLike | None) -> VoxelSize:
+    """The voxel size; filtering in Angstrom needs one."""
+    vs = VoxelSize.parse(voxel_size)
     if vs is None:
         raise TomosegError(
             "Filtering in Angstrom needs the voxel size; set the tomogram's pixel size."
@@ -302,7 +301,7 @@ def resample_volume(
 
 
 # -- filters ----------------------------------------------------------------------------------
-def _check_cutoff(cutoff_angstrom: float, voxel: tuple[float, float, float], what: str) -> float:
+def _check_cutoff(cutoff_angstrom: float, voxel: VoxelSize, what: str) -> float:
     try:
         cutoff = float(cutoff_angstrom)
     except (TypeError, ValueError):
@@ -354,7 +353,7 @@ def _refuse_nonfinite(block: np.ndarray, first_slice: int) -> None:
 def lowpass(
     volume: np.ndarray,
     cutoff_angstrom: float,
-    voxel_size: VoxelSize,
+    voxel_size: VoxelSizeLike,
     *,
     per_slice: bool = False,
 ) -> np.ndarray:
@@ -365,7 +364,7 @@ def lowpass(
     NaN or infinite voxels are refused (:class:`TomosegError`): the filter would spread them.
     """
     _check_3d(volume, "Low-pass filtering")
-    voxel = _voxel_triple(voxel_size)
+    voxel = _needed_voxel_size(voxel_size)
     cutoff = _check_cutoff(cutoff_angstrom, voxel, "low-pass")
     sigma = [v / cutoff / _HALF_AMPLITUDE for v in voxel]  # cycles/voxel per axis
     nz, ny, nx = volume.shape
@@ -388,7 +387,7 @@ def lowpass(
 def highpass(
     volume: np.ndarray,
     cutoff_angstrom: float,
-    voxel_size: VoxelSize,
+    voxel_size: VoxelSizeLike,
     *,
     per_slice: bool = False,
 ) -> np.ndarray:
@@ -397,7 +396,7 @@ def highpass(
     Removes slow intensity gradients (uneven ice thickness) larger than the cutoff; the
     amplitude is 1/2 at the cutoff.
     """
-    voxel = _voxel_triple(voxel_size)
+    voxel = _needed_voxel_size(voxel_size)
     _check_cutoff(cutoff_angstrom, voxel, "high-pass")
     out = lowpass(volume, cutoff_angstrom, voxel, per_slice=per_slice)
     step = _block_len(volume.shape[1] * volume.shape[2])
@@ -651,14 +650,14 @@ class PreprocessSettings:
     normalise: bool = True
     clamp_sigma: float | None = None
 
-    def validate(self, voxel_size: VoxelSize | None = None) -> None:
+    def validate(self, voxel_size: VoxelSizeLike | None = None) -> None:
         """Raise TomosegError for settings that cannot work (with this voxel size)."""
         self.shrink = _check_factor(self.shrink)
         if self.clamp_sigma is not None and not self.clamp_sigma > 0:
             raise TomosegError(f"clamp_sigma must be positive or empty, got {self.clamp_sigma}.")
         if self.lowpass_angstrom is None and self.highpass_angstrom is None:
             return
-        voxel = tuple(v * self.shrink for v in _voxel_triple(voxel_size))
+        voxel = _needed_voxel_size(voxel_size).scaled(self.shrink)
         if self.lowpass_angstrom is not None:
             _check_cutoff(self.lowpass_angstrom, voxel, "low-pass")
         if self.highpass_angstrom is not None:
@@ -676,10 +675,10 @@ class PreprocessSettings:
 
 def iter_preprocess(
     volume: np.ndarray,
-    voxel_size: VoxelSize | None,
+    voxel_size: VoxelSizeLike | None,
     settings: PreprocessSettings | None = None,
     should_stop: StopCheck = never_stop,
-) -> Generator[Progress, None, tuple[np.ndarray, tuple[float, float, float] | None] | None]:
+) -> Generator[Progress, None, tuple[np.ndarray, VoxelSize | None] | None]:
     """The import step as a progress generator; returns ``(volume, voxel_size)``.
 
     Order: bin, high-pass, low-pass, normalise (+ clamp).  The voxel size (Z, Y, X, Angstrom)
@@ -689,7 +688,7 @@ def iter_preprocess(
     settings = settings or PreprocessSettings()
     settings.validate(voxel_size)
     _check_3d(volume, "Preprocessing")
-    voxel = None if voxel_size is None else _voxel_triple(voxel_size)
+    voxel = VoxelSize.parse(voxel_size)
     steps = ["bin"]
     if settings.highpass_angstrom is not None:
         steps.append("high-pass")
@@ -706,11 +705,7 @@ def iter_preprocess(
         if step == "bin":
             result = bin_volume(volume, settings.shrink)
             if voxel is not None:
-                voxel = (
-                    voxel[0] * settings.shrink,
-                    voxel[1] * settings.shrink,
-                    voxel[2] * settings.shrink,
-                )
+                voxel = voxel.scaled(settings.shrink)
         elif step == "high-pass":
             result = highpass(result, settings.highpass_angstrom, voxel)  # type: ignore[arg-type]
         elif step == "low-pass":
@@ -724,9 +719,9 @@ def iter_preprocess(
 
 def preprocess(
     volume: np.ndarray,
-    voxel_size: VoxelSize | None,
+    voxel_size: VoxelSizeLike | None,
     settings: PreprocessSettings | None = None,
-) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+) -> tuple[np.ndarray, VoxelSize | None]:
     """Run the import step to the end: ``(float32 volume, voxel size * shrink)``."""
     result = drive(iter_preprocess(volume, voxel_size, settings))
     assert result is not None  # only a stop request gives None, and nobody asks here

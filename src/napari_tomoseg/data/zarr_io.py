@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MissingVoxelSizeWarning, TomosegIOError
+from .voxels import VoxelSize
 
 #: Angstrom per unit, for the OME-NGFF space units a tomogram may use.
 ANGSTROM_PER_UNIT: dict[str, float] = {
@@ -150,8 +151,9 @@ def _angstrom_factors(axes: list[dict[str, Any]], path: Path) -> list[float] | N
 
 def _geometry(
     entry: dict[str, Any], axes: list[dict[str, Any]], path: Path
-) -> tuple[tuple[float, ...] | None, tuple[float, ...]]:
-    """Voxel size and origin (Angstrom, axis order) of the finest level."""
+) -> tuple[VoxelSize, tuple[float, ...]]:
+    """Voxel size (Z, Y, X; an image's (Y, X) as :meth:`VoxelSize.parse` makes it) and
+    origin (axis order), in Angstrom, of the finest level."""
     scale, shift = _transforms(entry["datasets"][0].get("coordinateTransformations"))
     outer_scale, outer_shift = _transforms(entry.get("coordinateTransformations"))
     n = len(axes)
@@ -176,7 +178,7 @@ def _geometry(
     origin = tuple(float(v) for v in shift * np.asarray(factors))
     if not all(np.isfinite(v) and v > 0 for v in voxel):
         raise _fail(path, f"its scale {tuple(scale)} is not a positive voxel size")
-    return voxel, origin
+    return VoxelSize.parse(voxel), origin  # type: ignore[return-value]
 
 
 def _levels(group: Any, entry: dict[str, Any], path: Path) -> list[Any]:
@@ -198,9 +200,10 @@ def _levels(group: Any, entry: dict[str, Any], path: Path) -> list[Any]:
     return levels
 
 
-def read_zarr(path: Path) -> tuple[list[Any], tuple[float, ...] | None, tuple[float, ...], str]:
+def read_zarr(path: Path) -> tuple[list[Any], VoxelSize | None, tuple[float, ...], str]:
     """``(levels finest first, voxel size, origin, format)`` of an OME-Zarr image or a
-    plain Zarr array; sizes in Angstrom, in the array's axis order."""
+    plain Zarr array; in Angstrom, the voxel size (Z, Y, X), the origin in the array's axis
+    order."""
     node = open_zarr(path)
     if hasattr(node, "shape"):  # a plain array: no voxel size recorded
         if node.ndim not in (2, 3):

@@ -9,10 +9,11 @@ arrays:
 
 - ``__meta__``: a 0-d unicode array, a JSON object with ``"format": "napari-tomoseg-network"``
   and ``"format_version": 1`` plus the :class:`NetworkMeta` fields (architecture and its
-  parameters, input channels, classes with names and colours, voxel size in Angstrom, box
-  size, the normalisation that was applied to the training images, context slices, a
-  summary of the training set, the loss and metric history, the metrics of the saved
-  weights, package versions and the creation time);
+  parameters, input channels, classes with names and colours, voxel size in Angstrom
+  (``[Z, Y, X]``; files written before it was a triple hold one number, read as cubic
+  voxels), box size, the normalisation that was applied to the training images, context
+  slices, a summary of the training set, the loss and metric history, the metrics of the
+  saved weights, package versions and the creation time);
 - ``state:<name>`` for every tensor of the model's ``state_dict``: a numeric array.
 
 Loading never executes code from the file: there is no pickle anywhere.  Arrays are read
@@ -46,6 +47,7 @@ from torch import nn
 
 from ..colours import default_class_colors
 from ..data.io import atomic_path
+from ..data.voxels import VoxelSize
 from ..errors import TomosegError, TomosegIOError
 from .models import MODELS, available, build_model, get_spec, predict_proba, resolved_params
 
@@ -153,11 +155,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_positive(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0
+
+
 @dataclass
 class NetworkMeta:
     """What a network needs to be rebuilt and applied correctly, and how it was made.
 
-    ``voxel_size`` is the training images' pixel size in Angstrom (``None`` if unknown);
+    ``voxel_size`` is the training images' :class:`~napari_tomoseg.data.voxels.VoxelSize`
+    (Z, Y, X in Angstrom; one number given here means cubic voxels; ``None`` if unknown);
     ``normalisation`` describes how the training images were normalised (apply the same to
     new tomograms); ``context_slices`` is the number of neighbouring Z slices on each side
     that were stacked as input channels.  ``threshold`` is the probability at which the
@@ -170,7 +177,7 @@ class NetworkMeta:
     n_classes: int
     class_names: tuple[str, ...] = ()
     class_colors: tuple[tuple[float, ...], ...] = ()
-    voxel_size: float | None = None
+    voxel_size: VoxelSize | None = None
     box_size: int | None = None
     normalisation: dict[str, Any] = field(default_factory=dict)
     context_slices: int = 0
@@ -190,6 +197,7 @@ class NetworkMeta:
             self.class_colors = default_class_colors(self.n_classes)
         self.class_names = tuple(self.class_names)
         self.class_colors = tuple(tuple(float(c) for c in rgba) for rgba in self.class_colors)
+        self.voxel_size = VoxelSize.parse(self.voxel_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (what the file stores)."""
@@ -251,9 +259,15 @@ class NetworkMeta:
             )
         ):
             raise bad("class_colors", f"must be {n_cls} RGB(A) lists of numbers in [0, 1]")
-        vs = data.get("voxel_size")
-        if vs is not None and (not _is_number(vs) or not math.isfinite(vs) or vs <= 0):
-            raise bad("voxel_size", "must be a positive number of Angstrom or null")
+        vs = data.get("voxel_size")  # one number in files written before (Z, Y, X)
+        if vs is not None and not (
+            _is_positive(vs)
+            or (isinstance(vs, list) and len(vs) == 3 and all(_is_positive(v) for v in vs))
+        ):
+            raise bad(
+                "voxel_size",
+                "must be a positive number of Angstrom, a list of three (Z, Y, X), or null",
+            )
         box = data.get("box_size")
         if box is not None and (not _is_int(box) or box < 1):
             raise bad("box_size", "must be a positive integer or null")
@@ -285,7 +299,7 @@ class NetworkMeta:
             n_classes=n_cls,
             class_names=tuple(cnames),
             class_colors=tuple(tuple(c) for c in colours),
-            voxel_size=None if vs is None else float(vs),
+            voxel_size=VoxelSize.parse(vs),
             box_size=box,
             normalisation=dict(data.get("normalisation", {})),
             context_slices=ctx,

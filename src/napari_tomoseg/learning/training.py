@@ -809,19 +809,6 @@ def calibrate_threshold(
     return THRESHOLD_CANDIDATES[best], info
 
 
-def _voxel_size(value: Any) -> float | None:
-    """The in-plane voxel size (Angstrom) from a number or a (Z, Y, X) sequence."""
-    if value is None:
-        return None
-    try:
-        arr = np.atleast_1d(np.asarray(value, dtype=float))
-    except (TypeError, ValueError):
-        return None
-    if arr.size == 0 or not np.isfinite(arr[-1]) or arr[-1] <= 0:
-        return None
-    return float(arr[-1])
-
-
 def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed run must share with the run it continues (JSON data)."""
     cw = settings.class_weights
@@ -953,8 +940,8 @@ def _architecture(
             f"the network's classes {list(meta0.class_names)} differ from the training "
             f"set's {list(names)}"
         )
-    net_vs = _voxel_size(meta0.voxel_size)
-    set_vs = _voxel_size(trainset.metadata.get("voxel_size"))
+    net_vs = meta0.voxel_size.inplane if meta0.voxel_size else None
+    set_vs = trainset.voxel_size.inplane if trainset.voxel_size else None
     if net_vs and set_vs and abs(net_vs - set_vs) > VOXEL_SIZE_TOLERANCE * net_vs:
         problems.append(
             f"the network was trained at voxel size {net_vs:g} A, the training set is at "
@@ -1323,7 +1310,7 @@ def _network_meta(
         n_classes=len(names),
         class_names=names,
         class_colors=tuple(colours) if colours and len(colours) == len(names) else (),
-        voxel_size=_voxel_size(meta_in.get("voxel_size")),
+        voxel_size=trainset.voxel_size,
         box_size=int(box_size) if _positive_int(box_size) else int(trainset.images.shape[-1]),
         normalisation=jsonable(dict(meta_in.get("normalisation") or {})),
         context_slices=int(context) if _is_int(context) and context >= 0 else 0,

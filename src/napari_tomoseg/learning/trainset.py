@@ -56,8 +56,9 @@ except ImportError:  # pragma: no cover
 
 from .. import __version__
 from ..data.boxes import DEFAULT_BOX_SIZE, Box, validate_boxes
-from ..data.io import atomic_path, voxel_triple
+from ..data.io import atomic_path
 from ..data.preprocess import Normalisation, robust_stats
+from ..data.voxels import VoxelSize, VoxelSizeLike
 from ..errors import TomosegError, TomosegIOError
 
 #: Value of ``TrainingSet.metadata["format"]`` and of the file's ``format`` entry.
@@ -203,6 +204,12 @@ class TrainingSet:
     def normalisation(self) -> Normalisation:
         """How the images were normalised (apply the network's input the same way)."""
         return Normalisation.from_dict(self.metadata["normalisation"])
+
+    @property
+    def voxel_size(self) -> VoxelSize | None:
+        """The voxel size the samples were cut at (``metadata["voxel_size"]``, stored as
+        a list ``[Z, Y, X]``); ``None`` when unknown or not a usable voxel size."""
+        return VoxelSize.parse_or_none(self.metadata.get("voxel_size"))
 
     @property
     def ignore_index(self) -> int | None:
@@ -537,11 +544,12 @@ def _trainset_metadata(
     stats: tuple[float, float] | None,
     class_names: tuple[str, ...],
     ignore: int | None,
-    voxel_size: float | Sequence[float] | None,
+    voxel_size: VoxelSizeLike | None,
     source: str | None,
     volume_shape: tuple[int, ...],
 ) -> dict[str, Any]:
     """What a training set records about how it was made."""
+    vs = VoxelSize.parse(voxel_size)
     return {
         "format": TRAINSET_FORMAT,
         "version": TRAINSET_VERSION,
@@ -554,7 +562,7 @@ def _trainset_metadata(
         "normalisation": settings.normalisation_spec().to_dict(),
         "tomogram_stats": None if stats is None else {"mean": stats[0], "std": stats[1]},
         "context_slices": int(settings.context_slices),
-        "voxel_size": None if voxel_size is None else list(voxel_triple(voxel_size)),
+        "voxel_size": None if vs is None else list(vs),
         "n_positive_boxes": len(positive),
         "n_negative_boxes": len(negative),
         "positive_boxes": [b.as_list() for b in positive],
@@ -582,7 +590,7 @@ def build_training_set(
     settings: TrainsetSettings | None = None,
     *,
     class_names: Sequence[str] | None = None,
-    voxel_size: float | Sequence[float] | None = None,
+    voxel_size: VoxelSizeLike | None = None,
     source: str | None = None,
 ) -> TrainingSet:
     """Cut, augment and balance the boxes of one tomogram into a :class:`TrainingSet`.

@@ -23,6 +23,7 @@ from ...data.probability import (
     probabilities_as_float,
     quantize_probabilities,
 )
+from ...data.voxels import VoxelSize
 from .apply import apply_binned, apply_network, iter_apply
 from .device import DeviceMemoryError, MemoryBudget, is_out_of_memory, resolve_device
 from .files import apply_file, iter_apply_file, probability_paths
@@ -36,7 +37,6 @@ from .settings import (
     ApplyOutputs,
     ApplyResult,
     ApplySettings,
-    VoxelSize,
     network_threshold,
 )
 from .tiling import AUTO_BLEND, ReceptiveField, TilePlan, auto_overlap, plan_tiles, receptive_field

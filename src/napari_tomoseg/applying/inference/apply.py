@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...data.io import voxel_triple
 from ...data.preprocess import Normalisation, bin_volume, robust_stats, unbin_volume
 from ...data.probability import (
     PROBABILITY_DTYPE,
@@ -30,16 +29,16 @@ from ...data.probability import (
     probabilities_as_float,
     quantize_probabilities,
 )
+from ...data.voxels import VoxelSize, VoxelSizeLike
 from ...errors import TomosegError
 from ...progress import Progress, StopCheck, drive, never_stop
 from .device import MemoryBudget, resolve_device
 from .kernels import _keep_freed_memory, prepare_for_inference
 from .predict import _iter_planes
-from .settings import ApplyOutputs, ApplyResult, ApplySettings, VoxelSize, _run_result
+from .settings import ApplyOutputs, ApplyResult, ApplySettings, _run_result
 from .source import (
     _check_voxel_size,
     _Geometry,
-    _network_voxel_size,
     _Prefetched,
     _resize_tensor,
     _SliceSource,
@@ -127,7 +126,7 @@ def iter_apply(
     network: Any,
     volume: np.ndarray,
     *,
-    voxel_size: VoxelSize | None = None,
+    voxel_size: VoxelSizeLike | None = None,
     settings: ApplySettings | None = None,
     should_stop: StopCheck = never_stop,
     out: ApplyOutputs | None = None,
@@ -164,7 +163,7 @@ def iter_apply(
     settings.validate()
     meta, model, class_names, context = _meta_checks(network)
     _check_volume(volume)
-    vs = voxel_triple(voxel_size)
+    vs = VoxelSize.parse(voxel_size)
     z_lo, z_hi = _check_z_range(z_range, int(volume.shape[0]), settings)
     if settings.shrink > 1:
         if z_range is not None:
@@ -178,7 +177,9 @@ def iter_apply(
     shape = tuple(int(s) for s in volume.shape)
     slab = (z_hi - z_lo, shape[1], shape[2])
     outputs = _allocate_outputs(slab, len(class_names) - 1, out, keep_probabilities)
-    geometry, notes = _check_voxel_size(vs, _network_voxel_size(meta), shape, settings, context)
+    geometry, notes = _check_voxel_size(
+        vs, VoxelSize.parse(getattr(meta, "voxel_size", None)), shape, settings, context
+    )
     device = resolve_device(settings.device)
     yield Progress("apply", 0, slab[0], message="measuring the network and the tomogram")
     fast, plan = _prepare_network(model, context, settings, geometry, device, notes)
@@ -372,7 +373,7 @@ class _QuantizingSink:
 def _iter_apply_binned(
     network: Any,
     volume: np.ndarray,
-    vs: tuple[float, float, float] | None,
+    vs: VoxelSize | None,
     settings: ApplySettings,
     should_stop: StopCheck,
     out: ApplyOutputs | None,
@@ -387,7 +388,7 @@ def _iter_apply_binned(
     outputs = _allocate_outputs(shape, n_fg, out, keep_probabilities)  # type: ignore[arg-type]
     yield Progress("bin", 0, 1, message=f"binning by {shrink}")
     binned = bin_volume(volume, shrink)
-    small_vs = None if vs is None else (vs[0] * shrink, vs[1] * shrink, vs[2] * shrink)
+    small_vs = None if vs is None else vs.scaled(shrink)
     inner = yield from iter_apply(
         network,
         binned,

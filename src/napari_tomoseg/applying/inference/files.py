@@ -27,13 +27,13 @@ from ...data.io import (
     output_header_texts,
     read_tomogram,
     release_pages,
-    voxel_triple,
 )
 from ...data.probability import PROBABILITY_DTYPE
+from ...data.voxels import VoxelSize, VoxelSizeLike
 from ...errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
 from ...progress import Progress, StopCheck, drive, never_stop
 from .apply import _meta_checks, iter_apply
-from .settings import ApplyOutputs, ApplyResult, ApplySettings, VoxelSize
+from .settings import ApplyOutputs, ApplyResult, ApplySettings
 
 
 def probability_paths(path: str | os.PathLike, foreground_names: Sequence[str]) -> list[Path]:
@@ -103,7 +103,7 @@ def iter_apply_file(
     settings: ApplySettings | None = None,
     overwrite: bool = False,
     should_stop: StopCheck = never_stop,
-    voxel_size: VoxelSize | None = None,
+    voxel_size: VoxelSizeLike | None = None,
 ) -> Generator[Progress, None, ApplyResult]:
     """Apply ``network`` to a tomogram file, streaming, writing MRC files with the voxel
     size kept; yields progress, returns the result.
@@ -140,7 +140,7 @@ def iter_apply_file(
     tomo = read_tomogram(src)
     if tomo.data.ndim != 3:
         raise TomosegError(f"{src} holds a 2D image; networks are applied to 3D tomograms.")
-    vs = voxel_triple(voxel_size) if voxel_size is not None else tomo.voxel_size
+    vs = VoxelSize.parse(voxel_size) if voxel_size is not None else tomo.voxel_size
     shape = tuple(int(s) for s in tomo.data.shape)
     mask_path = Path(output_mask_path)
     prob_paths = probability_paths(output_prob_path, class_names[1:]) if output_prob_path else []

@@ -5,13 +5,13 @@ command line and the core, so each default lives in one place."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ...data.voxels import VoxelSize
 from ...errors import TomosegError
 from .device import resolve_device
 
@@ -22,8 +22,6 @@ NONFINITE_POLICIES = ("fill", "refuse")
 TTA_TRANSFORMS = (4, 8)
 #: The mask threshold of a network that records none (one trained before calibration).
 DEFAULT_THRESHOLD = 0.5
-
-VoxelSize = float | Sequence[float]
 
 
 # -- settings and results -----------------------------------------------------------------------
@@ -172,7 +170,7 @@ class ApplyResult:
     probabilities: list[np.ndarray]
     mask: np.ndarray | None
     class_names: list[str]
-    voxel_size: tuple[float, float, float] | None
+    voxel_size: VoxelSize | None
     seconds: float
     stopped: bool
     slices_done: int = 0
@@ -194,7 +192,7 @@ class ApplyResult:
 def _run_result(
     outputs: ApplyOutputs,
     class_names: list[str],
-    voxel_size: tuple[float, float, float] | None,
+    voxel_size: VoxelSize | None,
     start: float,
     *,
     stopped: bool,

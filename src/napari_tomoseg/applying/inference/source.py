@@ -1,8 +1,10 @@
 """The input side of an apply: a tomogram's slices read, checked, rescaled and normalised.
 
-The tomogram's voxel size is compared with the network's (:func:`_check_voxel_size`);
-beyond the tolerance, policy ``"rescale"`` resamples each slice in-plane to the network's
-voxel size and takes a 2.5D network's context slices at the network's Z spacing, policy
+The tomogram's voxel size is compared with the network's (:func:`_check_voxel_size`: Y
+and X with the network's in-plane size, Z with its Z size when the network takes context
+slices); beyond the tolerance, policy ``"rescale"`` resamples each slice in-plane to the
+network's in-plane voxel size and takes a 2.5D network's context slices at the network's Z
+spacing, policy
 ``"refuse"`` raises; if either size is unknown a warning says so and the slices are used
 as they are.  :class:`_SliceSource` reads the volume one slice at a time (memory maps and
 lazy arrays stay on disk), fills or refuses NaN and infinite voxels, normalises (for
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.preprocess import Normalisation
+from ...data.voxels import VoxelSize
 from ...errors import MissingVoxelSizeWarning, TomosegError
 from .settings import ApplySettings
 
@@ -88,15 +91,6 @@ class _Prefetched:
         self._done = True
 
 
-def _network_voxel_size(meta: Any) -> float | None:
-    vs = getattr(meta, "voxel_size", None)
-    if vs is None:
-        return None
-    values = np.atleast_1d(np.asarray(vs, dtype=float))
-    value = float(values[-1])
-    return value if np.isfinite(value) and value > 0 else None
-
-
 @dataclass(frozen=True)
 class _Geometry:
     """How the tomogram's grid maps onto the network's."""
@@ -111,8 +105,8 @@ class _Geometry:
 
 
 def _check_voxel_size(
-    tomo_vs: tuple[float, float, float] | None,
-    net_vs: float | None,
+    tomo_vs: VoxelSize | None,
+    net_vs: VoxelSize | None,
     shape: tuple[int, int, int],
     settings: ApplySettings,
     context: int,
@@ -129,34 +123,37 @@ def _check_voxel_size(
             stacklevel=4,
         )
         return same, []
-    axes = [tomo_vs[1], tomo_vs[2]] + ([tomo_vs[0]] if context > 0 else [])
-    worst = max(abs(v - net_vs) / net_vs for v in axes)
+    inplane = net_vs.inplane
+    pairs = [(tomo_vs.y, inplane), (tomo_vs.x, inplane)]
+    if context > 0:
+        pairs.append((tomo_vs.z, net_vs.z))
+    worst = max(abs(v - net) / net for v, net in pairs)
     if worst <= settings.voxel_size_tolerance:
         return same, []
     sizes = " x ".join(f"{v:g}" for v in tomo_vs)
     if settings.voxel_size_policy == "refuse":
         raise TomosegError(
             f"The tomogram's voxel size ({sizes} A, Z x Y x X) differs from the network's "
-            f"({net_vs:g} A) by {100 * worst:.0f}%, more than the tolerance of "
+            f"({net_vs.describe()}) by {100 * worst:.0f}%, more than the tolerance of "
             f"{100 * settings.voxel_size_tolerance:g}%. Bin or resample the tomogram to "
-            f"{net_vs:g} A, or apply with voxel_size_policy='rescale'."
+            f"{net_vs.describe()}, or apply with voxel_size_policy='rescale'."
         )
     net_plane = (
-        max(1, round(plane[0] * tomo_vs[1] / net_vs)),
-        max(1, round(plane[1] * tomo_vs[2] / net_vs)),
+        max(1, round(plane[0] * tomo_vs.y / inplane)),
+        max(1, round(plane[1] * tomo_vs.x / inplane)),
     )
-    z_step = net_vs / tomo_vs[0] if context > 0 else 1.0
+    z_step = net_vs.z / tomo_vs.z if context > 0 else 1.0
     notes = []
     if net_plane != plane:
         notes.append(
-            f"rescaled in-plane from {tomo_vs[1]:g} x {tomo_vs[2]:g} A to the network's "
-            f"{net_vs:g} A ({plane[0]} x {plane[1]} -> {net_plane[0]} x {net_plane[1]} px) "
+            f"rescaled in-plane from {tomo_vs.y:g} x {tomo_vs.x:g} A to the network's "
+            f"{inplane:g} A ({plane[0]} x {plane[1]} -> {net_plane[0]} x {net_plane[1]} px) "
             "and back"
         )
     if z_step != 1.0:
         notes.append(
-            f"context slices taken {z_step:.3g} slices apart (Z voxel {tomo_vs[0]:g} A, "
-            f"network {net_vs:g} A)"
+            f"context slices taken {z_step:.3g} slices apart (Z voxel {tomo_vs.z:g} A, "
+            f"network {net_vs.z:g} A)"
         )
     return _Geometry(plane=plane, net_plane=net_plane, z_step=z_step), notes
 
