@@ -200,8 +200,13 @@ class NetworkMeta:
         self.voxel_size = VoxelSize.parse(self.voxel_size)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data (what the file stores)."""
-        return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+        """Plain JSON-able data (what the file stores).  The voxel size of cubic voxels is
+        one number, which every version reads; other voxels are ``[Z, Y, X]``."""
+        data = {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+        vs = self.voxel_size
+        if vs is not None and vs.z == vs.y == vs.x:
+            data["voxel_size"] = float(vs.x)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> NetworkMeta:
