@@ -136,7 +136,16 @@ def box_from_shape(shape: np.ndarray, box_size: int = DEFAULT_BOX_SIZE, index: i
     """Snap one napari shape (vertices (N, 3), all on one Z slice) to a ``box_size`` box.
 
     The box is centred on the centre of the shape's bounding rectangle, so rectangles,
-    ellipses and rotated rectangles all work.  ``index`` (0-based) is used in messages.
+    ellipses and rotated rectangles all work.
+
+    Parameters
+    ----------
+    shape
+        The shape's vertices, (N, 3) in the layer's data coordinates (voxels, Z Y X).
+    box_size
+        The box side in pixels.
+    index
+        The shape's 0-based position in its layer, for messages (numbered from 1 there).
     """
     number = index + 1
     vertices = np.asarray(shape, dtype=np.float64)
@@ -176,6 +185,13 @@ def boxes_from_shapes(shapes: Sequence[np.ndarray], box_size: int = DEFAULT_BOX_
     Each shape (usually a rectangle: (4, 3) vertices with the same Z) becomes a box of
     ``box_size`` around its rounded centre.  2D shapes and shapes spanning several Z slices
     raise :class:`TomosegError`.
+
+    Parameters
+    ----------
+    shapes
+        A Shapes layer's ``data``: one (N, 3) vertex array per shape, voxels (Z, Y, X).
+    box_size
+        The side of every box in pixels.
     """
     return [box_from_shape(shape, box_size, i) for i, shape in enumerate(shapes)]
 
@@ -198,6 +214,17 @@ def validate_boxes(
     a box off the volume (each box must lie fully inside Y/X, its Z inside 0..Z-1), boxes of
     different sizes, a box larger than the volume, a volume that is not 3D, or no boxes at
     all (allowed by default only for ``kind="negative"``).
+
+    Parameters
+    ----------
+    boxes
+        The boxes to check; all must have one size.
+    volume_shape
+        The tomogram's (Z, Y, X) shape in voxels.
+    kind
+        ``"positive"`` or ``"negative"``: named in the messages; decides ``allow_empty``.
+    allow_empty
+        Accept an empty ``boxes``; None: only when ``kind`` is not ``"positive"``.
     """
     if allow_empty is None:
         allow_empty = kind != "positive"
@@ -248,6 +275,15 @@ def crop(volume: np.ndarray, box: Box, context_slices: int = 0) -> np.ndarray:
     Channel ``context_slices`` is the box's own slice; the others are the neighbouring
     slices below and above it.  Beyond the Z ends the edge slice is repeated.  Only the box
     region is read, so ``volume`` may be a memory map.  The dtype of ``volume`` is kept.
+
+    Parameters
+    ----------
+    volume
+        The (Z, Y, X) tomogram (numpy or memory map); the box must lie inside it.
+    box
+        The box to cut out.
+    context_slices
+        Neighbouring slices on each side of the box's slice, taken as extra channels.
     """
     if volume.ndim != 3:
         raise TomosegError(f"Cropping needs a 3D (Z, Y, X) volume, got shape {volume.shape}.")
@@ -271,7 +307,22 @@ BOX_FILE_COLUMNS = ("z", "y", "x", "size")
 
 
 def write_boxes_csv(path: str | os.PathLike, boxes: Sequence[Box], *, overwrite: bool = False):
-    """Save boxes as CSV (``z,y,x,size``: centres in voxel indices), atomically."""
+    """Save boxes as CSV (``z,y,x,size``: centres in voxel indices), atomically.
+
+    Parameters
+    ----------
+    path
+        The CSV file (written with a header row, one box per row).
+    boxes
+        The boxes to save.
+    overwrite
+        Replace an existing file (else :class:`~napari_tomoseg.errors.OutputExistsError`).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     from .io import atomic_path
 
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as handle:
@@ -289,6 +340,18 @@ def read_boxes_csv(path: str | os.PathLike, box_size: int | None = None) -> list
     size unless ``box_size`` is given; without either a box is 64 pixels.  A napari Shapes
     CSV (``index,shape-type,vertex-index,axis-0,axis-1,axis-2``) is snapped to ``box_size``
     (default 64) like drawn rectangles.  A row that is not a box is an error naming its line.
+
+    Parameters
+    ----------
+    path
+        The CSV file.
+    box_size
+        The side of every box in pixels; replaces the file's size column when given.
+
+    Returns
+    -------
+    list of Box
+        The boxes in file order; empty for an empty file.
     """
     path = Path(path)
     if not path.is_file():

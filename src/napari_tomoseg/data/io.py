@@ -147,6 +147,21 @@ def read_tomogram(path: str | os.PathLike, *, mmap: bool = True) -> Tomogram:
     Raises :class:`TomosegIOError` naming the file and the problem when the file is missing,
     empty, not an MRC file, truncated, or of an unsupported mode.  Warns with
     :class:`MissingVoxelSizeWarning` when the header has no usable voxel size.
+
+    Parameters
+    ----------
+    path
+        The file: MRC (``.mrc``, ``.rec``, ``.map``, ``.st``, ``.ali``, ``.mrcs``, also
+        ``.gz``-compressed) or an OME-Zarr / Zarr array (``.zarr``).
+    mmap
+        False reads an uncompressed MRC file into memory instead of mapping it; ``.gz``
+        files are always read into memory, Zarr arrays always lazily.
+
+    Returns
+    -------
+    Tomogram
+        ``data`` (Z, Y, X) or (Y, X), the voxel size (Angstrom, or None), origin, MRC mode
+        and header labels.
     """
     path = Path(path)
     if is_zarr_path(path):
@@ -598,6 +613,18 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     If the body raises (or the process dies), ``path`` is untouched and the temporary file is
     removed (a killed process leaves it, hidden, see :func:`stale_temporaries`), so a failed
     write never leaves a half-written or clobbered file.  See :func:`atomic_paths`.
+
+    Parameters
+    ----------
+    path
+        The file to write.
+    overwrite
+        Allow replacing an existing ``path`` (else :class:`OutputExistsError` before writing).
+
+    Yields
+    ------
+    Path
+        The hidden temporary file beside ``path`` to write to.
     """
     with atomic_paths([path], overwrite=overwrite) as (tmp,):
         yield tmp
@@ -893,7 +920,20 @@ def read_slabs(volume: Any, max_voxels: int = SLAB_VOXELS) -> Iterator[tuple[int
     """``(z0, block)`` for consecutive blocks of whole Z slices of a (Z, ...) volume, each
     read into memory on its own (a lazy dask or Zarr array, or a memory map, is never
     read whole).  A memory map's pages are released after each block (:func:`release_pages`),
-    so resident memory does not grow with the volume."""
+    so resident memory does not grow with the volume.
+
+    Parameters
+    ----------
+    volume
+        A (Z, ...) array: numpy, memory map, dask or Zarr.
+    max_voxels
+        The most voxels per block; a block holds at least one slice, however large.
+
+    Yields
+    ------
+    tuple of (int, numpy.ndarray)
+        The first slice's index and the block, ``volume[z0 : z0 + step]`` in memory.
+    """
     plane = math.prod(int(n) for n in volume.shape[1:])
     step = max(1, int(max_voxels) // max(1, plane))
     for z0 in range(0, int(volume.shape[0]), step):
@@ -949,9 +989,31 @@ def write_mrc(
 
     ``data`` may be memory-mapped or lazy: it is copied in chunks of Z slices, so memory use
     stays bounded.  ``.gz`` names are written gzip-compressed.  Supported dtypes are those
-    of the MRC modes (int8, int16, uint16, float16, float32); pass ``dtype`` to convert.
-    An existing file is replaced only with ``overwrite=True``.  ``header_texts``: labels
-    for the header (see :func:`finish_header`).
+    of the MRC modes (int8, int16, uint16, float16, float32) and uint8 (mode 0, marked
+    unsigned the way IMOD does); bool becomes uint8 and float64 float32.
+
+    Parameters
+    ----------
+    path
+        The MRC file; a ``.gz`` name is written gzip-compressed.
+    data
+        The (Z, Y, X) volume or (Y, X) image; numpy, memory map or lazy (dask, Zarr).
+    voxel_size
+        (Z, Y, X) or one value in Angstrom; None leaves the header's default.
+    origin
+        (Z, Y, X) for the header's origin field (Angstrom); None leaves it at 0.
+    overwrite
+        Replace an existing file (else :class:`~napari_tomoseg.errors.OutputExistsError`).
+    dtype
+        Convert to this dtype first (one of the supported ones); the data's own when None.
+    header_texts
+        Text labels for the header, ten of 80 characters at most (see
+        :func:`finish_header`).
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     path = Path(path)
     if data.ndim not in (2, 3):
@@ -1128,7 +1190,25 @@ def write_labels(
     **kwargs: Any,
 ) -> Path:
     """Write an integer segmentation as uint8 (or uint16 past label 127, see
-    :func:`labels_dtype`)."""
+    :func:`labels_dtype`).
+
+    Parameters
+    ----------
+    path
+        The MRC file, as for :func:`write_mrc`.
+    labels
+        Non-negative integer labels (0 is background), at most 65535.
+    voxel_size
+        (Z, Y, X) or one value in Angstrom, or None.
+    **kwargs
+        :func:`write_mrc`'s other keyword arguments (``overwrite``, ``origin``,
+        ``header_texts``); not ``dtype``, which is chosen here.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
     if labels.dtype.kind not in "biu":
         raise TomosegIOError(

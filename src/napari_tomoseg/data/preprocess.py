@@ -93,6 +93,14 @@ def bin_volume(volume: np.ndarray, factor: int) -> np.ndarray:
 
     Voxels past the last whole block are dropped (shape ``shape // factor``).  Works on
     blocks of slices, so a memory-mapped volume is read piece by piece.
+
+    Parameters
+    ----------
+    volume
+        A (Z, Y, X) or (Y, X) array; numpy, memory map or lazy.
+    factor
+        The binning (shrink) factor, a positive integer; 1 returns a float32 copy.  The
+        voxel size grows by the same factor.
     """
     factor = _check_factor(factor)
     if volume.ndim not in (2, 3):
@@ -150,6 +158,22 @@ def unbin_labels(
     Each binned voxel becomes a ``factor``-sided block; the few voxels binning dropped at
     the far edges repeat the last value.  ``out`` may be a preallocated (e.g. memory-mapped)
     array of ``target_shape``; the work goes slice by slice.
+
+    Parameters
+    ----------
+    labels
+        The binned (Z, Y, X) or (Y, X) label array.
+    factor
+        The factor it was binned by.
+    target_shape
+        The shape of the unbinned tomogram (voxels); ``labels.shape`` must be its binned one.
+    out
+        An array of ``target_shape`` to write into (e.g. a memory map), or None for a new one.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``out``, or the new array, of ``target_shape`` and ``labels.dtype``.
     """
     factor = _check_factor(factor)
     if labels.ndim not in (2, 3):
@@ -215,6 +239,19 @@ def unbin_volume(
     the far edges repeat the last value.  Interpolation can overshoot near sharp edges;
     ``clip=(0, 1)`` keeps probabilities in range.  ``out`` may be a preallocated (e.g.
     memory-mapped) float array of ``target_shape``.
+
+    Parameters
+    ----------
+    volume
+        The binned (Z, Y, X) float map.
+    factor
+        The factor it was binned by.
+    target_shape
+        The shape of the unbinned tomogram (voxels); ``volume.shape`` must be its binned one.
+    clip
+        ``(low, high)`` to clip the result to, or None.
+    out
+        A float array of ``target_shape`` to write into, or None for a new float32 one.
     """
     factor = _check_factor(factor)
     _check_3d(volume, "Unbinning a map")
@@ -263,6 +300,16 @@ def resample_volume(
     ``shape / new_shape`` (pixel-area convention, ``grid_mode=True``).  Spline order 0 keeps
     the dtype (use it for labels); other orders give float32.  Works axis by axis on blocks
     (Y/X per slice, then Z), so temporary memory stays bounded.
+
+    Parameters
+    ----------
+    volume
+        The (Z, Y, X) volume.
+    zoom
+        One factor for all axes or (Z, Y, X) factors, each > 0 (new voxel size = old / zoom,
+        up to rounding of the shape).
+    order
+        The spline order, 0 (nearest, for labels) to 5.
     """
     _check_3d(volume, "Resampling")
     zooms = np.atleast_1d(np.asarray(zoom, dtype=float))
@@ -362,6 +409,17 @@ def lowpass(
     3D (isotropic in Angstrom, also anisotropic voxels) unless ``per_slice``, which filters
     each Z slice in Y and X only.  Separable, on blocks: memory is the output plus a block.
     NaN or infinite voxels are refused (:class:`TomosegError`): the filter would spread them.
+
+    Parameters
+    ----------
+    volume
+        The (Z, Y, X) volume.
+    cutoff_angstrom
+        The cutoff resolution in Angstrom; at least Nyquist (2 x the largest voxel side).
+    voxel_size
+        The volume's voxel size, (Z, Y, X) or one value in Angstrom; required.
+    per_slice
+        Filter each Z slice in Y and X only (no filtering along Z).
     """
     _check_3d(volume, "Low-pass filtering")
     voxel = _needed_voxel_size(voxel_size)
@@ -395,6 +453,13 @@ def highpass(
 
     Removes slow intensity gradients (uneven ice thickness) larger than the cutoff; the
     amplitude is 1/2 at the cutoff.
+
+    Parameters
+    ----------
+    volume, voxel_size, per_slice
+        As for :func:`lowpass`.
+    cutoff_angstrom
+        The cutoff in Angstrom: structures larger than this are removed; at least Nyquist.
     """
     voxel = _needed_voxel_size(voxel_size)
     _check_cutoff(cutoff_angstrom, voxel, "high-pass")
@@ -419,6 +484,21 @@ def robust_stats(
     resident memory does not grow with the file.
     Volumes with at most ``sample`` voxels are measured completely.  NaN and Inf are
     ignored.
+
+    Parameters
+    ----------
+    volume
+        The volume (any number of dimensions); numpy, memory map or lazy (dask, Zarr).
+    sample
+        About how many voxels to read (whole X rows, rounded up).
+    seed
+        The seed of the row choice (a fixed one gives the same numbers every time); None for
+        a fresh random choice.
+
+    Returns
+    -------
+    tuple of (float, float)
+        ``(mean, std)`` of the finite voxels read.
     """
     if volume.size == 0:
         raise TomosegError("Cannot measure an empty volume.")
@@ -498,6 +578,15 @@ def normalise(
 
     A zero spread (constant data) divides by 1.  NaN stays NaN.  Works on blocks of
     slices, so a memory-mapped input is read piece by piece.
+
+    Parameters
+    ----------
+    volume
+        The array to normalise; numpy, memory map or lazy.
+    mean, std
+        The statistics to normalise by (e.g. from :func:`robust_stats`).
+    clamp_sigma
+        Clip the result to +-this many standard deviations, > 0; None for no clipping.
     """
     if clamp_sigma is not None and not clamp_sigma > 0:
         raise TomosegError(f"clamp_sigma must be positive or None, got {clamp_sigma!r}.")
@@ -522,6 +611,15 @@ def local_normalise(
 
     The sliding-window counterpart of normalising each training box by its own statistics,
     computed slice by slice (float32 result).
+
+    Parameters
+    ----------
+    volume
+        A (Z, Y, X) or (Y, X) array.
+    window
+        The square's side in pixels, >= 2 (capped at the slice size); usually the box size.
+    clamp_sigma
+        Clip the result to +-this value, or None for no clipping.
     """
     if window < 2:
         raise TomosegError(f"The normalisation window must be at least 2 pixels, got {window}.")
@@ -684,6 +782,19 @@ def iter_preprocess(
     Order: bin, high-pass, low-pass, normalise (+ clamp).  The voxel size (Z, Y, X, Angstrom)
     is multiplied by the shrink factor.  Returns ``None`` when stopped (nothing partial is
     worth keeping).
+
+    Parameters
+    ----------
+    volume
+        The (Z, Y, X) tomogram; numpy, memory map or lazy.
+    voxel_size
+        Its voxel size, (Z, Y, X) or one value in Angstrom; None is allowed only without
+        filters (the result's voxel size is then None too).
+    settings
+        Shrink, filter cutoffs, normalisation (:class:`PreprocessSettings`; the defaults
+        when None: normalise only).
+    should_stop
+        Checked before every step; when true the generator returns None.
     """
     settings = settings or PreprocessSettings()
     settings.validate(voxel_size)
@@ -722,7 +833,13 @@ def preprocess(
     voxel_size: VoxelSizeLike | None,
     settings: PreprocessSettings | None = None,
 ) -> tuple[np.ndarray, VoxelSize | None]:
-    """Run the import step to the end: ``(float32 volume, voxel size * shrink)``."""
+    """Run the import step to the end: ``(float32 volume, voxel size * shrink)``.
+
+    Parameters
+    ----------
+    volume, voxel_size, settings
+        As for :func:`iter_preprocess`.
+    """
     result = drive(iter_preprocess(volume, voxel_size, settings))
     assert result is not None  # only a stop request gives None, and nobody asks here
     return result
