@@ -387,10 +387,20 @@ def save_network(
 ) -> Path:
     """Write ``network`` to ``path`` (a ``.tsnet`` file) atomically; returns the path.
 
-    An existing file is replaced only with ``overwrite=True``.  Weights that are not finite
-    are refused: such a network is broken and would only produce NaN.  ``half`` stores the
-    floating-point weights as float16 (half the size, for the networks shipped with the
-    package); they are loaded back as float32.
+    Weights that are not finite are refused: such a network is broken and would only
+    produce NaN.
+
+    Parameters
+    ----------
+    network
+        The network (model and :class:`NetworkMeta`); its metadata is validated first.
+    path
+        The file to write (no extension is added).
+    overwrite
+        Replace an existing file (else :class:`~napari_tomoseg.errors.OutputExistsError`).
+    half
+        Store the floating-point weights as float16 (half the size, for the networks shipped
+        with the package); they are loaded back as float32.
     """
     path = Path(path)
     meta = network.meta.to_dict()
@@ -416,7 +426,13 @@ def save_network(
 
 
 def read_network_meta(path: str | os.PathLike) -> NetworkMeta:
-    """Read and validate only the metadata of a network file (cheap; no weights)."""
+    """Read and validate only the metadata of a network file (cheap; no weights).
+
+    Parameters
+    ----------
+    path
+        A network file (``.tsnet``).
+    """
     path = Path(path)
     with _open_npz(path) as npz:
         return _read_meta(path, npz)
@@ -427,6 +443,13 @@ def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
     The model is returned in evaluation mode.  Refuses, with a :class:`TomosegError`, any
     file that is not a valid napari-tomoseg network file of a supported version.
+
+    Parameters
+    ----------
+    path
+        A network file (``.tsnet``).
+    device
+        A torch device or its name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
     """
     path = Path(path)
     with _open_npz(path) as npz:

@@ -79,7 +79,13 @@ def available() -> dict[str, Path]:
 
 def shipped_file(name: str) -> Path:
     """The file of the shipped network ``name``; an unknown name raises, naming those
-    there are."""
+    there are.
+
+    Parameters
+    ----------
+    name
+        A name from :func:`available` (the file's stem, e.g. ``"all_features"``).
+    """
     files = available()
     if name not in files:
         known = ", ".join(files) or "none (this installation has no shipped networks)"
@@ -88,13 +94,27 @@ def shipped_file(name: str) -> Path:
 
 
 def load_pretrained(name: str, device: str | torch.device = "cpu") -> Network:
-    """Load the shipped network ``name`` (see :func:`available`)."""
+    """Load the shipped network ``name`` (see :func:`available`).
+
+    Parameters
+    ----------
+    name
+        A name from :func:`available`.
+    device
+        A torch device or its name, as for :func:`~.model_file.load_network`.
+    """
     return load_network(shipped_file(name), device=device)
 
 
 def feature_of(name: str) -> str | None:
     """The simulator class a user's feature name means (``"Membranes"`` -> single
-    membrane, ``"MT"`` -> microtubule), or None when it matches no shipped feature."""
+    membrane, ``"MT"`` -> microtubule), or None when it matches no shipped feature.
+
+    Parameters
+    ----------
+    name
+        A class name as a user gives it (case, spaces, hyphens and plural ``s`` ignored).
+    """
     word = re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
     candidates = {word, word.removesuffix("s"), word.removesuffix("es")}
     for feature, words in SYNONYMS.items():
@@ -106,7 +126,18 @@ def feature_of(name: str) -> str | None:
 def match(class_names: Sequence[str]) -> str | None:
     """The shipped network to start training from for these classes (background first):
     a binary network of the same feature for one feature, the multi-class network when every
-    feature of several is known to it; None when nothing fits."""
+    feature of several is known to it; None when nothing fits.
+
+    Parameters
+    ----------
+    class_names
+        The training set's class names, background first.
+
+    Returns
+    -------
+    str or None
+        The name of a shipped network (a key of :func:`available`), or None.
+    """
     files = available()
     features = [feature_of(n) for n in class_names[1:]]
     if len(features) == 1:
@@ -125,7 +156,21 @@ def transfer_weights(source: Network, target: Network) -> dict[str, Any]:
     feature (:func:`feature_of`); a binary target taking a feature from a multi-class
     source gets the difference of that feature's and the background's rows (the logit of
     feature against background).  Unmatched output rows keep their initial values.
-    Returns what was copied."""
+
+    Parameters
+    ----------
+    source
+        The network to copy from (e.g. a shipped one, :func:`load_pretrained`).
+    target
+        The new network, changed in place.
+
+    Returns
+    -------
+    dict
+        What was copied: ``layers`` (the number of state-dict entries besides the output
+        layer's) and ``output_classes_matched`` (the classes, by feature, whose output rows
+        were copied).
+    """
     src, dst = source.model.state_dict(), target.model.state_dict()
     head = _head_prefix(dst)
     body = {k: v for k, v in src.items() if not k.startswith(head)}
@@ -191,9 +236,23 @@ def starting_network(
 ) -> tuple[Network | None, str]:
     """The shipped network a training run starts from, and a sentence saying which.
 
-    ``start_from``: ``"auto"`` (the network :func:`match` finds, if its architecture, its
-    parameters and input channels fit), ``"scratch"``, or the name of a shipped network (an
-    error when it does not fit)."""
+    Parameters
+    ----------
+    start_from
+        ``"auto"`` (the network :func:`match` finds, if its architecture, its parameters and
+        input channels fit), ``"scratch"``, or the name of a shipped network (an error when
+        it does not fit).
+    class_names
+        The training set's class names, background first.
+    architecture, in_channels, model_params
+        The network to be trained: architecture name, input channels (2 x context slices
+        + 1) and architecture parameters (None: not compared).
+
+    Returns
+    -------
+    tuple of (Network or None, str)
+        The loaded network (None for random weights) and the sentence.
+    """
     if start_from == SCRATCH:
         return None, "random weights (start from scratch)"
     name = match(class_names) if start_from == AUTO else start_from

@@ -770,14 +770,30 @@ def calibrate_threshold(
 ) -> tuple[float, dict[str, Any]]:
     """The mask threshold that maximises the F1 of held-out samples, and the F1 curve.
 
-    ``proba`` (N, K, H, W) are the network's class probabilities, ``labels`` (N, H, W) the
-    truth.  As :mod:`napari_tomoseg.applying.inference` makes masks, a binary network marks the
+    As :mod:`napari_tomoseg.applying.inference` makes masks, a binary network marks the
     feature where its probability reaches the threshold, and a multi-class one gives a
     pixel its most probable class when that probability reaches it (else background).  Every box
     counts once (its rotated copies share one weight), and the F1 is the mean over the
     feature classes of F1 computed from the weighted counts.  The curve is smoothed over
     neighbouring thresholds before its maximum is taken: a few held-out boxes give a
     ragged curve, and a threshold on a plateau generalises better than a spike.
+
+    Parameters
+    ----------
+    proba
+        (N, K, H, W) the network's class probabilities, e.g. on the held-out samples.
+    labels
+        (N, H, W) their true classes.
+    box_ids
+        (N,) the box each sample was cut from; a box's copies share one weight.
+    ignore_index
+        A label value left out of the counts (e.g. pixels outside the boxes), or None.
+
+    Returns
+    -------
+    tuple of (float, dict)
+        The chosen threshold (one of ``THRESHOLD_CANDIDATES``) and the curve:
+        ``candidates``, ``f1`` (unsmoothed), ``chosen``, ``f1_at_chosen``, ``f1_at_0.5``.
     """
     weights = _box_weights(np.asarray(box_ids))[:, None, None]
     valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
@@ -1340,21 +1356,38 @@ def iter_train(
 ) -> Generator[Progress, None, TrainResult]:
     """Train a network on ``trainset``; yields progress each mini-batch, returns the result.
 
-    ``init`` continues training an existing network (same architecture, classes and input
-    channels as the settings and training set, else :class:`TomosegError`); it is not
-    modified.  ``should_stop`` is checked before every mini-batch: when it returns True the
-    loop ends and the best network so far is returned with ``stopped=True``.
-
     With ``settings.checkpoint`` set, the run's state is written there every
     ``settings.checkpoint_every`` mini-batches and when stopped (an existing file is
-    replaced), and deleted when all mini-batches are done.  ``resume=True`` continues the
-    run saved there; the training set, ``init`` and the settings that shape the run
-    (architecture, its parameters, iterations, batch size, learning rate and schedule,
-    seed, validation fraction, class weights, augmentation, evaluation interval) must be
-    those it was started with, else :class:`TomosegError` says what differs.
-    ``keep_checkpoint=True`` keeps the checkpoint of a finished run too (with its final
-    state, so resuming it gives the same result at once): for a caller that deletes it only
-    once the network is safely saved.
+    replaced), and deleted when all mini-batches are done.
+
+    Parameters
+    ----------
+    trainset
+        The samples (:func:`~napari_tomoseg.learning.trainset.build_training_set`).
+    settings
+        How to train (:class:`TrainSettings`; the defaults when None).
+    init
+        A network to continue training (same architecture, classes and input channels as
+        the settings and training set, else :class:`TomosegError`); it is not modified.
+    should_stop
+        Checked before every mini-batch; when true the loop ends and the best network so
+        far is returned with ``stopped=True``.
+    resume
+        Continue the run saved in ``settings.checkpoint``.  The training set, ``init`` and
+        the settings that shape the run (architecture, its parameters, iterations, batch
+        size, learning rate and schedule, seed, validation fraction, class weights,
+        augmentation, evaluation interval) must be those it was started with, else
+        :class:`TomosegError` says what differs.
+    keep_checkpoint
+        Keep the checkpoint of a finished run too (with its final state, so resuming it
+        gives the same result at once): for a caller that deletes it only once the network
+        is safely saved.
+
+    Returns
+    -------
+    TrainResult
+        The best network seen (with its calibrated threshold), its validation metrics, the
+        history and a preview.
     """
     settings = settings or TrainSettings()
     settings.validate()
@@ -1460,7 +1493,17 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    """Run :func:`iter_train` to the end, passing each progress event to ``progress``."""
+    """Run :func:`iter_train` to the end, passing each progress event to ``progress``.
+
+    Parameters
+    ----------
+    trainset, settings, init, resume
+        As for :func:`iter_train`.
+    progress
+        Called with each :class:`~napari_tomoseg.progress.Progress` event, or None.
+    should_stop
+        As for :func:`iter_train`; None never stops.
+    """
     return drive(
         iter_train(
             trainset, settings, init=init, should_stop=should_stop or never_stop, resume=resume

@@ -256,7 +256,20 @@ class TrainingSet:
 
     # -- file -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write one ``.npz`` file atomically (``.npz`` added if the name has no extension)."""
+        """Write one ``.npz`` file atomically (``.npz`` added if the name has no extension).
+
+        Parameters
+        ----------
+        path
+            The file to write.
+        overwrite
+            Replace an existing file (else :class:`~napari_tomoseg.errors.OutputExistsError`).
+
+        Returns
+        -------
+        Path
+            The file written (with the extension added).
+        """
         path = Path(path)
         if not path.suffix:
             path = path.with_suffix(TRAINSET_EXTENSION)
@@ -284,6 +297,11 @@ class TrainingSet:
 
         Raises :class:`TomosegIOError` for a missing, foreign, corrupt or newer file, and
         for one holding pickled objects.
+
+        Parameters
+        ----------
+        path
+            A ``.npz`` training-set file.
         """
         path = Path(path)
         if not path.is_file():
@@ -595,10 +613,29 @@ def build_training_set(
 ) -> TrainingSet:
     """Cut, augment and balance the boxes of one tomogram into a :class:`TrainingSet`.
 
-    ``volume`` and ``labels`` are (Z, Y, X) arrays of one shape (memory maps are fine: only
-    the regions around the boxes are read).  ``class_names`` (background first) fixes the
-    classes; otherwise label values 0..K of the positive boxes are the classes.
-    ``voxel_size`` (Angstrom) and ``source`` (e.g. the tomogram's path) are recorded.
+    ``volume`` and ``labels`` may be memory maps: only the regions around the boxes are
+    read.  Without ``class_names`` the label values 0..K of the positive boxes are the
+    classes.
+
+    Parameters
+    ----------
+    volume
+        The (Z, Y, X) tomogram.
+    labels
+        The painted (Z, Y, X) integer labels, same shape; read only around positive boxes.
+    positive
+        Boxes holding painted feature; at least one.
+    negative
+        Boxes without the feature (all background); may be empty.
+    settings
+        Box size, copies, augmentation, normalisation (:class:`TrainsetSettings`; the
+        defaults when None).
+    class_names
+        The class names, background first; None: from the label values of the positives.
+    voxel_size
+        The tomogram's (Z, Y, X) or one value in Angstrom, recorded; None for unknown.
+    source
+        Where the data came from (e.g. the tomogram's path), recorded.
     """
     settings = settings or TrainsetSettings()
     settings.validate()
