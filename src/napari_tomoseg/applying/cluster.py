@@ -219,7 +219,26 @@ def plan_batch(
     probabilities: bool = True,
 ) -> list[BatchJob]:
     """Every tomogram x every network, with output names as :func:`output_names` gives
-    (``labels``: one per network, default the network file names without extension)."""
+    (``<tomogram stem>_<label>_mask.mrc`` and ``<tomogram stem>_<label>.mrc``).
+
+    Parameters
+    ----------
+    tomograms
+        The tomogram files.
+    networks
+        The network files (``.tsnet``).
+    output_dir
+        The folder all outputs are written to.
+    labels
+        One output label per network; None: the network file names without extension.
+    probabilities
+        Also write probability maps (else masks only).
+
+    Returns
+    -------
+    list of BatchJob
+        The jobs, network by network; two jobs writing one file are refused.
+    """
     nets = [Path(n) for n in networks]
     if not nets or not tomograms:
         raise TomosegError("A batch needs at least one tomogram and one network.")
@@ -1564,7 +1583,18 @@ def run_batch(
     callback: Callable[[Progress], None] | None = None,
     **kw: Any,
 ) -> BatchResult:
-    """Run :func:`iter_run_batch` to the end; ``callback`` sees the progress."""
+    """Run :func:`iter_run_batch` to the end; ``callback`` sees the progress.
+
+    Parameters
+    ----------
+    jobs, settings, batch
+        As for :func:`iter_run_batch`.
+    callback
+        Called with each :class:`~napari_tomoseg.progress.Progress` event, or None.
+    **kw
+        :func:`iter_run_batch`'s keyword arguments (``client``, ``manifest``,
+        ``overwrite``, ``should_stop``).
+    """
     return drive(iter_run_batch(jobs, settings, batch, **kw), callback)
 
 

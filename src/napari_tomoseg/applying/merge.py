@@ -187,7 +187,16 @@ def _colors(inputs: Sequence[MergeInput]) -> dict[int, str]:
 def merge_chunk(
     chunks: Sequence[np.ndarray], thresholds: Sequence[float], weights: Sequence[float]
 ) -> np.ndarray:
-    """Apply the merge rule to matching blocks of the maps; returns int32 labels."""
+    """Apply the merge rule to matching blocks of the maps; returns int32 labels.
+
+    Parameters
+    ----------
+    chunks
+        The same block of every map, as stored (float, or integer percent, see
+        :func:`~napari_tomoseg.data.probability.probabilities_as_float`).
+    thresholds, weights
+        One per map, in map order (label ``i + 1`` is map ``i``; 0 is background).
+    """
     best = np.full(chunks[0].shape, -np.inf, dtype=np.float32)
     label = np.zeros(chunks[0].shape, dtype=np.int32)
     for i, (chunk, t, w) in enumerate(zip(chunks, thresholds, weights)):
@@ -208,7 +217,18 @@ def iter_merge(
 ) -> Generator[Progress, None, MergeResult]:
     """Merge ``inputs`` ``z_chunk`` slices at a time, yielding progress (rule: module notes).
 
-    ``out`` may be a preallocated integer array (e.g. a memory map) of the maps' shape.
+    Parameters
+    ----------
+    inputs
+        The maps (:class:`MergeInput`), all (Z, Y, X) of one shape with distinct names; map
+        ``i`` becomes label ``i + 1``.
+    z_chunk
+        Slices merged at a time (bounds memory for memory-mapped maps).
+    should_stop
+        Checked before every chunk; when true the result comes back with ``stopped=True``.
+    out
+        A preallocated integer array (e.g. a memory map) of the maps' shape, or None for a
+        new uint8 one (uint16 past 255 maps).
     """
     shape = _check_inputs(inputs)
     if isinstance(z_chunk, bool) or not isinstance(z_chunk, (int, np.integer)) or z_chunk < 1:
@@ -258,7 +278,13 @@ def iter_merge(
 def merge_probability_maps(
     inputs: Sequence[MergeInput], *, z_chunk: int = 16, out: np.ndarray | None = None
 ) -> MergeResult:
-    """Merge probability maps into one multi-level mask (see :func:`iter_merge`)."""
+    """Merge probability maps into one multi-level mask (see :func:`iter_merge`).
+
+    Parameters
+    ----------
+    inputs, z_chunk, out
+        As for :func:`iter_merge`.
+    """
     return drive(iter_merge(inputs, z_chunk=z_chunk, out=out))
 
 

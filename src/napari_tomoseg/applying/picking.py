@@ -441,12 +441,30 @@ def pick(
 ) -> PickResult:
     """Find the components of each feature of ``mask`` and their particles.
 
-    ``probabilities``: a (Z, Y, X) map when one feature is picked, a list with one map per
-    foreground class (label ``k`` uses entry ``k - 1``, as :mod:`napari_tomoseg.applying.inference`
-    returns them) or a dict label -> map; float or stored bytes (:mod:`.probability`).  They
-    place ``"peak"`` particles and give centroids a score.  ``voxel_size`` (Z, Y, X or one
-    value, Angstrom) gives volumes in nm^3.  ``class_names``: index (or dict key) = label.
     ``mask`` and the maps may be lazy (memory-mapped, dask, Zarr): they are streamed.
+
+    Parameters
+    ----------
+    mask
+        The (Z, Y, X) integer label volume (0 is background).
+    probabilities
+        A (Z, Y, X) map when one feature is picked, a list with one map per foreground
+        class (label ``k`` uses entry ``k - 1``, as :mod:`napari_tomoseg.applying.inference`
+        returns them) or a dict label -> map; float or stored bytes (:mod:`.probability`).
+        They place ``"peak"`` particles and give centroids a score; None: peaks of the
+        distance to the component's edge, and centroids score 1.
+    voxel_size
+        (Z, Y, X) or one value in Angstrom; gives volumes in nm^3 and is kept for
+        Angstrom coordinates.  None: volumes are None.
+    class_names
+        The feature names: index (or dict key) = label value; None: ``"feature N"``.
+    settings
+        Minimum size, method, classes (:class:`PickSettings`; the defaults when None).
+
+    Returns
+    -------
+    PickResult
+        The particles (positions in voxels) and per-feature counts and volumes.
     """
     settings = settings or PickSettings()
     settings.validate()
@@ -526,7 +544,18 @@ def write_csv(
     """Write particles as CSV (header ``label,class,z,y,x,z_A,y_A,x_A,size,component,score``).
 
     Positions in voxels and in Angstrom (empty when the voxel size is unknown, with a
-    warning).  Written atomically; an existing file is replaced only with ``overwrite``.
+    warning).  Written atomically.
+
+    Parameters
+    ----------
+    path
+        The CSV file.
+    particles
+        A :class:`PickResult` or a list of :class:`Particle`.
+    voxel_size
+        (Z, Y, X) or one value in Angstrom; None: a :class:`PickResult`'s own.
+    overwrite
+        Replace an existing file (else :class:`~napari_tomoseg.errors.OutputExistsError`).
     """
     items = _particles_of(particles)
     if voxel_size is None and isinstance(particles, PickResult):
@@ -563,7 +592,19 @@ def write_csv(
 
 
 def read_csv(path: str | os.PathLike) -> ParticleTable:
-    """Read a CSV written by :func:`write_csv` (the voxel size comes from the Angstrom columns)."""
+    """Read a CSV written by :func:`write_csv` (the voxel size comes from the Angstrom columns).
+
+    Parameters
+    ----------
+    path
+        The CSV file; it needs the columns ``label``, ``class``, ``z``, ``y``, ``x``.
+
+    Returns
+    -------
+    ParticleTable
+        The particles (positions in voxels) and the voxel size (None when the Angstrom
+        columns are empty).
+    """
     path = Path(path)
     if not path.is_file():
         raise TomosegIOError(f"Cannot read {path}: the file does not exist.")
@@ -670,8 +711,22 @@ def write_star(
     """Write particles as a RELION STAR file (convention in the module notes), with the
     ``starfile`` library.
 
-    ``tomo_name`` fills ``_rlnTomoName`` (RELION matches it to its tomogram set);
-    ``shape`` (Z, Y, X) of the tomogram enables the RELION 5 centred Angstrom columns.
+    Parameters
+    ----------
+    path
+        The STAR file.
+    particles
+        A :class:`PickResult` or a list of :class:`Particle`.
+    voxel_size
+        (Z, Y, X) or one value in Angstrom; None: a :class:`PickResult`'s own (else voxel
+        coordinates only, with a warning).
+    tomo_name
+        Fills ``_rlnTomoName`` (RELION matches it to its tomogram set).
+    shape
+        The tomogram's (Z, Y, X) in voxels (a :class:`PickResult`'s own when None); with a
+        voxel size it enables the RELION 5 centred Angstrom columns.
+    overwrite
+        Replace an existing file (else :class:`~napari_tomoseg.errors.OutputExistsError`).
     """
     from starfile.writer import StarWriter
 
@@ -731,7 +786,19 @@ def _star_blocks(path: Path) -> tuple[dict[str, Any], Any]:
 
 def read_star(path: str | os.PathLike) -> ParticleTable:
     """Read a STAR file written by :func:`write_star` (or any with ``data_particles`` and
-    ``_rlnCoordinateX/Y/Z``) with the ``starfile`` library."""
+    ``_rlnCoordinateX/Y/Z``) with the ``starfile`` library.
+
+    Parameters
+    ----------
+    path
+        The STAR file.
+
+    Returns
+    -------
+    ParticleTable
+        The particles (positions in voxels), voxel size, tomogram name and shape where the
+        file gives them.
+    """
     path = Path(path)
     if not path.is_file():
         raise TomosegIOError(f"Cannot read {path}: the file does not exist.")
@@ -822,6 +889,17 @@ def surface_mesh(
     is smoothed first by a Gaussian of :data:`BINARY_MESH_SIGMA` voxels: the staircase
     surface of its voxels is about 8% larger than the shape it samples (a sphere), the
     smoothed one about 4%; a one-voxel sheet still peaks at 0.79, so it keeps its surface.
+
+    Parameters
+    ----------
+    mask
+        The (Z, Y, X) label mask or float map (read into memory).
+    level
+        The value the surface passes through.
+    step
+        Block size in voxels to average first, >= 1.
+    label
+        The label value to mesh in an integer mask; None: every non-zero label.
     """
     from skimage.measure import marching_cubes
 

@@ -75,8 +75,31 @@ def suggest_boxes(
     """The ``n`` strongest places where ``probability`` (Z, Y, X) of one feature reaches
     ``threshold`` far from every positive box and overlapping no existing box.
 
-    ``to_float`` turns one slice of a stored map into probabilities 0..1 (e.g. int8
-    maps); ``z_range`` limits the slices searched.  Sorted strongest first.
+    Sorted strongest first.
+
+    Parameters
+    ----------
+    probability
+        The (Z, Y, X) probability map of one feature (may be memory-mapped: read by slice).
+    positives
+        The training set's positive boxes; suggestions keep away from them.
+    negatives
+        Its negative boxes; suggestions do not overlap them.
+    threshold
+        The probability at which a pixel counts as marked, strictly between 0 and 1.
+    n
+        The most suggestions to return.
+    box_size
+        The side of a suggested box in pixels.
+    z_step
+        Search every ``z_step``-th slice.
+    z_range
+        ``(z0, z1)``: search only those slices; None: all.
+    to_float
+        Turns one slice of a stored map into probabilities 0..1 (e.g. int8 maps); None:
+        the values are probabilities already.
+    should_stop
+        Checked before every slice; when true the slices searched so far are used.
     """
     if probability.ndim != 3:
         raise TomosegError(f"The probability map must be 3D (Z, Y, X); got {probability.shape}.")
