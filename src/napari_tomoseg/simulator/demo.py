@@ -53,10 +53,32 @@ def boxes_from_ground_truth(
 ) -> tuple[list[Box], list[Box]]:
     """Positive boxes rich in ``feature`` and negative boxes free of it, like a user's.
 
-    Slices are taken from the central part of Z (``z_range`` as fractions), where a real
-    reconstruction is best.  Positives hold at least ``min_fraction`` of feature pixels and
-    are spread over slices and positions; negatives hold none (other structures are fine,
-    as the protocol asks).  Raises :class:`TomosegError` if the volume cannot supply them.
+    Slices are taken from the central part of Z, where a real reconstruction is best.
+    Positives are spread over slices and positions; negatives hold no feature pixel (other
+    structures are fine, as the protocol asks).  Raises :class:`TomosegError` if the volume
+    cannot supply them.
+
+    Parameters
+    ----------
+    labels
+        The (Z, Y, X) ground-truth labels.
+    feature
+        The label value(s) of the feature; negatives are free of all of them.
+    n_positive, n_negative
+        How many boxes of each kind.
+    box_size
+        The box side in pixels.
+    min_fraction
+        The least fraction of a positive box's pixels that must be feature.
+    seed
+        The seed of the random choice among candidate boxes.
+    z_range
+        The part of Z boxes are drawn from, as fractions of the depth.
+
+    Returns
+    -------
+    tuple of (list of Box, list of Box)
+        The positive and the negative boxes.
     """
     values = [feature] if isinstance(feature, (int, np.integer)) else list(feature)
     nz, ny, nx = labels.shape
@@ -121,7 +143,15 @@ def boxes_up_to(
     box_size: int = DEFAULT_BOX_SIZE,
 ) -> tuple[list[Box], list[Box]]:
     """:func:`boxes_from_ground_truth`, asking for fewer boxes (three quarters at a time)
-    while the volume cannot supply that many (none when it holds no such feature)."""
+    while the volume cannot supply that many (none when it holds no such feature).
+
+    Parameters
+    ----------
+    labels, feature, seed, box_size
+        As for :func:`boxes_from_ground_truth`.
+    n_positive, n_negative
+        The most boxes of each kind.
+    """
     while True:
         try:
             return boxes_from_ground_truth(
@@ -149,11 +179,28 @@ def trainset_from_truth(
     trainset_settings: Any = None,
 ) -> Any:
     """A TomoSeg training set from a simulated tomogram, boxed and painted the way a user
-    would: up to ``n_positive`` boxes rich in each of ``features`` (class names of the
-    simulator) and up to ``n_negative`` boxes free of all of them, the features painted
-    from the ground truth inside the positive boxes (numbered 1, 2, ... in the order given;
-    with ``all_classes`` the simulator's six classes instead).  Fewer boxes are taken when
-    the volume cannot hold that many; ``metadata["benchmark_boxes"]`` says how many."""
+    would: positive boxes rich in each feature and negative boxes free of all of them, the
+    features painted from the ground truth inside the positive boxes.  Fewer boxes are taken
+    when the volume cannot hold that many; ``metadata["benchmark_boxes"]`` says how many.
+
+    Parameters
+    ----------
+    sim
+        A :class:`~napari_tomoseg.simulator.synthetic.SimulatedTomogram`.
+    features
+        Class names of the simulator to train; painted as 1, 2, ... in the order given.
+    n_positive
+        The most positive boxes per feature.
+    n_negative
+        The most negative boxes in all.
+    seed
+        The seed of the box choice (and of the default training-set settings).
+    all_classes
+        Paint the simulator's six classes (its label values) instead of ``features``.
+    trainset_settings
+        A :class:`~napari_tomoseg.learning.trainset.TrainsetSettings`; None: the defaults
+        with ``seed``.
+    """
     from ..learning.trainset import TrainsetSettings, build_training_set
     from .synthetic import CLASS_NAMES
 
@@ -265,7 +312,17 @@ def iter_demo(
     *,
     overwrite: bool = False,
 ):
-    """Simulate, box, paint, train, apply and score; yields progress, returns DemoResult."""
+    """Simulate, box, paint, train, apply and score; yields progress, returns DemoResult.
+
+    Parameters
+    ----------
+    output_dir
+        The folder for the tomogram, ground truth, mask and network files; None writes none.
+    settings
+        What to simulate and train (:class:`DemoSettings`; the defaults when None).
+    overwrite
+        Replace existing output files; else they are refused before any work is done.
+    """
     from ..applying.inference import ApplySettings, iter_apply
     from ..data.io import write_labels, write_mrc
     from ..learning.model_file import save_network
@@ -364,5 +421,13 @@ def run_demo(
     overwrite: bool = False,
     progress: Callable[[Progress], None] | None = None,
 ) -> DemoResult:
-    """Run :func:`iter_demo` to the end."""
+    """Run :func:`iter_demo` to the end.
+
+    Parameters
+    ----------
+    output_dir, settings, overwrite
+        As for :func:`iter_demo`.
+    progress
+        Called with each :class:`~napari_tomoseg.progress.Progress` event, or None.
+    """
     return drive(iter_demo(output_dir, settings, overwrite=overwrite), progress)

@@ -1163,7 +1163,17 @@ def iter_simulate_tomogram(
     **overrides: Any,
 ) -> Generator[Progress, None, SimulatedTomogram | None]:
     """Simulate a tomogram step by step, yielding progress; returns the result (None if
-    asked to stop)."""
+    asked to stop).
+
+    Parameters
+    ----------
+    settings
+        What to simulate (:class:`SimulationSettings`; the defaults when None).
+    should_stop
+        Checked between the steps; when true the generator returns None.
+    **overrides
+        Fields of :class:`SimulationSettings` that replace those of ``settings``.
+    """
     settings = _resolve(settings, overrides)
     rng = np.random.default_rng(settings.seed)
     nz, ny, nx = (int(n) for n in settings.shape)
@@ -1219,8 +1229,20 @@ def simulate_tomogram(
 ) -> SimulatedTomogram:
     """Simulate a crowded cell tomogram with six-class ground truth.
 
-    ``overrides`` replace fields of ``settings`` (or of the defaults), e.g.
-    ``simulate_tomogram(shape=(32, 128, 128), seed=3)``."""
+    Parameters
+    ----------
+    settings
+        What to simulate (:class:`SimulationSettings`; the defaults when None).
+    **overrides
+        Fields of :class:`SimulationSettings` that replace those of ``settings`` (or of the
+        defaults), e.g. ``simulate_tomogram(shape=(32, 128, 128), seed=3)``.
+
+    Returns
+    -------
+    SimulatedTomogram
+        The reconstruction (float32, mean 0, standard deviation 1), its (Z, Y, X) labels,
+        voxel size (Angstrom), class names, ribosome centres and tilt angles.
+    """
     result = drive(iter_simulate_tomogram(settings, **overrides))
     assert result is not None  # never asked to stop
     return result
@@ -1251,7 +1273,17 @@ def random_settings(
     (dose, defocus, tilt range and step, envelope, CTF correction or not, a smoother
     reconstruction), specimen (thickness, crowding, how many of each object) and feature
     sizes (bilayer thickness, microtubule diameter, vesicle radii).  The seed of the scene is
-    drawn too, so one generator gives a reproducible series of different tomograms."""
+    drawn too, so one generator gives a reproducible series of different tomograms.
+
+    Parameters
+    ----------
+    rng
+        The random generator the settings are drawn from.
+    shape_yx
+        The tomogram's (Y, X) size in voxels; its Z size follows from the drawn thickness.
+    voxel_size
+        The voxel size in Angstrom.
+    """
     r = RANDOM_RANGES
 
     def draw(name: str) -> float:
