@@ -192,7 +192,7 @@ def merge_chunk(
     Parameters
     ----------
     chunks
-        The same block of every map, as stored (float, or integer percent, see
+        The same block of every map, as stored (float or integer, see
         :func:`~napari_tomoseg.data.probability.probabilities_as_float`).
     thresholds, weights
         One per map, in map order (label ``i + 1`` is map ``i``; 0 is background).
