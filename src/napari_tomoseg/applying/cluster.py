@@ -1478,15 +1478,22 @@ def iter_run_batch(
 
     Parameters
     ----------
-    jobs : the tomogram x network jobs (:func:`plan_batch`).
-    settings : how each network is applied (as for ``iter_apply_file``).
-    batch : where and how (:class:`BatchSettings`).
-    client : an existing ``distributed.Client`` to use (else one is made from ``batch``).
-    manifest : the batch manifest (default ``tomoseg-batch.json`` in the first job's
-        output folder).
-    overwrite : replace outputs that the batch did not write itself.
-    should_stop : when it becomes true, unfinished tasks are cancelled and the result is
-        returned with ``stopped=True`` (finished jobs stay recorded).
+    jobs
+        The tomogram x network jobs (:func:`plan_batch`).
+    settings
+        How each network is applied (as for ``iter_apply_file``).
+    batch
+        Where and how (:class:`BatchSettings`).
+    client
+        An existing ``distributed.Client`` to use (else one is made from ``batch``).
+    manifest
+        The batch manifest (default ``tomoseg-batch.json`` in the first job's output
+        folder).
+    overwrite
+        Replace outputs that the batch did not write itself.
+    should_stop
+        When it becomes true, unfinished tasks are cancelled and the result is returned
+        with ``stopped=True`` (finished jobs stay recorded).
 
     Progress events (stage ``"batch"``) count slices over the whole batch; ``metrics``
     hold the numbers of jobs done / skipped / failed, ``message`` the latest news, and
