@@ -167,6 +167,15 @@ def test_components_joined_across_slabs_are_scipys_of_the_whole_volume(monkeypat
     assert result.stats[1].voxels == int(sum(sizes[k - 1] for k in kept))
 
 
+def test_a_wide_face_between_slabs_joins_one_component(monkeypatch):
+    mask = np.zeros((6, 40, 40), np.uint8)
+    mask[:, 4:36, 4:36] = 1  # 1024 touching voxel pairs across every face
+    slabs_of(monkeypatch, 1)
+    result = pick(mask, settings=PickSettings(min_size=5))
+    assert result.stats[1].components == 1 and result.particles[0].size == 6 * 32 * 32
+    assert np.allclose(result.coordinates(), [[2.5, 19.5, 19.5]])
+
+
 def test_peak_picking_in_slabs_equals_picking_in_one(monkeypatch):
     mask = shapes_across_slabs()
     settings = PickSettings(min_size=5, method="peak", min_distance=4)

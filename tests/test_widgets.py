@@ -255,6 +255,21 @@ def test_the_session_says_when_it_hands_on_a_network():
     assert seen == [(network, "just trained")] and current.network is network
 
 
+def test_the_apply_widget_says_when_a_network_of_this_session_is_ready(
+    make_napari_viewer, monkeypatch
+):
+    current = _common.Session()
+    monkeypatch.setattr(_common, "_SESSION", current)
+    apply = ApplyWidget(make_napari_viewer())
+    network = SimpleNamespace(meta=SimpleNamespace(class_names=("background", "membrane")))
+    current.set_network(network, "just trained")
+    assert apply.status.value == "Ready: the network just trained (membrane)."
+    apply.source.value = "network file"  # another source chosen: the status stays as it is
+    apply.status.value = ""
+    current.set_network(network, "trained by the demo")
+    assert apply.status.value == ""
+
+
 def test_a_destroyed_box_widget_no_longer_follows_the_annotations(make_napari_viewer, qtbot):
     boxes = BoxWidget(make_napari_viewer())
     changes = boxes.changes

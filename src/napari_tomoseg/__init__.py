@@ -83,4 +83,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-sys.meta_path.insert(0, _OldNames())
+# first in line: a moved package's submodules must not also load under their old names
+if not any(type(f).__qualname__ == "_OldNames" for f in sys.meta_path):
+    sys.meta_path.insert(0, _OldNames())

@@ -31,6 +31,7 @@ from ._common import (
     RememberedSettings,
     TaskRunner,
     describe_error,
+    follow,
     follow_layers,
     grid_kwargs,
     layer_choices,
@@ -115,7 +116,14 @@ class ApplyWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.runner.stop)
         follow_layers(viewer, self.tomogram)
+        follow(session().network_changed, self, self._network_trained)
         self.layers_added: list[Any] = []
+
+    def _network_trained(self, network: Any, source: str) -> None:
+        """Say that a network of this session is ready, if that is the chosen source."""
+        if self.source.value == SOURCES[0]:
+            names = ", ".join(network.meta.class_names[1:])
+            self.status.value = f"Ready: the network {source} ({names})."
 
     def network(self) -> Any:
         if self.source.value == SOURCES[0]:
@@ -182,7 +190,7 @@ class ApplyWidget(Container):
         if getattr(probs, "ndim", 0) == 3:
             probs = [probs]
         meta_common = {
-            **voxel_metadata(layer_voxel_size(tomo)),
+            **voxel_metadata(result.voxel_size),
             "source_layer": tomo.name,
             "threshold": result.threshold,
         }

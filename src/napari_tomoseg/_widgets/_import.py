@@ -18,12 +18,15 @@ from magicgui.widgets import (
 from .._layers import image_layer_kwargs, layer_voxel_size, voxel_metadata
 from ..data.io import MRC_EXTENSIONS
 from ..data.preprocess import PreprocessSettings, iter_preprocess
+from ..errors import TomosegError
 from ._common import (
     RememberedSettings,
     TaskRunner,
+    describe_error,
     follow_layers,
     layer_choices,
     layer_volume,
+    notify_error,
     notify_info,
 )
 
@@ -123,12 +126,14 @@ class ImportWidget(Container):
     def run(self, *_: Any) -> Any:
         layer = self.source.value
         if layer is None:
-            from ._common import notify_error
-
             notify_error("Open a tomogram first (File > Open, or 'open file' above).")
             return None
         settings = self.settings()
-        voxel_size = layer_voxel_size(layer)
+        try:
+            voxel_size = layer_voxel_size(layer)
+        except TomosegError as exc:
+            notify_error(describe_error(exc))
+            return None
         data = layer_volume(layer)  # a multiscale layer: its finest level
         name = (
             f"{layer.name} (bin {settings.shrink})"

@@ -133,11 +133,11 @@ class MergeWidget(Container):
                 for r in rows
             ]
             result = merge_probability_maps(inputs)
+            first = rows[0].layer.value
+            meta = {**voxel_metadata(layer_voxel_size(first)), **result.layer_metadata()}
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None
-        first = rows[0].layer.value
-        meta = {**voxel_metadata(layer_voxel_size(first)), **result.layer_metadata()}
         kwargs = labels_layer_kwargs(MERGED_LAYER, first.scale, result.names, result.colors, meta)
         kwargs.update(grid_kwargs(first))
         if MERGED_LAYER in self.viewer.layers:

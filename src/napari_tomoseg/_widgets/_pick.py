@@ -283,11 +283,9 @@ class PickWidget(Container):
             notify_error("Choose a file name ending in .star or .csv.")
             return None
         path = Path(path)
-        layer = self.segmentation.value
-        try:
-            voxel_size = layer_voxel_size(layer) if layer is not None else None
+        try:  # the result carries the voxel size and shape it was picked at
             writer = write_csv if path.suffix.lower() == ".csv" else write_star
-            out = writer(path, self.result.particles, voxel_size)
+            out = writer(path, self.result)
         except TomosegError as exc:
             notify_error(describe_error(exc))
             return None

@@ -1522,13 +1522,7 @@ def iter_run_batch(
         dask_client.subscribe_topic(topic, events.put)
         try:
             _submit(dask_client, run.todo, jobs, topic, threads, token, resources, run.pending)
-            yield Progress(
-                "batch",
-                0,
-                run.total_slices,
-                message=f"{len(run.pending)} job(s) sent to {n_workers} worker(s)",
-                metrics=run.counts(),
-            )
+            yield run.progress(0, f"{len(run.pending)} job(s) sent to {n_workers} worker(s)")
             stopped = yield from _watch(run, dask_client, events, worker_timeout, should_stop)
         finally:
             with contextlib.suppress(Exception):

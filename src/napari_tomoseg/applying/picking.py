@@ -214,13 +214,17 @@ def _probability_for(probabilities: Any, label: int, n_picked: int) -> np.ndarra
 
 
 # -- picking --------------------------------------------------------------------------------------
+def _check_labels(block: np.ndarray) -> None:
+    if block.dtype.kind == "i" and block.size and int(block.min()) < 0:
+        raise TomosegError("The mask has negative labels; labels are 0 (background) or more.")
+
+
 def _bincount(labels: np.ndarray, minlength: int) -> np.ndarray:
     """Voxels per value of a non-negative integer volume, a block of slices at a time (so
     no full-size int64 copy is made, and a lazy volume is never read whole)."""
     counts = np.zeros(max(1, minlength), dtype=np.int64)
     for _, block in read_slabs(labels):
-        if block.dtype.kind == "i" and block.size and int(block.min()) < 0:
-            raise TomosegError("The mask has negative labels; labels are 0 (background) or more.")
+        _check_labels(block)
         part = np.bincount(block.ravel())
         if part.size > counts.size:
             counts = np.concatenate([counts, np.zeros(part.size - counts.size, np.int64)])
@@ -359,8 +363,9 @@ def _joined(
         return total, np.arange(total)
     a, b = open_face.ravel(), first.ravel()
     both = (a > 0) & (b > 0)
-    rows, cols = a[both].astype(np.int64) - 1, k + b[both].astype(np.int64) - 1
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(total, total))
+    pairs = np.unique((a[both].astype(np.int64) - 1) * total + k + b[both] - 1)
+    rows, cols = np.divmod(pairs, total)
+    graph = coo_matrix((np.ones(len(pairs), bool), (rows, cols)), shape=(total, total))
     return connected_components(graph, directed=False)
 
 
@@ -378,6 +383,7 @@ def _components(mask: Any, label: int, prob: Any, min_size: int) -> _Regions:
     open_regions, open_face = _Regions.empty(), None
     for z0, block in read_slabs(mask):
         z1 = z0 + block.shape[0]
+        _check_labels(block)
         labels, n = ndimage.label(block == label)
         p = None if prob is None else probabilities_as_float(np.asarray(prob[z0:z1]))
         pieces = _slab_regions(labels, n, z0, plane, p)
@@ -476,8 +482,8 @@ def pick(
         raise TomosegError(f"The mask must hold integer labels, got dtype {mask.dtype}.")
     vs = VoxelSize.parse(voxel_size)
     shape = tuple(int(n) for n in mask.shape)
-    present = _bincount(mask, 1)
-    if settings.classes is None:
+    if settings.classes is None:  # one more pass over the mask, only when needed
+        present = _bincount(mask, 1)
         classes = [v for v in range(1, len(present)) if present[v] > 0]
     else:
         classes = sorted({int(c) for c in settings.classes})
@@ -492,7 +498,8 @@ def pick(
                 f"The probability map for {name!r} has shape {tuple(prob.shape)}, the mask "
                 f"{shape}."
             )
-        regions = _components(mask, label, prob, settings.min_size)
+        centroid_prob = prob if settings.method == "centroid" else None  # peaks read boxes
+        regions = _components(mask, label, centroid_prob, settings.min_size)
         before = len(particles)
         for i in range(len(regions)):
             for pos, score in _region_particles(mask, label, prob, regions, i, settings):

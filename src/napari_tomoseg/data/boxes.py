@@ -426,7 +426,7 @@ def grid_box_sums(plane: np.ndarray, size: int, step: int) -> tuple[np.ndarray, 
     ``step`` grid, from one integral image; also the corners' (Y, X) grids."""
     ny, nx = plane.shape
     integral = np.zeros((ny + 1, nx + 1), np.float64)
-    integral[1:, 1:] = plane.cumsum(0).cumsum(1)
+    integral[1:, 1:] = plane.cumsum(0, dtype=np.float64).cumsum(1)
     y0 = np.arange(0, ny - size + 1, step)
     x0 = np.arange(0, nx - size + 1, step)
     yy, xx = np.meshgrid(y0, x0, indexing="ij")

@@ -124,7 +124,7 @@ def _check_voxel_size(
         )
         return same, []
     inplane = net_vs.inplane
-    pairs = [(tomo_vs.y, inplane), (tomo_vs.x, inplane)]
+    pairs = [(tomo_vs.y, net_vs.y), (tomo_vs.x, net_vs.x)]
     if context > 0:
         pairs.append((tomo_vs.z, net_vs.z))
     worst = max(abs(v - net) / net for v, net in pairs)
@@ -139,8 +139,8 @@ def _check_voxel_size(
             f"{net_vs.describe()}, or apply with voxel_size_policy='rescale'."
         )
     net_plane = (
-        max(1, round(plane[0] * tomo_vs.y / inplane)),
-        max(1, round(plane[1] * tomo_vs.x / inplane)),
+        max(1, round(plane[0] * tomo_vs.y / net_vs.y)),
+        max(1, round(plane[1] * tomo_vs.x / net_vs.x)),
     )
     z_step = net_vs.z / tomo_vs.z if context > 0 else 1.0
     notes = []
