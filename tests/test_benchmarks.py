@@ -197,3 +197,34 @@ def test_accuracy_quick_suggestion_round_adds_the_suggested_boxes(accuracy):
     for key in ("before", "after"):
         assert 0.0 <= entry[key]["f1"] <= 1.0
     assert "One round of suggested boxes" in accuracy.format_report(report)
+
+
+def test_pick_scaling_writes_the_mask_slab_by_slab_and_reports_each_size(tmp_path, capsys):
+    scaling = _load("pick_scaling.py")
+    mask = tmp_path / "mask.mrc"
+    spheres = scaling.write_mask(mask, 20, 96, seed=3)
+    from scipy import ndimage
+
+    from napari_tomoseg.data.io import read_tomogram
+
+    labels = read_tomogram(mask).data
+    assert spheres == 60 and set(map(int, labels[::5, ::7, ::7].ravel())) <= {0, 1, 2}
+    # the sheet is one component through every slice; the spheres are whole balls
+    _, n = ndimage.label(labels == 2)
+    assert n == 1 and all((labels[z] == 2).any() for z in range(20))
+    # a slab written on its own equals the same slices of the whole mask
+    centres = scaling.np.random.default_rng(3).uniform(
+        (0, scaling.RADIUS, scaling.RADIUS),
+        (20, 96 - scaling.RADIUS, 96 - scaling.RADIUS),
+        (60, 3),
+    )
+    assert (scaling.mask_slab(8, 13, 96, centres) == labels[8:13]).all()
+    sys_argv = sys.argv
+    sys.argv = ["pick_scaling.py", "--sizes", "12", "--xy", "64"]
+    try:
+        assert scaling.main() == 0
+    finally:
+        sys.argv = sys_argv
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| 12 |")]
+    assert len(row) == 1 and float(row[0].split("|")[-2]) > 0  # a peak RSS was measured
