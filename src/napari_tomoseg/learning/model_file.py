@@ -39,10 +39,11 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from ..colours import default_class_colors
@@ -155,10 +156,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_positive(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value) and value > 0
-
-
 @dataclass
 class NetworkMeta:
     """What a network needs to be rebuilt and applied correctly, and how it was made.
@@ -212,109 +209,125 @@ class NetworkMeta:
     def from_dict(cls, data: Any) -> NetworkMeta:
         """Validate metadata read from a file and build a :class:`NetworkMeta`.
 
+        The fields' types and ranges are :class:`_MetaSchema`'s (pydantic, strict: no
+        coercion); what depends on several fields or on the registry is checked here.
         Raises :class:`TomosegError` naming the first field that is missing or invalid.
         """
         if not isinstance(data, dict):
             raise TomosegError("Network metadata must be a JSON object.")
-        names = {f.name for f in fields(cls)}
-        required = ("architecture", "model_params", "in_channels", "n_classes", "class_names")
-        for key in required:
-            if key not in data:
-                raise TomosegError(f"Network metadata lacks the field {key!r}.")
+        arch = data.get("architecture")
+        if "architecture" in data and (not isinstance(arch, str) or arch not in MODELS):
+            raise TomosegError(
+                f"The network uses architecture {arch!r}, which this version of napari-tomoseg "
+                f"does not know (available: {', '.join(available())}); update napari-tomoseg."
+            )
+        try:
+            meta = _MetaSchema.model_validate(data)
+        except ValidationError as exc:
+            raise _metadata_error(exc, data) from None
+        params = resolved_params(meta.architecture, meta.model_params)
+        n_cls = meta.n_classes
 
         def bad(key: str, what: str) -> TomosegError:
             return TomosegError(
                 f"Network metadata field {key!r} is invalid: {what} (got {data.get(key)!r})."
             )
 
-        arch = data["architecture"]
-        if not isinstance(arch, str) or arch not in MODELS:
-            raise TomosegError(
-                f"The network uses architecture {arch!r}, which this version of napari-tomoseg "
-                f"does not know (available: {', '.join(available())}); update napari-tomoseg."
-            )
-        if not isinstance(data["model_params"], dict):
-            raise bad("model_params", "must be an object")
-        params = resolved_params(arch, data["model_params"])
-        in_ch = data["in_channels"]
-        if not _is_int(in_ch) or not 1 <= in_ch <= _MAX_IN_CHANNELS:
-            raise bad("in_channels", f"must be an integer from 1 to {_MAX_IN_CHANNELS}")
-        n_cls = data["n_classes"]
-        if not _is_int(n_cls) or not 2 <= n_cls <= _MAX_CLASSES:
-            raise bad("n_classes", f"must be an integer from 2 to {_MAX_CLASSES}")
-        if n_cls > 2 and not get_spec(arch).supports_multiclass:
-            raise bad("n_classes", f"architecture {arch!r} is binary only")
-        cnames = data["class_names"]
-        if (
-            not isinstance(cnames, list)
-            or len(cnames) != n_cls
-            or not all(isinstance(c, str) and c for c in cnames)
-            or len(set(cnames)) != len(cnames)
-        ):
-            raise bad("class_names", f"must be {n_cls} distinct non-empty strings")
-        colours = data.get("class_colors") or []
-        if colours and (
-            not isinstance(colours, list)
-            or len(colours) != n_cls
-            or not all(
-                isinstance(c, list)
-                and len(c) in (3, 4)
-                and all(_is_number(v) and 0.0 <= v <= 1.0 for v in c)
-                for c in colours
-            )
-        ):
-            raise bad("class_colors", f"must be {n_cls} RGB(A) lists of numbers in [0, 1]")
-        vs = data.get("voxel_size")  # one number in files written before (Z, Y, X)
-        if vs is not None and not (
-            _is_positive(vs)
-            or (isinstance(vs, list) and len(vs) == 3 and all(_is_positive(v) for v in vs))
-        ):
-            raise bad(
-                "voxel_size",
-                "must be a positive number of Angstrom, a list of three (Z, Y, X), or null",
-            )
-        box = data.get("box_size")
-        if box is not None and (not _is_int(box) or box < 1):
-            raise bad("box_size", "must be a positive integer or null")
-        ctx = data.get("context_slices", 0)
-        if not _is_int(ctx) or ctx < 0:
-            raise bad("context_slices", "must be a non-negative integer")
-        threshold = data.get("threshold")
-        if threshold is not None and (not _is_number(threshold) or not 0 < threshold < 1):
-            raise bad("threshold", "must be a probability between 0 and 1, or null")
-        for key in ("normalisation", "trainset_summary", "metrics", "versions"):
-            if not isinstance(data.get(key, {}), dict):
-                raise bad(key, "must be an object")
-        history = data.get("history", [])
-        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-            raise bad("history", "must be a list of objects")
-        created = data.get("created", "")
-        if not isinstance(created, str):
-            raise bad("created", "must be a string")
-        unknown = sorted(set(data) - names - {"format", "format_version"})
-        if unknown:
-            raise TomosegError(
-                f"Network metadata has unknown field(s) {', '.join(unknown)}; the file was "
-                "made by another version of napari-tomoseg."
-            )
+        if n_cls > 2 and not get_spec(meta.architecture).supports_multiclass:
+            raise bad("n_classes", f"architecture {meta.architecture!r} is binary only")
+        if len(meta.class_names) != n_cls or len(set(meta.class_names)) != n_cls:
+            raise bad("class_names", _META_RULES["class_names"].format(n=n_cls))
+        colours = meta.class_colors or []
+        if colours and len(colours) != n_cls:
+            raise bad("class_colors", _META_RULES["class_colors"].format(n=n_cls))
         return cls(
-            architecture=arch,
+            architecture=meta.architecture,
             model_params=params,
-            in_channels=in_ch,
+            in_channels=meta.in_channels,
             n_classes=n_cls,
-            class_names=tuple(cnames),
+            class_names=tuple(meta.class_names),
             class_colors=tuple(tuple(c) for c in colours),
-            voxel_size=VoxelSize.parse(vs),
-            box_size=box,
-            normalisation=dict(data.get("normalisation", {})),
-            context_slices=ctx,
-            threshold=None if threshold is None else float(threshold),
-            trainset_summary=dict(data.get("trainset_summary", {})),
-            history=list(history),
-            metrics=dict(data.get("metrics", {})),
-            versions=dict(data.get("versions", {})),
-            created=created,
+            voxel_size=VoxelSize.parse(meta.voxel_size),
+            box_size=meta.box_size,
+            normalisation=meta.normalisation,
+            context_slices=meta.context_slices,
+            threshold=meta.threshold,
+            trainset_summary=meta.trainset_summary,
+            history=meta.history,
+            metrics=meta.metrics,
+            versions=meta.versions,
+            created=meta.created,
         )
+
+
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class _MetaSchema(BaseModel):
+    """The types and ranges of a network file's metadata (strict: JSON as it was written)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    format: Any = None  # both checked before, where the file is opened
+    format_version: Any = None
+    architecture: str
+    model_params: dict[str, Any]
+    in_channels: Annotated[int, Field(ge=1, le=_MAX_IN_CHANNELS)]
+    n_classes: Annotated[int, Field(ge=2, le=_MAX_CLASSES)]
+    class_names: list[Annotated[str, Field(min_length=1)]]
+    class_colors: list[Annotated[list[_Fraction], Field(min_length=3, max_length=4)]] | None = None
+    # one number in files of cubic voxels (and all written before the triple)
+    voxel_size: (
+        _Positive | Annotated[list[_Positive], Field(min_length=3, max_length=3)] | None
+    ) = None
+    box_size: Annotated[int, Field(ge=1)] | None = None
+    normalisation: dict[str, Any] = {}
+    context_slices: Annotated[int, Field(ge=0)] = 0
+    threshold: Annotated[float, Field(gt=0, lt=1)] | None = None
+    trainset_summary: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
+    versions: dict[str, Any] = {}
+    created: str = ""
+
+
+#: What each metadata field must be, in the words of the error messages.
+_META_RULES = {
+    "model_params": "must be an object",
+    "in_channels": f"must be an integer from 1 to {_MAX_IN_CHANNELS}",
+    "n_classes": f"must be an integer from 2 to {_MAX_CLASSES}",
+    "class_names": "must be {n} distinct non-empty strings",
+    "class_colors": "must be {n} RGB(A) lists of numbers in [0, 1]",
+    "voxel_size": "must be a positive number of Angstrom, a list of three (Z, Y, X), or null",
+    "box_size": "must be a positive integer or null",
+    "context_slices": "must be a non-negative integer",
+    "threshold": "must be a probability between 0 and 1, or null",
+    "history": "must be a list of objects",
+    "created": "must be a string",
+}
+
+
+def _metadata_error(exc: ValidationError, data: dict[str, Any]) -> TomosegError:
+    """The first problem pydantic found, as this project words it: missing fields first,
+    then invalid ones in the schema's order, then unknown ones."""
+    errors = exc.errors()
+    missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing"]
+    if missing:
+        return TomosegError(f"Network metadata lacks the field {missing[0]!r}.")
+    invalid = [e for e in errors if e["type"] != "extra_forbidden"]
+    if invalid:
+        key = str(invalid[0]["loc"][0])
+        n = data.get("n_classes", "N")
+        what = _META_RULES.get(key, "must be an object").format(n=n)
+        return TomosegError(
+            f"Network metadata field {key!r} is invalid: {what} (got {data.get(key)!r})."
+        )
+    unknown = sorted(str(e["loc"][0]) for e in errors)
+    return TomosegError(
+        f"Network metadata has unknown field(s) {', '.join(unknown)}; the file was "
+        "made by another version of napari-tomoseg."
+    )
 
 
 @dataclass
