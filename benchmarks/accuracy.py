@@ -161,6 +161,7 @@ class AccuracyOptions:
     # TrainSettings fields to change (the recipe under test), e.g. {"augment": False}
     train_overrides: dict[str, Any] = field(default_factory=dict)
     threshold: float | None = None  # None: each network's own (calibrated) threshold
+    tta: int = 0  # test-time augmentation: orientations averaged on apply (0: none, 4, 8)
     threads: int | None = None
 
 
@@ -248,14 +249,15 @@ def evaluate(
     network: Any,
     tests: list[TestTomogram],
     truth_values: list[int] | None = None,
-    threshold: float | None = None,
+    options: AccuracyOptions | None = None,
 ) -> dict[str, Any]:
     """Apply ``network`` to the test tomograms and score its thresholded mask.
 
     A binary network is scored against ``labels in truth_values``; a multi-class one against
     the labels themselves (its classes are the simulator's).  Only the central slices
-    (:func:`scored_slices`) are computed and scored.  ``threshold`` None uses the network's
-    own.  Returns the pooled metrics and those of every test tomogram.
+    (:func:`scored_slices`) are computed and scored, with the options' threshold (None: the
+    network's own) and test-time augmentation.  Returns the pooled metrics and those of
+    every test tomogram.
     """
     from napari_tomoseg.applying.inference import ApplySettings, apply_network
     from napari_tomoseg.data.probability import probabilities_as_float
@@ -263,7 +265,9 @@ def evaluate(
 
     names = list(network.meta.class_names)
     k = len(names)
-    settings = ApplySettings(threshold=threshold)
+    options = options or AccuracyOptions()
+    tta = {"tta": True, "tta_transforms": options.tta} if options.tta else {}
+    settings = ApplySettings(threshold=options.threshold, **tta)
     total = np.zeros((k, k), dtype=np.int64)
     per_test = []
     for test in tests:
@@ -359,7 +363,7 @@ def _binary_entry(
         "n_negative": options.n_negative,
         "train_seed": seed,
         **_summary(result, time.perf_counter() - t0),
-        **evaluate(result.network, tests, [CLASS_NAMES.index(feature)], options.threshold),
+        **evaluate(result.network, tests, [CLASS_NAMES.index(feature)], options),
     }
 
 
@@ -378,7 +382,7 @@ def zero_shot(
         say(f"zero-shot: the shipped network {name!r} ...")
         network = load_pretrained(name)
         values = None if name == MULTICLASS else [CLASS_NAMES.index(name)]
-        scored = evaluate(network, tests, values, options.threshold)
+        scored = evaluate(network, tests, values, options)
         entries.append({"name": name, "threshold": network.meta.threshold, **scored})
     return entries
 
@@ -469,7 +473,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
                 "train_seed": seed,
                 "boxes": ts.metadata["benchmark_boxes"],
                 **_summary(result, time.perf_counter() - t0),
-                **evaluate(result.network, tests, threshold=options.threshold),
+                **evaluate(result.network, tests, options=options),
             }
         )
 
@@ -559,7 +563,7 @@ def suggestion_round(
     net = _train(
         trainset(positives, negatives), default_architecture(), options, seed, start
     ).network
-    before = first or {"pooled": evaluate(net, tests, [value], options.threshold)["pooled"]}
+    before = first or {"pooled": evaluate(net, tests, [value], options)["pooled"]}
     z0, z1 = scored_slices(sim.tomogram.shape[0])
     applied = apply_network(net, sim.tomogram, voxel_size=sim.voxel_size, settings=ApplySettings())
     found = suggest_boxes(
@@ -579,7 +583,7 @@ def suggestion_round(
         seed,
         start,
     )
-    after = evaluate(again.network, tests, [value], options.threshold)
+    after = evaluate(again.network, tests, [value], options)
     return {
         "feature": feature,
         "start": start,
@@ -796,7 +800,8 @@ def format_report(report: dict[str, Any]) -> str:
         + "; ".join(t["name"] for t in report["tests"]),
         f"# scored: the central {100 * Z_FRACTION[1] - 100 * Z_FRACTION[0]:.0f} % of the "
         f"slices (here {z0}-{z1 - 1} of {depth}); threshold: {threshold}; confusion "
-        "matrices summed over the test tomograms",
+        "matrices summed over the test tomograms; test-time augmentation: "
+        + (f"{o['tta']} orientations" if o.get("tta") else "none"),
         f"# run time: {report['seconds'] / 60:.1f} min",
     ]
     lines += _zero_shot_table(report)
@@ -872,6 +877,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         help="a TrainSettings field for every network (repeatable), e.g. --set augment=false",
     )
     parser.add_argument("--threshold", type=float, help="default: each network's own")
+    parser.add_argument(
+        "--tta",
+        type=int,
+        choices=(0, 4, 8),
+        help="test-time augmentation on apply: orientations averaged (default: 0, none)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="a tiny run to check the script")
     parser.add_argument("--json", help="also write every number to this JSON file")
@@ -897,6 +908,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         "train_seeds",
         "starts",
         "threshold",
+        "tta",
         "threads",
     ):
         value = getattr(args, name)

@@ -2,7 +2,7 @@
 
     python scripts/pretrain.py [--tomograms 48] [--iterations 12000]
                                [--binary-iterations 3000] [--out DIR] [--seed 0]
-                               [--threads T] [--work DIR] [--quick]
+                               [--start NETWORK] [--threads T] [--work DIR] [--quick]
 
 1. Simulates ``--tomograms`` tomograms whose settings are drawn at random
    (:func:`napari_tomoseg.simulator.synthetic.random_settings`: dose, defocus, tilt range,
@@ -11,7 +11,8 @@
 2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
    each feature, ``--negative`` boxes free of every feature; ``--box-size`` pixels) with
    the simulator's six classes painted, and joins them into one training set.
-3. Trains one multi-class network for the five features (``all_features``), then one
+3. Trains one multi-class network for the five features (``all_features``; from random
+   weights, or continuing the network file ``--start``, e.g. on new scenes), then one
    binary network per feature, each starting from the multi-class network (its output
    layer from that feature's row against the background's) and trained on the same boxes
    with that feature alone painted, so every other feature is a negative example.
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--architecture", default=None, help="default: the package's default")
     parser.add_argument(
         "--features", nargs="+", default=None, help="binary networks for (default: all five)"
+    )
+    parser.add_argument(
+        "--start",
+        type=Path,
+        default=None,
+        help="a multi-class network file to continue training (default: random weights)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -188,7 +195,7 @@ def describe(result: Any, seconds: float, extra: dict[str, Any]) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from napari_tomoseg.learning.model_file import Network, save_network
+    from napari_tomoseg.learning.model_file import Network, load_network, save_network
     from napari_tomoseg.learning.pretrained import MULTICLASS, transfer_weights
 
     args = parse_args(argv)
@@ -206,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"training set: {len(trainset)} samples from {summary['tomograms']} tomograms")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    multi = train_network(trainset, args, MULTICLASS, args.iterations)
+    start = load_network(args.start) if args.start else None
+    multi = train_network(trainset, args, MULTICLASS, args.iterations, init=start)
     save_network(multi.network, args.out / f"{MULTICLASS}.tsnet", overwrite=True, half=True)
-    summary["networks"][MULTICLASS] = describe(multi, time.perf_counter() - t0, {})
+    started = {"continued_from": str(args.start)} if args.start else {}
+    summary["networks"][MULTICLASS] = describe(multi, time.perf_counter() - t0, started)
     for feature in args.features or list(trainset.class_names[1:]):
         t0 = time.perf_counter()
         subset = binary_subset(trainset, feature)

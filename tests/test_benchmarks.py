@@ -163,8 +163,9 @@ def test_accuracy_runs_one_part_with_its_own_iterations(accuracy):
 
 def test_accuracy_shifted_quick_run_tests_on_shifted_settings(accuracy):
     options, _ = accuracy.parse_args(
-        ["--shifted", "--quick", "--parts", "binary", "--train-seeds", "0", "1"]
+        ["--shifted", "--quick", "--parts", "binary", "--train-seeds", "0", "1", "--tta", "4"]
     )
+    assert options.tta == 4
     report = accuracy.run_accuracy(options)
     entries = report["binary"]
     assert [e["train_seed"] for e in entries] == [0, 1]
@@ -178,6 +179,7 @@ def test_accuracy_shifted_quick_run_tests_on_shifted_settings(accuracy):
     text = accuracy.format_report(report)
     assert "| single_membrane | unet-lite | " in text and " +- " in text
     assert "| SNR 0.3 | " in text and "| contrast inverted | " in text
+    assert "test-time augmentation: 4 orientations" in text
 
 
 def test_shifted_settings_make_a_thicker_volume(accuracy):

@@ -23,7 +23,12 @@ from napari_tomoseg.learning.augment import (
     resolve_augmentation,
 )
 from napari_tomoseg.learning.model_file import Network, load_network, save_network
-from napari_tomoseg.learning.training import THRESHOLD_CANDIDATES, calibrate_threshold
+from napari_tomoseg.learning.training import (
+    PLATEAU_TOLERANCE,
+    THRESHOLD_CANDIDATES,
+    calibrate_threshold,
+    threshold_from_curve,
+)
 from napari_tomoseg.learning.trainset import TrainingSet, concatenate
 from napari_tomoseg.simulator.synthetic import RANDOM_RANGES, random_settings, simulate_tomogram
 
@@ -97,6 +102,22 @@ def test_calibration_picks_the_threshold_that_separates_the_classes():
     assert info["f1_at_chosen"] == pytest.approx(1.0)
     assert info["f1_at_0.5"] == 0.0
     assert len(info["f1"]) == len(THRESHOLD_CANDIDATES)
+
+
+def test_on_a_plateau_the_highest_threshold_is_chosen():
+    # a pretrained network's held-out curve: 0.57 at 0.2, falling slowly to 0.553 at 0.8
+    flat = list(np.linspace(0.570, 0.553, len(THRESHOLD_CANDIDATES)))
+    chosen, info = threshold_from_curve(flat)
+    assert chosen == 0.8 and info["best"] == 0.2
+    assert info["f1_at_chosen"] == pytest.approx(0.553, abs=1e-4)
+    # a clear peak: the chosen threshold stays on it
+    peak = [0.3, 0.5, 0.7, 0.8, 0.8, 0.7, 0.5, 0.4, 0.3, 0.2, 0.2, 0.2, 0.2]
+    chosen, info = threshold_from_curve(peak)
+    assert info["best"] == 0.35 and chosen in (0.35, 0.4)
+    smooth = np.convolve(np.pad(peak, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    index = THRESHOLD_CANDIDATES.index(chosen)
+    assert smooth[index] >= smooth.max() - PLATEAU_TOLERANCE
+    assert all(v < smooth.max() - PLATEAU_TOLERANCE for v in smooth[index + 1 :])
 
 
 def test_each_box_counts_once_however_many_copies():

@@ -742,6 +742,9 @@ def _make_preview(
 
 #: Thresholds tried when calibrating a network's mask threshold on its held-out boxes.
 THRESHOLD_CANDIDATES = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2 ... 0.8
+#: How far below its best the held-out F1 of the chosen threshold may be: the highest
+#: threshold within it is taken (the conservative end of the plateau, see calibrate_threshold).
+PLATEAU_TOLERANCE = 0.02
 
 
 def _box_weights(box_ids: np.ndarray) -> np.ndarray:
@@ -775,8 +778,12 @@ def calibrate_threshold(
     pixel its most probable class when that probability reaches it (else background).  Every box
     counts once (its rotated copies share one weight), and the F1 is the mean over the
     feature classes of F1 computed from the weighted counts.  The curve is smoothed over
-    neighbouring thresholds before its maximum is taken: a few held-out boxes give a
-    ragged curve, and a threshold on a plateau generalises better than a spike.
+    neighbouring thresholds: a few held-out boxes give a ragged curve, and a threshold on a
+    plateau generalises better than a spike.  Of the thresholds whose smoothed F1 is within
+    :data:`PLATEAU_TOLERANCE` of the best, the highest is chosen: held-out boxes of the
+    training data cannot tell them apart, but on data unlike it a network's false positives
+    have middling probabilities, so the conservative end of the plateau keeps precision
+    (docs/benchmarks.md, "The calibrated threshold").
 
     Parameters
     ----------
@@ -793,7 +800,8 @@ def calibrate_threshold(
     -------
     tuple of (float, dict)
         The chosen threshold (one of ``THRESHOLD_CANDIDATES``) and the curve:
-        ``candidates``, ``f1`` (unsmoothed), ``chosen``, ``f1_at_chosen``, ``f1_at_0.5``.
+        ``candidates``, ``f1`` (unsmoothed), ``chosen``, ``f1_at_chosen``, ``f1_at_0.5``,
+        ``best`` (the threshold of the highest smoothed F1).
     """
     weights = _box_weights(np.asarray(box_ids))[:, None, None]
     valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
@@ -813,16 +821,24 @@ def calibrate_threshold(
             if denom > 0:
                 f1s.append(2 * tp / denom)
         curve.append(float(np.mean(f1s)) if f1s else 0.0)
+    return threshold_from_curve(curve)
+
+
+def threshold_from_curve(curve: list[float]) -> tuple[float, dict[str, Any]]:
+    """The threshold :func:`calibrate_threshold` chooses from an F1 curve over
+    ``THRESHOLD_CANDIDATES``, and the calibration record (see there)."""
     smooth = np.convolve(np.pad(curve, 1, mode="edge"), np.ones(3) / 3, mode="valid")
     best = int(np.argmax(smooth))
+    chosen = int(np.flatnonzero(smooth >= smooth[best] - PLATEAU_TOLERANCE)[-1])
     info = {
         "candidates": list(THRESHOLD_CANDIDATES),
-        "f1": [round(v, 4) for v in curve],
-        "chosen": THRESHOLD_CANDIDATES[best],
-        "f1_at_chosen": round(curve[best], 4),
-        "f1_at_0.5": round(curve[THRESHOLD_CANDIDATES.index(0.5)], 4),
+        "f1": [round(float(v), 4) for v in curve],
+        "chosen": THRESHOLD_CANDIDATES[chosen],
+        "f1_at_chosen": round(float(curve[chosen]), 4),
+        "f1_at_0.5": round(float(curve[THRESHOLD_CANDIDATES.index(0.5)]), 4),
+        "best": THRESHOLD_CANDIDATES[best],
     }
-    return THRESHOLD_CANDIDATES[best], info
+    return THRESHOLD_CANDIDATES[chosen], info
 
 
 def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -1520,6 +1536,7 @@ __all__ = [
     "auto_class_weights",
     "average_weights",
     "calibrate_threshold",
+    "threshold_from_curve",
     "class_metrics",
     "confusion_matrix",
     "iter_train",

@@ -1,0 +1,74 @@
+"""The scripts that make the shipped networks: pretraining (quick mode) and recalibration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_tomoseg.errors import TomosegError
+from napari_tomoseg.learning.model_file import load_network, save_network
+from napari_tomoseg.learning.pretrained import MULTICLASS, shipped_file
+from napari_tomoseg.learning.training import threshold_from_curve
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"tomoseg_script_{name}", SCRIPTS / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_network(path).model.state_dict()
+
+
+def test_pretraining_quick_run_continues_a_network_and_writes_every_one(tmp_path):
+    pretrain = _load("pretrain.py")
+    start = tmp_path / "start.tsnet"
+    shutil.copy(shipped_file(MULTICLASS), start)
+    out = tmp_path / "out"
+    assert pretrain.main(["--quick", "--out", str(out), "--start", str(start)]) == 0
+    summary = json.loads((out / "pretraining.json").read_text())
+    assert summary["networks"][MULTICLASS]["continued_from"] == str(start)
+    assert sorted(p.stem for p in out.glob("*.tsnet")) == sorted(summary["networks"])
+    # continuing: the quick run's few mini-batches leave the weights near the start's
+    began, now = _weights(start), _weights(out / f"{MULTICLASS}.tsnet")
+    name = next(k for k, v in began.items() if v.is_floating_point() and v.ndim == 4)
+    assert torch.corrcoef(torch.stack([began[name].flatten(), now[name].flatten()]))[0, 1] > 0.9
+
+
+def test_recalibration_rewrites_the_threshold_from_the_recorded_curve(tmp_path):
+    recalibrate = _load("recalibrate.py")
+    path = tmp_path / "net.tsnet"
+    shutil.copy(shipped_file("microtubule"), path)
+    before = load_network(path)
+    curve = before.meta.metrics["training"]["threshold_calibration"]["f1"]
+    expected, _ = threshold_from_curve(curve)
+    _, new = recalibrate.recalibrate(path)
+    after = load_network(path)
+    assert new == expected == after.meta.threshold
+    assert after.meta.metrics["training"]["threshold_calibration"]["chosen"] == expected
+    for key, value in before.model.state_dict().items():  # the weights are untouched
+        assert torch.equal(value, after.model.state_dict()[key]), key
+
+
+def test_recalibration_refuses_a_network_without_a_curve(tmp_path):
+    recalibrate = _load("recalibrate.py")
+    path = tmp_path / "net.tsnet"
+    shutil.copy(shipped_file("ribosome"), path)
+    network = load_network(path)
+    del network.meta.metrics["training"]["threshold_calibration"]
+    save_network(network, path, overwrite=True)
+    data_before = path.read_bytes()
+    with pytest.raises(TomosegError, match="no threshold calibration curve"):
+        recalibrate.recalibrate(path)
+    assert path.read_bytes() == data_before  # nothing lost
