@@ -52,6 +52,11 @@ def module_version(name: str) -> str | None:
     return "installed"
 
 
+#: Environment variables that limit the vector instructions torch and oneDNN use (to measure
+#: an AVX2-only CPU on an AVX-512 one).
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
 def machine_info() -> dict[str, Any]:
     """What ran the benchmark: CPU, cores, RAM, GPU, OS, date, load and software versions."""
     import numpy as np
@@ -77,10 +82,13 @@ def machine_info() -> dict[str, Any]:
         v = module_version(optional)
         if v is not None:
             versions[optional] = v
+    limits = {k: os.environ[k] for k in ISA_LIMITS if k in os.environ}
     return {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_limits": limits,
         "cpus": os.cpu_count(),
         "ram_gib": memory_gib(),
         "gpu": gpu,
@@ -95,10 +103,13 @@ def describe_machine(info: dict[str, Any]) -> str:
     load = info.get("load_average")
     load_text = ", ".join(f"{v:.2f}" for v in load) if load else "unknown"
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    limits = ", ".join(f"{k}={v}" for k, v in info.get("isa_limits", {}).items())
+    isa = f"{info.get('cpu_capability', 'unknown')} (limited by {limits})" if limits else None
     return "\n".join(
         [
             f"# date: {info['date']}",
             f"# machine: {info['cpu']}, {info['cpus']} CPUs, {ram}, {info['platform']}",
+            f"# vector instructions torch uses: {isa or info.get('cpu_capability', 'unknown')}",
             f"# GPU: {info['gpu'] or 'none (CUDA not available)'}",
             f"# load average at start (1, 5, 15 min): {load_text}",
             f"# versions: {versions}",
