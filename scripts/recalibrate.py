@@ -13,6 +13,7 @@ the curve is the same.  Without arguments it recalibrates the shipped networks.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,15 +46,35 @@ def recalibrate(path: Path, dry_run: bool = False) -> tuple[float | None, float]
     return old, new
 
 
+def update_summary(path: Path, thresholds: dict[str, float]) -> bool:
+    """Write the new thresholds into the pretraining summary ``path`` (False if none there)."""
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text())
+    for name, threshold in thresholds.items():
+        entry = summary.get("networks", {}).get(name)
+        if entry is not None:
+            entry["threshold"] = threshold
+            entry["threshold_recalibrated_by"] = "scripts/recalibrate.py"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("networks", nargs="*", type=Path, help="default: the shipped networks")
     parser.add_argument("--dry-run", action="store_true", help="print, do not rewrite")
     args = parser.parse_args(argv)
     paths = args.networks or sorted(PACKAGE_DIR.glob("*.tsnet"))
+    changed: dict[Path, dict[str, float]] = {}
     for path in paths:
         old, new = recalibrate(path, args.dry_run)
+        changed.setdefault(path.parent / "pretraining.json", {})[path.stem] = new
         print(f"{path.name}: threshold {old} -> {new}")
+    if not args.dry_run:
+        for summary, thresholds in changed.items():
+            if update_summary(summary, thresholds):
+                print(f"{summary}: thresholds updated")
     return 0
 
 

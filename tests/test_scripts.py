@@ -53,9 +53,16 @@ def test_recalibration_rewrites_the_threshold_from_the_recorded_curve(tmp_path):
     before = load_network(path)
     curve = before.meta.metrics["training"]["threshold_calibration"]["f1"]
     expected, _ = threshold_from_curve(curve)
-    _, new = recalibrate.recalibrate(path)
+    before.meta.threshold = 0.3 if expected != 0.3 else 0.5  # as an older rule chose
+    save_network(before, path, overwrite=True)
+    (tmp_path / "pretraining.json").write_text(
+        json.dumps({"networks": {"net": {"threshold": before.meta.threshold}}})
+    )
+    assert recalibrate.main([str(path)]) == 0
     after = load_network(path)
-    assert new == expected == after.meta.threshold
+    assert expected == after.meta.threshold != before.meta.threshold
+    summary = json.loads((tmp_path / "pretraining.json").read_text())
+    assert summary["networks"]["net"]["threshold"] == expected  # the summary follows
     assert after.meta.metrics["training"]["threshold_calibration"]["chosen"] == expected
     for key, value in before.model.state_dict().items():  # the weights are untouched
         assert torch.equal(value, after.model.state_dict()[key]), key
