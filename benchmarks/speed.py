@@ -45,6 +45,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,30 @@ def keras_twin_difference(model: Any, twin: Any, image: np.ndarray) -> float:
     ours = predict_proba(model, torch.from_numpy(image[None, None]))[0, 1].numpy()
     theirs = twin.predict(image[None, :, :, None], verbose=0)[0, :, :, 0]
     return float(np.abs(ours - theirs).max())
+
+
+#: ``ONEDNN_MAX_CPU_ISA`` values of CPUs without VNNI instructions.
+NO_VNNI_ISAS = ("SSE41", "AVX", "AVX2")
+
+
+def tensorflow_as_on_the_emulated_cpu(env: MutableMapping[str, str] = os.environ) -> str | None:
+    """Where ``ONEDNN_MAX_CPU_ISA`` emulates a CPU without VNNI, give TensorFlow the default
+    it has on such a CPU, and say so (None when nothing was changed).
+
+    TensorFlow's Linux build turns its oneDNN operations on only for CPUs with AVX512_VNNI,
+    AVX512_BF16, AVX_VNNI or AMX (``IsMklEnabled`` in ``tensorflow/core/util/util.cc``); on
+    an AVX2 CPU the peer runs Eigen's kernels.  An ISA limit alone would leave oneDNN on
+    with only AVX2 kernels, a configuration no real CPU gets by default (and one whose
+    15x15 convolutions are far slower than either).
+    """
+    isa = env.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa not in NO_VNNI_ISAS or "TF_ENABLE_ONEDNN_OPTS" in env:
+        return None
+    env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    return (
+        f"ONEDNN_MAX_CPU_ISA={isa} emulates a CPU without VNNI, where TensorFlow leaves "
+        "oneDNN off by default: the Keras peer ran with TF_ENABLE_ONEDNN_OPTS=0 (Eigen)"
+    )
 
 
 def _set_tensorflow_threads(threads: int) -> None:
@@ -458,7 +483,11 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
         "options": asdict(options),
         "rows": [],
         "skipped": [],
+        "notes": [],
     }
+    emulated = tensorflow_as_on_the_emulated_cpu()
+    if emulated:
+        report["notes"].append(emulated)
     flops: dict[str, float] = {}
     params: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="tomoseg-speed-") as tmp:
@@ -669,6 +698,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     for s in report["skipped"]:
         lines.append(f"# skipped: {s}")
+    for s in report.get("notes", []):
+        lines.append(f"# note: {s}")
     lines.append("")
     table = []
     for r in report["rows"]:

@@ -77,6 +77,23 @@ def test_speed_quick_run_prints_every_row_and_skips_keras_without_tensorflow(spe
     assert "| unet-lite | not reached in 2 steps |" in text or "| unet-lite | step" in text
 
 
+@pytest.mark.parametrize(
+    ("isa", "preset", "expected"),
+    [("AVX2", None, "0"), ("avx", None, "0"), ("AVX2", "1", "1"), ("AVX512_CORE", None, None)],
+)
+def test_an_emulated_avx2_cpu_gives_the_peer_tensorflows_default_there(
+    speed, isa, preset, expected
+):
+    env = {"ONEDNN_MAX_CPU_ISA": isa}
+    if preset is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = preset  # the user's own choice stands
+    note = speed.tensorflow_as_on_the_emulated_cpu(env)
+    assert env.get("TF_ENABLE_ONEDNN_OPTS") == expected
+    assert (note is not None) == (preset is None and expected == "0")
+    if note:
+        assert "TF_ENABLE_ONEDNN_OPTS=0" in note
+
+
 _KERAS_TWIN_CHECK = """
 import sys
 import numpy as np
@@ -180,6 +197,23 @@ def test_accuracy_shifted_quick_run_tests_on_shifted_settings(accuracy):
     assert "| single_membrane | unet-lite | " in text and " +- " in text
     assert "| SNR 0.3 | " in text and "| contrast inverted | " in text
     assert "test-time augmentation: 4 orientations" in text
+
+
+def test_the_threshold_sweep_table_pools_the_tests_of_each_binary_network(accuracy):
+    n = len(accuracy.SWEEP)
+    # two tests; at every threshold tp, fp, fn = 3, 1, 1 in the first and 1, 0, 2 in the second
+    first, second = [[[90, 1], [1, 3]]] * n, [[[50, 0], [2, 1]]] * n
+    report = {
+        "zeroshot": [
+            {"name": "mt", "threshold": 0.8, "per_test": [{"sweep": first}, {"sweep": second}]},
+            {"name": "all", "threshold": 0.6, "per_test": [{}, {}]},  # multi-class: no sweep
+        ]
+    }
+    lines = "\n".join(accuracy._sweep_table(report)).splitlines()
+    rows = [ln for ln in lines if ln.startswith("| mt |")]
+    assert rows == ["| mt | 0.80 | " + " | ".join(["0.667"] * n) + " |"]  # 2*4 / (2*4 + 1 + 3)
+    assert not any(ln.startswith("| all |") for ln in lines)
+    assert accuracy._sweep_table({"zeroshot": []}) == []
 
 
 def test_shifted_settings_make_a_thicker_volume(accuracy):
