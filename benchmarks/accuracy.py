@@ -496,11 +496,8 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         options.starts,
         train_sims.items(),
     ):
-        entry = trained.get((feature, DEFAULT_ARCHITECTURE, options.n_positive, seed, start))
         say(f"suggested boxes, {feature} / {start} / seed {seed} ...")
-        report["suggest"].append(
-            suggestion_round(sim, feature, seed, start, options, tests, entry)
-        )
+        report["suggest"].append(suggestion_round(sim, feature, seed, start, options, tests))
     report["seconds"] = time.perf_counter() - t_start
     return report
 
@@ -529,41 +526,30 @@ def suggestion_round(
     start: str,
     options: AccuracyOptions,
     tests: list[TestTomogram],
-    first: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Train, suggest boxes on the training tomogram, accept them by the truth, train again
-    with them, and score both networks."""
+    """Train on the boxes of the box-count part, suggest boxes on the training tomogram,
+    accept them by the truth, train again with them (same seed, same settings), and score
+    both networks.  With nothing accepted the second network would be the first: it is
+    not trained again."""
     from napari_tomoseg.applying.inference import (
         ApplySettings,
         apply_network,
         probabilities_as_float,
     )
     from napari_tomoseg.applying.suggest import suggest_boxes
-    from napari_tomoseg.learning.trainset import TrainsetSettings, build_training_set
-    from napari_tomoseg.simulator.demo import boxes_from_ground_truth
+    from napari_tomoseg.simulator.demo import trainset_from_truth, truth_boxes
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
     value = CLASS_NAMES.index(feature)
-    positives, negatives = boxes_from_ground_truth(
-        sim.labels, value, n_positive=options.n_positive, n_negative=options.n_negative, seed=seed
-    )
-    painting = (sim.labels == value).astype(np.uint8)
+    n_pos, n_neg = options.n_positive, options.n_negative
+    positives, negatives, _ = truth_boxes(sim.labels, [value], n_pos, n_neg, seed=seed)
 
-    def trainset(pos: list, neg: list) -> Any:
-        return build_training_set(
-            sim.tomogram,
-            painting,
-            pos,
-            neg,
-            TrainsetSettings(seed=seed),
-            class_names=("background", feature),
-            voxel_size=sim.voxel_size,
-        )
+    def trained(extra: tuple[list, list] = ([], [])) -> Any:
+        ts = trainset_from_truth(sim, [feature], n_pos, n_neg, seed=seed, extra_boxes=extra)
+        return _train(ts, default_architecture(), options, seed, start).network
 
-    net = _train(
-        trainset(positives, negatives), default_architecture(), options, seed, start
-    ).network
-    before = first or {"pooled": evaluate(net, tests, [value], options)["pooled"]}
+    net = trained()
+    before = evaluate(net, tests, [value], options)["pooled"]
     z0, z1 = scored_slices(sim.tomogram.shape[0])
     applied = apply_network(net, sim.tomogram, voxel_size=sim.voxel_size, settings=ApplySettings())
     found = suggest_boxes(
@@ -576,23 +562,19 @@ def suggestion_round(
         to_float=probabilities_as_float,
     )
     more_pos, more_neg = accept_by_truth(sim, value, found)
-    again = _train(
-        trainset(positives + more_pos, negatives + more_neg),
-        default_architecture(),
-        options,
-        seed,
-        start,
-    )
-    after = evaluate(again.network, tests, [value], options)
+    after = before
+    if more_pos or more_neg:
+        after = evaluate(trained((more_pos, more_neg)), tests, [value], options)["pooled"]
     return {
         "feature": feature,
         "start": start,
         "train_seed": seed,
+        "threshold": applied.threshold,
         "suggested": len(found),
         "accepted_positive": len(more_pos),
         "accepted_negative": len(more_neg),
-        "before": before["pooled"]["classes"][feature],
-        "after": after["pooled"]["classes"][feature],
+        "before": before["classes"][feature],
+        "after": after["classes"][feature],
     }
 
 
@@ -641,6 +623,24 @@ def _zero_shot_table(report: dict[str, Any]) -> list[str]:
     headers = ["feature", "shipped network", "precision", "recall", "F1", "threshold"]
     lines.append(markdown_table(headers, rows, align="ll" + "r" * 4))
     return lines
+
+
+def _sweep_table(report: dict[str, Any]) -> list[str]:
+    """Pooled F1 of every binary network of the zero-shot part at the thresholds of
+    :data:`SWEEP` (from the same probabilities as its main row)."""
+    rows = []
+    for e in report.get("zeroshot") or []:
+        sweeps = [t["sweep"] for t in e["per_test"] if "sweep" in t]
+        if not sweeps:
+            continue
+        tp_fp_fn = [(c[1][1], c[0][1], c[1][0]) for c in np.sum(sweeps, axis=0).tolist()]
+        f1 = [2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None for tp, fp, fn in tp_fp_fn]
+        rows.append([e["name"], fmt(e["threshold"])] + [fmt(v, 3) for v in f1])
+    if not rows:
+        return []
+    headers = ["shipped network", "own threshold"] + [f"F1 at {t}" for t in SWEEP]
+    title = "## Zero-shot F1 of the binary networks at other thresholds (pooled)"
+    return ["", title, "", markdown_table(headers, rows, align="l" + "r" * (len(SWEEP) + 1))]
 
 
 def _binary_tables(report: dict[str, Any]) -> list[str]:
@@ -766,15 +766,16 @@ def _suggest_table(report: dict[str, Any]) -> list[str]:
                 e["feature"],
                 e["start"],
                 str(e["train_seed"]),
+                fmt(e.get("threshold")),
                 f"{e['suggested']} ({e['accepted_positive']} positive, "
                 f"{e['accepted_negative']} negative)",
                 f"{fmt(b['precision'])} / {fmt(b['recall'])} / {fmt(b['f1'])}",
                 f"{fmt(a['precision'])} / {fmt(a['recall'])} / {fmt(a['f1'])}",
             ]
         )
-    headers = ["feature", "start", "seed", "suggested boxes", "P / R / F1 before"]
+    headers = ["feature", "start", "seed", "threshold", "suggested boxes", "P / R / F1 before"]
     headers.append("P / R / F1 after")
-    lines.append(markdown_table(headers, rows, align="llllrr"))
+    lines.append(markdown_table(headers, rows, align="lllrlrr"))
     return lines
 
 
@@ -805,6 +806,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"# run time: {report['seconds'] / 60:.1f} min",
     ]
     lines += _zero_shot_table(report)
+    lines += _sweep_table(report)
     lines += _binary_tables(report)
     lines += _multiclass_table(report)
     lines += _box_count_table(report)

@@ -342,3 +342,20 @@ def test_save_central_slice_png(default_sim: SimulatedTomogram) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     assert path.stat().st_size > 10_000
+
+
+def test_a_truth_trainset_with_extra_boxes_keeps_its_own_and_adds_them(small_sim):
+    from napari_tomoseg.data.boxes import Box
+    from napari_tomoseg.simulator.demo import trainset_from_truth, truth_boxes
+
+    value = CLASS_NAMES.index("single_membrane")
+    pos, neg, per_value = truth_boxes(small_sim.labels, [value], 3, 5, seed=1)
+    assert per_value == {value: len(pos)} and 0 < len(pos) <= 3 and 0 < len(neg) <= 5
+    plain = trainset_from_truth(small_sim, ["single_membrane"], 3, 5, seed=1)
+    assert plain.metadata["positive_boxes"] == [b.as_list() for b in pos]  # the same choice
+    extra = Box(24, 64, 64, pos[0].size)
+    more = trainset_from_truth(
+        small_sim, ["single_membrane"], 3, 5, seed=1, extra_boxes=([], [extra])
+    )
+    assert more.metadata["negative_boxes"] == [b.as_list() for b in neg] + [extra.as_list()]
+    assert more.metadata["positive_boxes"] == plain.metadata["positive_boxes"]

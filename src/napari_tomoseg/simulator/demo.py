@@ -168,6 +168,29 @@ def boxes_up_to(
             n_positive, n_negative = n_positive * 3 // 4, n_negative * 3 // 4
 
 
+def truth_boxes(
+    labels: np.ndarray,
+    values: Sequence[int],
+    n_positive: int = 10,
+    n_negative: int = 100,
+    *,
+    seed: int = 0,
+    box_size: int = DEFAULT_BOX_SIZE,
+) -> tuple[list[Box], list[Box], dict[int, int]]:
+    """The boxes :func:`trainset_from_truth` trains on: up to ``n_positive`` rich in each
+    label value (none twice), up to ``n_negative`` free of all of them, and how many
+    positive boxes each value got."""
+    positives: list[Box] = []
+    per_value = {}
+    for value in values:
+        boxes, _ = boxes_up_to(labels, value, n_positive, 0, seed=seed, box_size=box_size)
+        per_value[value] = len(boxes)
+        taken = {(b.z, b.y, b.x) for b in positives}
+        positives += [b for b in boxes if (b.z, b.y, b.x) not in taken]
+    _, negatives = boxes_up_to(labels, list(values), 0, n_negative, seed=seed, box_size=box_size)
+    return positives, negatives, per_value
+
+
 def trainset_from_truth(
     sim: Any,
     features: Sequence[str],
@@ -177,6 +200,7 @@ def trainset_from_truth(
     seed: int = 0,
     all_classes: bool = False,
     trainset_settings: Any = None,
+    extra_boxes: tuple[Sequence[Box], Sequence[Box]] = ((), ()),
 ) -> Any:
     """A TomoSeg training set from a simulated tomogram, boxed and painted the way a user
     would: positive boxes rich in each feature and negative boxes free of all of them, the
@@ -200,24 +224,19 @@ def trainset_from_truth(
     trainset_settings
         A :class:`~napari_tomoseg.learning.trainset.TrainsetSettings`; None: the defaults
         with ``seed``.
+    extra_boxes
+        Positive and negative boxes added to those chosen (e.g. accepted suggestions).
     """
     from ..learning.trainset import TrainsetSettings, build_training_set
     from .synthetic import CLASS_NAMES
 
     settings = trainset_settings or TrainsetSettings(seed=seed)
     values = [CLASS_NAMES.index(f) for f in features]
-    positives: list[Box] = []
-    per_feature = {}
-    for name, value in zip(features, values):
-        boxes, _ = boxes_up_to(
-            sim.labels, value, n_positive, 0, seed=seed, box_size=settings.box_size
-        )
-        per_feature[name] = len(boxes)
-        taken = {(b.z, b.y, b.x) for b in positives}
-        positives += [b for b in boxes if (b.z, b.y, b.x) not in taken]
-    _, negatives = boxes_up_to(
-        sim.labels, values, 0, n_negative, seed=seed, box_size=settings.box_size
+    positives, negatives, per_value = truth_boxes(
+        sim.labels, values, n_positive, n_negative, seed=seed, box_size=settings.box_size
     )
+    per_feature = {name: per_value[value] for name, value in zip(features, values)}
+    positives, negatives = positives + list(extra_boxes[0]), negatives + list(extra_boxes[1])
     if all_classes:
         painting, names = sim.labels, CLASS_NAMES
     else:
