@@ -7,8 +7,9 @@ import pytest
 
 from napari_tomoseg import cli
 from napari_tomoseg.applying.picking import read_star
+from napari_tomoseg.applying.suggest import overlaps
 from napari_tomoseg.data.boxes import read_boxes_csv, write_boxes_csv
-from napari_tomoseg.data.io import read_tomogram, write_labels, write_mrc
+from napari_tomoseg.data.io import read_tomogram, threshold_of, write_labels, write_mrc
 from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.learning.checkpoint import read_checkpoint_meta
 from napari_tomoseg.learning.model_file import load_network
@@ -239,6 +240,24 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     merged_mask = read_tomogram(merged).data
     assert set(np.unique(merged_mask)) <= {0, 1, 2}
     assert (merged_mask == 1).any()
+
+    # The probability maps record the threshold the mask was cut at (the network's own);
+    # merge and suggest take it when no --threshold is given, and say so.
+    own = load_network(tmp_path / "net.tsnet").meta.threshold
+    assert threshold_of(read_tomogram(membrane_prob)) == pytest.approx(own, abs=1e-4)
+    recorded = tmp_path / "merged_recorded.mrc"
+    assert run("merge", membrane_prob, ribosome_prob, "-o", recorded) == 0
+    assert "(recorded by apply)" in capsys.readouterr().out
+    explicit = tmp_path / "merged_explicit.mrc"
+    assert run("merge", membrane_prob, ribosome_prob, "-o", explicit, "--threshold", own) == 0
+    assert np.array_equal(read_tomogram(recorded).data, read_tomogram(explicit).data)
+    suggested = tmp_path / "suggested.csv"
+    args = ("--positive", tmp_path / "pos.csv", "--negative", tmp_path / "neg.csv")
+    assert run("suggest", membrane_prob, *args, "-n", 5, "-o", suggested) == 0
+    assert f"threshold {own:g} (recorded by apply)" in capsys.readouterr().out
+    existing = read_boxes_csv(tmp_path / "pos.csv") + read_boxes_csv(tmp_path / "neg.csv")
+    for box in read_boxes_csv(suggested):
+        assert not any(overlaps(box, other) for other in existing)
 
     star = tmp_path / "ribosomes.star"
     assert run("pick", mask_path, "--feature", 2, "--min-size", 20, "-o", star) == 0

@@ -257,6 +257,28 @@ def test_napari_writers_keep_voxel_size_from_layer(tmp_path):
         assert "napari-tomoseg probability map: value / 100 = probability" in (
             tio.header_labels(mrc.header)
         )
+    # opened again, it is a probability map for Merge and Suggest, its threshold kept
+    meta["metadata"]["threshold"] = 0.8
+    [prob_out] = write_image_layer(str(tmp_path / "p2.mrc"), prob, meta)
+    [(data, kwargs, kind)] = get_reader(prob_out)(prob_out)
+    assert kind == "image" and np.asarray(data).ravel().tolist() == [0, 37, 100]
+    assert kwargs["metadata"]["tomoseg_probability"] is True
+    assert kwargs["metadata"]["threshold"] == 0.8 and kwargs["metadata"]["scale_max"] == 100
+    [(_, plain, _)] = get_reader(img_out)(img_out)  # a plain image is not taken for one
+    assert "tomoseg_probability" not in plain["metadata"]
+
+
+def test_a_recorded_threshold_is_read_back_and_a_bad_one_ignored(tmp_path):
+    for text, expected in (("0.8", 0.8), ("0.125", 0.125), ("1.5", None), ("x", None)):
+        path = tio.write_mrc(
+            tmp_path / f"t{expected}.mrc",
+            np.zeros((1, 2, 2), np.float32),
+            10.0,
+            overwrite=True,
+            header_texts=[tio.THRESHOLD_LABEL + text],
+        )
+        assert tio.threshold_of(tio.read_tomogram(path)) == expected
+    assert tio.threshold_label(None) == []
 
 
 def test_labels_read_the_same_with_any_reader(tmp_path):

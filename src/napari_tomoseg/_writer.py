@@ -11,13 +11,18 @@ from typing import Any
 import numpy as np
 
 from ._layers import layer_voxel_size
-from .data.io import write_labels, write_mrc
+from .data.io import threshold_label, write_labels, write_mrc
 from .data.probability import PROBABILITY_DTYPE, PROBABILITY_LABEL
 
 
 def _origin(meta: dict[str, Any]) -> tuple[float, float, float] | None:
     origin = (meta.get("metadata") or {}).get("origin")
     return None if origin is None else tuple(float(v) for v in origin)  # type: ignore[return-value]
+
+
+def _threshold(meta: dict[str, Any]) -> float | None:
+    value = (meta.get("metadata") or {}).get("threshold")
+    return None if value is None else float(value)
 
 
 def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
@@ -40,6 +45,6 @@ def write_image_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         origin=_origin(meta),
         overwrite=True,
         dtype=PROBABILITY_DTYPE if stored else np.float32,
-        header_texts=[PROBABILITY_LABEL] if stored else (),
+        header_texts=[PROBABILITY_LABEL, *threshold_label(_threshold(meta))] if stored else (),
     )
     return [path]

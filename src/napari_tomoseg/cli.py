@@ -471,13 +471,16 @@ def _cmd_suggest(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     from .data.io import read_tomogram
     from .data.probability import probabilities_as_float
 
-    probability = read_tomogram(args.probabilities).data
+    tomogram = read_tomogram(args.probabilities)
+    threshold = args.threshold
+    if threshold is None:
+        threshold = _recorded_threshold(args.probabilities, tomogram)
     positives, negatives, box_size = _read_box_files(args)
     found = suggest_boxes(
-        probability,
+        tomogram.data,
         positives,
         negatives,
-        threshold=args.threshold,
+        threshold=threshold,
         n=args.number,
         box_size=box_size,
         to_float=probabilities_as_float,
@@ -594,9 +597,12 @@ def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     )
 
     n = len(args.probabilities)
-    thresholds = _per_input(args.threshold, n, "--threshold")
     weights = _per_input(args.weight, n, "--weight")
     tomos = [read_tomogram(p) for p in args.probabilities]
+    if args.threshold is None:
+        thresholds = [_recorded_threshold(p, t) for p, t in zip(args.probabilities, tomos)]
+    else:
+        thresholds = _per_input(args.threshold, n, "--threshold")
     source = source_name(tomos[0])
     if args.names:
         names = args.names.split(",")
@@ -617,6 +623,20 @@ def _cmd_merge(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     for value, name in enumerate(result.names):
         print(f"  {value} = {name}: {result.voxels.get(value, 0)} voxels")
     return EXIT_OK
+
+
+def _recorded_threshold(path: str, tomogram: Any) -> float:
+    """The mask threshold a probability map's header records (``tomoseg apply`` writes the
+    network's own), else 0.5; says which."""
+    from .applying.inference import DEFAULT_THRESHOLD
+    from .data.io import threshold_of
+
+    recorded = threshold_of(tomogram)
+    if recorded is None:
+        print(f"{path}: no recorded mask threshold, using {DEFAULT_THRESHOLD}")
+        return DEFAULT_THRESHOLD
+    print(f"{path}: threshold {recorded:g} (recorded by apply)")
+    return recorded
 
 
 def _per_input(values: Sequence[float], n: int, flag: str) -> list[float]:
@@ -1055,7 +1075,11 @@ def _add_merge(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("probabilities", nargs="+", help="probability maps (MRC) of one tomogram")
     p.add_argument("-o", "--output", required=True, help="merged mask (MRC) to write")
     p.add_argument(
-        "--threshold", type=float, nargs="+", default=[0.5], help="one value, or one per map"
+        "--threshold",
+        type=float,
+        nargs="+",
+        help="one value, or one per map (default: each map's recorded threshold, the one its "
+        "mask was cut at; 0.5 for a map that records none)",
     )
     p.add_argument(
         "--weight", type=float, nargs="+", default=[1.0], help="one value, or one per map"
@@ -1174,8 +1198,8 @@ def _add_suggest(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--threshold",
         type=float,
-        default=0.5,
-        help="probability from which the network counts as firing (default 0.5)",
+        help="probability from which the network counts as firing (default: the map's "
+        "recorded threshold, the one its mask was cut at; 0.5 for a map that records none)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_suggest)

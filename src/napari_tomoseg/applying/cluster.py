@@ -96,6 +96,7 @@ from .inference import (
     ApplySettings,
     iter_apply,
     iter_apply_file,
+    network_threshold,
     probability_paths,
     resolve_device,
 )
@@ -107,6 +108,8 @@ MANIFEST_VERSION = 1
 DEFAULT_MANIFEST_NAME = "tomoseg-batch.json"
 
 _STATUSES = ("done", "skipped", "failed", "cancelled")
+#: A network file's hash, class names and own mask threshold (``_network_facts``).
+_NetworkFacts = tuple[str, tuple[str, ...], float]
 _HASH_BLOCK = 8 * 1024 * 1024
 _POLL_SECONDS = 0.1
 _MAX_CACHED_NETWORKS = 8
@@ -557,6 +560,7 @@ class _TaskSpec:
     fingerprint: dict[str, Any]
     network_sha256: str
     class_names: tuple[str, ...]
+    threshold: float  # where the mask is cut (recorded in the probability maps' headers)
     shape: tuple[int, int, int]
     settings: ApplySettings
     overwrite: bool
@@ -814,7 +818,9 @@ def _write_stitched(
                         plane = np.asarray(part[i])
                         data[c["z0"] + i] = plane
                         stats.add(plane)
-                texts = output_header_texts(spec.job.tomogram, probability=k > 0)
+                texts = output_header_texts(
+                    spec.job.tomogram, probability=k > 0, threshold=spec.threshold
+                )
                 finish_header(mrc, tomo.voxel_size, tomo.origin, stats, texts)
                 mrc.flush()
 
@@ -1096,13 +1102,13 @@ def _safe_key(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:40]
 
 
-def _network_facts(path: Path) -> tuple[str, tuple[str, ...]] | str:
-    """A network file's hash and class names, or why it cannot be read."""
+def _network_facts(path: Path) -> _NetworkFacts | str:
+    """A network file's hash, class names and own threshold, or why it cannot be read."""
     from ..learning.model_file import read_network_meta
 
     try:
         meta = read_network_meta(path)
-        return file_sha256(path), tuple(meta.class_names)
+        return file_sha256(path), tuple(meta.class_names), network_threshold(meta)
     except TomosegError as exc:
         return str(exc)
     except OSError as exc:
@@ -1111,7 +1117,7 @@ def _network_facts(path: Path) -> tuple[str, tuple[str, ...]] | str:
 
 def _plan_job(
     job: BatchJob,
-    facts: tuple[str, tuple[str, ...]] | str,
+    facts: _NetworkFacts | str,
     settings: ApplySettings,
     batch: BatchSettings,
     manifest_data: dict[str, Any],
@@ -1123,7 +1129,7 @@ def _plan_job(
     manifest says so), else the task to run and its Z chunks."""
     if isinstance(facts, str):
         return JobOutcome(job, "failed", reason=facts)
-    net_sha, class_names = facts
+    net_sha, class_names, own_threshold = facts
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MissingVoxelSizeWarning)
@@ -1171,6 +1177,7 @@ def _plan_job(
         fingerprint=fingerprint,
         network_sha256=net_sha,
         class_names=class_names,
+        threshold=own_threshold if settings.threshold is None else settings.threshold,
         shape=shape,  # type: ignore[arg-type]
         settings=settings,
         overwrite=overwrite,
@@ -1388,7 +1395,7 @@ def _plan_run(
     manifest_data = read_manifest(manifest_path)
     _fold_records(state, manifest_data)
     run = _BatchRun(manifest_path, state, manifest_data, [None] * len(jobs))
-    networks: dict[Path, tuple[str, tuple[str, ...]] | str] = {}
+    networks: dict[Path, _NetworkFacts | str] = {}
     for i, job in enumerate(jobs):
         if job.network not in networks:
             networks[job.network] = _network_facts(job.network)

@@ -292,12 +292,38 @@ def source_label(tomogram: str | os.PathLike) -> str:
     return SOURCE_LABEL + mrc_stem(tomogram)
 
 
-def output_header_texts(tomogram: str | os.PathLike, probability: bool) -> list[str]:
+#: How a probability map's header records the threshold its mask was cut at (read by
+#: ``threshold_of``): ``merge`` and ``suggest`` take it as their default.
+THRESHOLD_LABEL = "napari-tomoseg mask threshold: "
+
+
+def threshold_label(threshold: float | None) -> list[str]:
+    """The header label recording a mask threshold (none for None)."""
+    return [] if threshold is None else [f"{THRESHOLD_LABEL}{float(threshold):.4g}"]
+
+
+def output_header_texts(
+    tomogram: str | os.PathLike, probability: bool, threshold: float | None = None
+) -> list[str]:
     """The header labels of an apply output: its source tomogram, and for a probability map
-    what its values mean (``docs/formats.md``)."""
+    what its values mean and the threshold its mask was cut at (``docs/formats.md``)."""
     from .probability import PROBABILITY_LABEL
 
-    return [source_label(tomogram), *([PROBABILITY_LABEL] if probability else [])]
+    if not probability:
+        return [source_label(tomogram)]
+    return [source_label(tomogram), PROBABILITY_LABEL, *threshold_label(threshold)]
+
+
+def threshold_of(tomogram: Tomogram) -> float | None:
+    """The mask threshold a probability map's header records, if it records a valid one."""
+    for text in tomogram.extra.get("header_labels", ()):
+        if text.startswith(THRESHOLD_LABEL):
+            try:
+                value = float(text[len(THRESHOLD_LABEL) :])
+            except ValueError:
+                return None
+            return value if 0.0 < value < 1.0 else None
+    return None
 
 
 def source_name(tomogram: Tomogram) -> str | None:

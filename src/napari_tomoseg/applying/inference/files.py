@@ -185,7 +185,8 @@ def iter_apply_file(
             if result.stopped:
                 raise _Stopped
             for k, (m, s) in enumerate(zip(mrcs, stats)):
-                finish_header(m, vs, tomo.origin, s, output_header_texts(src, probability=k > 0))
+                texts = output_header_texts(src, probability=k > 0, threshold=result.threshold)
+                finish_header(m, vs, tomo.origin, s, texts)
                 m.flush()
     except _Stopped:
         assert result is not None

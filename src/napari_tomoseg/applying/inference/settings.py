@@ -135,9 +135,9 @@ def network_threshold(network: Any) -> float:
     Parameters
     ----------
     network
-        A loaded network, or anything without ``.meta.threshold`` (None included).
+        A loaded network or its metadata, or anything without a threshold (None included).
     """
-    own = getattr(getattr(network, "meta", None), "threshold", None)
+    own = getattr(getattr(network, "meta", network), "threshold", None)
     return float(own) if own is not None else DEFAULT_THRESHOLD
 
 
