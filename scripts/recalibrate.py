@@ -56,7 +56,7 @@ def update_summary(path: Path, thresholds: dict[str, float]) -> bool:
         if entry is not None:
             entry["threshold"] = threshold
             entry["threshold_recalibrated_by"] = "scripts/recalibrate.py"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    path.write_text(json.dumps(summary, indent=1))  # as scripts/pretrain.py writes it
     return True
 
 
