@@ -122,7 +122,7 @@ SHIFTED_TESTS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 SHIFTED_SEED = 101
 #: Thresholds at which binary networks are also scored (threshold sensitivity).
-SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 #: The two shifted tests of the quick mode.
 QUICK_SHIFTED = ("SNR 0.3", "contrast inverted")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from _common import command_line, describe_machine, fmt, machine_info, markdown_table
 
-SWEEP = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+SWEEP = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,12 +2,17 @@
 
     python scripts/pretrain.py [--tomograms 48] [--iterations 12000]
                                [--binary-iterations 3000] [--out DIR] [--seed 0]
-                               [--start NETWORK] [--threads T] [--work DIR] [--quick]
+                               [--start NETWORK] [--voxel-sizes LOW HIGH]
+                               [--threads T] [--work DIR] [--quick]
 
 1. Simulates ``--tomograms`` tomograms whose settings are drawn at random
    (:func:`napari_tomoseg.simulator.synthetic.random_settings`: dose, defocus, tilt range,
    envelope, CTF correction, reconstruction smoothness, thickness, crowding, object counts,
-   bilayer thickness, microtubule diameter, vesicle sizes), all at 10 A.
+   bilayer thickness, microtubule diameter, vesicle sizes), at 10 A or, with
+   ``--voxel-sizes LOW HIGH``, each at its own voxel size (log-uniform) and then resampled
+   to the networks' 10 A the way apply resamples a user's tomogram
+   (:func:`napari_tomoseg.simulator.demo.at_voxel_size`), so the networks learn what a
+   rescaled tomogram looks like.
 2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
    each feature, ``--negative`` boxes free of every feature; ``--box-size`` pixels) with
    the simulator's six classes painted, and joins them into one training set.
@@ -38,6 +43,8 @@ import numpy as np
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "napari_tomoseg" / "learning"
 PACKAGE_DIR = PACKAGE_DIR / "networks"
+#: The voxel size (Angstrom) of the networks this script trains.
+NETWORK_VOXEL = 10.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,12 +58,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--box-size", type=int, default=96, help="box side in pixels")
     parser.add_argument("--ncopy", type=int, default=2, help="rotated copies per box")
     parser.add_argument("--shape-yx", type=int, nargs=2, default=(256, 256), help="slice size")
-    parser.add_argument("--iterations", type=int, default=12000, help="multi-class mini-batches")
+    parser.add_argument(
+        "--voxel-sizes",
+        type=float,
+        nargs=2,
+        default=(10.0, 10.0),
+        metavar=("LOW", "HIGH"),
+        help="simulate each tomogram at a voxel size drawn log-uniformly from LOW-HIGH A, "
+        f"then resample it to the networks' {NETWORK_VOXEL:g} A as apply would",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=12000,
+        help="multi-class mini-batches; 0 with --start: take that network as it is and "
+        "train only the binary networks from it",
+    )
     parser.add_argument(
         "--binary-iterations", type=int, default=3000, help="mini-batches per binary network"
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--binary-learning-rate",
+        type=float,
+        default=None,
+        help="learning rate of the binary networks (default: --learning-rate)",
+    )
     parser.add_argument("--architecture", default=None, help="default: the package's default")
     parser.add_argument(
         "--features", nargs="+", default=None, help="binary networks for (default: all five)"
@@ -78,9 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run that checks the script")
     args = parser.parse_args(argv)
+    if args.iterations < 0 or (args.iterations == 0 and args.start is None):
+        parser.error("--iterations must be > 0, or 0 with --start (binary networks only)")
     if args.quick:
         args.tomograms, args.positive, args.negative, args.box_size = 2, 2, 4, 32
-        args.shape_yx, args.iterations, args.binary_iterations = (96, 96), 4, 2
+        args.shape_yx, args.binary_iterations = (96, 96), 2
+        args.iterations = min(args.iterations, 4)  # 0 stays 0
     return args
 
 
@@ -88,10 +119,21 @@ def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+def draw_voxel_size(rng: np.random.Generator, limits: tuple[float, float]) -> float:
+    """A voxel size log-uniform in ``limits``; no draw (so the same settings follow from
+    the seed as before voxel sizes were drawn) when they are one size."""
+    low, high = sorted(float(v) for v in limits)
+    if low <= 0:
+        raise SystemExit(f"--voxel-sizes must be > 0 Angstrom, got {limits}.")
+    if high - low < 1e-9:
+        return low
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
 def build_trainset(args: argparse.Namespace) -> Any:
     """Simulate the tomograms and join their boxes into one six-class training set."""
     from napari_tomoseg.learning.trainset import TrainingSet, TrainsetSettings, concatenate
-    from napari_tomoseg.simulator.demo import trainset_from_truth
+    from napari_tomoseg.simulator.demo import at_voxel_size, trainset_from_truth
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES, random_settings, simulate_tomogram
 
     cached = args.work / "pretrain.tstrain.npz" if args.work else None
@@ -101,10 +143,14 @@ def build_trainset(args: argparse.Namespace) -> Any:
     rng = np.random.default_rng(args.seed)
     sets, described = [], []
     for i in range(args.tomograms):
-        settings = random_settings(rng, tuple(args.shape_yx))
+        voxel = draw_voxel_size(rng, args.voxel_sizes)
+        shape_yx = tuple(round(n * NETWORK_VOXEL / voxel) for n in args.shape_yx)
+        settings = random_settings(rng, shape_yx, voxel_size=voxel)
         shape, snr = settings.shape, settings.snr
-        say(f"simulating tomogram {i + 1}/{args.tomograms} {shape}, SNR {snr:.2f}")
-        sim = simulate_tomogram(settings)
+        say(
+            f"simulating tomogram {i + 1}/{args.tomograms} {shape} at {voxel:.1f} A, SNR {snr:.2f}"
+        )
+        sim = at_voxel_size(simulate_tomogram(settings), NETWORK_VOXEL)
         box = TrainsetSettings(box_size=args.box_size, ncopy=args.ncopy, seed=args.seed + i)
         try:
             ts = trainset_from_truth(
@@ -120,7 +166,8 @@ def build_trainset(args: argparse.Namespace) -> Any:
             say(f"  skipped: {exc}")
             continue
         sets.append(ts)
-        described.append({"seed": settings.seed, "boxes": ts.metadata["benchmark_boxes"]})
+        boxes = ts.metadata["benchmark_boxes"]
+        described.append({"seed": settings.seed, "voxel_size": round(voxel, 2), "boxes": boxes})
     joined = concatenate(sets, source=f"{len(sets)} simulated tomograms (random settings)")
     joined.metadata["pretraining_tomograms"] = described
     if cached is not None:
@@ -130,7 +177,12 @@ def build_trainset(args: argparse.Namespace) -> Any:
 
 
 def train_network(
-    trainset: Any, args: argparse.Namespace, name: str, iterations: int, init: Any = None
+    trainset: Any,
+    args: argparse.Namespace,
+    name: str,
+    iterations: int,
+    init: Any = None,
+    learning_rate: float | None = None,
 ) -> Any:
     """Train (resuming from ``--work`` when a checkpoint is there) and return the result."""
     from napari_tomoseg.learning.training import TrainSettings, iter_train
@@ -139,7 +191,7 @@ def train_network(
     settings = TrainSettings(
         iterations=iterations,
         batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
+        learning_rate=learning_rate or args.learning_rate,
         lr_schedule="cosine",
         validation_fraction=0.1,
         eval_every=max(1, min(250, iterations // 4)),
@@ -208,20 +260,26 @@ def main(argv: list[str] | None = None) -> int:
         "samples": len(trainset),
         "tomograms": len(trainset.metadata.get("sources", [])),
         "seconds_data": round(time.perf_counter() - t_start, 1),
+        "voxel_sizes": sorted(args.voxel_sizes),
         "networks": {},
     }
     say(f"training set: {len(trainset)} samples from {summary['tomograms']} tomograms")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     start = load_network(args.start) if args.start else None
-    multi = train_network(trainset, args, MULTICLASS, args.iterations, init=start)
-    save_network(multi.network, args.out / f"{MULTICLASS}.tsnet", overwrite=True, half=True)
-    started = {"continued_from": str(args.start)} if args.start else {}
-    summary["networks"][MULTICLASS] = describe(multi, time.perf_counter() - t0, started)
+    if args.iterations == 0:  # the binary networks only, from --start as it is
+        multi_network = start
+        summary["networks"][MULTICLASS] = {"taken_as_is_from": str(args.start)}
+    else:
+        multi = train_network(trainset, args, MULTICLASS, args.iterations, init=start)
+        multi_network = multi.network
+        started = {"continued_from": str(args.start)} if args.start else {}
+        summary["networks"][MULTICLASS] = describe(multi, time.perf_counter() - t0, started)
+    save_network(multi_network, args.out / f"{MULTICLASS}.tsnet", overwrite=True, half=True)
     for feature in args.features or list(trainset.class_names[1:]):
         t0 = time.perf_counter()
         subset = binary_subset(trainset, feature)
-        meta = multi.network.meta
+        meta = multi_network.meta
         init = Network.create(
             meta.architecture,
             meta.in_channels,
@@ -229,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             model_params=dict(meta.model_params),
             class_names=subset.class_names,
         )
-        copied = transfer_weights(multi.network, init)
-        result = train_network(subset, args, feature, args.binary_iterations, init=init)
+        copied = transfer_weights(multi_network, init)
+        result = train_network(
+            subset, args, feature, args.binary_iterations, init, args.binary_learning_rate
+        )
         save_network(result.network, args.out / f"{feature}.tsnet", overwrite=True, half=True)
         summary["networks"][feature] = describe(
             result, time.perf_counter() - t0, {"started_from": MULTICLASS, **copied}

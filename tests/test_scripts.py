@@ -36,14 +36,37 @@ def test_pretraining_quick_run_continues_a_network_and_writes_every_one(tmp_path
     start = tmp_path / "start.tsnet"
     shutil.copy(shipped_file(MULTICLASS), start)
     out = tmp_path / "out"
-    assert pretrain.main(["--quick", "--out", str(out), "--start", str(start)]) == 0
+    argv = ["--quick", "--out", str(out), "--start", str(start), "--voxel-sizes", "8", "14"]
+    assert pretrain.main(argv) == 0
     summary = json.loads((out / "pretraining.json").read_text())
     assert summary["networks"][MULTICLASS]["continued_from"] == str(start)
+    # each tomogram simulated at its own voxel size, the networks trained at 10 A
+    multi = load_network(out / f"{MULTICLASS}.tsnet").meta
+    drawn = [t["voxel_size"] for t in multi.trainset_summary["metadata"]["pretraining_tomograms"]]
+    assert all(8 <= v <= 14 for v in drawn) and len(set(drawn)) == len(drawn) > 1
+    assert tuple(multi.voxel_size) == (10.0, 10.0, 10.0)
     assert sorted(p.stem for p in out.glob("*.tsnet")) == sorted(summary["networks"])
     # continuing: the quick run's few mini-batches leave the weights near the start's
     began, now = _weights(start), _weights(out / f"{MULTICLASS}.tsnet")
     name = next(k for k, v in began.items() if v.is_floating_point() and v.ndim == 4)
     assert torch.corrcoef(torch.stack([began[name].flatten(), now[name].flatten()]))[0, 1] > 0.9
+
+
+def test_pretraining_with_no_multiclass_iterations_trains_only_the_binary_networks(tmp_path):
+    pretrain = _load("pretrain.py")
+    start = shipped_file(MULTICLASS)
+    out = tmp_path / "out"
+    argv = ["--quick", "--out", str(out), "--start", str(start), "--iterations", "0"]
+    assert pretrain.main([*argv, "--features", "ribosome", "--binary-learning-rate", "1e-3"]) == 0
+    summary = json.loads((out / "pretraining.json").read_text())
+    assert summary["networks"][MULTICLASS] == {"taken_as_is_from": str(start)}
+    assert sorted(p.stem for p in out.glob("*.tsnet")) == sorted([MULTICLASS, "ribosome"])
+    for key, value in _weights(start).items():  # the multi-class network is the start's
+        assert torch.allclose(value, _weights(out / f"{MULTICLASS}.tsnet")[key]), key
+    binary = load_network(out / "ribosome.tsnet").meta
+    assert binary.metrics["training"]["learning_rate"] == 1e-3
+    with pytest.raises(SystemExit):  # nothing to start the binary networks from
+        pretrain.parse_args(["--iterations", "0"])
 
 
 def test_recalibration_rewrites_the_threshold_from_the_recorded_curve(tmp_path):

@@ -359,3 +359,22 @@ def test_a_truth_trainset_with_extra_boxes_keeps_its_own_and_adds_them(small_sim
     )
     assert more.metadata["negative_boxes"] == [b.as_list() for b in neg] + [extra.as_list()]
     assert more.metadata["positive_boxes"] == plain.metadata["positive_boxes"]
+
+
+def test_a_simulation_resampled_to_another_voxel_size_keeps_its_features_in_place():
+    from napari_tomoseg.simulator.demo import at_voxel_size
+
+    sim = simulate_tomogram(shape=(32, 80, 80), voxel_size=14.0, seed=2)
+    assert at_voxel_size(sim, 14.0) is sim
+    out = at_voxel_size(sim, 10.0)
+    assert out.voxel_size == 10.0 and out.density is None
+    assert out.tomogram.shape == out.labels.shape == (45, 112, 112)
+    assert out.tomogram.dtype == np.float32 and out.labels.dtype == sim.labels.dtype
+    for value in range(len(CLASS_NAMES)):  # each class keeps its share of the volume
+        assert abs((out.labels == value).mean() - (sim.labels == value).mean()) < 0.005
+    # the image still matches its labels: matter (here membranes) is darker than solvent
+    membrane = out.labels == SINGLE_MEMBRANE
+    assert membrane.any()
+    assert out.tomogram[membrane].mean() < out.tomogram[out.labels == 0].mean()
+    assert len(sim.ribosome_centres) > 0  # and the particle coordinates follow
+    assert np.allclose(out.ribosome_centres, (sim.ribosome_centres + 0.5) * 1.4 - 0.5)
