@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.iterations < 0 or (args.iterations == 0 and args.start is None):
         parser.error("--iterations must be > 0, or 0 with --start (binary networks only)")
+    if min(args.voxel_sizes) <= 0:
+        parser.error(f"--voxel-sizes must be > 0 Angstrom, got {args.voxel_sizes}")
     if args.quick:
         args.tomograms, args.positive, args.negative, args.box_size = 2, 2, 4, 32
         args.shape_yx, args.binary_iterations = (96, 96), 2
@@ -123,8 +125,6 @@ def draw_voxel_size(rng: np.random.Generator, limits: tuple[float, float]) -> fl
     """A voxel size log-uniform in ``limits``; no draw (so the same settings follow from
     the seed as before voxel sizes were drawn) when they are one size."""
     low, high = sorted(float(v) for v in limits)
-    if low <= 0:
-        raise SystemExit(f"--voxel-sizes must be > 0 Angstrom, got {limits}.")
     if high - low < 1e-9:
         return low
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
@@ -191,7 +191,7 @@ def train_network(
     settings = TrainSettings(
         iterations=iterations,
         batch_size=args.batch_size,
-        learning_rate=learning_rate or args.learning_rate,
+        learning_rate=args.learning_rate if learning_rate is None else learning_rate,
         lr_schedule="cosine",
         validation_fraction=0.1,
         eval_every=max(1, min(250, iterations // 4)),

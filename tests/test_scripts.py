@@ -67,6 +67,8 @@ def test_pretraining_with_no_multiclass_iterations_trains_only_the_binary_networ
     assert binary.metrics["training"]["learning_rate"] == 1e-3
     with pytest.raises(SystemExit):  # nothing to start the binary networks from
         pretrain.parse_args(["--iterations", "0"])
+    with pytest.raises(SystemExit):  # refused before anything is simulated
+        pretrain.parse_args(["--voxel-sizes", "0", "12"])
 
 
 def test_recalibration_rewrites_the_threshold_from_the_recorded_curve(tmp_path):

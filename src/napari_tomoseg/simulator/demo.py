@@ -195,18 +195,18 @@ def at_voxel_size(sim: Any, voxel_size: float) -> Any:
     """``sim`` resampled to ``voxel_size`` (Angstrom, isotropic), as a network of that voxel
     size sees a tomogram of another: each slice resized in-plane as apply does it
     (bilinear, antialiased when shrinking), then Z linearly; the labels by nearest
-    neighbour onto the same grid.  Pretraining uses it to show a 10 A network tomograms
-    simulated at other voxel sizes."""
+    neighbour onto the same grid; ``settings`` stay those it was simulated with.
+    Pretraining uses it to show a 10 A network tomograms simulated at other voxel sizes."""
     import dataclasses
 
-    from ..applying.inference.source import _resize
+    from ..applying.inference.source import resize_planes
     from ..data.preprocess import resample_volume
 
     zoom = float(sim.voxel_size) / float(voxel_size)
     if abs(zoom - 1.0) < 1e-6:
         return sim
     labels = resample_volume(sim.labels, zoom, order=0)
-    planes = _resize(np.asarray(sim.tomogram, np.float32), labels.shape[1:])
+    planes = resize_planes(np.asarray(sim.tomogram, np.float32), labels.shape[1:])
     tomogram = resample_volume(planes, (labels.shape[0] / planes.shape[0], 1.0, 1.0))
     centres = (np.asarray(sim.ribosome_centres, float) + 0.5) * zoom - 0.5
     return dataclasses.replace(

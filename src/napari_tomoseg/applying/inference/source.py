@@ -170,7 +170,7 @@ def _resize_tensor(planes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out[0]
 
 
-def _resize(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_planes(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """:func:`_resize_tensor` for NumPy planes."""
     if tuple(planes.shape[-2:]) == tuple(size):
         return planes
@@ -247,7 +247,7 @@ class _SliceSource:
         got = self.cache.get(index)
         if got is None:
             raw = self._finite(index, np.asarray(self.volume[index], dtype=np.float32))[None]
-            raw = _resize(raw, self.geometry.net_plane)
+            raw = resize_planes(raw, self.geometry.net_plane)
             if self.norm.mode == "box":
                 got = self.norm.apply_to_volume(raw)[0]
             else:
