@@ -490,6 +490,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
             report["box_counts"].append(
                 {k: v for k, v in entry.items() if k != "per_test"}
                 | {"f1": entry["pooled"]["classes"][feature]["f1"]}
+                | {"sweep": np.sum([t["sweep"] for t in entry["per_test"]], axis=0).tolist()}
             )
     for feature, start, (seed, sim) in itertools.product(
         options.suggest_features if "suggest" in options.parts else [],
@@ -625,21 +626,32 @@ def _zero_shot_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sweep_f1(pooled: list) -> list[str]:
+    """F1 at each threshold of :data:`SWEEP` from the pooled 2 x 2 confusion matrices."""
+    tp_fp_fn = [(c[1][1], c[0][1], c[1][0]) for c in pooled]
+    return [
+        fmt(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None, 3) for tp, fp, fn in tp_fp_fn
+    ]
+
+
 def _sweep_table(report: dict[str, Any]) -> list[str]:
-    """Pooled F1 of every binary network of the zero-shot part at the thresholds of
-    :data:`SWEEP` (from the same probabilities as its main row)."""
+    """Pooled F1 of every binary network of the zero-shot part, and of every network the
+    box-count part trained, at the thresholds of :data:`SWEEP` (from the same
+    probabilities as its main row): what the threshold each chose costs or gains."""
     rows = []
     for e in report.get("zeroshot") or []:
         sweeps = [t["sweep"] for t in e["per_test"] if "sweep" in t]
-        if not sweeps:
-            continue
-        tp_fp_fn = [(c[1][1], c[0][1], c[1][0]) for c in np.sum(sweeps, axis=0).tolist()]
-        f1 = [2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None for tp, fp, fn in tp_fp_fn]
-        rows.append([e["name"], fmt(e["threshold"])] + [fmt(v, 3) for v in f1])
+        if sweeps:
+            pooled = np.sum(sweeps, axis=0).tolist()
+            rows.append([f"{e['name']} (shipped)", fmt(e["threshold"]), *_sweep_f1(pooled)])
+    for e in report.get("box_counts") or []:
+        if "sweep" in e:
+            label = f"{e['feature']}, {e['n_positive']} boxes, {e['network']}"
+            rows.append([label, fmt(e["threshold"]), *_sweep_f1(e["sweep"])])
     if not rows:
         return []
-    headers = ["shipped network", "own threshold"] + [f"F1 at {t}" for t in SWEEP]
-    title = "## Zero-shot F1 of the binary networks at other thresholds (pooled)"
+    headers = ["network", "own threshold"] + [f"F1 at {t}" for t in SWEEP]
+    title = "## F1 of the binary networks at other thresholds (pooled)"
     return ["", title, "", markdown_table(headers, rows, align="l" + "r" * (len(SWEEP) + 1))]
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -144,6 +145,12 @@ def test_autosave_pause_measures_real_autosaves(tmp_path, monkeypatch, capsys):
     assert saved.n_positive == saved.n_negative == 8
 
 
+def support_of(report) -> int:
+    """Scored voxels of the quick run: the central slices of its test tomograms."""
+    z0, z1 = report["scored_slices"]
+    return len(report["binary"][0]["per_test"]) * (z1 - z0) * 96 * 96
+
+
 def test_accuracy_quick_run_prints_the_three_tables(accuracy):
     options = accuracy.quick_options()
     report = accuracy.run_accuracy(options)
@@ -160,11 +167,15 @@ def test_accuracy_quick_run_prints_the_three_tables(accuracy):
     assert "The data differ" in text
     assert "| 2 positive boxes | 4 positive boxes |" in text
     assert [e["n_positive"] for e in report["box_counts"]] == [2, 4]
+    for e in report["box_counts"]:  # each trained network's F1 at other thresholds too
+        assert np.array(e["sweep"]).shape == (len(accuracy.SWEEP), 2, 2)
+        assert np.array(e["sweep"])[0].sum() == support_of(report)
+        assert f"| single_membrane, {e['n_positive']} boxes, unet-lite | " in text
     z0, z1 = report["scored_slices"]
     assert (z0, z1) == (8, 32)
     # scored voxels: the central slices of two test tomograms
     support = sum(c["support"] for c in entry["pooled"]["classes"].values())
-    assert support == 2 * (z1 - z0) * 96 * 96
+    assert support == 2 * (z1 - z0) * 96 * 96 == support_of(report)
 
 
 def test_accuracy_runs_one_part_with_its_own_iterations(accuracy):
@@ -207,12 +218,25 @@ def test_the_threshold_sweep_table_pools_the_tests_of_each_binary_network(accura
         "zeroshot": [
             {"name": "mt", "threshold": 0.8, "per_test": [{"sweep": first}, {"sweep": second}]},
             {"name": "all", "threshold": 0.6, "per_test": [{}, {}]},  # multi-class: no sweep
-        ]
+        ],
+        # a trained network: its sweep pooled already (tp, fp, fn = 1, 1, 2)
+        "box_counts": [
+            {
+                "feature": "mt",
+                "n_positive": 10,
+                "network": "unet-lite",
+                "threshold": 0.4,
+                "sweep": [[[9, 1], [2, 1]]] * n,
+            }
+        ],
     }
     lines = "\n".join(accuracy._sweep_table(report)).splitlines()
-    rows = [ln for ln in lines if ln.startswith("| mt |")]
-    assert rows == ["| mt | 0.80 | " + " | ".join(["0.667"] * n) + " |"]  # 2*4 / (2*4 + 1 + 3)
-    assert not any(ln.startswith("| all |") for ln in lines)
+    rows = [ln for ln in lines if ln.startswith("| mt")]
+    assert rows == [
+        "| mt (shipped) | 0.80 | " + " | ".join(["0.667"] * n) + " |",  # 2*4 / (2*4 + 1 + 3)
+        "| mt, 10 boxes, unet-lite | 0.40 | " + " | ".join(["0.400"] * n) + " |",  # 2 / 5
+    ]
+    assert not any(ln.startswith("| all ") for ln in lines)
     assert accuracy._sweep_table({"zeroshot": []}) == []
 
 
