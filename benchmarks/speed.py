@@ -323,9 +323,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             model = net.model.to(device).eval()
             probs = np.empty(vol.shape, dtype=np.float32)
             t0 = time.perf_counter()
+            context = int(net.meta.in_channels) // 2  # 2.5D: neighbouring slices as channels
             with torch.inference_mode():
                 for z in range(vol.shape[0]):
-                    x = torch.from_numpy(vol[z])[None, None].to(device)
+                    near = np.clip(np.arange(z - context, z + context + 1), 0, vol.shape[0] - 1)
+                    x = torch.from_numpy(vol[near])[None].to(device)
                     probs[z] = torch.sigmoid(model(x))[0, 0].cpu().numpy()
             _sync(device)
             seconds = time.perf_counter() - t0
@@ -419,6 +421,13 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _default_context() -> int:
+    """The context slices a network trained with the package's defaults takes."""
+    from napari_tomoseg.learning.trainset import TrainsetSettings
+
+    return int(TrainsetSettings.context_slices)
+
+
 @dataclass
 class SpeedOptions:
     """What :func:`run_speed` measures (the command-line options)."""
@@ -439,6 +448,7 @@ class SpeedOptions:
     gpu_target: bool = True
     in_process: bool = False
     tilings: list[tuple[int, int]] = field(default_factory=list)
+    context_slices: int = field(default_factory=_default_context)
 
 
 def quick_options() -> SpeedOptions:
@@ -465,12 +475,30 @@ def _measure(options: SpeedOptions, spec: dict[str, Any]) -> dict[str, Any]:
     return run_child(SCRIPT, spec, threads=spec.get("threads"))
 
 
+def untrained_network(arch: str, context_slices: int) -> Any:
+    """A seeded, untrained binary network of ``arch`` at 10 A (speed does not need weights)."""
+    import torch
+
+    from napari_tomoseg.learning.model_file import Network
+
+    torch.manual_seed(0)
+    return Network.create(
+        arch,
+        2 * context_slices + 1,
+        2,
+        voxel_size=10.0,
+        box_size=64,
+        normalisation=NORMALISATION,
+        context_slices=context_slices,
+    )
+
+
 def run_speed(options: SpeedOptions) -> dict[str, Any]:
     """Measure everything; returns a dict with the machine, rows, FLOPs and training."""
     import torch
 
     from napari_tomoseg.data.io import write_mrc
-    from napari_tomoseg.learning.model_file import Network, save_network
+    from napari_tomoseg.learning.model_file import save_network
     from napari_tomoseg.learning.models import DEFAULT_ARCHITECTURE, available
 
     archs = options.architectures or available()
@@ -493,14 +521,16 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tomoseg-speed-") as tmp:
         work = Path(tmp)
         nets: dict[str, str] = {}
-        for arch in sorted({*archs, "tomoseg-cnn"}):
-            torch.manual_seed(0)
-            net = Network.create(
-                arch, 1, 2, voxel_size=10.0, box_size=64, normalisation=NORMALISATION
-            )
-            flops[arch] = conv_flops_per_voxel(net.model)
+        channels = 2 * options.context_slices + 1
+        for arch in archs:
+            net = untrained_network(arch, options.context_slices)
+            flops[arch] = conv_flops_per_voxel(net.model, channels)
             params[arch] = sum(p.numel() for p in net.model.parameters())
             nets[arch] = str(save_network(net, work / f"{arch}.tsnet"))
+        peer = untrained_network("tomoseg-cnn", 0)  # EMAN2's network: one slice in
+        nets["peer"] = str(save_network(peer, work / "peer.tsnet"))
+        flops["peer"] = conv_flops_per_voxel(peer.model)
+        params["peer"] = sum(p.numel() for p in peer.model.parameters())
         tomo = work / "tomogram.mrc"
         rng = np.random.default_rng(0)
         write_mrc(
@@ -517,7 +547,7 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
             if have_tf:
                 r = _measure(
                     options,
-                    {**base, "mode": "keras", "network": nets["tomoseg-cnn"], "threads": t},
+                    {**base, "mode": "keras", "network": nets["peer"], "threads": t},
                 )
                 rows.append(
                     _row("Keras peer (model.predict, whole slices)", "tomoseg-cnn", "cpu", t, r)
@@ -564,12 +594,9 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
                 _write_large(big, GPU_TARGET_SHAPE)
                 arch = DEFAULT_ARCHITECTURE
                 if arch not in nets:
-                    torch.manual_seed(0)
-                    net = Network.create(
-                        arch, 1, 2, voxel_size=10.0, box_size=64, normalisation=NORMALISATION
-                    )
+                    net = untrained_network(arch, options.context_slices)
                     nets[arch] = str(save_network(net, work / f"{arch}.tsnet"))
-                    flops[arch] = conv_flops_per_voxel(net.model)
+                    flops[arch] = conv_flops_per_voxel(net.model, channels)
                 spec = {
                     **base,
                     "tomogram": str(big),
@@ -651,7 +678,8 @@ def _finish_rows(
     for r in rows:
         if r.voxels_per_second is None:
             continue
-        r.gflops = flops[r.architecture] * r.voxels_per_second / 1e9
+        per_voxel = flops["peer"] if r.name.startswith("Keras peer") else flops[r.architecture]
+        r.gflops = per_voxel * r.voxels_per_second / 1e9
         peak = gpu_peak if r.device == "cuda" else peaks.get(r.threads)  # type: ignore[call-overload]
         r.fraction_of_peak = r.gflops / peak if peak else None
     seed = Row(
@@ -662,7 +690,7 @@ def _finish_rows(
         voxels_per_second=SEED_VOXELS_PER_SECOND,
         note="Chen et al. 2017, other hardware",
     )
-    seed.gflops = flops["tomoseg-cnn"] * SEED_VOXELS_PER_SECOND / 1e9
+    seed.gflops = flops["peer"] * SEED_VOXELS_PER_SECOND / 1e9
     rows.insert(0, seed)
     peer = {
         r.threads: r.voxels_per_second
@@ -687,6 +715,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(
         f"# tomogram: {opts['depth']} x {opts['xy']} x {opts['xy']} float32 (random), "
         "untrained networks, default ApplySettings"
+    )
+    context = opts.get("context_slices", 0)
+    lines.append(
+        f"# our networks take {2 * context + 1} slice(s) per output slice (context slices "
+        f"{context}); the Keras peer takes 1"
     )
     peaks = ", ".join(
         f"{k} thread(s): {v:.0f}" if k != "cuda" else f"GPU float16: {v:.0f}"
@@ -750,7 +783,11 @@ def format_report(report: dict[str, Any]) -> str:
         markdown_table(
             ["network", "conv MFLOP per voxel", "parameters"],
             [
-                [a, f"{v / 1e6:.3f}", f"{report['parameters'][a]:,}"]
+                [
+                    "tomoseg-cnn, 1 slice (the Keras peer)" if a == "peer" else a,
+                    f"{v / 1e6:.3f}",
+                    f"{report['parameters'][a]:,}",
+                ]
                 for a, v in report["flops_per_voxel"].items()
             ],
         )
@@ -834,6 +871,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[SpeedOptions, argparse.Na
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU rows")
     parser.add_argument(
+        "--context-slices",
+        type=int,
+        default=None,
+        help="context slices of our networks (default: the package's default); the Keras "
+        "peer always takes one slice, as EMAN2's network does",
+    )
+    parser.add_argument(
         "--tilings",
         nargs="+",
         default=[],
@@ -869,6 +913,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[SpeedOptions, argparse.Na
     options.apply = not args.no_apply
     options.gpu = not args.no_gpu
     options.in_process = args.in_process
+    if args.context_slices is not None:
+        if args.context_slices < 0:
+            parser.error(f"--context-slices must be >= 0, got {args.context_slices}")
+        options.context_slices = args.context_slices
     try:
         options.tilings = [tuple(int(v) for v in t.lower().split("x")) for t in args.tilings]
     except ValueError:

@@ -59,8 +59,10 @@ def test_speed_quick_run_prints_every_row_and_skips_keras_without_tensorflow(spe
     options.in_process = True
     options.architectures = ["unet-lite"]
     options.train_steps = 2
+    options.context_slices = 2  # 2.5D networks: five slices in, the naive row too
     report = speed.run_speed(options)
     text = speed.format_report(report)
+    assert "# our networks take 5 slice(s) per output slice" in text
     names = [r["name"] for r in report["rows"]]
     assert names[0].startswith("seed figure")
     assert report["rows"][0]["voxels_per_second"] == pytest.approx(4096**2 / (0.24 * 3600))
@@ -288,3 +290,21 @@ def test_pick_scaling_writes_the_mask_slab_by_slab_and_reports_each_size(tmp_pat
     out = capsys.readouterr().out
     row = [line for line in out.splitlines() if line.startswith("| 12 |")]
     assert len(row) == 1 and float(row[0].split("|")[-2]) > 0  # a peak RSS was measured
+
+
+def test_wedge_recall_bins_membranes_by_how_they_face_the_beam():
+    wedge = _load("wedge_recall.py")
+    truth = np.zeros((64, 64, 64), bool)
+    truth[30:34, 4:28, 4:60] = True  # a sheet lying flat: seen face-on
+    truth[4:60, 36:60, 30:34] = True  # an upright one: seen edge-on
+    nz = wedge.normal_z(truth)
+    assert nz[32, 16, 32] > 0.99 and nz[32, 48, 32] < 0.01
+    pred = np.zeros_like(truth)
+    pred[4:60, 36:60, 30:34] = True  # a network that finds only the upright sheet
+    total, found = wedge.binned_recall(pred, truth, nz)
+    assert sum(total) == truth.sum()
+    assert found[0] > 0.99 * total[0] > 0 and found[-1] < 0.1 * total[-1]
+    report = {"feature": "x", "tests": ["t"], "bins": list(wedge.BINS)}
+    report["networks"] = {"net": {"voxels": total, "found": found}}
+    text = wedge.format_report(report)
+    assert "| recall, net | 1.00 |" in text and "| share of the feature's voxels |" in text
