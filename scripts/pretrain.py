@@ -3,6 +3,7 @@
     python scripts/pretrain.py [--tomograms 48] [--iterations 12000]
                                [--binary-iterations 3000] [--out DIR] [--seed 0]
                                [--start NETWORK] [--voxel-sizes LOW HIGH]
+                               [--context-slices C]
                                [--threads T] [--work DIR] [--quick]
 
 1. Simulates ``--tomograms`` tomograms whose settings are drawn at random
@@ -33,6 +34,7 @@ accuracy of the result: ``docs/models.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -48,6 +50,8 @@ NETWORK_VOXEL = 10.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from napari_tomoseg.learning.trainset import TrainsetSettings
+
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -58,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--box-size", type=int, default=96, help="box side in pixels")
     parser.add_argument("--ncopy", type=int, default=2, help="rotated copies per box")
     parser.add_argument("--shape-yx", type=int, nargs=2, default=(256, 256), help="slice size")
+    parser.add_argument(
+        "--context-slices",
+        type=int,
+        default=TrainsetSettings.context_slices,
+        help="neighbouring slices each side as input channels (2.5D; default: the "
+        "package's); a --start of other context slices is fitted to them",
+    )
     parser.add_argument(
         "--voxel-sizes",
         type=float,
@@ -108,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.iterations < 0 or (args.iterations == 0 and args.start is None):
         parser.error("--iterations must be > 0, or 0 with --start (binary networks only)")
+    if args.context_slices < 0:
+        parser.error(f"--context-slices must be >= 0, got {args.context_slices}")
     if min(args.voxel_sizes) <= 0:
         parser.error(f"--voxel-sizes must be > 0 Angstrom, got {args.voxel_sizes}")
     if args.quick:
@@ -151,7 +164,12 @@ def build_trainset(args: argparse.Namespace) -> Any:
             f"simulating tomogram {i + 1}/{args.tomograms} {shape} at {voxel:.1f} A, SNR {snr:.2f}"
         )
         sim = at_voxel_size(simulate_tomogram(settings), NETWORK_VOXEL)
-        box = TrainsetSettings(box_size=args.box_size, ncopy=args.ncopy, seed=args.seed + i)
+        box = TrainsetSettings(
+            box_size=args.box_size,
+            ncopy=args.ncopy,
+            seed=args.seed + i,
+            context_slices=args.context_slices,
+        )
         try:
             ts = trainset_from_truth(
                 sim,
@@ -233,6 +251,30 @@ def binary_subset(trainset: Any, feature: str) -> Any:
     )
 
 
+def fitted(network: Any, trainset: Any) -> Any:
+    """``network`` taking the training set's input channels: itself when it does, else a
+    copy whose input layer is fitted to the set's context slices
+    (:func:`~napari_tomoseg.learning.pretrained.transfer_weights`)."""
+    from napari_tomoseg.learning.model_file import Network
+    from napari_tomoseg.learning.pretrained import transfer_weights
+
+    channels = int(trainset.images.shape[1])
+    meta = network.meta
+    if meta.in_channels == channels:
+        return network
+    other = Network.create(
+        meta.architecture,
+        channels,
+        meta.n_classes,
+        model_params=dict(meta.model_params),
+        class_names=tuple(meta.class_names),
+    )
+    transfer_weights(network, other)
+    other.meta = dataclasses.replace(meta, in_channels=channels, context_slices=channels // 2)
+    say(f"fitted the start network's {meta.in_channels} input channels to {channels}")
+    return other
+
+
 def describe(result: Any, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 1),
@@ -266,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"training set: {len(trainset)} samples from {summary['tomograms']} tomograms")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    start = load_network(args.start) if args.start else None
+    start = fitted(load_network(args.start), trainset) if args.start else None
     if args.iterations == 0:  # the binary networks only, from --start as it is
         multi_network = start
         summary["networks"][MULTICLASS] = {"taken_as_is_from": str(args.start)}

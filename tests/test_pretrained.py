@@ -11,17 +11,19 @@ from napari_tomoseg import cli
 from napari_tomoseg.applying.inference import ApplySettings, apply_network
 from napari_tomoseg.data.io import read_tomogram, write_mrc
 from napari_tomoseg.errors import TomosegError
-from napari_tomoseg.learning.model_file import Network
+from napari_tomoseg.learning.model_file import Network, read_network_meta
 from napari_tomoseg.learning.pretrained import (
     MULTICLASS,
     available,
     feature_of,
     load_pretrained,
     match,
+    shipped_file,
     starting_network,
     transfer_weights,
 )
 from napari_tomoseg.learning.training import TrainSettings, train
+from napari_tomoseg.learning.trainset import TrainsetSettings
 from napari_tomoseg.simulator.demo import central_slices, dice_scores, trainset_from_truth
 from napari_tomoseg.simulator.synthetic import CLASS_NAMES, simulate_tomogram
 
@@ -60,9 +62,15 @@ def test_every_feature_and_the_multiclass_network_are_shipped_and_load_safely():
             assert meta.class_names == CLASS_NAMES
         else:
             assert meta.class_names == ("background", name)
-    assert total < 8 * 2**20  # a few MB in all (half-precision weights)
+    assert total < 10 * 2**20  # a few MB in all (half-precision weights; 8.6 MB now)
     with pytest.raises(TomosegError, match="no shipped network 'actin'.*available: "):
         load_pretrained("actin")
+
+
+def test_the_default_training_set_takes_the_context_of_the_shipped_networks():
+    default = TrainsetSettings().context_slices
+    for name in (MULTICLASS, "single_membrane", "microtubule"):  # fine-tuned as they are
+        assert read_network_meta(shipped_file(name)).context_slices == default, name
 
 
 @pytest.mark.parametrize(
@@ -95,8 +103,34 @@ def test_the_network_to_start_from_is_chosen_by_the_painted_features():
     assert none is None and "random weights" in said
     none, said = starting_network("scratch", ("background", "MT"), "unet-lite", 1)
     assert none is None and "scratch" in said
+    shipped = read_network_meta(shipped_file("ribosome")).in_channels
+    other, said = starting_network("ribosome", ("background", "x"), "unet-lite", shipped + 2)
+    assert other is not None and other.meta.in_channels == shipped  # fitted when transferred
+    assert f"fitted from {shipped // 2} to {shipped // 2 + 1} context slice(s)" in said
     with pytest.raises(TomosegError, match="input channel"):
-        starting_network("ribosome", ("background", "x"), "unet-lite", 3)
+        starting_network("ribosome", ("background", "x"), "unet", 1)
+    with pytest.raises(TomosegError, match="input channel"):
+        starting_network("ribosome", ("background", "x"), "unet-lite", 2)
+
+
+def test_a_network_starts_one_of_other_context_slices_computing_the_same():
+    torch.manual_seed(2)
+    flat = Network.create("unet-lite", 1, 6, class_names=CLASS_NAMES)
+    wide = Network.create("unet-lite", 5, 6, class_names=CLASS_NAMES)
+    transfer_weights(flat, wide)  # 2D -> 2.5D: the same on the central slice, any input
+    x = torch.randn(2, 5, 32, 32)
+    with torch.no_grad():
+        flat.model.eval(), wide.model.eval()
+        assert torch.allclose(wide.model(x), flat.model(x[:, 2:3]), atol=1e-5)
+        torch.nn.init.normal_(next(wide.model.parameters()))  # a context it has learned
+        narrow = Network.create("unet-lite", 3, 6, class_names=CLASS_NAMES)
+        transfer_weights(wide, narrow)  # 5 -> 3 slices: the same where Z does not change
+        narrow.model.eval()
+        same = x[:, 2:3].expand(-1, 5, -1, -1)
+        assert torch.allclose(narrow.model(same[:, :3]), wide.model(same), atol=1e-4)
+        assert not torch.allclose(narrow.model(x[:, 1:4]), wide.model(x), atol=1e-3)
+    with pytest.raises(TomosegError, match="input channel"):
+        transfer_weights(wide, Network.create("unet-lite", 2, 6, class_names=CLASS_NAMES))
 
 
 def test_a_binary_network_takes_its_feature_against_background_from_the_multiclass_one():
@@ -165,7 +199,7 @@ def test_apply_a_shipped_network_from_the_command_line(tmp_path, shifted, capsys
     tomo = write_mrc(tmp_path / "tomo.mrc", shifted.tomogram[:16], shifted.voxel_size)
     assert cli.main(["pretrained"]) == 0
     listed = capsys.readouterr().out
-    assert all(name in listed for name in available())
+    assert all(name in listed for name in available()) and "context slice(s)" in listed
     code = cli.main(
         ["-q", "apply", "--pretrained", "ribosome", str(tomo), "--output-dir", str(tmp_path)]
     )

@@ -37,7 +37,7 @@ def test_pretraining_quick_run_continues_a_network_and_writes_every_one(tmp_path
     shutil.copy(shipped_file(MULTICLASS), start)
     out = tmp_path / "out"
     argv = ["--quick", "--out", str(out), "--start", str(start), "--voxel-sizes", "8", "14"]
-    assert pretrain.main(argv) == 0
+    assert pretrain.main([*argv, "--context-slices", "1"]) == 0
     summary = json.loads((out / "pretraining.json").read_text())
     assert summary["networks"][MULTICLASS]["continued_from"] == str(start)
     # each tomogram simulated at its own voxel size, the networks trained at 10 A
@@ -46,9 +46,13 @@ def test_pretraining_quick_run_continues_a_network_and_writes_every_one(tmp_path
     assert all(8 <= v <= 14 for v in drawn) and len(set(drawn)) == len(drawn) > 1
     assert tuple(multi.voxel_size) == (10.0, 10.0, 10.0)
     assert sorted(p.stem for p in out.glob("*.tsnet")) == sorted(summary["networks"])
+    for path in out.glob("*.tsnet"):  # 2.5D: a slice each side, whatever the start took
+        meta = load_network(path).meta
+        assert (meta.in_channels, meta.context_slices) == (3, 1), path.name
     # continuing: the quick run's few mini-batches leave the weights near the start's
     began, now = _weights(start), _weights(out / f"{MULTICLASS}.tsnet")
-    name = next(k for k, v in began.items() if v.is_floating_point() and v.ndim == 4)
+    convs = [k for k, v in began.items() if v.is_floating_point() and v.ndim == 4]
+    name = convs[1]  # the first one's input channels were fitted to the context
     assert torch.corrcoef(torch.stack([began[name].flatten(), now[name].flatten()]))[0, 1] > 0.9
 
 
@@ -69,6 +73,8 @@ def test_pretraining_with_no_multiclass_iterations_trains_only_the_binary_networ
         pretrain.parse_args(["--iterations", "0"])
     with pytest.raises(SystemExit):  # refused before anything is simulated
         pretrain.parse_args(["--voxel-sizes", "0", "12"])
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--context-slices", "-1"])
 
 
 def test_recalibration_rewrites_the_threshold_from_the_recorded_curve(tmp_path):

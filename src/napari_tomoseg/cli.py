@@ -455,7 +455,8 @@ def _cmd_pretrained(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         trained_at = meta.voxel_size.describe() if meta.voxel_size else "an unknown voxel size"
         print(
             f"{name:>16}: {meta.architecture}, {classes}; trained at {trained_at}, "
-            f"threshold {meta.threshold or 0.5:.2f} ({path})"
+            f"{meta.context_slices} context slice(s), threshold {meta.threshold or 0.5:.2f} "
+            f"({path})"
         )
     print(
         "Use one with 'tomoseg apply --pretrained NAME TOMOGRAM ...'; training starts from "
@@ -869,8 +870,9 @@ def _add_build_trainset(command: Callable[..., argparse.ArgumentParser]) -> None
     p.add_argument(
         "--context-slices",
         type=int,
-        default=0,
-        help="neighbouring slices per side as extra channels (2.5D)",
+        default=2,
+        help="neighbouring slices per side as extra channels (2.5D; default 2, as the "
+        "shipped networks; 0: single slices)",
     )
     p.add_argument(
         "--class-names", help="comma-separated, background first, e.g. background,membrane"

@@ -158,8 +158,8 @@ class TrainWidget(Container):
             value=TrainsetSettings.context_slices,
             min=0,
             max=5,
-            tooltip="Neighbouring slices on each side used "
-            "as extra input channels (2.5D); 0 = single slices.",
+            tooltip="Neighbouring slices on each side used as extra input channels "
+            "(2.5D; 2 as the shipped networks); 0 = single slices, as EMAN2.",
         )
 
     def _make_training_fields(self) -> None:

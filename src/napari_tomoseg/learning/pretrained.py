@@ -150,12 +150,17 @@ def match(class_names: Sequence[str]) -> str | None:
 
 
 def transfer_weights(source: Network, target: Network) -> dict[str, Any]:
-    """Copy ``source``'s weights into ``target`` (same architecture and input channels).
+    """Copy ``source``'s weights into ``target`` (same architecture).
 
-    Every layer but the output layer must have the same shape.  Output rows are matched by
-    feature (:func:`feature_of`); a binary target taking a feature from a multi-class
-    source gets the difference of that feature's and the background's rows (the logit of
-    feature against background).  Unmatched output rows keep their initial values.
+    Every layer but the input and output layers must have the same shape.  The input layers
+    may differ in context slices (:func:`input_fits`): a wider target (2.5D from 2D) gets
+    the source's weights on its central channels and zeros on the others, so it computes
+    what the source does until training teaches it to use the context; a narrower one gets
+    each outer channel's weights added to its nearest channel, which computes the same on
+    a volume that does not change along Z.  Output rows are matched by feature
+    (:func:`feature_of`); a binary target taking a feature from a multi-class source gets
+    the difference of that feature's and the background's rows (the logit of feature
+    against background).  Unmatched output rows keep their initial values.
 
     Parameters
     ----------
@@ -174,19 +179,44 @@ def transfer_weights(source: Network, target: Network) -> dict[str, Any]:
     src, dst = source.model.state_dict(), target.model.state_dict()
     head = _head_prefix(dst)
     body = {k: v for k, v in src.items() if not k.startswith(head)}
+    n_src, n_dst = source.meta.in_channels, target.meta.in_channels
+    if n_src != n_dst and input_fits(n_src, n_dst):
+        _fit_input(body, dst, n_src, n_dst)
     mismatched = [k for k, v in body.items() if k not in dst or dst[k].shape != v.shape]
-    if mismatched or source.meta.in_channels != target.meta.in_channels:
+    if mismatched:
         raise TomosegError(
             f"Cannot start from the {source.meta.architecture!r} network with "
-            f"{source.meta.in_channels} input channel(s): its layers do not fit this "
-            f"{target.meta.architecture!r} network with {target.meta.in_channels} "
-            "(choose the same architecture and context slices, or start from scratch)."
+            f"{n_src} input channel(s): its layers do not fit this "
+            f"{target.meta.architecture!r} network with {n_dst} "
+            "(choose the same architecture and parameters, or start from scratch)."
         )
     new = dict(dst)
     new.update(body)
     matched = _copy_head(source, target, src, new, head)
     target.model.load_state_dict(new)
     return {"layers": len(body), "output_classes_matched": matched}
+
+
+def input_fits(n_src: int, n_dst: int) -> bool:
+    """Whether a network of ``n_src`` input channels can start one of ``n_dst``: the same
+    number, or other context slices (odd numbers both, see :func:`transfer_weights`)."""
+    return n_src == n_dst or (n_src % 2 == 1 and n_dst % 2 == 1)
+
+
+def _fit_input(
+    body: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], n_src: int, n_dst: int
+) -> None:
+    """The source's input-layer weights moved to the target's context slices (in place):
+    each source slice onto the same offset from the centre, or the nearest one there is."""
+    key = next(k for k, v in body.items() if v.ndim == 4)  # the first convolution
+    if key not in dst or dst[key].shape[1] != n_dst or body[key].shape[1] != n_src:
+        return  # not an input layer of these widths: the shape check reports it
+    fitted = torch.zeros_like(dst[key])
+    c_src, c_dst = n_src // 2, n_dst // 2
+    for i in range(n_src):
+        j = min(max(i - c_src, -c_dst), c_dst) + c_dst
+        fitted[:, j] += body[key][:, i].to(fitted.dtype)
+    body[key] = fitted
 
 
 def _head_prefix(state: dict[str, torch.Tensor]) -> str:
@@ -259,7 +289,7 @@ def starting_network(
     if name is None:
         return None, "random weights (no shipped network for these features)"
     meta = read_network_meta(shipped_file(name))
-    fits = meta.architecture == architecture and meta.in_channels == in_channels
+    fits = meta.architecture == architecture and input_fits(meta.in_channels, in_channels)
     fits = fits and (model_params is None or dict(meta.model_params) == dict(model_params))
     if not fits:
         if start_from == AUTO:
@@ -271,6 +301,12 @@ def starting_network(
         raise TomosegError(
             f"The shipped network {name!r} is a {meta.architecture!r} network with "
             f"{meta.in_channels} input channel(s) and parameters {meta.model_params}; train "
-            "such a network (no context slices) to start from it, or start from scratch."
+            "such a network to start from it, or start from scratch."
         )
-    return load_pretrained(name), f"the shipped network {name!r}"
+    said = f"the shipped network {name!r}"
+    if meta.in_channels != in_channels:
+        said += (
+            f" (its input layer fitted from {meta.in_channels // 2} to "
+            f"{in_channels // 2} context slice(s))"
+        )
+    return load_pretrained(name), said

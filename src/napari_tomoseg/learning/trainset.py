@@ -95,7 +95,7 @@ class TrainsetSettings:
     ncopy: int = 10
     normalisation: str = "tomogram"
     clamp_sigma: float | None = 5.0
-    context_slices: int = 0
+    context_slices: int = 2  # as the shipped networks (docs/models.md)
     rotate: bool = True
     flip: bool = True
     seed: int = 0
