@@ -521,10 +521,9 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tomoseg-speed-") as tmp:
         work = Path(tmp)
         nets: dict[str, str] = {}
-        channels = 2 * options.context_slices + 1
         for arch in archs:
             net = untrained_network(arch, options.context_slices)
-            flops[arch] = conv_flops_per_voxel(net.model, channels)
+            flops[arch] = conv_flops_per_voxel(net.model, net.meta.in_channels)
             params[arch] = sum(p.numel() for p in net.model.parameters())
             nets[arch] = str(save_network(net, work / f"{arch}.tsnet"))
         peer = untrained_network("tomoseg-cnn", 0)  # EMAN2's network: one slice in
@@ -596,7 +595,7 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
                 if arch not in nets:
                     net = untrained_network(arch, options.context_slices)
                     nets[arch] = str(save_network(net, work / f"{arch}.tsnet"))
-                    flops[arch] = conv_flops_per_voxel(net.model, channels)
+                    flops[arch] = conv_flops_per_voxel(net.model, net.meta.in_channels)
                 spec = {
                     **base,
                     "tomogram": str(big),
