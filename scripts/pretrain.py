@@ -251,25 +251,32 @@ def binary_subset(trainset: Any, feature: str) -> Any:
     )
 
 
-def fitted(network: Any, trainset: Any) -> Any:
-    """``network`` taking the training set's input channels: itself when it does, else a
-    copy whose input layer is fitted to the set's context slices
-    (:func:`~napari_tomoseg.learning.pretrained.transfer_weights`)."""
+def network_like(network: Any, channels: int, class_names: tuple) -> tuple[Any, dict]:
+    """A new network of ``network``'s architecture taking ``channels`` inputs and giving
+    ``class_names``, with its weights (``pretrained.transfer_weights``: the input layer
+    fitted, the output rows matched by feature); also what was copied."""
     from napari_tomoseg.learning.model_file import Network
     from napari_tomoseg.learning.pretrained import transfer_weights
 
+    meta = network.meta
+    new = Network.create(
+        meta.architecture,
+        channels,
+        len(class_names),
+        model_params=dict(meta.model_params),
+        class_names=tuple(class_names),
+    )
+    return new, transfer_weights(network, new)
+
+
+def fitted(network: Any, trainset: Any) -> Any:
+    """``network`` taking the training set's input channels: itself when it does, else a
+    copy whose input layer is fitted to the set's context slices (its metadata kept)."""
     channels = int(trainset.images.shape[1])
     meta = network.meta
     if meta.in_channels == channels:
         return network
-    other = Network.create(
-        meta.architecture,
-        channels,
-        meta.n_classes,
-        model_params=dict(meta.model_params),
-        class_names=tuple(meta.class_names),
-    )
-    transfer_weights(network, other)
+    other, _ = network_like(network, channels, meta.class_names)
     other.meta = dataclasses.replace(meta, in_channels=channels, context_slices=channels // 2)
     say(f"fitted the start network's {meta.in_channels} input channels to {channels}")
     return other
@@ -289,8 +296,8 @@ def describe(result: Any, seconds: float, extra: dict[str, Any]) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from napari_tomoseg.learning.model_file import Network, load_network, save_network
-    from napari_tomoseg.learning.pretrained import MULTICLASS, transfer_weights
+    from napari_tomoseg.learning.model_file import load_network, save_network
+    from napari_tomoseg.learning.pretrained import MULTICLASS
 
     args = parse_args(argv)
     if args.threads:
@@ -321,15 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     for feature in args.features or list(trainset.class_names[1:]):
         t0 = time.perf_counter()
         subset = binary_subset(trainset, feature)
-        meta = multi_network.meta
-        init = Network.create(
-            meta.architecture,
-            meta.in_channels,
-            2,
-            model_params=dict(meta.model_params),
-            class_names=subset.class_names,
-        )
-        copied = transfer_weights(multi_network, init)
+        channels = multi_network.meta.in_channels
+        init, copied = network_like(multi_network, channels, subset.class_names)
         result = train_network(
             subset, args, feature, args.binary_iterations, init, args.binary_learning_rate
         )
