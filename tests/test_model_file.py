@@ -116,6 +116,29 @@ def test_round_trip_is_exact(tmp_path, arch, in_channels, n_classes):
         assert torch.equal(loaded.model.state_dict()[name], tensor)
 
 
+
+def test_metadata_is_deflated_weights_stored_and_the_bytes_repeat(tmp_path):
+    net = _network()
+    net.meta.history = [{"step": i + 1, "loss": 1.0 / (i + 1)} for i in range(2000)]
+    first = save_network(net, tmp_path / "a.tsnet")
+    with zipfile.ZipFile(first) as archive:
+        members = {info.filename: info for info in archive.infolist()}
+    meta = members.pop("__meta__.npy")
+    assert meta.compress_type == zipfile.ZIP_DEFLATED
+    assert meta.compress_size * 5 < meta.file_size  # 4-byte characters of JSON shrink
+    assert members and all(m.compress_type == zipfile.ZIP_STORED for m in members.values())
+    again = save_network(net, tmp_path / "b.tsnet")
+    assert first.read_bytes() == again.read_bytes()
+
+
+def test_a_file_numpy_savez_wrote_still_loads(saved, tmp_path):
+    net, path = saved
+    old = _rewrite(_arrays(path), tmp_path / "old.tsnet")  # every member stored
+    loaded = load_network(old)
+    assert loaded.meta.to_dict() == net.meta.to_dict()
+    for name, tensor in net.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor)
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_loading_onto_a_missing_gpu_is_refused(saved):
     with pytest.raises(TomosegError, match="device 'cuda'"):

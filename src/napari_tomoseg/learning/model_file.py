@@ -3,9 +3,11 @@
 File name extension: **``.tsnet``** (any name is accepted; ``.tsnet`` is the convention the
 widgets and the command line use).
 
-Format (version 1).  A ``.tsnet`` file is a zip archive written by :func:`numpy.savez`
-(uncompressed: trained weights hardly compress, and it loads faster), holding only plain
-arrays:
+Format (version 1).  A ``.tsnet`` file is a zip archive of ``.npy`` members, as
+:func:`numpy.savez` writes (and :func:`numpy.load` reads), holding only plain arrays; the
+weights are stored uncompressed (they hardly compress, and load faster), the metadata is
+deflated (a JSON text in 4-byte characters, with one history entry per mini-batch, shrinks
+about tenfold):
 
 - ``__meta__``: a 0-d unicode array, a JSON object with ``"format": "napari-tomoseg-network"``
   and ``"format_version": 1`` plus the :class:`NetworkMeta` fields (architecture and its
@@ -433,9 +435,21 @@ def save_network(
             if not np.all(np.isfinite(array)):
                 raise TomosegError(f"Weight {name!r} is too large for float16; save without half.")
         arrays[_STATE_PREFIX + name] = array.copy(order="C")
-    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        _write_archive(tmp, arrays)
     return path
+
+
+def _write_archive(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as a zip of ``.npy`` members (what :func:`numpy.load` reads), the
+    metadata deflated and the weights stored; fixed member dates, so the same network
+    gives the same bytes."""
+    with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
+        for key, array in arrays.items():
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED if key == _META_KEY else zipfile.ZIP_STORED
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def read_network_meta(path: str | os.PathLike) -> NetworkMeta:
