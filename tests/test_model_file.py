@@ -116,7 +116,6 @@ def test_round_trip_is_exact(tmp_path, arch, in_channels, n_classes):
         assert torch.equal(loaded.model.state_dict()[name], tensor)
 
 
-
 def test_metadata_is_deflated_weights_stored_and_the_bytes_repeat(tmp_path):
     net = _network()
     net.meta.history = [{"step": i + 1, "loss": 1.0 / (i + 1)} for i in range(2000)]
@@ -138,6 +137,7 @@ def test_a_file_numpy_savez_wrote_still_loads(saved, tmp_path):
     assert loaded.meta.to_dict() == net.meta.to_dict()
     for name, tensor in net.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor)
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_loading_onto_a_missing_gpu_is_refused(saved):
