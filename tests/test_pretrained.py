@@ -62,7 +62,7 @@ def test_every_feature_and_the_multiclass_network_are_shipped_and_load_safely():
             assert meta.class_names == CLASS_NAMES
         else:
             assert meta.class_names == ("background", name)
-    assert total < 8 * 2**20  # a few MB in all (half-precision weights; 5.9 MB now)
+    assert total < 8 * 2**20  # a few MB in all (half-precision weights; 6.0 MB now)
     with pytest.raises(TomosegError, match="no shipped network 'actin'.*available: "):
         load_pretrained("actin")
 
