@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from napari_tomoseg.simulator.synthetic import (
     _backprojector,
     _projector,
     ctf_1d,
+    dose_before,
     electron_wavelength,
+    exposure_filter,
     iter_simulate_tomogram,
+    random_settings,
     simulate_tomogram,
 )
 
@@ -310,12 +314,61 @@ def test_iter_simulate_reports_progress_and_stops() -> None:
         {"snr": -1.0},
         {"defocus_um": 0.0},
         {"n_ribosomes": -3},
+        {"total_dose": -10.0},
+        {"alignment_error_px": 50.0},
         {"no_such_setting": 1},
     ],
 )
 def test_bad_settings_raise_tomoseg_error(overrides: dict) -> None:
     with pytest.raises(TomosegError):
         simulate_tomogram(**overrides)
+
+
+def test_dose_symmetric_order_and_exposure_filter() -> None:
+    dose = dose_before(np.array([-6.0, -3.0, 0.0, 3.0, 6.0]), total_dose=50.0)
+    # 0 first, then +3, -3, +6, -6: each image 10 e/A^2 after the one before
+    assert np.allclose(dose, [40.0, 20.0, 0.0, 10.0, 30.0])
+    k = np.array([0.0, 0.01, 0.05])
+    kept = exposure_filter(k, np.array([0.0, 100.0]))
+    assert np.allclose(kept[0], 1.0) and kept[1, 0] == 1.0  # no dose, and the mean, kept
+    assert 1.0 > kept[1, 1] > kept[1, 2] > 0.0  # fine detail is lost first
+    # Grant & Grigorieff's critical exposure at 1/20 A: 0.245 * 20**1.665 + 2.81 = 38.7 e/A^2
+    assert kept[1, 2] == pytest.approx(np.exp(-100 / (2 * 38.73)), rel=1e-3)
+
+
+def test_imperfections_blur_the_tomogram_and_leave_the_scene() -> None:
+    kw = {"shape": (32, 80, 80), "seed": 5, "snr": math.inf}
+    clean = simulate_tomogram(**kw)
+
+    def likeness(**extra):
+        other = simulate_tomogram(**kw, **extra)
+        assert np.array_equal(other.labels, clean.labels)
+        return float(np.corrcoef(clean.tomogram.ravel(), other.tomogram.ravel())[0, 1])
+
+    assert likeness(total_dose=0.0, alignment_error_px=0.0) == pytest.approx(1.0)
+    assert 0.9 < likeness(total_dose=150.0) < 0.9999
+    assert likeness(alignment_error_px=1.5) < likeness(alignment_error_px=0.4) < 0.999
+    # the same noise as without them: the imperfections draw from a generator of their own
+    noisy = {**kw, "snr": 0.5}
+    assert (
+        np.corrcoef(
+            simulate_tomogram(**noisy).tomogram.ravel(),
+            simulate_tomogram(**noisy, total_dose=100.0).tomogram.ravel(),
+        )[0, 1]
+        > 0.9
+    )
+
+
+def test_random_settings_draw_imperfections_only_when_asked() -> None:
+    plain = [random_settings(np.random.default_rng(s)) for s in range(10)]
+    imperfect = [random_settings(np.random.default_rng(s), imperfect=True) for s in range(10)]
+    assert all(p.total_dose == 0 and p.alignment_error_px == 0 for p in plain)
+    for p, q in zip(plain, imperfect):  # the same settings otherwise
+        assert dataclasses.replace(q, total_dose=0.0, alignment_error_px=0.0) == p
+    doses = [q.total_dose for q in imperfect if q.total_dose > 0]
+    errors = [q.alignment_error_px for q in imperfect if q.alignment_error_px > 0]
+    assert 0 < len(doses) < 10 and 0 < len(errors) < 10
+    assert all(60 <= d <= 180 for d in doses) and all(0.2 <= e <= 1.5 for e in errors)
 
 
 # --------------------------------------------------------------------------- a picture

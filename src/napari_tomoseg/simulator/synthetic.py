@@ -110,7 +110,10 @@ class SimulationSettings:
     of the untilted image: the variance of the CTF-filtered projection (measured robustly,
     so gold beads do not count) over the variance of the noise; ``math.inf`` means no
     noise.  ``phase_flip`` corrects the CTF sign before reconstruction, as IMOD's
-    ctfphaseflip does.  See ``docs/simulator.md``.
+    ctfphaseflip does.  ``total_dose`` (electrons per square Angstrom over the tilt series,
+    0: none) damages the specimen as the images are taken, in dose-symmetric order;
+    ``alignment_error_px`` is the r.m.s. in-plane shift (pixels) left in each image after
+    tilt-series alignment.  See ``docs/simulator.md``.
     """
 
     shape: tuple[int, int, int] = (96, 256, 256)
@@ -126,6 +129,9 @@ class SimulationSettings:
     bfactor: float = 150.0
     phase_flip: bool = True
     snr: float = 0.8
+    # imperfections of real tilt series (both off by default)
+    total_dose: float = 0.0
+    alignment_error_px: float = 0.0
     # scene
     n_microtubules: int | None = None
     n_ribosomes: int | None = None
@@ -187,6 +193,11 @@ def _check_settings(s: SimulationSettings) -> None:
         (0 <= s.amplitude_contrast < 1, "amplitude_contrast must be in [0, 1)"),
         (s.bfactor >= 0, "bfactor must be >= 0 (square Angstrom)"),
         (s.snr > 0, "snr must be > 0 (use math.inf for no noise)"),
+        (0 <= s.total_dose < 1e4, "total_dose must be >= 0 electrons per square Angstrom"),
+        (
+            0 <= s.alignment_error_px <= 20,
+            "alignment_error_px must be 0-20 pixels (r.m.s. shift per image)",
+        ),
         (0 <= s.er_ribosome_fraction <= 1, "er_ribosome_fraction must be in [0, 1]"),
         (0 <= s.dense_vesicle_fraction <= 1, "dense_vesicle_fraction must be in [0, 1]"),
         (s.carbon_thickness_nm > 0, "carbon_thickness_nm must be > 0"),
@@ -1100,8 +1111,10 @@ def _image_tilt_series(
     ky = np.fft.rfftfreq(ny + 2 * pad, d=settings.voxel_size)
     k = np.sqrt(ku[:, None] ** 2 + ky[None, :] ** 2)
     ctf = ctf_1d(k, settings).astype(np.float32)
-    spectrum = sp_fft.rfft2(padded, axes=(1, 2))
-    images = sp_fft.irfft2(spectrum * ctf, s=(nu, ny + 2 * pad), axes=(1, 2))
+    spectrum = sp_fft.rfft2(padded, axes=(1, 2)) * ctf
+    if settings.total_dose > 0:
+        spectrum *= exposure_filter(k, dose_before(angles, settings.total_dose))
+    images = sp_fft.irfft2(spectrum, s=(nu, ny + 2 * pad), axes=(1, 2))
     images = images[:, :, pad:-pad].astype(np.float32)
     if math.isfinite(settings.snr):
         zero = int(np.argmin(np.abs(angles)))
@@ -1121,7 +1134,45 @@ def _image_tilt_series(
         images = images[:, :, pad:-pad].astype(np.float32)
     if settings.lowpass < 1.0:
         images = _lowpass_images(images, k, settings, pad)
+    if settings.alignment_error_px > 0:
+        images = _misalign(images, settings, pad)
     return images
+
+
+def dose_before(angles: np.ndarray, total_dose: float) -> np.ndarray:
+    """The dose (e/A^2) each image's specimen has received before it is taken, in
+    dose-symmetric order (Hagen et al., J. Struct. Biol. 2017): the untilted image first,
+    then ever higher tilts, alternating sides; each image gets an equal share."""
+    order = sorted(range(len(angles)), key=lambda i: (abs(float(angles[i])), -float(angles[i])))
+    rank = np.empty(len(angles), dtype=np.float64)
+    rank[order] = np.arange(len(angles))
+    return rank * (total_dose / len(angles))
+
+
+def exposure_filter(k: np.ndarray, dose: np.ndarray) -> np.ndarray:
+    """(tilt, ...) amplitude left at spatial frequency ``k`` (1/A) after ``dose`` (one per
+    tilt, e/A^2): exp(-N / 2 N_e(k)) with the critical exposure N_e(k) = 0.245 k^-1.665 +
+    2.81 measured at 300 kV (Grant & Grigorieff, eLife 2015)."""
+    with np.errstate(divide="ignore"):
+        critical = np.where(k > 0, 0.245 * np.abs(k) ** -1.665 + 2.81, np.inf)
+    dose = np.asarray(dose, dtype=np.float64).reshape(-1, *([1] * k.ndim))
+    return np.exp(-dose / (2 * critical[None])).astype(np.float32)
+
+
+def _misalign(images: np.ndarray, settings: SimulationSettings, pad: int) -> np.ndarray:
+    """Shift each image in-plane by a random amount (normal in each axis, of r.m.s.
+    length ``alignment_error_px``), as the residual errors of a tilt-series alignment do.
+    Drawn from a generator of its own, so the other draws of a seed stay as they are."""
+    nt, nu, ny = images.shape
+    rng = np.random.default_rng([settings.seed, 0xA11])
+    shifts = rng.normal(0.0, settings.alignment_error_px / math.sqrt(2), size=(nt, 2))
+    fu = np.fft.fftfreq(nu)[None, :, None]
+    fy = np.fft.rfftfreq(ny + 2 * pad)[None, None, :]
+    phase = np.exp(-2j * np.pi * (fu * shifts[:, 0, None, None] + fy * shifts[:, 1, None, None]))
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad)), mode="reflect")
+    spectrum = sp_fft.rfft2(padded, axes=(1, 2)) * phase.astype(np.complex64)
+    out = sp_fft.irfft2(spectrum, s=(nu, ny + 2 * pad), axes=(1, 2))
+    return out[:, :, pad:-pad].astype(np.float32)
 
 
 def _lowpass_images(
@@ -1264,10 +1315,20 @@ RANDOM_RANGES: dict[str, tuple[float, float]] = {
     "crowding": (0.2, 2.5),
     "density": (0.5, 2.0),  # log-uniform factor on every object count
 }
+#: Ranges of the imperfections ``random_settings(..., imperfect=True)`` draws, and the
+#: fraction of tomograms that get each.
+IMPERFECT_RANGES: dict[str, tuple[float, float]] = {
+    "total_dose": (60.0, 180.0),
+    "alignment_error_px": (0.2, 1.5),
+}
+IMPERFECT_FRACTION = 0.6
 
 
 def random_settings(
-    rng: np.random.Generator, shape_yx: tuple[int, int] = (256, 256), voxel_size: float = 10.0
+    rng: np.random.Generator,
+    shape_yx: tuple[int, int] = (256, 256),
+    voxel_size: float = 10.0,
+    imperfect: bool = False,
 ) -> SimulationSettings:
     """Settings drawn at random from :data:`RANDOM_RANGES` (domain randomisation): imaging
     (dose, defocus, tilt range and step, envelope, CTF correction or not, a smoother
@@ -1283,6 +1344,11 @@ def random_settings(
         The tomogram's (Y, X) size in voxels; its Z size follows from the drawn thickness.
     voxel_size
         The voxel size in Angstrom.
+    imperfect
+        Also draw radiation damage and residual alignment errors
+        (:data:`IMPERFECT_RANGES`, each in :data:`IMPERFECT_FRACTION` of the tomograms),
+        from a generator seeded by the scene's seed, so ``rng`` gives the same series of
+        settings either way.
     """
     r = RANDOM_RANGES
 
@@ -1302,7 +1368,7 @@ def random_settings(
     }
     counts["n_microtubules"] = max(1, int(rng.poisson(3 * density)))
     smallest = float(rng.uniform(10.0, 25.0))
-    return SimulationSettings(
+    settings = SimulationSettings(
         shape=(depth, *shape_yx),
         voxel_size=voxel_size,
         seed=int(rng.integers(2**31)),
@@ -1327,6 +1393,14 @@ def random_settings(
         keep_density=False,
         **counts,
     )
+    if not imperfect:
+        return settings
+    extra = np.random.default_rng([settings.seed, 0xD05E])
+    drawn = {
+        name: float(extra.uniform(*limits)) if extra.random() < IMPERFECT_FRACTION else 0.0
+        for name, limits in IMPERFECT_RANGES.items()
+    }
+    return dataclasses.replace(settings, **drawn)
 
 
 def _resolve(settings: SimulationSettings | None, overrides: dict[str, Any]) -> SimulationSettings:
