@@ -4,7 +4,8 @@
                                [--binary-iterations 3000] [--out DIR] [--seed 0]
                                [--start NETWORK] [--voxel-sizes LOW HIGH]
                                [--context-slices C]
-                               [--threads T] [--work DIR] [--quick]
+                               [--imperfect] [--threads T] [--processes P]
+                               [--work DIR] [--quick]
 
 1. Simulates ``--tomograms`` tomograms whose settings are drawn at random
    (:func:`napari_tomoseg.simulator.synthetic.random_settings`: dose, defocus, tilt range,
@@ -13,7 +14,8 @@
    ``--voxel-sizes LOW HIGH``, each at its own voxel size (log-uniform) and then resampled
    to the networks' 10 A the way apply resamples a user's tomogram
    (:func:`napari_tomoseg.simulator.demo.at_voxel_size`), so the networks learn what a
-   rescaled tomogram looks like.
+   rescaled tomogram looks like; with ``--imperfect`` some get radiation damage and
+   residual alignment errors too.  ``--processes P`` simulates P tomograms at a time.
 2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
    each feature, ``--negative`` boxes free of every feature; ``--box-size`` pixels) with
    the simulator's six classes painted, and joins them into one training set.
@@ -79,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"then resample it to the networks' {NETWORK_VOXEL:g} A as apply would",
     )
     parser.add_argument(
+        "--imperfect",
+        action="store_true",
+        help="also draw radiation damage and residual alignment errors "
+        "(synthetic.IMPERFECT_RANGES) for some of the tomograms",
+    )
+    parser.add_argument(
         "--iterations",
         type=int,
         default=12000,
@@ -108,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="processes that simulate the tomograms"
+    )
     parser.add_argument("--out", type=Path, default=PACKAGE_DIR, help="where the networks go")
     parser.add_argument(
         "--work",
@@ -121,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--iterations must be > 0, or 0 with --start (binary networks only)")
     if args.context_slices < 0:
         parser.error(f"--context-slices must be >= 0, got {args.context_slices}")
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
     if min(args.voxel_sizes) <= 0:
         parser.error(f"--voxel-sizes must be > 0 Angstrom, got {args.voxel_sizes}")
     if args.quick:
@@ -143,49 +156,80 @@ def draw_voxel_size(rng: np.random.Generator, limits: tuple[float, float]) -> fl
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
-def build_trainset(args: argparse.Namespace) -> Any:
-    """Simulate the tomograms and join their boxes into one six-class training set."""
-    from napari_tomoseg.learning.trainset import TrainingSet, TrainsetSettings, concatenate
+def _boxes_of(job: tuple[int, float, Any, argparse.Namespace]) -> tuple[Any, dict | str]:
+    """Simulate one tomogram, resample it to the networks' voxel size and cut its boxes:
+    (training set, its description), or (None, why it was skipped)."""
+    from napari_tomoseg.learning.trainset import TrainsetSettings
     from napari_tomoseg.simulator.demo import at_voxel_size, trainset_from_truth
-    from napari_tomoseg.simulator.synthetic import CLASS_NAMES, random_settings, simulate_tomogram
+    from napari_tomoseg.simulator.synthetic import CLASS_NAMES, simulate_tomogram
+
+    i, voxel, settings, args = job
+    sim = at_voxel_size(simulate_tomogram(settings), NETWORK_VOXEL)
+    box = TrainsetSettings(
+        box_size=args.box_size,
+        ncopy=args.ncopy,
+        seed=args.seed + i,
+        context_slices=args.context_slices,
+    )
+    try:
+        ts = trainset_from_truth(
+            sim,
+            CLASS_NAMES[1:],
+            args.positive,
+            args.negative,
+            seed=args.seed + i,
+            all_classes=True,
+            trainset_settings=box,
+        )
+    except Exception as exc:  # a scene too crowded or too empty for boxes: skip it
+        return None, str(exc)
+    about = {"seed": settings.seed, "voxel_size": round(voxel, 2)}
+    if args.imperfect:
+        about["total_dose"] = round(settings.total_dose, 1)
+        about["alignment_error_px"] = round(settings.alignment_error_px, 2)
+    return ts, {**about, "boxes": ts.metadata["benchmark_boxes"]}
+
+
+def _jobs(args: argparse.Namespace) -> list[tuple[int, float, Any, argparse.Namespace]]:
+    """Each tomogram's index, voxel size and settings, drawn in order from the seed (so
+    the same command gives the same tomograms however many processes simulate them)."""
+    from napari_tomoseg.simulator.synthetic import random_settings
+
+    rng = np.random.default_rng(args.seed)
+    jobs = []
+    for i in range(args.tomograms):
+        voxel = draw_voxel_size(rng, args.voxel_sizes)
+        shape_yx = tuple(round(n * NETWORK_VOXEL / voxel) for n in args.shape_yx)
+        settings = random_settings(rng, shape_yx, voxel_size=voxel, imperfect=args.imperfect)
+        jobs.append((i, voxel, settings, args))
+    return jobs
+
+
+def build_trainset(args: argparse.Namespace) -> Any:
+    """Simulate the tomograms (in ``--processes`` processes) and join their boxes into
+    one six-class training set."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from napari_tomoseg.learning.trainset import TrainingSet, concatenate
 
     cached = args.work / "pretrain.tstrain.npz" if args.work else None
     if cached is not None and cached.is_file():
         say(f"reusing the training set {cached}")
         return TrainingSet.load(cached)
-    rng = np.random.default_rng(args.seed)
+    jobs = _jobs(args)
+    pool = ProcessPoolExecutor(args.processes) if args.processes > 1 else None
+    done = pool.map(_boxes_of, jobs) if pool else map(_boxes_of, jobs)
     sets, described = [], []
-    for i in range(args.tomograms):
-        voxel = draw_voxel_size(rng, args.voxel_sizes)
-        shape_yx = tuple(round(n * NETWORK_VOXEL / voxel) for n in args.shape_yx)
-        settings = random_settings(rng, shape_yx, voxel_size=voxel)
-        shape, snr = settings.shape, settings.snr
+    for (i, voxel, settings, _), (ts, about) in zip(jobs, done):
         say(
-            f"simulating tomogram {i + 1}/{args.tomograms} {shape} at {voxel:.1f} A, SNR {snr:.2f}"
+            f"simulated tomogram {i + 1}/{args.tomograms} {settings.shape} at {voxel:.1f} A, "
+            f"SNR {settings.snr:.2f}" + ("" if ts is not None else f": skipped: {about}")
         )
-        sim = at_voxel_size(simulate_tomogram(settings), NETWORK_VOXEL)
-        box = TrainsetSettings(
-            box_size=args.box_size,
-            ncopy=args.ncopy,
-            seed=args.seed + i,
-            context_slices=args.context_slices,
-        )
-        try:
-            ts = trainset_from_truth(
-                sim,
-                CLASS_NAMES[1:],
-                args.positive,
-                args.negative,
-                seed=args.seed + i,
-                all_classes=True,
-                trainset_settings=box,
-            )
-        except Exception as exc:  # a scene too crowded or too empty for boxes: skip it
-            say(f"  skipped: {exc}")
-            continue
-        sets.append(ts)
-        boxes = ts.metadata["benchmark_boxes"]
-        described.append({"seed": settings.seed, "voxel_size": round(voxel, 2), "boxes": boxes})
+        if ts is not None:
+            sets.append(ts)
+            described.append(about)
+    if pool:
+        pool.shutdown()
     joined = concatenate(sets, source=f"{len(sets)} simulated tomograms (random settings)")
     joined.metadata["pretraining_tomograms"] = described
     if cached is not None:
@@ -296,16 +340,25 @@ def describe(result: Any, seconds: float, extra: dict[str, Any]) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from napari_tomoseg.learning.model_file import load_network, save_network
-    from napari_tomoseg.learning.pretrained import MULTICLASS
-
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     trainset = build_trainset(args)
+    summary = train_and_save(args, trainset, " ".join(["python", *sys.argv]), t_start)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def train_and_save(args: argparse.Namespace, trainset: Any, command: str, t_start: float) -> dict:
+    """Train ``all_features`` (or take ``--start``) and the binary networks on
+    ``trainset``, saving each into ``--out`` as it is done; the run's summary, also
+    written there as ``pretraining.json``."""
+    from napari_tomoseg.learning.model_file import load_network, save_network
+    from napari_tomoseg.learning.pretrained import MULTICLASS
+
     summary: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": command,
         "samples": len(trainset),
         "tomograms": len(trainset.metadata.get("sources", [])),
         "seconds_data": round(time.perf_counter() - t_start, 1),
@@ -337,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         summary["networks"][feature] = describe(
             result, time.perf_counter() - t0, {"started_from": MULTICLASS, **copied}
         )
+        say(f"  {feature}: {summary['networks'][feature]}")
     summary["seconds_total"] = round(time.perf_counter() - t_start, 1)
     (args.out / "pretraining.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

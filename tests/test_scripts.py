@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,8 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"tomoseg_script_{name}", SCRIPTS / name)
+    stem = Path(name).stem  # a module name without a dot, so its functions pickle
+    spec = importlib.util.spec_from_file_location(f"tomoseg_script_{stem}", SCRIPTS / name)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -75,6 +77,20 @@ def test_pretraining_with_no_multiclass_iterations_trains_only_the_binary_networ
         pretrain.parse_args(["--voxel-sizes", "0", "12"])
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--context-slices", "-1"])
+
+
+def test_pretraining_simulates_in_processes_the_same_imperfect_tomograms(tmp_path):
+    pretrain = _load("pretrain.py")
+    argv = ["--quick", "--imperfect"]  # two tomograms
+    serial = pretrain.build_trainset(pretrain.parse_args(argv))
+    parallel = pretrain.build_trainset(pretrain.parse_args([*argv, "--processes", "2"]))
+    assert np.array_equal(serial.images, parallel.images)
+    assert np.array_equal(serial.labels, parallel.labels)
+    drawn = parallel.metadata["pretraining_tomograms"]
+    assert drawn == serial.metadata["pretraining_tomograms"] and len(drawn) == 2
+    assert all({"total_dose", "alignment_error_px"} <= set(t) for t in drawn)
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--processes", "0"])
 
 
 def test_recalibration_rewrites_the_threshold_from_the_recorded_curve(tmp_path):
