@@ -1,6 +1,7 @@
 """Accuracy on simulated tomograms the training never saw: per-class precision, recall, F1.
 
     python benchmarks/accuracy.py --shifted [--quick] [--train-seeds 0 1 2] [--features F ...]
+    python benchmarks/accuracy.py --imperfect [--parts zeroshot] ...
     python benchmarks/accuracy.py [--iterations N] [--features F ...] [--architectures A ...]
                                   [--compare-features F ...]
                                   [--multiclass-architectures A ...] [--box-counts 2 5 10 20]
@@ -24,6 +25,10 @@ Test data:
   vesicle sizes, a smoother reconstruction, and all at once).  Networks are applied as a
   user would: at the tomogram's voxel size (rescaled to the network's), with the network's
   own threshold (calibrated on its held-out boxes; 0.5 for networks without one).
+* ``--imperfect``: :data:`IMPERFECT_TESTS` in place of the shifted ones, tilt series
+  with radiation damage (dose-symmetric, 120-150 e/A^2) and residual alignment errors
+  (0.7-1.5 px r.m.s.), and a control without them: flaws every real tilt series has and
+  the shifted set leaves out.
 * otherwise, tomograms of other seeds at the training noise level and at other noise
   levels (``--test-seeds`` x ``--snrs``).
 
@@ -121,6 +126,21 @@ SHIFTED_TESTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
 )
 SHIFTED_SEED = 101
+#: A second test set (``--imperfect``): tilt series with the flaws of real ones, radiation
+#: damage and residual alignment errors (the simulator's ``total_dose`` and
+#: ``alignment_error_px``), each on a scene of its own (seed ``IMPERFECT_SEED + index``),
+#: and a control without them.
+IMPERFECT_TESTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("no imperfection (control)", {}),
+    ("dose 120 e/A2", {"total_dose": 120.0}),
+    ("misaligned 0.7 px", {"alignment_error_px": 0.7}),
+    ("misaligned 1.5 px", {"alignment_error_px": 1.5}),
+    (
+        "dose 150 e/A2, misaligned 1 px, SNR 0.5",
+        {"total_dose": 150.0, "alignment_error_px": 1.0, "snr": 0.5},
+    ),
+)
+IMPERFECT_SEED = 201
 #: Thresholds at which binary networks are also scored (threshold sensitivity).
 SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 #: The two shifted tests of the quick mode.
@@ -151,6 +171,8 @@ class AccuracyOptions:
     n_negative: int = 100
     # the domain-shift test set (SHIFTED_TESTS) instead of test_seeds x snrs
     shifted: bool = False
+    # with ``shifted``: the imperfect tilt series (IMPERFECT_TESTS) instead of SHIFTED_TESTS
+    imperfect: bool = False
     shifted_tests: list[str] = field(default_factory=list)  # empty: all of SHIFTED_TESTS
     test_seeds: list[int] = field(default_factory=lambda: [1, 2])
     snrs: list[float] = field(default_factory=lambda: [0.8, 0.5, 1.5])
@@ -220,14 +242,17 @@ def make_tests(options: AccuracyOptions, say: Any = None) -> list[TestTomogram]:
     plan: list[tuple[str, int, dict[str, Any]]] = []
     shape = tuple(options.shape)
     if options.shifted:
-        wanted = options.shifted_tests or [name for name, _ in SHIFTED_TESTS]
-        known = dict(SHIFTED_TESTS)
+        catalogue, seed0 = (SHIFTED_TESTS, SHIFTED_SEED)
+        if options.imperfect:
+            catalogue, seed0 = (IMPERFECT_TESTS, IMPERFECT_SEED)
+        wanted = options.shifted_tests or [name for name, _ in catalogue]
+        known = dict(catalogue)
         unknown = sorted(set(wanted) - set(known))
         if unknown:
             raise SystemExit(f"unknown shifted tests {unknown}; known: {sorted(known)}")
-        for index, (name, changes) in enumerate(SHIFTED_TESTS):
+        for index, (name, changes) in enumerate(catalogue):
             if name in wanted:
-                plan.append((name, SHIFTED_SEED + index, shifted_settings(name, changes, shape)))
+                plan.append((name, seed0 + index, shifted_settings(name, changes, shape)))
     else:
         for seed in options.test_seeds:
             for snr in options.snrs:
@@ -800,6 +825,8 @@ def format_report(report: dict[str, Any]) -> str:
     changed = ", ".join(f"{k}={v}" for k, v in o["train_overrides"].items())
     threshold = "each network's own" if o["threshold"] is None else f"{o['threshold']}"
     kind = "shifted settings" if o["shifted"] else "other seeds and noise levels"
+    if o.get("imperfect"):
+        kind = "imperfect tilt series (radiation damage, alignment errors)"
     lines = [
         "# accuracy on unseen simulated tomograms",
         f"# command: {report['command']}",
@@ -840,6 +867,12 @@ def _override(text: str) -> tuple[str, Any]:
 def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shifted", action="store_true", help="the domain-shift test set")
+    parser.add_argument(
+        "--imperfect",
+        action="store_true",
+        help="the imperfect tilt series (radiation damage, alignment errors) as the "
+        "shifted test set (implies --shifted)",
+    )
     parser.add_argument("--shifted-tests", nargs="+", help="only these shifted tests (names)")
     parser.add_argument("--train-seeds", type=int, nargs="+", help="default: 0")
     parser.add_argument(
@@ -901,7 +934,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
     parser.add_argument("--quick", action="store_true", help="a tiny run to check the script")
     parser.add_argument("--json", help="also write every number to this JSON file")
     args = parser.parse_args(argv)
-    options = quick_options(args.shifted) if args.quick else AccuracyOptions(shifted=args.shifted)
+    shifted = args.shifted or args.imperfect
+    options = quick_options(shifted) if args.quick else AccuracyOptions(shifted=shifted)
+    if args.imperfect:
+        options.imperfect = True
+        if args.quick:
+            options.shifted_tests = [IMPERFECT_TESTS[0][0], IMPERFECT_TESTS[-1][0]]
     for name in (
         "iterations",
         "multiclass_iterations",

@@ -212,6 +212,19 @@ def test_accuracy_shifted_quick_run_tests_on_shifted_settings(accuracy):
     assert "test-time augmentation: 4 orientations" in text
 
 
+def test_accuracy_imperfect_quick_run_tests_on_damaged_and_misaligned_tilt_series(accuracy):
+    options, _ = accuracy.parse_args(["--imperfect", "--quick", "--parts", "zeroshot"])
+    assert options.shifted and options.imperfect
+    report = accuracy.run_accuracy(options)
+    per_test = report["zeroshot"][0]["per_test"]
+    control, flawed = accuracy.IMPERFECT_TESTS[0], accuracy.IMPERFECT_TESTS[-1]
+    assert [t["name"] for t in per_test] == [control[0], flawed[0]]
+    assert per_test[0]["settings"].get("total_dose", 0) == 0
+    assert per_test[1]["settings"]["alignment_error_px"] == flawed[1]["alignment_error_px"]
+    text = accuracy.format_report(report)
+    assert f"(imperfect tilt series (radiation damage, alignment errors)): {control[0]}" in text
+
+
 def test_the_threshold_sweep_table_pools_the_tests_of_each_binary_network(accuracy):
     n = len(accuracy.SWEEP)
     # two tests; at every threshold tp, fp, fn = 3, 1, 1 in the first and 1, 0, 2 in the second
