@@ -1106,16 +1106,13 @@ def _image_tilt_series(
     through the specimen (1 / cos) at higher tilts."""
     nt, nu, ny = proj.shape
     pad = 16
-    padded = np.pad(proj, ((0, 0), (0, 0), (pad, pad)), mode="reflect")
     ku = np.fft.fftfreq(nu, d=settings.voxel_size)
     ky = np.fft.rfftfreq(ny + 2 * pad, d=settings.voxel_size)
     k = np.sqrt(ku[:, None] ** 2 + ky[None, :] ** 2)
-    ctf = ctf_1d(k, settings).astype(np.float32)
-    spectrum = sp_fft.rfft2(padded, axes=(1, 2)) * ctf
+    filters = [ctf_1d(k, settings).astype(np.float32)]
     if settings.total_dose > 0:
-        spectrum *= exposure_filter(k, dose_before(angles, settings.total_dose))
-    images = sp_fft.irfft2(spectrum, s=(nu, ny + 2 * pad), axes=(1, 2))
-    images = images[:, :, pad:-pad].astype(np.float32)
+        filters.append(exposure_filter(k, dose_before(angles, settings.total_dose)))
+    images = _filtered(proj, pad, *filters)
     if math.isfinite(settings.snr):
         zero = int(np.argmin(np.abs(angles)))
         signal = images[zero][np.abs(proj[zero]) > 0]
@@ -1127,16 +1124,25 @@ def _image_tilt_series(
         images += noise * (noise_std * scale)[:, None, None].astype(np.float32)
     if settings.phase_flip:
         flip = np.sign(-ctf_1d(k, dataclasses.replace(settings, bfactor=0.0)))
-        flip = np.where(flip == 0, 1.0, flip).astype(np.float32)
-        padded = np.pad(images, ((0, 0), (0, 0), (pad, pad)), mode="reflect")
-        spectrum = sp_fft.rfft2(padded, axes=(1, 2))
-        images = sp_fft.irfft2(spectrum * flip, s=(nu, ny + 2 * pad), axes=(1, 2))
-        images = images[:, :, pad:-pad].astype(np.float32)
+        images = _filtered(images, pad, np.where(flip == 0, 1.0, flip).astype(np.float32))
     if settings.lowpass < 1.0:
-        images = _lowpass_images(images, k, settings, pad)
+        images = _filtered(images, pad, _lowpass_window(k, settings))
     if settings.alignment_error_px > 0:
-        images = _misalign(images, settings, pad)
+        images = _filtered(images, pad, _misalignment(images.shape, settings, pad))
     return images
+
+
+def _filtered(images: np.ndarray, pad: int, *filters: np.ndarray) -> np.ndarray:
+    """Each (u, y) image multiplied in Fourier space by each of ``filters`` in turn (on
+    the rfft2 grid of u by y padded by ``pad`` on each side by reflection; one grid for
+    all images, or one per image)."""
+    nt, nu, ny = images.shape
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad)), mode="reflect")
+    spectrum = sp_fft.rfft2(padded, axes=(1, 2))
+    for f in filters:
+        spectrum = spectrum * f
+    out = sp_fft.irfft2(spectrum, s=(nu, ny + 2 * pad), axes=(1, 2))
+    return out[:, :, pad:-pad].astype(np.float32)
 
 
 def dose_before(angles: np.ndarray, total_dose: float) -> np.ndarray:
@@ -1159,35 +1165,26 @@ def exposure_filter(k: np.ndarray, dose: np.ndarray) -> np.ndarray:
     return np.exp(-dose / (2 * critical[None])).astype(np.float32)
 
 
-def _misalign(images: np.ndarray, settings: SimulationSettings, pad: int) -> np.ndarray:
-    """Shift each image in-plane by a random amount (normal in each axis, of r.m.s.
-    length ``alignment_error_px``), as the residual errors of a tilt-series alignment do.
-    Drawn from a generator of its own, so the other draws of a seed stay as they are."""
-    nt, nu, ny = images.shape
+def _misalignment(shape: tuple, settings: SimulationSettings, pad: int) -> np.ndarray:
+    """The Fourier phases that shift each image in-plane by a random amount (normal in
+    each axis, of r.m.s. length ``alignment_error_px``), as the residual errors of a
+    tilt-series alignment do.  Drawn from a generator of its own, so the other draws of a
+    seed stay as they are."""
+    nt, nu, ny = shape
     rng = np.random.default_rng([settings.seed, 0xA11])
     shifts = rng.normal(0.0, settings.alignment_error_px / math.sqrt(2), size=(nt, 2))
     fu = np.fft.fftfreq(nu)[None, :, None]
     fy = np.fft.rfftfreq(ny + 2 * pad)[None, None, :]
     phase = np.exp(-2j * np.pi * (fu * shifts[:, 0, None, None] + fy * shifts[:, 1, None, None]))
-    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad)), mode="reflect")
-    spectrum = sp_fft.rfft2(padded, axes=(1, 2)) * phase.astype(np.complex64)
-    out = sp_fft.irfft2(spectrum, s=(nu, ny + 2 * pad), axes=(1, 2))
-    return out[:, :, pad:-pad].astype(np.float32)
+    return phase.astype(np.complex64)
 
 
-def _lowpass_images(
-    images: np.ndarray, k: np.ndarray, settings: SimulationSettings, pad: int
-) -> np.ndarray:
-    """Low-pass each image with a raised-cosine edge ending at ``lowpass`` x Nyquist: the
-    smoother look of SIRT-like reconstructions and of data binned from finer pixels."""
-    nt, nu, ny = images.shape
+def _lowpass_window(k: np.ndarray, settings: SimulationSettings) -> np.ndarray:
+    """A raised-cosine low-pass ending at ``lowpass`` x Nyquist: the smoother look of
+    SIRT-like reconstructions and of data binned from finer pixels."""
     cut = settings.lowpass * 0.5 / settings.voxel_size
     t = np.clip((k - 0.7 * cut) / (0.3 * cut), 0.0, 1.0)
-    window = (0.5 * (1 + np.cos(np.pi * t))).astype(np.float32)
-    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad)), mode="reflect")
-    spectrum = sp_fft.rfft2(padded, axes=(1, 2))
-    out = sp_fft.irfft2(spectrum * window, s=(nu, ny + 2 * pad), axes=(1, 2))
-    return out[:, :, pad:-pad].astype(np.float32)
+    return (0.5 * (1 + np.cos(np.pi * t))).astype(np.float32)
 
 
 def _weighted_backprojection(
