@@ -36,6 +36,7 @@ accuracy of the result: ``docs/models.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -217,19 +218,18 @@ def build_trainset(args: argparse.Namespace) -> Any:
         say(f"reusing the training set {cached}")
         return TrainingSet.load(cached)
     jobs = _jobs(args)
-    pool = ProcessPoolExecutor(args.processes) if args.processes > 1 else None
-    done = pool.map(_boxes_of, jobs) if pool else map(_boxes_of, jobs)
+    parallel = ProcessPoolExecutor(args.processes) if args.processes > 1 else None
     sets, described = [], []
-    for (i, voxel, settings, _), (ts, about) in zip(jobs, done):
-        say(
-            f"simulated tomogram {i + 1}/{args.tomograms} {settings.shape} at {voxel:.1f} A, "
-            f"SNR {settings.snr:.2f}" + ("" if ts is not None else f": skipped: {about}")
-        )
-        if ts is not None:
-            sets.append(ts)
-            described.append(about)
-    if pool:
-        pool.shutdown()
+    with parallel or contextlib.nullcontext():
+        done = parallel.map(_boxes_of, jobs) if parallel else map(_boxes_of, jobs)
+        for (i, voxel, settings, _), (ts, about) in zip(jobs, done):
+            say(
+                f"simulated tomogram {i + 1}/{args.tomograms} {settings.shape} at {voxel:.1f} "
+                f"A, SNR {settings.snr:.2f}" + ("" if ts is not None else f": skipped: {about}")
+            )
+            if ts is not None:
+                sets.append(ts)
+                described.append(about)
     joined = concatenate(sets, source=f"{len(sets)} simulated tomograms (random settings)")
     joined.metadata["pretraining_tomograms"] = described
     if cached is not None:
