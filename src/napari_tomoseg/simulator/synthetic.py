@@ -1100,7 +1100,8 @@ def _ramp_filter(n: int) -> np.ndarray:
 def _image_tilt_series(
     proj: np.ndarray, angles: np.ndarray, settings: SimulationSettings, rng: np.random.Generator
 ) -> np.ndarray:
-    """Projections (tilt, u, y) -> recorded images: CTF, envelope, noise, optional phase flip.
+    """Projections (tilt, u, y) -> recorded images: CTF, envelope and radiation damage,
+    noise, then as asked phase flip, low-pass and alignment errors.
 
     The noise level follows ``settings.snr`` at zero tilt and grows with the path length
     through the specimen (1 / cos) at higher tilts."""
