@@ -157,14 +157,14 @@ def draw_voxel_size(rng: np.random.Generator, limits: tuple[float, float]) -> fl
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
-def _boxes_of(job: tuple[int, float, Any, argparse.Namespace]) -> tuple[Any, dict | str]:
+def _boxes_of(job: tuple[int, Any, argparse.Namespace]) -> tuple[Any, dict | str]:
     """Simulate one tomogram, resample it to the networks' voxel size and cut its boxes:
     (training set, its description), or (None, why it was skipped)."""
     from napari_tomoseg.learning.trainset import TrainsetSettings
     from napari_tomoseg.simulator.demo import at_voxel_size, trainset_from_truth
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES, simulate_tomogram
 
-    i, voxel, settings, args = job
+    i, settings, args = job
     sim = at_voxel_size(simulate_tomogram(settings), NETWORK_VOXEL)
     box = TrainsetSettings(
         box_size=args.box_size,
@@ -184,16 +184,17 @@ def _boxes_of(job: tuple[int, float, Any, argparse.Namespace]) -> tuple[Any, dic
         )
     except Exception as exc:  # a scene too crowded or too empty for boxes: skip it
         return None, str(exc)
-    about = {"seed": settings.seed, "voxel_size": round(voxel, 2)}
+    about = {"seed": settings.seed, "voxel_size": round(settings.voxel_size, 2)}
     if args.imperfect:
         about["total_dose"] = round(settings.total_dose, 1)
         about["alignment_error_px"] = round(settings.alignment_error_px, 2)
     return ts, {**about, "boxes": ts.metadata["benchmark_boxes"]}
 
 
-def _jobs(args: argparse.Namespace) -> list[tuple[int, float, Any, argparse.Namespace]]:
-    """Each tomogram's index, voxel size and settings, drawn in order from the seed (so
-    the same command gives the same tomograms however many processes simulate them)."""
+def _jobs(args: argparse.Namespace) -> list[tuple[int, Any, argparse.Namespace]]:
+    """Each tomogram's index and settings (its voxel size among them), drawn in order from
+    the seed, so the same command gives the same tomograms however many processes simulate
+    them."""
     from napari_tomoseg.simulator.synthetic import random_settings
 
     rng = np.random.default_rng(args.seed)
@@ -202,7 +203,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[int, float, Any, argparse.Name
         voxel = draw_voxel_size(rng, args.voxel_sizes)
         shape_yx = tuple(round(n * NETWORK_VOXEL / voxel) for n in args.shape_yx)
         settings = random_settings(rng, shape_yx, voxel_size=voxel, imperfect=args.imperfect)
-        jobs.append((i, voxel, settings, args))
+        jobs.append((i, settings, args))
     return jobs
 
 
@@ -222,10 +223,11 @@ def build_trainset(args: argparse.Namespace) -> Any:
     sets, described = [], []
     with parallel or contextlib.nullcontext():
         done = parallel.map(_boxes_of, jobs) if parallel else map(_boxes_of, jobs)
-        for (i, voxel, settings, _), (ts, about) in zip(jobs, done):
+        for (i, settings, _), (ts, about) in zip(jobs, done):
             say(
-                f"simulated tomogram {i + 1}/{args.tomograms} {settings.shape} at {voxel:.1f} "
-                f"A, SNR {settings.snr:.2f}" + ("" if ts is not None else f": skipped: {about}")
+                f"simulated tomogram {i + 1}/{args.tomograms} {settings.shape} at "
+                f"{settings.voxel_size:.1f} A, SNR {settings.snr:.2f}"
+                + ("" if ts is not None else f": skipped: {about}")
             )
             if ts is not None:
                 sets.append(ts)
