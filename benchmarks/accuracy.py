@@ -128,8 +128,9 @@ SHIFTED_TESTS: tuple[tuple[str, dict[str, Any]], ...] = (
 SHIFTED_SEED = 101
 #: A second test set (``--imperfect``): tilt series with the flaws of real ones, radiation
 #: damage and residual alignment errors (the simulator's ``total_dose`` and
-#: ``alignment_error_px``), each on a scene of its own (seed ``IMPERFECT_SEED + index``),
-#: and a control without them.
+#: ``alignment_error_px``), and a control without them.  Every row is simulated on the same
+#: scenes (seeds ``IMPERFECT_SEED`` onwards, ``AccuracyOptions.imperfect_scenes`` of them),
+#: so that the rows differ by the flaw alone, not by where a scene puts its features.
 IMPERFECT_TESTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("no imperfection (control)", {}),
     ("dose 120 e/A2", {"total_dose": 120.0}),
@@ -173,6 +174,7 @@ class AccuracyOptions:
     shifted: bool = False
     # with ``shifted``: the imperfect tilt series (IMPERFECT_TESTS) instead of SHIFTED_TESTS
     imperfect: bool = False
+    imperfect_scenes: int = 3  # scenes each imperfect test is simulated on
     shifted_tests: list[str] = field(default_factory=list)  # empty: all of SHIFTED_TESTS
     test_seeds: list[int] = field(default_factory=lambda: [1, 2])
     snrs: list[float] = field(default_factory=lambda: [0.8, 0.5, 1.5])
@@ -201,6 +203,7 @@ def quick_options(shifted: bool = False) -> AccuracyOptions:
         n_positive=4,
         n_negative=8,
         shifted=shifted,
+        imperfect_scenes=1,
         shifted_tests=list(QUICK_SHIFTED) if shifted else [],
         test_seeds=[1],
         snrs=[0.8, 1.5],
@@ -242,17 +245,19 @@ def make_tests(options: AccuracyOptions, say: Any = None) -> list[TestTomogram]:
     plan: list[tuple[str, int, dict[str, Any]]] = []
     shape = tuple(options.shape)
     if options.shifted:
-        catalogue, seed0 = (SHIFTED_TESTS, SHIFTED_SEED)
-        if options.imperfect:
-            catalogue, seed0 = (IMPERFECT_TESTS, IMPERFECT_SEED)
+        catalogue = IMPERFECT_TESTS if options.imperfect else SHIFTED_TESTS
         wanted = options.shifted_tests or [name for name, _ in catalogue]
         known = dict(catalogue)
         unknown = sorted(set(wanted) - set(known))
         if unknown:
             raise SystemExit(f"unknown shifted tests {unknown}; known: {sorted(known)}")
         for index, (name, changes) in enumerate(catalogue):
+            # shifted: a scene per test; imperfect: every test on the same scenes
+            seeds = [SHIFTED_SEED + index]
+            if options.imperfect:
+                seeds = [IMPERFECT_SEED + k for k in range(options.imperfect_scenes)]
             if name in wanted:
-                plan.append((name, seed0 + index, shifted_settings(name, changes, shape)))
+                plan += [(name, seed, shifted_settings(name, changes, shape)) for seed in seeds]
     else:
         for seed in options.test_seeds:
             for snr in options.snrs:
@@ -651,12 +656,34 @@ def _zero_shot_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _binary_f1(confusion: Any) -> float | None:
+    """F1 of a 2 x 2 confusion matrix (rows: truth, columns: prediction)."""
+    (_, fp), (fn, tp) = np.asarray(confusion)
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+
+
 def _sweep_f1(pooled: list) -> list[str]:
     """F1 at each threshold of :data:`SWEEP` from the pooled 2 x 2 confusion matrices."""
-    tp_fp_fn = [(c[1][1], c[0][1], c[1][0]) for c in pooled]
-    return [
-        fmt(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None, 3) for tp, fp, fn in tp_fp_fn
-    ]
+    return [fmt(_binary_f1(c), 3) for c in pooled]
+
+
+def _zero_shot_per_test(report: dict[str, Any]) -> list[str]:
+    """F1 of each shipped binary network per test (the tomograms of a test pooled), with
+    the feature's voxels in the scored slices: a cell resting on few voxels says little."""
+    entries = [e for e in report.get("zeroshot") or [] if len(e["per_test"][0]["confusion"]) == 2]
+    if not entries:
+        return []
+    names = list(dict.fromkeys(t["name"] for t in report["tests"]))
+    rows = []
+    for name in names:
+        row = [name]
+        for e in entries:
+            conf = np.sum([t["confusion"] for t in e["per_test"] if t["name"] == name], axis=0)
+            row.append(f"{fmt(_binary_f1(conf))} ({int(conf[1].sum()):,})")
+        rows.append(row)
+    title = "### Zero-shot F1 per test (in brackets: the feature's voxels scored)"
+    headers = ["test", *[e["name"] for e in entries]]
+    return ["", title, "", markdown_table(headers, rows, align="l" + "r" * len(entries))]
 
 
 def _sweep_table(report: dict[str, Any]) -> list[str]:
@@ -816,6 +843,10 @@ def _suggest_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _seeds(report: dict[str, Any]) -> str:
+    return ", ".join(str(s) for s in dict.fromkeys(t["seed"] for t in report["tests"]))
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The printed report: machine, command, settings and the tables."""
     o = report["options"]
@@ -837,7 +868,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"TrainSettings defaults{' with ' + changed if changed else ''}, "
         f"{report['iterations']} iterations, {report['torch_threads']} torch thread(s)",
         f"# testing: {len(report['tests'])} tomograms ({kind}): "
-        + "; ".join(t["name"] for t in report["tests"]),
+        + "; ".join(dict.fromkeys(t["name"] for t in report["tests"]))
+        + (f"; each on the scenes of seeds {_seeds(report)}" if o.get("imperfect") else ""),
         f"# scored: the central {100 * Z_FRACTION[1] - 100 * Z_FRACTION[0]:.0f} % of the "
         f"slices (here {z0}-{z1 - 1} of {depth}); threshold: {threshold}; confusion "
         "matrices summed over the test tomograms; test-time augmentation: "
@@ -845,6 +877,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"# run time: {report['seconds'] / 60:.1f} min",
     ]
     lines += _zero_shot_table(report)
+    lines += _zero_shot_per_test(report)
     lines += _sweep_table(report)
     lines += _binary_tables(report)
     lines += _multiclass_table(report)
@@ -872,6 +905,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         action="store_true",
         help="the imperfect tilt series (radiation damage, alignment errors) as the "
         "shifted test set (implies --shifted)",
+    )
+    parser.add_argument(
+        "--imperfect-scenes",
+        type=int,
+        help="with --imperfect: the scenes every test is simulated on (default: 3)",
     )
     parser.add_argument("--shifted-tests", nargs="+", help="only these shifted tests (names)")
     parser.add_argument("--train-seeds", type=int, nargs="+", help="default: 0")
@@ -955,6 +993,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         "n_positive",
         "n_negative",
         "shifted_tests",
+        "imperfect_scenes",
         "test_seeds",
         "snrs",
         "train_seeds",
@@ -966,6 +1005,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         value = getattr(args, name)
         if value is not None:
             setattr(options, name, value)
+    if options.imperfect_scenes < 1:
+        parser.error(f"--imperfect-scenes must be at least 1, got {options.imperfect_scenes}")
     if args.shape:
         options.shape = tuple(args.shape)
     if args.set:
