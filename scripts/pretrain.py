@@ -4,7 +4,8 @@
                                [--binary-iterations 3000] [--out DIR] [--seed 0]
                                [--start NETWORK] [--voxel-sizes LOW HIGH]
                                [--context-slices C]
-                               [--imperfect] [--threads T] [--processes P]
+                               [--imperfect] [--microtubule-variety]
+                               [--threads T] [--processes P]
                                [--work DIR] [--quick]
 
 1. Simulates ``--tomograms`` tomograms whose settings are drawn at random
@@ -15,7 +16,9 @@
    to the networks' 10 A the way apply resamples a user's tomogram
    (:func:`napari_tomoseg.simulator.demo.at_voxel_size`), so the networks learn what a
    rescaled tomogram looks like; with ``--imperfect`` some get radiation damage and
-   residual alignment errors too.  ``--processes P`` simulates P tomograms at a time.
+   residual alignment errors too; with ``--microtubule-variety`` the microtubules run up to
+   35 degrees out of the XY plane and their walls are more or less beaded.
+   ``--processes P`` simulates P tomograms at a time.
 2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
    each feature, ``--negative`` boxes free of every feature; ``--box-size`` pixels) with
    the simulator's six classes painted, and joins them into one training set.
@@ -86,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also draw radiation damage and residual alignment errors "
         "(synthetic.IMPERFECT_RANGES) for some of the tomograms",
+    )
+    parser.add_argument(
+        "--microtubule-variety",
+        action="store_true",
+        help="also draw each tomogram's microtubule elevation and wall lattice "
+        "(synthetic.MICROTUBULE_RANGES)",
     )
     parser.add_argument(
         "--iterations",
@@ -188,6 +197,9 @@ def _boxes_of(job: tuple[int, Any, argparse.Namespace]) -> tuple[Any, dict | str
     if args.imperfect:
         about["total_dose"] = round(settings.total_dose, 1)
         about["alignment_error_px"] = round(settings.alignment_error_px, 2)
+    if args.microtubule_variety:
+        about["microtubule_elevation_deg"] = round(settings.microtubule_elevation_deg, 1)
+        about["microtubule_lattice"] = round(settings.microtubule_lattice, 2)
     return ts, {**about, "boxes": ts.metadata["benchmark_boxes"]}
 
 
@@ -202,7 +214,13 @@ def _jobs(args: argparse.Namespace) -> list[tuple[int, Any, argparse.Namespace]]
     for i in range(args.tomograms):
         voxel = draw_voxel_size(rng, args.voxel_sizes)
         shape_yx = tuple(round(n * NETWORK_VOXEL / voxel) for n in args.shape_yx)
-        settings = random_settings(rng, shape_yx, voxel_size=voxel, imperfect=args.imperfect)
+        settings = random_settings(
+            rng,
+            shape_yx,
+            voxel_size=voxel,
+            imperfect=args.imperfect,
+            microtubule_variety=args.microtubule_variety,
+        )
         jobs.append((i, settings, args))
     return jobs
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -219,10 +220,37 @@ def test_accuracy_imperfect_quick_run_tests_on_damaged_and_misaligned_tilt_serie
     per_test = report["zeroshot"][0]["per_test"]
     control, flawed = accuracy.IMPERFECT_TESTS[0], accuracy.IMPERFECT_TESTS[-1]
     assert [t["name"] for t in per_test] == [control[0], flawed[0]]
+    # the flaw and its control on the same scene: they differ by the flaw alone
+    assert per_test[0]["seed"] == per_test[1]["seed"] == accuracy.IMPERFECT_SEED
     assert per_test[0]["settings"].get("total_dose", 0) == 0
     assert per_test[1]["settings"]["alignment_error_px"] == flawed[1]["alignment_error_px"]
     text = accuracy.format_report(report)
     assert f"(imperfect tilt series (radiation damage, alignment errors)): {control[0]}" in text
+    assert f"each on the scenes of seeds {accuracy.IMPERFECT_SEED}" in text
+    assert "Zero-shot F1 per test" in text
+
+
+def test_every_imperfect_test_is_simulated_on_the_same_scenes(accuracy):
+    options, _ = accuracy.parse_args(["--imperfect", "--imperfect-scenes", "2"])
+    options.shape, options.shifted_tests = (24, 48, 48), [accuracy.IMPERFECT_TESTS[1][0]]
+    tests = accuracy.make_tests(options)
+    seed = accuracy.IMPERFECT_SEED
+    assert [(t.name, t.seed) for t in tests] == [
+        (options.shifted_tests[0], s) for s in (seed, seed + 1)
+    ]
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--imperfect", "--imperfect-scenes", "0"])
+
+
+def test_the_zero_shot_per_test_table_pools_the_scenes_of_a_test(accuracy):
+    # tp, fp, fn = 3, 1, 1 and 1, 0, 2 on two scenes of one test: F1 = 8 / 12, 7 truth voxels
+    per_test = [
+        {"name": "flaw", "confusion": [[90, 1], [1, 3]]},
+        {"name": "flaw", "confusion": [[50, 0], [2, 1]]},
+    ]
+    report = {"tests": per_test, "zeroshot": [{"name": "mt", "per_test": per_test}]}
+    text = "\n".join(accuracy._zero_shot_per_test(report))
+    assert "| flaw | 0.67 (7) |" in text
 
 
 def test_the_threshold_sweep_table_pools_the_tests_of_each_binary_network(accuracy):
@@ -321,3 +349,49 @@ def test_wedge_recall_bins_membranes_by_how_they_face_the_beam():
     report["networks"] = {"net": {"voxels": total, "found": found}}
     text = wedge.format_report(report)
     assert "| recall, net | 1.00 |" in text and "| share of the feature's voxels |" in text
+
+
+def test_other_simulator_scores_a_scene_folder_as_its_labels_say(tmp_path, capsys):
+    other = _load("other_simulator.py")
+    from napari_tomoseg.simulator.synthetic import MICROTUBULE, SINGLE_MEMBRANE, simulate_tomogram
+
+    # a scene "from another simulator": our own, its classes renumbered (7 and 9), voxel
+    # size in scene.json, and one class (ribosomes, 2) left out of --classes
+    sim = simulate_tomogram(shape=(40, 96, 96), seed=2)
+    labels = np.zeros(sim.labels.shape, np.uint8)
+    labels[sim.labels == SINGLE_MEMBRANE], labels[sim.labels == MICROTUBULE] = 7, 9
+    labels[sim.labels == 2] = 2
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    np.save(scene / "density.npy", sim.density)
+    np.save(scene / "labels.npy", labels)
+    (scene / "scene.json").write_text('{"voxel_size_A": 10.0}')
+    out = tmp_path / "report.json"
+    argv = [str(scene), "--classes", "7=single_membrane", "9=microtubule"]
+    argv += ["--conditions", "default", "--networks", "single_membrane", "--json", str(out)]
+    assert other.main(argv) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    z0, z1 = 8, 32  # the central 60 % of 40 slices
+    assert row["truth"] == int((labels[z0:z1] == 7).sum()) > 0
+    m = other.metrics(row)
+    assert m["f1"] > 0.3  # the shipped network finds our own membranes
+    assert m["f1_tol"] >= m["f1"] and m["recall_tol"] >= m["recall"]
+    assert "| default | single_membrane | single_membrane |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        other.parse_args([str(scene), "--classes", "7=lipid"])
+    (scene / "labels.npy").unlink()
+    with pytest.raises(SystemExit, match="labels.npy"):
+        other.main([str(scene), "--classes", "7=single_membrane"])
+
+
+def test_other_simulator_counts_within_the_tolerance():
+    other = _load("other_simulator.py")
+    truth = np.zeros((1, 1, 10), bool)
+    truth[0, 0, 4] = True
+    pred = np.zeros_like(truth)
+    pred[0, 0, [5, 8]] = True  # one mark next to the feature, one three voxels off
+    c = other.counts(pred, truth, 1.0)
+    assert c == {"tp": 0, "marked": 2, "truth": 1, "marked_near": 1, "truth_found": 1}
+    m = other.metrics(c)
+    assert m["f1"] == 0.0 and m["precision_tol"] == 0.5 and m["recall_tol"] == 1.0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.progress import Progress
@@ -27,6 +28,7 @@ from napari_tomoseg.simulator.synthetic import (
     dose_before,
     electron_wavelength,
     exposure_filter,
+    image_density,
     iter_simulate_tomogram,
     random_settings,
     simulate_tomogram,
@@ -369,6 +371,60 @@ def test_random_settings_draw_imperfections_only_when_asked() -> None:
     errors = [q.alignment_error_px for q in imperfect if q.alignment_error_px > 0]
     assert 0 < len(doses) < 10 and 0 < len(errors) < 10
     assert all(60 <= d <= 180 for d in doses) and all(0.2 <= e <= 1.5 for e in errors)
+
+
+def test_random_settings_draw_microtubule_variety_only_when_asked() -> None:
+    plain = [random_settings(np.random.default_rng(s), imperfect=True) for s in range(10)]
+    varied = [
+        random_settings(np.random.default_rng(s), imperfect=True, microtubule_variety=True)
+        for s in range(10)
+    ]
+    default = SimulationSettings()
+    assert all(p.microtubule_elevation_deg == default.microtubule_elevation_deg for p in plain)
+    for p, q in zip(plain, varied):  # the same settings otherwise, imperfections included
+        kept = {"microtubule_elevation_deg": 4.0, "microtubule_lattice": 0.12}
+        assert dataclasses.replace(q, **kept) == p
+        assert 4 <= q.microtubule_elevation_deg <= 35 and 0.05 <= q.microtubule_lattice <= 0.8
+    assert len({q.microtubule_lattice for q in varied}) == 10
+
+
+def test_microtubule_elevation_and_lattice_change_the_tubes_not_the_rest() -> None:
+    kw = {"shape": (48, 96, 96), "seed": 3, "snr": math.inf, "n_microtubules": 1}
+    flat = simulate_tomogram(**kw)
+    steep = simulate_tomogram(**kw, microtubule_elevation_deg=40.0)
+
+    def z_extent(sim: SimulatedTomogram) -> int:
+        z = np.nonzero((sim.labels == MICROTUBULE).any(axis=(1, 2)))[0]
+        return int(z.max() - z.min())
+
+    assert (flat.labels == MICROTUBULE).any() and (steep.labels == MICROTUBULE).any()
+    assert z_extent(steep) > z_extent(flat) + 5
+    smooth = simulate_tomogram(**kw, microtubule_lattice=0.0)
+    beaded = simulate_tomogram(**kw, microtubule_lattice=0.8)
+    assert np.array_equal(smooth.labels, beaded.labels)
+    tube = beaded.labels == MICROTUBULE
+    # a stronger lattice: more contrast along the tube, the same density elsewhere
+    assert beaded.density[tube].std() > 1.2 * smooth.density[tube].std()
+    far = ~ndimage.binary_dilation(tube, iterations=3)
+    assert np.array_equal(beaded.density[far], smooth.density[far])
+    with pytest.raises(TomosegError, match="microtubule_lattice"):
+        simulate_tomogram(shape=(16, 32, 32), microtubule_lattice=2.0)
+
+
+def test_image_density_tomographs_a_density_of_ones_own() -> None:
+    sim = simulate_tomogram(shape=(32, 80, 80), seed=4, snr=math.inf)
+    tomogram = image_density(sim.density, voxel_size=sim.voxel_size, snr=math.inf)
+    assert tomogram.shape == sim.density.shape and tomogram.dtype == np.float32
+    assert abs(float(tomogram.mean())) < 1e-3 and float(tomogram.std()) == pytest.approx(1.0, 1e-3)
+    # without noise, the same imaging as the simulator's own
+    assert np.corrcoef(tomogram.ravel(), sim.tomogram.ravel())[0, 1] > 0.999
+    noisy = image_density(sim.density, snr=0.5, seed=1)
+    assert 0.2 < np.corrcoef(noisy.ravel(), sim.tomogram.ravel())[0, 1] < 0.95
+    assert np.array_equal(noisy, image_density(sim.density, snr=0.5, seed=1))
+    with pytest.raises(TomosegError, match="3D"):
+        image_density(np.zeros((8, 8)))
+    with pytest.raises(TomosegError, match="NaN"):
+        image_density(np.full((8, 16, 16), np.nan))
 
 
 # --------------------------------------------------------------------------- a picture

@@ -149,6 +149,10 @@ class SimulationSettings:
     # feature sizes and the cytoplasm (for tomograms unlike the default one)
     membrane_thickness_nm: float = 5.0
     microtubule_diameter_nm: float = 25.0
+    # how far (degrees) a microtubule may run out of the XY plane, and how strongly its
+    # wall is modulated along the axis by the 4 nm tubulin repeat (0: a smooth wall)
+    microtubule_elevation_deg: float = 4.0
+    microtubule_lattice: float = 0.12
     vesicle_radius_nm: tuple[float, float] = (15.0, 60.0)
     crowding: float = 1.0
     # reconstruction and display
@@ -204,6 +208,8 @@ def _check_settings(s: SimulationSettings) -> None:
         (s.carbon_edge_width_nm > 0, "carbon_edge_width_nm must be > 0"),
         (2.0 <= s.membrane_thickness_nm <= 12.0, "membrane_thickness_nm must be 2-12 nm"),
         (12.0 <= s.microtubule_diameter_nm <= 40.0, "microtubule_diameter_nm must be 12-40 nm"),
+        (0.0 <= s.microtubule_elevation_deg <= 90.0, "microtubule_elevation_deg must be 0-90"),
+        (0.0 <= s.microtubule_lattice <= 0.8, "microtubule_lattice must be 0-0.8"),
         (
             len(s.vesicle_radius_nm) == 2
             and 5.0 <= s.vesicle_radius_nm[0] <= s.vesicle_radius_nm[1],
@@ -709,7 +715,8 @@ def _add_microtubule(scene: _Scene) -> bool:
     diag = float(np.linalg.norm(scene.size[1:]))
     attempts = 60
     for attempt in range(attempts):
-        direction = _direction(rng, 4.0)  # thin cells: microtubules run nearly in XY
+        # thin cells: microtubules run nearly in XY (by default)
+        direction = _direction(rng, scene.settings.microtubule_elevation_deg)
         centre = scene.random_point(margin=0)
         min_length = max(scene.px(60.0 * (1 - 0.5 * attempt / attempts)), 8)
         ends = scene.fit_line(centre, direction, r_out, diag * rng.uniform(0.5, 1.3), min_length)
@@ -733,7 +740,9 @@ def _add_microtubule(scene: _Scene) -> bool:
         phi = np.arctan2(b, a)
         s_nm = s * scene.nm
         lattice = (
-            1 + 0.2 * np.cos(13 * phi + phase) + 0.12 * np.cos(2 * math.pi * s_nm / 4.0 + 3 * phi)
+            1
+            + 0.2 * np.cos(13 * phi + phase)
+            + scene.settings.microtubule_lattice * np.cos(2 * math.pi * s_nm / 4.0 + 3 * phi)
         )
         lumen = 0.05 * _occupancy(rho - r_in) * ends_occ
         dens = _PROTEIN * wall * lattice * (1 + 0.2 * scene.texture[sl]) + lumen
@@ -1225,7 +1234,6 @@ def iter_simulate_tomogram(
     """
     settings = _resolve(settings, overrides)
     rng = np.random.default_rng(settings.seed)
-    nz, ny, nx = (int(n) for n in settings.shape)
     total = 4
     yield Progress("simulate", 0, total, "building the cell")
     scene = _Scene(settings, rng)
@@ -1240,6 +1248,32 @@ def iter_simulate_tomogram(
     del scene
     if should_stop():
         return None
+    tomogram = yield from _iter_image_density(density, settings, rng, should_stop, total)
+    if tomogram is None:
+        return None
+    yield Progress("simulate", 4, total, "done")
+    return SimulatedTomogram(
+        tomogram=tomogram,
+        labels=labels,
+        voxel_size=float(settings.voxel_size),
+        class_names=CLASS_NAMES,
+        ribosome_centres=centres,
+        density=density if settings.keep_density else None,
+        settings=settings,
+        tilt_angles=_tilt_angles(settings).astype(np.float64),
+    )
+
+
+def _iter_image_density(
+    density: np.ndarray,
+    settings: SimulationSettings,
+    rng: np.random.Generator,
+    should_stop: Callable[[], bool],
+    total: int,
+) -> Generator[Progress, None, np.ndarray | None]:
+    """Project ``density`` into a tilt series, image it (CTF, damage, misalignment, noise)
+    and reconstruct it by weighted back-projection; steps 1-3 of ``total``."""
+    nz, ny, nx = density.shape
     yield Progress("simulate", 1, total, "projecting the tilt series")
     angles = _tilt_angles(settings)
     nu = _detector_width(nz, nx, angles)
@@ -1260,17 +1294,30 @@ def iter_simulate_tomogram(
     tomogram /= np.float32(max(float(tomogram.std()), 1e-12))
     if settings.invert_contrast:
         np.negative(tomogram, out=tomogram)  # matter bright, as some packages write it
-    yield Progress("simulate", 4, total, "done")
-    return SimulatedTomogram(
-        tomogram=tomogram,
-        labels=labels,
-        voxel_size=float(settings.voxel_size),
-        class_names=CLASS_NAMES,
-        ribosome_centres=centres,
-        density=density if settings.keep_density else None,
-        settings=settings,
-        tilt_angles=angles.astype(np.float64),
-    )
+    return tomogram
+
+
+def image_density(
+    density: np.ndarray, settings: SimulationSettings | None = None, **overrides: Any
+) -> np.ndarray:
+    """A tomogram of a density of one's own, imaged as :func:`simulate_tomogram` images its
+    scenes (tilt series, CTF, noise, weighted back-projection): to test networks on the
+    scenes of another simulator.  ``density`` is (Z, Y, X) with Z along the beam, matter
+    positive; its shape replaces ``settings.shape``; the noise is drawn from
+    ``settings.seed``.  Returns float32, mean 0, standard deviation 1."""
+    density = np.asarray(density, dtype=np.float32)
+    if density.ndim != 3 or min(density.shape) < 2:
+        raise TomosegError(
+            f"The density must be a 3D (Z, Y, X) volume, got shape {density.shape}."
+        )
+    if not np.isfinite(density).all():
+        raise TomosegError("The density holds NaN or infinite values; replace them first.")
+    settings = _resolve(settings, {**overrides, "shape": density.shape})
+    rng = np.random.default_rng(settings.seed)
+    steps = _iter_image_density(density, settings, rng, never_stop, 4)
+    tomogram = drive(steps)
+    assert tomogram is not None  # never asked to stop
+    return tomogram
 
 
 def simulate_tomogram(
@@ -1320,6 +1367,12 @@ IMPERFECT_RANGES: dict[str, tuple[float, float]] = {
     "alignment_error_px": (0.2, 1.5),
 }
 IMPERFECT_FRACTION = 0.6
+#: Ranges of the microtubules' looks ``random_settings(..., microtubule_variety=True)``
+#: draws: how steeply they may run out of the XY plane, how beaded their walls are.
+MICROTUBULE_RANGES: dict[str, tuple[float, float]] = {
+    "microtubule_elevation_deg": (4.0, 35.0),
+    "microtubule_lattice": (0.05, 0.8),
+}
 
 
 def random_settings(
@@ -1327,6 +1380,7 @@ def random_settings(
     shape_yx: tuple[int, int] = (256, 256),
     voxel_size: float = 10.0,
     imperfect: bool = False,
+    microtubule_variety: bool = False,
 ) -> SimulationSettings:
     """Settings drawn at random from :data:`RANDOM_RANGES` (domain randomisation): imaging
     (dose, defocus, tilt range and step, envelope, CTF correction or not, a smoother
@@ -1347,6 +1401,9 @@ def random_settings(
         (:data:`IMPERFECT_RANGES`, each in :data:`IMPERFECT_FRACTION` of the tomograms),
         from a generator seeded by the scene's seed, so ``rng`` gives the same series of
         settings either way.
+    microtubule_variety
+        Also draw the microtubules' elevation and wall lattice (:data:`MICROTUBULE_RANGES`)
+        from a generator of their own, likewise.
     """
     r = RANDOM_RANGES
 
@@ -1391,13 +1448,16 @@ def random_settings(
         keep_density=False,
         **counts,
     )
-    if not imperfect:
-        return settings
-    extra = np.random.default_rng([settings.seed, 0xD05E])
-    drawn = {
-        name: float(extra.uniform(*limits)) if extra.random() < IMPERFECT_FRACTION else 0.0
-        for name, limits in IMPERFECT_RANGES.items()
-    }
+    drawn: dict[str, float] = {}
+    if imperfect:
+        extra = np.random.default_rng([settings.seed, 0xD05E])
+        drawn = {
+            name: float(extra.uniform(*limits)) if extra.random() < IMPERFECT_FRACTION else 0.0
+            for name, limits in IMPERFECT_RANGES.items()
+        }
+    if microtubule_variety:
+        extra = np.random.default_rng([settings.seed, 0x7B])
+        drawn |= {name: float(extra.uniform(*lim)) for name, lim in MICROTUBULE_RANGES.items()}
     return dataclasses.replace(settings, **drawn)
 
 
