@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from _common import command_line, describe_machine, fmt, machine_info, markdown_table
+from accuracy import scored_slices
 
 #: Imaging conditions each scene is tomographed under (SimulationSettings fields).
 CONDITIONS: dict[str, dict[str, Any]] = {
@@ -148,7 +149,6 @@ def score_scenes(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
 
     from napari_tomoseg.applying.inference import ApplySettings, apply_network
     from napari_tomoseg.learning.pretrained import MULTICLASS, available, load_pretrained
-    from napari_tomoseg.simulator.demo import central_slices
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES, image_density
 
     if args.threads:
@@ -160,7 +160,7 @@ def score_scenes(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     for index, folder in enumerate(args.scenes):
         scene = load_scene(folder, args.classes, args.voxel_size)
-        z0, z1 = central_slices(scene["density"].shape[0], (0.2, 0.8))
+        z0, z1 = scored_slices(scene["density"].shape[0])  # the slices accuracy.py scores
         labels = scene["labels"][z0:z1]
         for condition in args.conditions:
             say(f"... {scene['name']}, {condition}: imaging, then {len(networks)} networks")
@@ -201,11 +201,11 @@ def score_scenes(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     }
 
 
-def pooled(rows: list[dict[str, Any]], **match: Any) -> dict[str, float | None]:
-    """:func:`metrics` of the rows that match, their counts summed."""
+def pooled(rows: list[dict[str, Any]], **match: Any) -> dict[str, int]:
+    """The :func:`counts` of the rows that match, summed."""
     keys = ("tp", "marked", "truth", "marked_near", "truth_found")
     chosen = [r for r in rows if all(r[k] == v for k, v in match.items())]
-    return metrics({k: sum(r[k] for r in chosen) for k in keys})
+    return {k: sum(r[k] for r in chosen) for k in keys}
 
 
 def format_report(report: dict[str, Any], conditions: list[str]) -> str:
@@ -225,19 +225,15 @@ def format_report(report: dict[str, Any], conditions: list[str]) -> str:
     table = []
     for condition in conditions:
         for network, feature in pairs:
-            m = pooled(rows, condition=condition, network=network, feature=feature)
-            truth = sum(
-                r["truth"]
-                for r in rows
-                if (r["condition"], r["network"], r["feature"]) == (condition, network, feature)
-            )
+            c = pooled(rows, condition=condition, network=network, feature=feature)
+            m = metrics(c)
             table.append(
                 [condition, feature, network]
                 + [
                     fmt(m[k])
                     for k in ("precision", "recall", "f1", "precision_tol", "recall_tol", "f1_tol")
                 ]
-                + [f"{truth:,}"]
+                + [f"{c['truth']:,}"]
             )
     headers = [
         "condition",
