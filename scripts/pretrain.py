@@ -5,6 +5,7 @@
                                [--start NETWORK] [--voxel-sizes LOW HIGH]
                                [--context-slices C]
                                [--imperfect] [--microtubule-variety]
+                               [--vesicle-variety]
                                [--threads T] [--processes P]
                                [--work DIR] [--quick]
 
@@ -17,7 +18,8 @@
    (:func:`napari_tomoseg.simulator.demo.at_voxel_size`), so the networks learn what a
    rescaled tomogram looks like; with ``--imperfect`` some get radiation damage and
    residual alignment errors too; with ``--microtubule-variety`` the microtubules run up to
-   35 degrees out of the XY plane and their walls are more or less beaded.
+   35 degrees out of the XY plane and their walls are more or less beaded; with
+   ``--vesicle-variety`` the vesicles are ellipsoids up to 2.5 times longer than wide.
    ``--processes P`` simulates P tomograms at a time.
 2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
    each feature, ``--negative`` boxes free of every feature; ``--box-size`` pixels) with
@@ -95,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also draw each tomogram's microtubule elevation and wall lattice "
         "(synthetic.MICROTUBULE_RANGES)",
+    )
+    parser.add_argument(
+        "--vesicle-variety",
+        action="store_true",
+        help="also draw how far each tomogram's vesicles depart from spheres "
+        "(synthetic.VESICLE_RANGES)",
     )
     parser.add_argument(
         "--iterations",
@@ -200,6 +208,8 @@ def _boxes_of(job: tuple[int, Any, argparse.Namespace]) -> tuple[Any, dict | str
     if args.microtubule_variety:
         about["microtubule_elevation_deg"] = round(settings.microtubule_elevation_deg, 1)
         about["microtubule_lattice"] = round(settings.microtubule_lattice, 2)
+    if args.vesicle_variety:
+        about["vesicle_aspect"] = round(settings.vesicle_aspect, 2)
     return ts, {**about, "boxes": ts.metadata["benchmark_boxes"]}
 
 
@@ -220,6 +230,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[int, Any, argparse.Namespace]]
             voxel_size=voxel,
             imperfect=args.imperfect,
             microtubule_variety=args.microtubule_variety,
+            vesicle_variety=args.vesicle_variety,
         )
         jobs.append((i, settings, args))
     return jobs

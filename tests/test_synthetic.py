@@ -411,6 +411,45 @@ def test_microtubule_elevation_and_lattice_change_the_tubes_not_the_rest() -> No
         simulate_tomogram(shape=(16, 32, 32), microtubule_lattice=2.0)
 
 
+def test_random_settings_draw_vesicle_variety_only_when_asked() -> None:
+    kw = {"imperfect": True, "microtubule_variety": True}
+    plain = [random_settings(np.random.default_rng(s), **kw) for s in range(10)]
+    varied = [
+        random_settings(np.random.default_rng(s), **kw, vesicle_variety=True) for s in range(10)
+    ]
+    assert all(p.vesicle_aspect == 1.0 for p in plain)
+    for p, q in zip(plain, varied):  # the same settings otherwise
+        assert dataclasses.replace(q, vesicle_aspect=1.0) == p
+        assert 1.0 <= q.vesicle_aspect <= 2.5
+    assert len({q.vesicle_aspect for q in varied}) == 10
+
+
+def test_vesicle_aspect_makes_ellipsoids_with_the_bilayer_on_the_label() -> None:
+    kw = {
+        "shape": (80, 112, 112),
+        "seed": 0,
+        "snr": math.inf,
+        "n_vesicles": 1,
+        "vesicle_radius_nm": (20.0, 20.0),
+        **dict.fromkeys(("n_microtubules", "n_mitochondria", "n_er_tubes", "n_ribosomes"), 0),
+        **dict.fromkeys(("n_actin", "n_gold", "cell_membrane", "carbon_edge"), 0),
+    }
+
+    def elongation(sim: SimulatedTomogram) -> float:
+        points = np.argwhere(sim.labels == SINGLE_MEMBRANE).astype(float)
+        spread = np.linalg.eigvalsh(np.cov(points.T))
+        return float(np.sqrt(spread.max() / spread.min()))
+
+    sphere = simulate_tomogram(**kw)
+    ellipsoid = simulate_tomogram(**kw, vesicle_aspect=3.0)
+    assert elongation(sphere) < 1.05 and elongation(ellipsoid) > 1.5
+    # the label holds the bilayer as on a sphere: the same density profile across it
+    on_label = [s.density[s.labels == SINGLE_MEMBRANE].mean() for s in (sphere, ellipsoid)]
+    assert on_label[1] == pytest.approx(on_label[0], rel=0.1)
+    with pytest.raises(TomosegError, match="vesicle_aspect"):
+        simulate_tomogram(shape=(16, 32, 32), vesicle_aspect=0.5)
+
+
 def test_image_density_tomographs_a_density_of_ones_own() -> None:
     sim = simulate_tomogram(shape=(32, 80, 80), seed=4, snr=math.inf)
     tomogram = image_density(sim.density, voxel_size=sim.voxel_size, snr=math.inf)

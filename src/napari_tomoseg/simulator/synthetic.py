@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage, sparse
+from scipy.spatial.transform import Rotation
 
 from ..errors import TomosegError
 from ..progress import Progress, drive, never_stop
@@ -154,6 +155,9 @@ class SimulationSettings:
     microtubule_elevation_deg: float = 4.0
     microtubule_lattice: float = 0.12
     vesicle_radius_nm: tuple[float, float] = (15.0, 60.0)
+    # how far vesicles depart from spheres: the largest ratio of a vesicle's longest axis to
+    # its shortest (1: every vesicle a sphere; above 1, randomly oriented ellipsoids)
+    vesicle_aspect: float = 1.0
     crowding: float = 1.0
     # reconstruction and display
     lowpass: float = 1.0
@@ -215,6 +219,7 @@ def _check_settings(s: SimulationSettings) -> None:
             and 5.0 <= s.vesicle_radius_nm[0] <= s.vesicle_radius_nm[1],
             "vesicle_radius_nm must be (smallest, largest) with 5 <= smallest <= largest",
         ),
+        (1.0 <= s.vesicle_aspect <= 4.0, "vesicle_aspect must be 1-4 (1: spheres)"),
         (0.0 <= s.crowding <= 4.0, "crowding must be 0-4 (1: ~25% protein in the cytoplasm)"),
         (0.05 <= s.lowpass <= 1.0, "lowpass must be in [0.05, 1] (1: no low-pass filter)"),
     ]
@@ -792,13 +797,29 @@ def _add_actin(scene: _Scene) -> int:
     return placed
 
 
+def _vesicle_shape(scene: _Scene, radius: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Semi-axes (voxels) and rotation of a vesicle of largest radius ``radius``: a sphere
+    (rotation None, nothing drawn) unless ``vesicle_aspect`` > 1, then an ellipsoid whose
+    other two axes are up to ``vesicle_aspect`` times shorter, randomly oriented."""
+    aspect = float(scene.settings.vesicle_aspect)
+    if aspect <= 1.0:
+        return np.full(3, radius), None
+    shrink = np.exp(-scene.rng.uniform(0.0, math.log(aspect), size=2))
+    axes = radius * np.array([1.0, *shrink])
+    axes = np.maximum(axes, scene.half + 2.0)  # a lumen stays between the leaflets
+    rot = Rotation.random(random_state=scene.rng).as_matrix()
+    return axes, rot
+
+
 def _add_vesicle(scene: _Scene, dense: bool) -> bool:
-    """A spherical vesicle (single membrane), its lumen clear or filled with dense content."""
+    """A vesicle (single membrane), a sphere or an ellipsoid (``vesicle_aspect``), its
+    lumen clear or filled with dense content."""
     rng = scene.rng
     smallest, largest = scene.settings.vesicle_radius_nm
     radius_nm = math.exp(rng.uniform(math.log(smallest), math.log(largest)))
     radius_nm = min(radius_nm, 0.4 * min(scene.size[1:]) * scene.nm)
     radius = scene.px(radius_nm)
+    axes, rot = _vesicle_shape(scene, radius)
     half = scene.half
     for _attempt in range(60):
         centre = scene.random_point(margin=0)
@@ -810,8 +831,12 @@ def _add_vesicle(scene: _Scene, dense: bool) -> bool:
     found = scene.box(centre - reach, centre + reach)
     if found is not None:
         sl, (zz, yy, xx) = found
-        sd = np.sqrt((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2)
-        sd -= radius
+        dz, dy, dx = zz - centre[0], yy - centre[1], xx - centre[2]
+        if rot is None:
+            sd = np.sqrt(dz**2 + dy**2 + dx**2) - radius
+        else:
+            local = tuple(dz * rot[0, k] + dy * rot[1, k] + dx * rot[2, k] for k in range(3))
+            sd = _ellipsoid_sd(local, axes)
         dens = scene.bilayer(sd)
         if dense:
             level = rng.uniform(0.5, 0.9)
@@ -822,7 +847,10 @@ def _add_vesicle(scene: _Scene, dense: bool) -> bool:
         scene.density[sl] += dens.astype(np.float32)
         scene.paint(sl, np.abs(sd) <= half, SINGLE_MEMBRANE)
         scene.claim(sl, sd <= half + 0.5)
-    scene.obstacles.spheres.append((centre, radius + half))
+    if rot is None:
+        scene.obstacles.spheres.append((centre, radius + half))
+    else:
+        scene.obstacles.ellipsoids.append((centre, rot, axes + half))
     return True
 
 
@@ -1373,6 +1401,9 @@ MICROTUBULE_RANGES: dict[str, tuple[float, float]] = {
     "microtubule_elevation_deg": (4.0, 35.0),
     "microtubule_lattice": (0.05, 0.8),
 }
+#: Range of the vesicles' shapes ``random_settings(..., vesicle_variety=True)`` draws: the
+#: largest ratio of a vesicle's longest axis to its shortest (1: spheres).
+VESICLE_RANGES: dict[str, tuple[float, float]] = {"vesicle_aspect": (1.0, 2.5)}
 
 
 def random_settings(
@@ -1381,6 +1412,7 @@ def random_settings(
     voxel_size: float = 10.0,
     imperfect: bool = False,
     microtubule_variety: bool = False,
+    vesicle_variety: bool = False,
 ) -> SimulationSettings:
     """Settings drawn at random from :data:`RANDOM_RANGES` (domain randomisation): imaging
     (dose, defocus, tilt range and step, envelope, CTF correction or not, a smoother
@@ -1404,6 +1436,9 @@ def random_settings(
     microtubule_variety
         Also draw the microtubules' elevation and wall lattice (:data:`MICROTUBULE_RANGES`)
         from a generator of their own, likewise.
+    vesicle_variety
+        Also draw how far the vesicles depart from spheres (:data:`VESICLE_RANGES`), from a
+        generator of their own, likewise.
     """
     r = RANDOM_RANGES
 
@@ -1458,6 +1493,9 @@ def random_settings(
     if microtubule_variety:
         extra = np.random.default_rng([settings.seed, 0x7B])
         drawn |= {name: float(extra.uniform(*lim)) for name, lim in MICROTUBULE_RANGES.items()}
+    if vesicle_variety:
+        extra = np.random.default_rng([settings.seed, 0x5E5])
+        drawn |= {name: float(extra.uniform(*lim)) for name, lim in VESICLE_RANGES.items()}
     return dataclasses.replace(settings, **drawn)
 
 
