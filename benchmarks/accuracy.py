@@ -218,6 +218,20 @@ def scored_slices(depth: int) -> tuple[int, int]:
     return central_slices(depth, Z_FRACTION)
 
 
+def apply_scored(network: Any, tomogram: Any, voxel_size: float, settings: Any, **kw: Any):
+    """Apply ``network`` to the scored slices of ``tomogram`` alone (:func:`scored_slices`),
+    the run starting on a Z-chunk boundary as a whole-volume apply's would, so the result is
+    that apply's.  Returns the result and the index of the first scored slice in it."""
+    from napari_tomoseg.applying.inference import apply_network
+
+    z0, z1 = scored_slices(tomogram.shape[0])
+    start = z0 // settings.z_chunk * settings.z_chunk
+    result = apply_network(
+        network, tomogram, voxel_size=voxel_size, settings=settings, z_range=(start, z1), **kw
+    )
+    return result, z0 - start
+
+
 @dataclass
 class TestTomogram:
     """One simulated test tomogram: what it is called, how it differs, the simulation."""
@@ -289,7 +303,7 @@ def evaluate(
     network's own) and test-time augmentation.  Returns the pooled metrics and those of
     every test tomogram.
     """
-    from napari_tomoseg.applying.inference import ApplySettings, apply_network
+    from napari_tomoseg.applying.inference import ApplySettings
     from napari_tomoseg.data.probability import probabilities_as_float
     from napari_tomoseg.learning.training import confusion_matrix, metrics_from_confusion
 
@@ -303,16 +317,10 @@ def evaluate(
     for test in tests:
         sim = test.sim
         z0, z1 = scored_slices(sim.tomogram.shape[0])
-        start = z0 // settings.z_chunk * settings.z_chunk  # runs start on a chunk boundary
-        result = apply_network(
-            network,
-            sim.tomogram,
-            voxel_size=sim.voxel_size,
-            settings=settings,
-            z_range=(start, z1),
-            keep_probabilities=k == 2,
+        result, first = apply_scored(
+            network, sim.tomogram, sim.voxel_size, settings, keep_probabilities=k == 2
         )
-        pred = np.asarray(result.mask)[z0 - start :]
+        pred = np.asarray(result.mask)[first:]
         labels = sim.labels[z0:z1]
         truth = np.isin(labels, truth_values).astype(np.uint8) if truth_values else labels
         conf = confusion_matrix(pred, truth, k)
@@ -325,7 +333,7 @@ def evaluate(
             "metrics": metrics_from_confusion(conf, names),
         }
         if k == 2:  # how the F1 depends on the threshold (binary networks)
-            p = probabilities_as_float(result.probabilities[0][z0 - start :])
+            p = probabilities_as_float(result.probabilities[0][first:])
             entry["sweep"] = [confusion_matrix(p >= t, truth, 2).tolist() for t in SWEEP]
         per_test.append(entry)
     return {"pooled": metrics_from_confusion(total, names), "per_test": per_test}

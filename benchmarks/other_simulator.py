@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 from _common import command_line, describe_machine, fmt, machine_info, markdown_table
-from accuracy import scored_slices
+from accuracy import apply_scored, scored_slices
 
 #: Imaging conditions each scene is tomographed under (SimulationSettings fields).
 CONDITIONS: dict[str, dict[str, Any]] = {
@@ -147,7 +147,7 @@ def score_scenes(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     """Image every scene under every condition, apply the networks, count."""
     import torch
 
-    from napari_tomoseg.applying.inference import ApplySettings, apply_network
+    from napari_tomoseg.applying.inference import ApplySettings
     from napari_tomoseg.learning.pretrained import MULTICLASS, available, load_pretrained
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES, image_density
 
@@ -167,16 +167,10 @@ def score_scenes(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
             changes = {"voxel_size": scene["voxel_size"], "seed": index, **CONDITIONS[condition]}
             tomogram = image_density(scene["density"], **changes)
             for name, network in networks.items():
-                settings = ApplySettings()
-                start = z0 // settings.z_chunk * settings.z_chunk  # runs start on a chunk
-                result = apply_network(
-                    network,
-                    tomogram,
-                    voxel_size=scene["voxel_size"],
-                    settings=settings,
-                    z_range=(start, z1),
+                result, first = apply_scored(
+                    network, tomogram, scene["voxel_size"], ApplySettings()
                 )
-                mask = np.asarray(result.mask)[z0 - start :]
+                mask = np.asarray(result.mask)[first:]
                 classes = list(network.meta.class_names)
                 for feature in features if name == MULTICLASS else [name]:
                     k = classes.index(feature) if name == MULTICLASS else 1
