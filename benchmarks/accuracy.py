@@ -7,7 +7,8 @@
                                   [--multiclass-architectures A ...] [--box-counts 2 5 10 20]
                                   [--box-features F ...] [--test-seeds 1 2]
                                   [--snrs 0.8 0.5 1.5] [--shape 96 256 256] [--threads T]
-                                  [--set NAME=VALUE ...] [--quick] [--json FILE]
+                                  [--set NAME=VALUE ...] [--scene NAME=VALUE ...]
+                                  [--quick] [--json FILE]
 
 Training data: the simulator's tomogram at its default setting (SNR 0.8, 10 A, defocus 4 um,
 tilts +-60, 5 nm membranes; scene seed = the training seed), boxed the way the TomoSeg
@@ -31,6 +32,9 @@ Test data:
   the shifted set leaves out.
 * otherwise, tomograms of other seeds at the training noise level and at other noise
   levels (``--test-seeds`` x ``--snrs``).
+
+``--scene NAME=VALUE`` changes a simulator setting in every test tomogram (over the test's
+own), e.g. ``--scene vesicle_aspect=2.5``: the same scenes with another look of a feature.
 
 Each network is applied to the central 60 % of the slices (Z from 0.2 to 0.8 of the depth:
 the slices the boxes are drawn from, away from the top and bottom of the volume) and scored
@@ -59,7 +63,7 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +188,8 @@ class AccuracyOptions:
     starts: list[str] = field(default_factory=lambda: ["auto"])
     # TrainSettings fields to change (the recipe under test), e.g. {"augment": False}
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    # simulator settings for every test tomogram, over each test's own (``--scene``)
+    scene_overrides: dict[str, Any] = field(default_factory=dict)
     threshold: float | None = None  # None: each network's own (calibrated) threshold
     tta: int = 0  # test-time augmentation: orientations averaged on apply (0: none, 4, 8)
     threads: int | None = None
@@ -271,11 +277,13 @@ def make_tests(options: AccuracyOptions, say: Any = None) -> list[TestTomogram]:
             if options.imperfect:
                 seeds = [IMPERFECT_SEED + k for k in range(options.imperfect_scenes)]
             if name in wanted:
-                plan += [(name, seed, shifted_settings(name, changes, shape)) for seed in seeds]
+                changed = {**shifted_settings(name, changes, shape), **options.scene_overrides}
+                plan += [(name, seed, changed) for seed in seeds]
     else:
         for seed in options.test_seeds:
             for snr in options.snrs:
-                plan.append((f"seed {seed}, SNR {snr}", seed, {"shape": shape, "snr": snr}))
+                changed = {"shape": shape, "snr": snr, **options.scene_overrides}
+                plan.append((f"seed {seed}, SNR {snr}", seed, changed))
     tests = []
     for name, seed, settings in plan:
         if say is not None:
@@ -877,7 +885,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['iterations']} iterations, {report['torch_threads']} torch thread(s)",
         f"# testing: {len(report['tests'])} tomograms ({kind}): "
         + "; ".join(dict.fromkeys(t["name"] for t in report["tests"]))
-        + (f"; each on the scenes of seeds {_seeds(report)}" if o.get("imperfect") else ""),
+        + (f"; each on the scenes of seeds {_seeds(report)}" if o.get("imperfect") else "")
+        + "".join(f"; every one with {k}={v}" for k, v in o.get("scene_overrides", {}).items()),
         f"# scored: the central {100 * Z_FRACTION[1] - 100 * Z_FRACTION[0]:.0f} % of the "
         f"slices (here {z0}-{z1 - 1} of {depth}); threshold: {threshold}; confusion "
         "matrices summed over the test tomograms; test-time augmentation: "
@@ -969,6 +978,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         metavar="NAME=VALUE",
         help="a TrainSettings field for every network (repeatable), e.g. --set augment=false",
     )
+    parser.add_argument(
+        "--scene",
+        type=_override,
+        action="append",
+        metavar="NAME=VALUE",
+        help="a simulator setting for every test tomogram (repeatable), over each test's "
+        "own, e.g. --scene vesicle_aspect=2.5",
+    )
     parser.add_argument("--threshold", type=float, help="default: each network's own")
     parser.add_argument(
         "--tta",
@@ -1019,6 +1036,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         options.shape = tuple(args.shape)
     if args.set:
         options.train_overrides = dict(args.set)
+    if args.scene:
+        from napari_tomoseg.simulator.synthetic import SimulationSettings
+
+        options.scene_overrides = dict(args.scene)
+        known = {f.name for f in fields(SimulationSettings)} - {"shape", "seed"}
+        unknown = sorted(set(options.scene_overrides) - known)
+        if unknown:
+            parser.error(f"--scene: unknown simulator settings {unknown}; known: {sorted(known)}")
     return options, args
 
 

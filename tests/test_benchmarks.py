@@ -289,6 +289,20 @@ def test_shifted_settings_make_a_thicker_volume(accuracy):
     assert settings["shape"] == (160, 256, 256) and "depth_factor" not in settings
 
 
+def test_scene_settings_reach_every_test_tomogram_over_its_own(accuracy):
+    options, _ = accuracy.parse_args(
+        ["--shifted", "--quick", "--scene", "vesicle_aspect=2.0", "--scene", "snr=1.0"]
+    )
+    assert options.scene_overrides == {"vesicle_aspect": 2.0, "snr": 1.0}
+    tests = accuracy.make_tests(options)
+    assert [t.name for t in tests] == list(accuracy.QUICK_SHIFTED)
+    for test in tests:  # each keeps its own change but the one --scene replaces
+        assert test.sim.settings.vesicle_aspect == 2.0 and test.sim.settings.snr == 1.0
+    assert tests[1].sim.settings.invert_contrast  # "contrast inverted" keeps its change
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--shifted", "--scene", "vesicle_aspects=2"])
+
+
 def test_accuracy_quick_suggestion_round_adds_the_suggested_boxes(accuracy):
     options, _ = accuracy.parse_args(
         ["--quick", "--parts", "suggest", "--iterations", "2", "--shape", "40", "192", "192"]
