@@ -34,7 +34,8 @@ Test data:
   levels (``--test-seeds`` x ``--snrs``).
 
 ``--scene NAME=VALUE`` changes a simulator setting in every test tomogram (over the test's
-own), e.g. ``--scene vesicle_aspect=2.5``: the same scenes with another look of a feature.
+own), e.g. ``--scene vesicle_aspect=2.5`` (ellipsoidal vesicles; the objects placed after
+the first vesicle then fall elsewhere, so compare networks on one run, not runs).
 
 Each network is applied to the central 60 % of the slices (Z from 0.2 to 0.8 of the depth:
 the slices the boxes are drawn from, away from the top and bottom of the volume) and scored
