@@ -148,6 +148,22 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def f1_of(precision: float | None, recall: float | None) -> float | None:
+    """The harmonic mean of precision and recall (None if either is undefined)."""
+    if precision is None or recall is None:
+        return None
+    total = precision + recall
+    return 2 * precision * recall / total if total else 0.0
+
+
+def precision_recall_f1(tp: float, marked: float, truth: float) -> dict[str, float | None]:
+    """Precision, recall and F1 from voxel counts (None where a count leaves one undefined:
+    nothing marked, no feature)."""
+    p = tp / marked if marked else None
+    r = tp / truth if truth else None
+    return {"precision": p, "recall": r, "f1": f1_of(p, r)}
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
     import resource

@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import command_line, describe_machine, fmt, machine_info, markdown_table
+from _common import (
+    command_line,
+    describe_machine,
+    f1_of,
+    fmt,
+    machine_info,
+    markdown_table,
+    precision_recall_f1,
+)
 from accuracy import apply_scored, scored_slices
 
 #: Imaging conditions each scene is tomographed under (SimulationSettings fields).
@@ -123,23 +131,13 @@ def counts(pred: np.ndarray, truth: np.ndarray, tolerance: float) -> dict[str, i
 
 def metrics(c: dict[str, int]) -> dict[str, float | None]:
     """Precision, recall and F1, exact and with the tolerance, from summed :func:`counts`."""
-
-    def f1(p: float | None, r: float | None) -> float | None:
-        if p is None or r is None:
-            return None
-        return 2 * p * r / (p + r) if p + r else 0.0
-
-    p = c["tp"] / c["marked"] if c["marked"] else None
-    r = c["tp"] / c["truth"] if c["truth"] else None
-    pt = c["marked_near"] / c["marked"] if c["marked"] else None
-    rt = c["truth_found"] / c["truth"] if c["truth"] else None
+    p_tol = c["marked_near"] / c["marked"] if c["marked"] else None
+    r_tol = c["truth_found"] / c["truth"] if c["truth"] else None
     return {
-        "precision": p,
-        "recall": r,
-        "f1": f1(p, r),
-        "precision_tol": pt,
-        "recall_tol": rt,
-        "f1_tol": f1(pt, rt),
+        **precision_recall_f1(c["tp"], c["marked"], c["truth"]),
+        "precision_tol": p_tol,
+        "recall_tol": r_tol,
+        "f1_tol": f1_of(p_tol, r_tol),
     }
 
 

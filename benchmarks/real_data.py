@@ -21,7 +21,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import command_line, describe_machine, fmt, machine_info, markdown_table
+from _common import (
+    command_line,
+    describe_machine,
+    fmt,
+    machine_info,
+    markdown_table,
+    precision_recall_f1,
+)
 
 SWEEP = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -65,9 +72,7 @@ def score(args: argparse.Namespace) -> dict:
     truth = (labels == args.label_value)[keep]
 
     def prf(mask: np.ndarray) -> dict:
-        tp = float((mask & truth).sum())
-        p, r = tp / max(float(mask.sum()), 1.0), tp / max(float(truth.sum()), 1.0)
-        return {"precision": p, "recall": r, "f1": 2 * p * r / max(p + r, 1e-12)}
+        return precision_recall_f1(float((mask & truth).sum()), mask.sum(), truth.sum())
 
     own = prf((np.asarray(result.mask) == k)[keep])
     sweep = {t: prf(prob[keep] >= t)["f1"] for t in SWEEP}
