@@ -18,7 +18,8 @@
    (:func:`napari_tomoseg.simulator.demo.at_voxel_size`), so the networks learn what a
    rescaled tomogram looks like; with ``--imperfect`` some get radiation damage and
    residual alignment errors too; with ``--microtubule-variety`` the microtubules run up to
-   35 degrees out of the XY plane and their walls are more or less beaded; with
+   35 degrees out of the XY plane (``--microtubule-elevation 4 90``: up to along the beam)
+   and their walls are more or less beaded; with
    ``--vesicle-variety`` the vesicles are ellipsoids up to 2.5 times longer than wide.
    ``--processes P`` simulates P tomograms at a time.
 2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
@@ -99,6 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(synthetic.MICROTUBULE_RANGES)",
     )
     parser.add_argument(
+        "--microtubule-elevation",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="with --microtubule-variety: the range of the largest elevation drawn "
+        "(degrees; default: synthetic.MICROTUBULE_RANGES', 4 35; 4 90 lets microtubules run "
+        "along the beam, seen end-on as small rings)",
+    )
+    parser.add_argument(
         "--vesicle-variety",
         action="store_true",
         help="also draw how far each tomogram's vesicles depart from spheres "
@@ -154,6 +164,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--processes must be >= 1, got {args.processes}")
     if min(args.voxel_sizes) <= 0:
         parser.error(f"--voxel-sizes must be > 0 Angstrom, got {args.voxel_sizes}")
+    elevation = args.microtubule_elevation
+    if elevation is not None and not (
+        args.microtubule_variety and 0 <= elevation[0] <= elevation[1] <= 90
+    ):
+        parser.error(
+            f"--microtubule-elevation takes 0 <= LOW <= HIGH <= 90 degrees, with "
+            f"--microtubule-variety; got {elevation}"
+        )
     if args.quick:
         args.tomograms, args.positive, args.negative, args.box_size = 2, 2, 4, 32
         args.shape_yx, args.binary_iterations = (96, 96), 2
@@ -213,6 +231,13 @@ def _boxes_of(job: tuple[int, Any, argparse.Namespace]) -> tuple[Any, dict | str
     return ts, {**about, "boxes": ts.metadata["benchmark_boxes"]}
 
 
+def _variety_ranges(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """The variety ranges the command changes (``--microtubule-elevation``)."""
+    if args.microtubule_elevation is None:
+        return {}
+    return {"microtubule_elevation_deg": tuple(args.microtubule_elevation)}
+
+
 def _jobs(args: argparse.Namespace) -> list[tuple[int, Any, argparse.Namespace]]:
     """Each tomogram's index and settings (its voxel size among them), drawn in order from
     the seed, so the same command gives the same tomograms however many processes simulate
@@ -231,6 +256,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[int, Any, argparse.Namespace]]
             imperfect=args.imperfect,
             microtubule_variety=args.microtubule_variety,
             vesicle_variety=args.vesicle_variety,
+            variety_ranges=_variety_ranges(args),
         )
         jobs.append((i, settings, args))
     return jobs

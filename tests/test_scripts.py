@@ -91,6 +91,12 @@ def test_pretraining_simulates_in_processes_the_same_imperfect_tomograms(tmp_pat
     assert all({"total_dose", "alignment_error_px", "vesicle_aspect"} <= set(t) for t in drawn)
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--processes", "0"])
+    with pytest.raises(SystemExit):  # the elevation range needs the variety, within 0-90
+        pretrain.parse_args(["--microtubule-elevation", "4", "90"])
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--microtubule-variety", "--microtubule-elevation", "4", "95"])
+    steep = pretrain.parse_args(["--microtubule-variety", "--microtubule-elevation", "4", "90"])
+    assert pretrain._variety_ranges(steep) == {"microtubule_elevation_deg": (4.0, 90.0)}
 
 
 def test_recalibration_rewrites_the_threshold_from_the_recorded_curve(tmp_path):

@@ -386,6 +386,18 @@ def test_random_settings_draw_microtubule_variety_only_when_asked() -> None:
         assert dataclasses.replace(q, **kept) == p
         assert 4 <= q.microtubule_elevation_deg <= 35 and 0.05 <= q.microtubule_lattice <= 0.8
     assert len({q.microtubule_lattice for q in varied}) == 10
+    steep = random_settings(
+        np.random.default_rng(3),
+        imperfect=True,
+        microtubule_variety=True,
+        variety_ranges={"microtubule_elevation_deg": (4.0, 90.0)},
+    )
+    # the same draw, scaled to the wider range; everything else as before
+    fraction = (varied[3].microtubule_elevation_deg - 4.0) / 31.0
+    assert steep.microtubule_elevation_deg == pytest.approx(4.0 + 86.0 * fraction)
+    assert dataclasses.replace(steep, microtubule_elevation_deg=4.0) == dataclasses.replace(
+        varied[3], microtubule_elevation_deg=4.0
+    )
 
 
 def test_microtubule_elevation_and_lattice_change_the_tubes_not_the_rest() -> None:

@@ -1413,6 +1413,7 @@ def random_settings(
     imperfect: bool = False,
     microtubule_variety: bool = False,
     vesicle_variety: bool = False,
+    variety_ranges: dict[str, tuple[float, float]] | None = None,
 ) -> SimulationSettings:
     """Settings drawn at random from :data:`RANDOM_RANGES` (domain randomisation): imaging
     (dose, defocus, tilt range and step, envelope, CTF correction or not, a smoother
@@ -1439,6 +1440,10 @@ def random_settings(
     vesicle_variety
         Also draw how far the vesicles depart from spheres (:data:`VESICLE_RANGES`), from a
         generator of their own, likewise.
+    variety_ranges
+        Ranges that replace those of :data:`MICROTUBULE_RANGES` and :data:`VESICLE_RANGES`
+        (e.g. ``{"microtubule_elevation_deg": (4.0, 90.0)}``: microtubules up to along the
+        beam); the same draws, scaled to the new range.
     """
     r = RANDOM_RANGES
 
@@ -1492,10 +1497,12 @@ def random_settings(
         }
     if microtubule_variety:
         extra = np.random.default_rng([settings.seed, 0x7B])
-        drawn |= {name: float(extra.uniform(*lim)) for name, lim in MICROTUBULE_RANGES.items()}
+        ranges = MICROTUBULE_RANGES | (variety_ranges or {})
+        drawn |= {name: float(extra.uniform(*ranges[name])) for name in MICROTUBULE_RANGES}
     if vesicle_variety:
         extra = np.random.default_rng([settings.seed, 0x5E5])
-        drawn |= {name: float(extra.uniform(*lim)) for name, lim in VESICLE_RANGES.items()}
+        ranges = VESICLE_RANGES | (variety_ranges or {})
+        drawn |= {name: float(extra.uniform(*ranges[name])) for name in VESICLE_RANGES}
     return dataclasses.replace(settings, **drawn)
 
 
