@@ -1495,14 +1495,15 @@ def random_settings(
             name: float(extra.uniform(*limits)) if extra.random() < IMPERFECT_FRACTION else 0.0
             for name, limits in IMPERFECT_RANGES.items()
         }
-    if microtubule_variety:
-        extra = np.random.default_rng([settings.seed, 0x7B])
-        ranges = MICROTUBULE_RANGES | (variety_ranges or {})
-        drawn |= {name: float(extra.uniform(*ranges[name])) for name in MICROTUBULE_RANGES}
-    if vesicle_variety:
-        extra = np.random.default_rng([settings.seed, 0x5E5])
-        ranges = VESICLE_RANGES | (variety_ranges or {})
-        drawn |= {name: float(extra.uniform(*ranges[name])) for name in VESICLE_RANGES}
+    varieties = (
+        (microtubule_variety, 0x7B, MICROTUBULE_RANGES),
+        (vesicle_variety, 0x5E5, VESICLE_RANGES),
+    )
+    for wanted, stream, table in varieties:
+        if wanted:  # each variety from a generator of its own, seeded by the scene's seed
+            extra = np.random.default_rng([settings.seed, stream])
+            ranges = table | (variety_ranges or {})
+            drawn |= {name: float(extra.uniform(*ranges[name])) for name in table}
     return dataclasses.replace(settings, **drawn)
 
 
