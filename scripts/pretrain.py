@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(synthetic.VESICLE_RANGES)",
     )
     parser.add_argument(
+        "--membrane-variety",
+        action="store_true",
+        help="also draw how dense each tomogram's bilayer cores are, from lipid tails alone "
+        "to packed with membrane proteins (synthetic.MEMBRANE_RANGES)",
+    )
+    parser.add_argument(
         "--iterations",
         type=int,
         default=12000,
@@ -228,6 +234,8 @@ def _boxes_of(job: tuple[int, Any, argparse.Namespace]) -> tuple[Any, dict | str
         about["microtubule_lattice"] = round(settings.microtubule_lattice, 2)
     if args.vesicle_variety:
         about["vesicle_aspect"] = round(settings.vesicle_aspect, 2)
+    if args.membrane_variety:
+        about["membrane_core_density"] = round(settings.membrane_core_density, 2)
     return ts, {**about, "boxes": ts.metadata["benchmark_boxes"]}
 
 
@@ -256,6 +264,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[int, Any, argparse.Namespace]]
             imperfect=args.imperfect,
             microtubule_variety=args.microtubule_variety,
             vesicle_variety=args.vesicle_variety,
+            membrane_variety=args.membrane_variety,
             variety_ranges=_variety_ranges(args),
         )
         jobs.append((i, settings, args))

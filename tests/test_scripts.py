@@ -81,14 +81,15 @@ def test_pretraining_with_no_multiclass_iterations_trains_only_the_binary_networ
 
 def test_pretraining_simulates_in_processes_the_same_imperfect_tomograms(tmp_path):
     pretrain = _load("pretrain.py")
-    argv = ["--quick", "--imperfect", "--vesicle-variety"]  # two tomograms
+    argv = ["--quick", "--imperfect", "--vesicle-variety", "--membrane-variety"]  # two tomograms
     serial = pretrain.build_trainset(pretrain.parse_args(argv))
     parallel = pretrain.build_trainset(pretrain.parse_args([*argv, "--processes", "2"]))
     assert np.array_equal(serial.images, parallel.images)
     assert np.array_equal(serial.labels, parallel.labels)
     drawn = parallel.metadata["pretraining_tomograms"]
     assert drawn == serial.metadata["pretraining_tomograms"] and len(drawn) == 2
-    assert all({"total_dose", "alignment_error_px", "vesicle_aspect"} <= set(t) for t in drawn)
+    recorded = {"total_dose", "alignment_error_px", "vesicle_aspect", "membrane_core_density"}
+    assert all(recorded <= set(t) for t in drawn)
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--processes", "0"])
     with pytest.raises(SystemExit):  # the elevation range needs the variety, within 0-90

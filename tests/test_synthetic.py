@@ -423,17 +423,37 @@ def test_microtubule_elevation_and_lattice_change_the_tubes_not_the_rest() -> No
         simulate_tomogram(shape=(16, 32, 32), microtubule_lattice=2.0)
 
 
-def test_random_settings_draw_vesicle_variety_only_when_asked() -> None:
+@pytest.mark.parametrize(
+    ("flag", "name", "default", "low", "high"),
+    [
+        ("vesicle_variety", "vesicle_aspect", 1.0, 1.0, 2.5),
+        ("membrane_variety", "membrane_core_density", -0.25, -0.25, 0.75),
+    ],
+)
+def test_random_settings_draw_a_variety_only_when_asked(flag, name, default, low, high) -> None:
     kw = {"imperfect": True, "microtubule_variety": True}
     plain = [random_settings(np.random.default_rng(s), **kw) for s in range(10)]
-    varied = [
-        random_settings(np.random.default_rng(s), **kw, vesicle_variety=True) for s in range(10)
-    ]
-    assert all(p.vesicle_aspect == 1.0 for p in plain)
+    varied = [random_settings(np.random.default_rng(s), **kw, **{flag: True}) for s in range(10)]
+    assert all(getattr(p, name) == default for p in plain)
     for p, q in zip(plain, varied):  # the same settings otherwise
-        assert dataclasses.replace(q, vesicle_aspect=1.0) == p
-        assert 1.0 <= q.vesicle_aspect <= 2.5
-    assert len({q.vesicle_aspect for q in varied}) == 10
+        assert dataclasses.replace(q, **{name: default}) == p
+        assert low <= getattr(q, name) <= high
+    assert len({getattr(q, name) for q in varied}) == 10
+
+
+def test_membrane_core_density_fills_the_bilayer_not_the_label_or_the_rest() -> None:
+    kw = {"shape": (48, 96, 96), "seed": 2, "snr": math.inf, "n_vesicles": 3}
+    tails = simulate_tomogram(**kw)
+    packed = simulate_tomogram(**kw, membrane_core_density=0.75)
+    assert np.array_equal(tails.labels, packed.labels)
+    bilayer = np.isin(tails.labels, (SINGLE_MEMBRANE, DOUBLE_MEMBRANE))
+    assert bilayer.sum() > 1000
+    # the core between the headgroups: denser on average; far from every bilayer: the same
+    assert packed.density[bilayer].mean() > tails.density[bilayer].mean() + 0.2
+    far = ~ndimage.binary_dilation(bilayer, iterations=6)  # the profile ends ~3 voxels out
+    assert np.allclose(packed.density[far], tails.density[far], atol=1e-3)
+    with pytest.raises(TomosegError, match="membrane_core_density"):
+        simulate_tomogram(shape=(16, 32, 32), membrane_core_density=2.0)
 
 
 def test_vesicle_aspect_makes_ellipsoids_with_the_bilayer_on_the_label() -> None:

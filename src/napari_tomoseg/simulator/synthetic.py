@@ -149,6 +149,10 @@ class SimulationSettings:
     carbon_edge_width_nm: float = 8.0
     # feature sizes and the cytoplasm (for tomograms unlike the default one)
     membrane_thickness_nm: float = 5.0
+    # density of a bilayer's hydrocarbon core, in units of protein over ice (-0.25: lipid
+    # tails alone, lighter than ice; up to 1: a core packed with membrane proteins, so the
+    # bilayer reads as one dense band rather than two thin headgroup lines)
+    membrane_core_density: float = _TAILS
     microtubule_diameter_nm: float = 25.0
     # how far (degrees) a microtubule may run out of the XY plane, and how strongly its
     # wall is modulated along the axis by the 4 nm tubulin repeat (0: a smooth wall)
@@ -211,6 +215,7 @@ def _check_settings(s: SimulationSettings) -> None:
         (s.carbon_thickness_nm > 0, "carbon_thickness_nm must be > 0"),
         (s.carbon_edge_width_nm > 0, "carbon_edge_width_nm must be > 0"),
         (2.0 <= s.membrane_thickness_nm <= 12.0, "membrane_thickness_nm must be 2-12 nm"),
+        (-0.5 <= s.membrane_core_density <= 1.0, "membrane_core_density must be -0.5-1"),
         (12.0 <= s.microtubule_diameter_nm <= 40.0, "microtubule_diameter_nm must be 12-40 nm"),
         (0.0 <= s.microtubule_elevation_deg <= 90.0, "microtubule_elevation_deg must be 0-90"),
         (0.0 <= s.microtubule_lattice <= 0.8, "microtubule_lattice must be 0-0.8"),
@@ -424,7 +429,8 @@ class _Scene:
     def bilayer(self, sd: np.ndarray) -> np.ndarray:
         """Density across a lipid bilayer whose mid-plane is at signed distance ``sd``.
 
-        Two headgroup layers ~3.8 nm apart and a lower-density tail region, each a Gaussian
+        Two headgroup layers ~3.8 nm apart and the core between them (``membrane_core_density``:
+        lipid tails lighter than ice by default, denser with membrane proteins), each a Gaussian
         widened by the voxel (a box of one voxel has variance voxel^2 / 12) so the profile
         is sampled without aliasing.  Zero beyond a few voxels from the mid-plane."""
         sd = np.asarray(sd, dtype=np.float32)
@@ -438,7 +444,7 @@ class _Scene:
         s_head = math.sqrt(s0 * s0 + self.nm * self.nm / 12.0)
         s_tail = math.sqrt(t0 * t0 + self.nm * self.nm / 12.0)
         head = _HEADGROUP * (s0 / s_head)
-        tail = _TAILS * (t0 / s_tail)
+        tail = self.settings.membrane_core_density * (t0 / s_tail)
         values = head * (
             np.exp(-((d - offset) ** 2) / (2 * s_head**2))
             + np.exp(-((d + offset) ** 2) / (2 * s_head**2))
@@ -1404,6 +1410,10 @@ MICROTUBULE_RANGES: dict[str, tuple[float, float]] = {
 #: Range of the vesicles' shapes ``random_settings(..., vesicle_variety=True)`` draws: the
 #: largest ratio of a vesicle's longest axis to its shortest (1: spheres).
 VESICLE_RANGES: dict[str, tuple[float, float]] = {"vesicle_aspect": (1.0, 2.5)}
+#: Range of the bilayers' core density ``random_settings(..., membrane_variety=True)``
+#: draws: from lipid tails alone (two thin headgroup lines) to a core dense with membrane
+#: proteins (one dense band), as membranes of real cells differ.
+MEMBRANE_RANGES: dict[str, tuple[float, float]] = {"membrane_core_density": (-0.25, 0.75)}
 
 
 def random_settings(
@@ -1413,6 +1423,7 @@ def random_settings(
     imperfect: bool = False,
     microtubule_variety: bool = False,
     vesicle_variety: bool = False,
+    membrane_variety: bool = False,
     variety_ranges: dict[str, tuple[float, float]] | None = None,
 ) -> SimulationSettings:
     """Settings drawn at random from :data:`RANDOM_RANGES` (domain randomisation): imaging
@@ -1440,8 +1451,12 @@ def random_settings(
     vesicle_variety
         Also draw how far the vesicles depart from spheres (:data:`VESICLE_RANGES`), from a
         generator of their own, likewise.
+    membrane_variety
+        Also draw the density of the bilayers' core (:data:`MEMBRANE_RANGES`), from a
+        generator of its own, likewise.
     variety_ranges
-        Ranges that replace those of :data:`MICROTUBULE_RANGES` and :data:`VESICLE_RANGES`
+        Ranges that replace those of :data:`MICROTUBULE_RANGES`, :data:`VESICLE_RANGES` and
+        :data:`MEMBRANE_RANGES`
         (e.g. ``{"microtubule_elevation_deg": (4.0, 90.0)}``: microtubules up to along the
         beam); the same draws, scaled to the new range.
     """
@@ -1498,6 +1513,7 @@ def random_settings(
     varieties = (
         (microtubule_variety, 0x7B, MICROTUBULE_RANGES),
         (vesicle_variety, 0x5E5, VESICLE_RANGES),
+        (membrane_variety, 0x3E3B, MEMBRANE_RANGES),
     )
     for wanted, stream, table in varieties:
         if wanted:  # each variety from a generator of its own, seeded by the scene's seed
