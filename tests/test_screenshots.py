@@ -15,8 +15,11 @@ Image = pytest.importorskip("PIL.Image")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "make_screenshots.py"
 #: The part of the canvas that must show data, not the black background: a slice fills
-#: most of it; the 3D view less, being seen at an angle.
-MIN_FILLED = {"step6-render": 0.3}
+#: most of it; the 3D view less, being seen at an angle and fitted to the segmentation's
+#: surfaces, whose extent moves with the network that segmented them (0.58 with the shipped
+#: membrane network of 2026-12-06 morning, 0.30 with run 10's, whose surfaces spread wider
+#: over the slice; a small picture in a black field fills under a tenth).
+MIN_FILLED = {"step6-render": 0.25}
 MIN_FILLED_2D = 0.6
 
 
