@@ -226,17 +226,23 @@ def _boxes_of(job: tuple[int, Any, argparse.Namespace]) -> tuple[Any, dict | str
     except Exception as exc:  # a scene too crowded or too empty for boxes: skip it
         return None, str(exc)
     about = {"seed": settings.seed, "voxel_size": round(settings.voxel_size, 2)}
-    if args.imperfect:
-        about["total_dose"] = round(settings.total_dose, 1)
-        about["alignment_error_px"] = round(settings.alignment_error_px, 2)
-    if args.microtubule_variety:
-        about["microtubule_elevation_deg"] = round(settings.microtubule_elevation_deg, 1)
-        about["microtubule_lattice"] = round(settings.microtubule_lattice, 2)
-    if args.vesicle_variety:
-        about["vesicle_aspect"] = round(settings.vesicle_aspect, 2)
-    if args.membrane_variety:
-        about["membrane_core_density"] = round(settings.membrane_core_density, 2)
+    for name in _drawn_settings(args):
+        about[name] = round(getattr(settings, name), 2)
     return ts, {**about, "boxes": ts.metadata["benchmark_boxes"]}
+
+
+def _drawn_settings(args: argparse.Namespace) -> list[str]:
+    """The simulator settings the command's imperfection and variety options draw, each
+    recorded per tomogram."""
+    from napari_tomoseg.simulator import synthetic
+
+    tables = (
+        (args.imperfect, synthetic.IMPERFECT_RANGES),
+        (args.microtubule_variety, synthetic.MICROTUBULE_RANGES),
+        (args.vesicle_variety, synthetic.VESICLE_RANGES),
+        (args.membrane_variety, synthetic.MEMBRANE_RANGES),
+    )
+    return [name for wanted, table in tables if wanted for name in table]
 
 
 def _variety_ranges(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
