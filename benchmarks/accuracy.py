@@ -193,6 +193,7 @@ class AccuracyOptions:
     scene_overrides: dict[str, Any] = field(default_factory=dict)
     threshold: float | None = None  # None: each network's own (calibrated) threshold
     tta: int = 0  # test-time augmentation: orientations averaged on apply (0: none, 4, 8)
+    planes: int | None = None  # slice planes on apply (None: each network's own, 1, 3)
     threads: int | None = None
 
 
@@ -320,7 +321,7 @@ def evaluate(
     k = len(names)
     options = options or AccuracyOptions()
     tta = {"tta": True, "tta_transforms": options.tta} if options.tta else {}
-    settings = ApplySettings(threshold=options.threshold, **tta)
+    settings = ApplySettings(threshold=options.threshold, planes=options.planes, **tta)
     total = np.zeros((k, k), dtype=np.int64)
     per_test = []
     for test in tests:
@@ -419,6 +420,7 @@ def zero_shot(
 ) -> list[dict[str, Any]]:
     """Score the shipped networks as they are (no boxes): each binary network of
     ``features`` on its feature, the multi-class network on every class."""
+    from napari_tomoseg.applying.inference import network_threshold
     from napari_tomoseg.learning.pretrained import MULTICLASS, available, load_pretrained
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
@@ -430,7 +432,8 @@ def zero_shot(
         network = load_pretrained(name)
         values = None if name == MULTICLASS else [CLASS_NAMES.index(name)]
         scored = evaluate(network, tests, values, options)
-        entries.append({"name": name, "threshold": network.meta.threshold, **scored})
+        threshold = network_threshold(network, options.planes)  # the one applied
+        entries.append({"name": name, "threshold": threshold, **scored})
     return entries
 
 
@@ -891,7 +894,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"# scored: the central {100 * Z_FRACTION[1] - 100 * Z_FRACTION[0]:.0f} % of the "
         f"slices (here {z0}-{z1 - 1} of {depth}); threshold: {threshold}; confusion "
         "matrices summed over the test tomograms; test-time augmentation: "
-        + (f"{o['tta']} orientations" if o.get("tta") else "none"),
+        + (f"{o['tta']} orientations" if o.get("tta") else "none")
+        + f"; slice planes: {o.get('planes') or 'as each network says'}",
         f"# run time: {report['seconds'] / 60:.1f} min",
     ]
     lines += _zero_shot_table(report)
@@ -994,6 +998,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         choices=(0, 4, 8),
         help="test-time augmentation on apply: orientations averaged (default: 0, none)",
     )
+    parser.add_argument(
+        "--planes",
+        type=int,
+        choices=(1, 3),
+        help="slice planes on apply: 1 (XY) or 3 (XY, XZ, YZ; default: each network's own)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="a tiny run to check the script")
     parser.add_argument("--json", help="also write every number to this JSON file")
@@ -1026,6 +1036,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         "starts",
         "threshold",
         "tta",
+        "planes",
         "threads",
     ):
         value = getattr(args, name)

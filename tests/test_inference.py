@@ -21,12 +21,14 @@ from torch import nn
 
 from napari_tomoseg.applying import inference as inf
 from napari_tomoseg.applying.inference import (
+    DEFAULT_THRESHOLD,
     ApplySettings,
     apply_binned,
     apply_file,
     apply_network,
     iter_apply,
     iter_apply_file,
+    network_threshold,
     plan_tiles,
     predict_slices,
     probabilities_as_float,
@@ -39,7 +41,7 @@ from napari_tomoseg.data.io import header_labels, read_tomogram, source_label, w
 from napari_tomoseg.data.preprocess import Normalisation, robust_stats
 from napari_tomoseg.data.probability import PROBABILITY_LABEL
 from napari_tomoseg.errors import MissingVoxelSizeWarning, TomosegError, TomosegIOError
-from napari_tomoseg.learning.model_file import Network, NetworkMeta
+from napari_tomoseg.learning.model_file import Network, NetworkMeta, load_network, save_network
 from napari_tomoseg.learning.models import build_model, predict_proba
 
 
@@ -809,3 +811,59 @@ def test_allocator_settings_put_back_after_a_run_are_those_glibc_settles_at(monk
     monkeypatch.setenv(inf_kernels.KEEP_FREED_MEMORY_ENV, "off")
     apply_network(network(Threshold(), 2), vol, voxel_size=10.0, settings=_CPU)
     assert libc.calls == []
+
+
+# -- three slice planes -------------------------------------------------------------------------
+def _planes_network(model=None, **meta):
+    net = network(TinyFCN(n_out=2) if model is None else model, 2)
+    net.meta = replace(net.meta, **meta)
+    return net
+
+
+def test_three_planes_average_the_xy_xz_and_yz_runs_with_xy_counting_half():
+    vol, _ = blobs((20, 40, 44), seed=2, noise=0.2)
+    net = _planes_network()
+    run = {}
+    for name, order in (("XY", (0, 1, 2)), ("XZ", (1, 0, 2)), ("YZ", (2, 0, 1))):
+        one = apply_network(
+            net, np.transpose(vol, order), voxel_size=10.0, settings=ApplySettings(planes=1)
+        )
+        run[name] = probabilities_as_float(one.probabilities[0]).transpose(np.argsort(order))
+    assert not np.allclose(run["XY"], run["XZ"], atol=0.05)  # the planes do differ
+    expected = 0.5 * run["XY"] + 0.25 * run["XZ"] + 0.25 * run["YZ"]
+    result = apply_network(
+        net, vol, voxel_size=10.0, settings=ApplySettings(planes=3, threshold=0.4)
+    )
+    got = probabilities_as_float(result.probabilities[0])
+    assert np.abs(got - expected).max() <= 0.011  # each run's stored probabilities are 1/100
+    clear = np.abs(expected - 0.4) > 0.011  # the mask is cut before the probabilities are stored
+    assert np.array_equal(result.mask[clear], (expected >= 0.4)[clear])
+    assert result.threshold == 0.4 and any("XZ and YZ" in n for n in result.notes)
+    part = apply_network(
+        net, vol, voxel_size=10.0, settings=ApplySettings(planes=3, z_chunk=4), z_range=(8, 16)
+    )  # a slice range is the same slices of the whole run
+    whole = apply_network(net, vol, voxel_size=10.0, settings=ApplySettings(planes=3, z_chunk=4))
+    assert np.array_equal(part.mask, whole.mask[8:16])
+    assert np.array_equal(part.probabilities[0], whole.probabilities[0][8:16])
+
+
+def test_the_network_file_says_how_many_planes_and_their_threshold(tmp_path):
+    cnn = build_model("tomoseg-cnn", 1, 2)  # a registered architecture, to save and load
+    net = _planes_network(cnn, threshold=0.7, planes=3, threshold_three_planes=0.45)
+    save_network(net, tmp_path / "n.tsnet")
+    back = load_network(tmp_path / "n.tsnet")
+    assert (back.meta.planes, back.meta.threshold_three_planes) == (3, 0.45)
+    assert ApplySettings().resolved(back).planes == 3
+    assert ApplySettings().resolved(back).threshold == 0.45
+    assert ApplySettings(planes=1).resolved(back).threshold == 0.7  # XY: its own threshold
+    assert ApplySettings(planes=1, threshold=0.2).resolved(back).threshold == 0.2
+    plain = _planes_network(threshold=0.7)  # trained here: XY, and 0.5 if asked for three
+    assert (ApplySettings().resolved(plain).planes, network_threshold(plain)) == (1, 0.7)
+    assert ApplySettings(planes=3).resolved(plain).threshold == DEFAULT_THRESHOLD
+    data = back.meta.to_dict()
+    for bad in (2, "3", True):
+        with pytest.raises(TomosegError, match="planes"):
+            NetworkMeta.from_dict({**data, "planes": bad})
+    for bad in (2, "all", True):
+        with pytest.raises(TomosegError, match="planes"):
+            ApplySettings(planes=bad).validate()

@@ -195,6 +195,24 @@ def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):
         torch.testing.assert_close(result[k], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_shipped_membrane_networks_apply_in_three_planes_unless_told(tmp_path, shifted):
+    network = load_pretrained("single_membrane")
+    assert network.meta.planes == 3 and network.meta.threshold_three_planes is not None
+    volume = shifted.tomogram[:24]
+    tomo = write_mrc(tmp_path / "tomo.mrc", volume, shifted.voxel_size)
+    masks = {}
+    for planes, extra in ((3, []), (1, ["--planes", "1"])):
+        out = tmp_path / f"planes{planes}"
+        args = ["-q", "apply", "--pretrained", "single_membrane", str(tomo), *extra]
+        assert cli.main([*args, "--output-dir", str(out)]) == 0
+        masks[planes] = read_tomogram(out / "tomo_single_membrane_mask.mrc").data
+        direct = apply_network(
+            network, volume, voxel_size=shifted.voxel_size, settings=ApplySettings(planes=planes)
+        )
+        assert np.array_equal(masks[planes], direct.mask)
+    assert not np.array_equal(masks[1], masks[3])
+
+
 def test_apply_a_shipped_network_from_the_command_line(tmp_path, shifted, capsys):
     tomo = write_mrc(tmp_path / "tomo.mrc", shifted.tomogram[:16], shifted.voxel_size)
     assert cli.main(["pretrained"]) == 0

@@ -133,3 +133,27 @@ def test_recalibration_refuses_a_network_without_a_curve(tmp_path):
     with pytest.raises(TomosegError, match="no threshold calibration curve"):
         recalibrate.recalibrate(path)
     assert path.read_bytes() == data_before  # nothing lost
+
+
+def test_planes_calibration_records_both_curves_and_follows_its_rule(tmp_path, monkeypatch):
+    from napari_tomoseg.simulator.synthetic import simulate_tomogram
+
+    calibrate_planes = _load("calibrate_planes.py")
+    path = tmp_path / "net.tsnet"
+    shutil.copy(shipped_file("single_membrane"), path)
+    before = load_network(path)
+    sims = [simulate_tomogram(seed=5, shape=(40, 96, 96))]
+    record = calibrate_planes.calibrate(path, "single_membrane", sims, dry_run=False)
+    after = load_network(path)
+    assert after.meta.metrics["planes_calibration"] == record
+    assert after.meta.threshold_three_planes == record["three_planes_chosen"]
+    wins = record["three_planes_f1_at_chosen"] > record["one_plane_f1_at_own_threshold"]
+    assert after.meta.planes == record["planes"] == record["planes_by_rule"] == (3 if wins else 1)
+    forced = calibrate_planes.calibrate(path, "single_membrane", sims, dry_run=False, planes=3)
+    assert load_network(path).meta.planes == 3 and forced["planes_from"] == "command line"
+    assert len(record["one_plane_f1"]) == len(record["three_planes_f1"]) > 5
+    assert after.meta.threshold == before.meta.threshold  # the XY threshold stays
+    for key, value in before.model.state_dict().items():  # the weights are untouched
+        assert torch.equal(value, after.model.state_dict()[key]), key
+    with pytest.raises(SystemExit, match="no class 'ribosome'"):
+        calibrate_planes.calibrate(path, "ribosome", sims, dry_run=True)

@@ -26,8 +26,10 @@ from napari_tomoseg._widgets._boxes import (  # noqa: E402
     POSITIVE_LAYER,
     UNSAVED_MARK,
 )
+from napari_tomoseg.applying.inference import ApplySettings, apply_network  # noqa: E402
 from napari_tomoseg.data.annotations import PAINTING_FILE  # noqa: E402
 from napari_tomoseg.data.io import read_tomogram  # noqa: E402
+from napari_tomoseg.learning.pretrained import load_pretrained  # noqa: E402
 from napari_tomoseg.simulator.demo import boxes_from_ground_truth, central_slices, dice_scores  # noqa: E402
 from napari_tomoseg.simulator.synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram  # noqa: E402
 
@@ -268,6 +270,25 @@ def test_the_apply_widget_says_when_a_network_of_this_session_is_ready(
     apply.status.value = ""
     current.set_network(network, "trained by the demo")
     assert apply.status.value == ""
+
+
+def test_the_apply_widget_applies_in_the_slice_planes_chosen(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    sim, tomo = _small_tomogram(viewer)
+    apply = ApplyWidget(viewer)
+    apply.source.value = "shipped network"
+    apply.shipped.value = "single_membrane"
+    apply.tomogram.value = tomo
+    network = load_pretrained("single_membrane")
+    for choice, planes in (("XY", 1), ("XY + XZ + YZ", 3)):
+        apply.planes.value = choice
+        apply.layers_added = []
+        assert apply.run() is not None
+        qtbot.waitUntil(lambda: len(apply.layers_added) == 2, timeout=120_000)
+        direct = apply_network(
+            network, sim.tomogram, voxel_size=sim.voxel_size, settings=ApplySettings(planes=planes)
+        )
+        assert np.array_equal(apply.layers_added[-1].data, direct.mask), choice
 
 
 def test_a_destroyed_box_widget_no_longer_follows_the_annotations(make_napari_viewer, qtbot):

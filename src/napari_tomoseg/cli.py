@@ -359,6 +359,7 @@ def _cmd_apply(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     settings = ApplySettings(
         threshold=args.threshold,
         tta=args.tta,
+        planes=args.planes,
         shrink=args.shrink,
         voxel_size_policy=args.voxel_size_policy,
         device=args.device,
@@ -442,6 +443,7 @@ def _split_apply_inputs(args: argparse.Namespace) -> None:
 
 def _cmd_pretrained(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     """List the networks shipped with the package."""
+    from .applying.inference import network_planes, network_threshold
     from .learning.model_file import read_network_meta
     from .learning.pretrained import available
 
@@ -455,8 +457,9 @@ def _cmd_pretrained(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         trained_at = meta.voxel_size.describe() if meta.voxel_size else "an unknown voxel size"
         print(
             f"{name:>16}: {meta.architecture}, {classes}; trained at {trained_at}, "
-            f"{meta.context_slices} context slice(s), threshold {meta.threshold or 0.5:.2f} "
-            f"({path})"
+            f"{meta.context_slices} context slice(s), applied in "
+            f"{'the XY, XZ and YZ slices' if network_planes(meta) == 3 else 'the XY slices'}, "
+            f"threshold {network_threshold(meta):.2f} ({path})"
         )
     print(
         "Use one with 'tomoseg apply --pretrained NAME TOMOGRAM ...'; training starts from "
@@ -990,6 +993,14 @@ def _add_apply(command: Callable[..., argparse.ArgumentParser]) -> None:
         "its held-out boxes when it was trained; 0.5 for a network without one)",
     )
     p.add_argument("--tta", action="store_true", help="test-time augmentation (8x slower)")
+    p.add_argument(
+        "--planes",
+        type=int,
+        choices=[1, 3],
+        help="slice planes the network is applied in: 1 (XY) or 3 (XY, XZ and YZ, the "
+        "probabilities averaged; finds membranes face-on to the beam; 3x slower); default: "
+        "the network's own (3 for the shipped membrane networks)",
+    )
     p.add_argument(
         "--shrink",
         type=int,

@@ -60,6 +60,10 @@ def hex_colors(class_colors: Any) -> dict[int, str]:
     return colors
 
 
+#: The widget's slice-plane choices and the ``ApplySettings.planes`` of each.
+PLANE_CHOICES = {"network's own": None, "XY": 1, "XY + XZ + YZ": 3}
+
+
 class ApplyWidget(Container):
     """Segment a whole tomogram with a trained network."""
 
@@ -86,6 +90,13 @@ class ApplyWidget(Container):
         self.threshold.enabled = False
         self.own_threshold.changed.connect(lambda own: setattr(self.threshold, "enabled", not own))
         self.tta = CheckBox(label="test-time augmentation", value=ApplySettings.tta)
+        self.planes = ComboBox(
+            label="slice planes",
+            choices=list(PLANE_CHOICES),
+            value=next(iter(PLANE_CHOICES)),
+            tooltip="XY + XZ + YZ also finds membranes lying face-on to the beam (3x the "
+            "time); the network's own choice is XY + XZ + YZ for the shipped membrane networks",
+        )
         self.run_button = PushButton(text="Apply")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
@@ -98,6 +109,7 @@ class ApplyWidget(Container):
                 self.own_threshold,
                 self.threshold,
                 self.tta,
+                self.planes,
                 self.run_button,
                 self.cancel_button,
                 self.status,
@@ -109,6 +121,7 @@ class ApplyWidget(Container):
                 "threshold": self.threshold,
                 "own_threshold": self.own_threshold,
                 "tta": self.tta,
+                "planes": self.planes,
                 "network_file": self.network_file,
             },
         )
@@ -156,7 +169,9 @@ class ApplyWidget(Container):
             notify_error(describe_error(exc))
             return None
         threshold = None if self.own_threshold.value else float(self.threshold.value)
-        settings = ApplySettings(threshold=threshold, tta=bool(self.tta.value))
+        settings = ApplySettings(
+            threshold=threshold, tta=bool(self.tta.value), planes=PLANE_CHOICES[self.planes.value]
+        )
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = "applying..."

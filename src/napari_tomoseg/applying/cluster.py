@@ -96,6 +96,7 @@ from .inference import (
     ApplySettings,
     iter_apply,
     iter_apply_file,
+    network_planes,
     network_threshold,
     probability_paths,
     resolve_device,
@@ -108,8 +109,9 @@ MANIFEST_VERSION = 1
 DEFAULT_MANIFEST_NAME = "tomoseg-batch.json"
 
 _STATUSES = ("done", "skipped", "failed", "cancelled")
-#: A network file's hash, class names and own mask threshold (``_network_facts``).
-_NetworkFacts = tuple[str, tuple[str, ...], float]
+#: A network file's hash, class names, own mask threshold and slice planes
+#: (``_network_facts``).
+_NetworkFacts = tuple[str, tuple[str, ...], float, int]
 _HASH_BLOCK = 8 * 1024 * 1024
 _POLL_SECONDS = 0.1
 _MAX_CACHED_NETWORKS = 8
@@ -136,7 +138,8 @@ class BatchSettings:
     ``allowed_failures`` (times a task may lose its worker before it is reported failed).
     ``torch_threads``: CPU threads torch uses in each worker (``None``: the local plan's, or
     the worker's default on a remote cluster).  ``z_split``: tomograms with more slices are
-    split into Z chunks of about this many slices (``None``: never split).
+    split into Z chunks of about this many slices (``None``: never split; binned and
+    three-plane runs are never split: they need the whole tomogram).
     ``verify_hashes``: recompute the SHA-256 of recorded outputs before skipping a job.
     ``gpu_tasks``: every apply task asks for the Dask resource ``GPU=1`` (``True``), never
     (``False``), or when a worker advertises ``GPU`` as the batch starts (``None``; set
@@ -1102,13 +1105,15 @@ def _safe_key(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:40]
 
 
-def _network_facts(path: Path) -> _NetworkFacts | str:
-    """A network file's hash, class names and own threshold, or why it cannot be read."""
+def _network_facts(path: Path, planes: int | None) -> _NetworkFacts | str:
+    """A network file's hash, class names, own threshold and the slice planes it is applied
+    in (``planes``, None: its own), or why it cannot be read."""
     from ..learning.model_file import read_network_meta
 
     try:
         meta = read_network_meta(path)
-        return file_sha256(path), tuple(meta.class_names), network_threshold(meta)
+        planes = network_planes(meta) if planes is None else planes
+        return file_sha256(path), tuple(meta.class_names), network_threshold(meta, planes), planes
     except TomosegError as exc:
         return str(exc)
     except OSError as exc:
@@ -1129,7 +1134,7 @@ def _plan_job(
     manifest says so), else the task to run and its Z chunks."""
     if isinstance(facts, str):
         return JobOutcome(job, "failed", reason=facts)
-    net_sha, class_names, own_threshold = facts
+    net_sha, class_names, own_threshold, planes = facts
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MissingVoxelSizeWarning)
@@ -1186,7 +1191,8 @@ def _plan_job(
         torch_threads=batch.torch_threads,
         topic=None,
     )
-    z_split = batch.z_split if settings.shrink == 1 else None
+    # a binned or three-plane run needs the whole tomogram at once
+    z_split = batch.z_split if settings.shrink == 1 and planes == 1 else None
     chunks = plan_z_chunks(shape[0], z_split, settings.z_chunk)
     return spec, chunks
 
@@ -1398,7 +1404,7 @@ def _plan_run(
     networks: dict[Path, _NetworkFacts | str] = {}
     for i, job in enumerate(jobs):
         if job.network not in networks:
-            networks[job.network] = _network_facts(job.network)
+            networks[job.network] = _network_facts(job.network, settings.planes)
         planned = _plan_job(
             job,
             networks[job.network],

@@ -167,7 +167,10 @@ class NetworkMeta:
     ``normalisation`` describes how the training images were normalised (apply the same to
     new tomograms); ``context_slices`` is the number of neighbouring Z slices on each side
     that were stacked as input channels.  ``threshold`` is the probability at which the
-    network's mask is cut, chosen on its held-out boxes (``None``: 0.5).
+    network's mask is cut, chosen on its held-out boxes (``None``: 0.5).  ``planes`` is how
+    many slice planes apply uses by default (1: XY; 3: XY, XZ and YZ averaged, see
+    :class:`~napari_tomoseg.applying.inference.ApplySettings`), and
+    ``threshold_three_planes`` the threshold for three planes (``None``: 0.5).
     """
 
     architecture: str
@@ -181,6 +184,8 @@ class NetworkMeta:
     normalisation: dict[str, Any] = field(default_factory=dict)
     context_slices: int = 0
     threshold: float | None = None
+    planes: int = 1
+    threshold_three_planes: float | None = None
     trainset_summary: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -239,6 +244,8 @@ class NetworkMeta:
             raise bad("n_classes", f"architecture {meta.architecture!r} is binary only")
         if len(meta.class_names) != n_cls or len(set(meta.class_names)) != n_cls:
             raise bad("class_names", _META_RULES["class_names"].format(n=n_cls))
+        if meta.planes not in (1, 3):
+            raise bad("planes", _META_RULES["planes"])
         colours = meta.class_colors or []
         if colours and len(colours) != n_cls:
             raise bad("class_colors", _META_RULES["class_colors"].format(n=n_cls))
@@ -254,6 +261,8 @@ class NetworkMeta:
             normalisation=meta.normalisation,
             context_slices=meta.context_slices,
             threshold=meta.threshold,
+            planes=meta.planes,
+            threshold_three_planes=meta.threshold_three_planes,
             trainset_summary=meta.trainset_summary,
             history=meta.history,
             metrics=meta.metrics,
@@ -287,6 +296,8 @@ class _MetaSchema(BaseModel):
     normalisation: dict[str, Any] = {}
     context_slices: Annotated[int, Field(ge=0)] = 0
     threshold: Annotated[float, Field(gt=0, lt=1)] | None = None
+    planes: Annotated[int, Field(ge=1, le=3)] = 1  # 1 or 3, checked in from_dict
+    threshold_three_planes: Annotated[float, Field(gt=0, lt=1)] | None = None
     trainset_summary: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
@@ -305,6 +316,8 @@ _META_RULES = {
     "box_size": "must be a positive integer or null",
     "context_slices": "must be a non-negative integer",
     "threshold": "must be a probability between 0 and 1, or null",
+    "planes": "must be 1 (XY slices) or 3 (XY, XZ and YZ slices)",
+    "threshold_three_planes": "must be a probability between 0 and 1, or null",
     "history": "must be a list of objects",
     "created": "must be a string",
 }

@@ -37,6 +37,7 @@ from .settings import (
     ApplyOutputs,
     ApplyResult,
     ApplySettings,
+    network_planes,
     network_threshold,
 )
 from .tiling import AUTO_BLEND, ReceptiveField, TilePlan, auto_overlap, plan_tiles, receptive_field
@@ -65,6 +66,7 @@ __all__ = [
     "is_out_of_memory",
     "iter_apply",
     "iter_apply_file",
+    "network_planes",
     "network_threshold",
     "plan_tiles",
     "predict_slices",

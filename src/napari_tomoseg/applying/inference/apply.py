@@ -172,6 +172,11 @@ def iter_apply(
             network, volume, vs, settings, should_stop, out, keep_probabilities
         )
         return result
+    if settings.planes == 3:
+        result = yield from _iter_apply_planes(
+            network, volume, vs, settings, should_stop, out, keep_probabilities, z_range
+        )
+        return result
 
     start = time.perf_counter()
     shape = tuple(int(s) for s in volume.shape)
@@ -425,12 +430,114 @@ def _iter_apply_binned(
         )
         if should_stop():
             return finish(stopped=True)
-    for z in range(shape[0]):
-        fg = np.stack([probabilities_as_float(f[z]) for f in full])
-        probs = np.concatenate([np.clip(1.0 - fg.sum(axis=0), 0.0, 1.0)[None], fg])
-        outputs.mask[z] = _make_mask(probs, settings.threshold)
+    _mask_from_probabilities(outputs, [full], settings.threshold)
     yield Progress("unbin", n_fg, n_fg, message="done")
     return finish(stopped=False)
+
+
+#: The slice planes of ``planes`` 3: name, the axis order that makes them the Z slices, and
+#: their weight in the average.  The XY slices, those the network was trained on, count half
+#: (of six ways to combine the planes, the best on simulated calibration tomograms;
+#: ``docs/models.md``).
+_PLANES = (("XY", (0, 1, 2), 0.5), ("XZ", (1, 0, 2), 0.25), ("YZ", (2, 0, 1), 0.25))
+
+
+def _iter_apply_planes(
+    network: Any,
+    volume: np.ndarray,
+    vs: VoxelSize | None,
+    settings: ApplySettings,
+    should_stop: StopCheck,
+    out: ApplyOutputs | None,
+    keep_probabilities: bool,
+    z_range: tuple[int, int] | None,
+) -> Generator[Progress, None, ApplyResult]:
+    """Apply in the XY, XZ and YZ slices (each a transposed view of ``volume``, whole for
+    the side views even when ``z_range`` is given) and average the probabilities
+    (weights: :data:`_PLANES`)."""
+    start = time.perf_counter()
+    class_names = _meta_checks(network)[2]
+    z_lo, z_hi = _check_z_range(z_range, int(volume.shape[0]), settings)
+    shape = (z_hi - z_lo, int(volume.shape[1]), int(volume.shape[2]))
+    outputs = _allocate_outputs(shape, len(class_names) - 1, out, keep_probabilities)
+    views, notes = (
+        [],
+        ["applied in the XY, XZ and YZ slices, the probabilities averaged (XY half)"],
+    )
+    for k, (name, order, _) in enumerate(_PLANES):
+        inner = yield from _tagged(
+            iter_apply(
+                network,
+                np.transpose(volume, order) if k else volume,
+                voxel_size=None if vs is None else VoxelSize(*(tuple(vs)[i] for i in order)),
+                settings=replace(settings, planes=1),
+                should_stop=should_stop,
+                z_range=None if k else z_range,
+            ),
+            f"{name} slices ({k + 1} of {len(_PLANES)})",
+        )
+        if inner.stopped:
+            return _run_result(
+                outputs,
+                class_names,
+                vs,
+                start,
+                stopped=True,
+                slices_done=0,
+                notes=notes,
+                threshold=settings.threshold,
+            )
+        back = np.argsort(order)
+        views.append(
+            [p if not k else np.transpose(p, back)[z_lo:z_hi] for p in inner.probabilities]
+        )
+        notes += [f"{name}: {note}" for note in inner.notes if note not in notes]
+    _mask_from_probabilities(outputs, views, settings.threshold, [w for *_, w in _PLANES])
+    return _run_result(
+        outputs,
+        class_names,
+        vs,
+        start,
+        stopped=False,
+        slices_done=shape[0],
+        notes=notes,
+        threshold=settings.threshold,
+    )
+
+
+def _tagged(
+    events: Generator[Progress, None, ApplyResult], tag: str
+) -> Generator[Progress, None, ApplyResult]:
+    """``events`` with ``tag`` before each message; returns what they return."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            return done.value
+        yield replace(event, message=f"{tag}: {event.message}" if event.message else tag)
+
+
+def _mask_from_probabilities(
+    outputs: ApplyOutputs,
+    runs: list[list[np.ndarray]],
+    threshold: float,
+    weights: list[float] | None = None,
+) -> None:
+    """Fill ``outputs`` slice by slice with the weighted mean of ``runs`` (each a stored
+    probability array per foreground class) and its mask at ``threshold``."""
+    for z in range(outputs.mask.shape[0]):
+        fg = np.stack(
+            [
+                np.average(
+                    [probabilities_as_float(run[c][z]) for run in runs], axis=0, weights=weights
+                )
+                for c in range(len(runs[0]))
+            ]
+        )
+        probs = np.concatenate([np.clip(1.0 - fg.sum(axis=0), 0.0, 1.0)[None], fg])
+        outputs.mask[z] = _make_mask(probs, threshold)
+        for c, target in enumerate(outputs.probabilities or []):
+            target[z] = quantize_probabilities(fg[c])
 
 
 def apply_network(

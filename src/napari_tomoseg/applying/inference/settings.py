@@ -20,6 +20,9 @@ VOXEL_SIZE_POLICIES = ("rescale", "refuse")
 #: background) or refuse the tomogram.
 NONFINITE_POLICIES = ("fill", "refuse")
 TTA_TRANSFORMS = (4, 8)
+#: Slice planes a network can be applied in: 1 (XY, the slices it was trained on) or 3 (XY,
+#: XZ and YZ, the probabilities averaged; see :class:`ApplySettings`).
+PLANES = (1, 3)
 #: The mask threshold of a network that records none (one trained before calibration).
 DEFAULT_THRESHOLD = 0.5
 
@@ -52,6 +55,10 @@ class ApplySettings:
     ``"fill"`` gives the network the tomogram's mean in their place and labels them
     background (probability 0), with a warning and a note in the result; ``"refuse"`` raises
     a :class:`TomosegError` naming the first slice that has one.
+    ``planes``: 1 applies the network to the XY slices; 3 also to the XZ and YZ slices and
+    averages the probabilities, the XY ones weighing half (a membrane face-on to the beam,
+    faint in XY, is a line across the XZ and YZ slices; three times the work); ``None``
+    takes the network's own choice (:func:`network_planes`).
     """
 
     tile_size: int = 1024
@@ -67,6 +74,7 @@ class ApplySettings:
     z_chunk: int = 8
     shrink: int = 1
     nonfinite: str = "fill"
+    planes: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`TomosegError` for settings that cannot work."""
@@ -118,26 +126,48 @@ class ApplySettings:
             raise TomosegError(
                 f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}."
             )
+        if self.planes is not None and (
+            isinstance(self.planes, bool) or self.planes not in PLANES
+        ):
+            raise TomosegError(
+                f"planes must be 1 (XY slices) or 3 (XY, XZ and YZ slices), or None (the "
+                f"network's own), got {self.planes!r}."
+            )
         resolve_device(self.device)
 
     def resolved(self, network: Any) -> ApplySettings:
-        """These settings with the threshold decided: as given, else the network's own,
-        else :data:`DEFAULT_THRESHOLD`."""
-        if self.threshold is not None:
-            return self
-        return replace(self, threshold=network_threshold(network))
+        """These settings with the planes and the threshold decided: as given, else the
+        network's own (:func:`network_planes`, :func:`network_threshold`)."""
+        planes = self.planes if self.planes is not None else network_planes(network)
+        threshold = self.threshold
+        if threshold is None:
+            threshold = network_threshold(network, planes)
+        return replace(self, planes=planes, threshold=threshold)
 
 
-def network_threshold(network: Any) -> float:
-    """The probability at which ``network``'s mask is cut: the threshold recorded in its
-    file (chosen on its held-out boxes), or :data:`DEFAULT_THRESHOLD`.
+def network_planes(network: Any) -> int:
+    """The slice planes ``network`` is applied in unless told otherwise (:data:`PLANES`):
+    what its file records, else 1."""
+    own = getattr(getattr(network, "meta", network), "planes", None)
+    return int(own) if own in PLANES else 1
+
+
+def network_threshold(network: Any, planes: int | None = None) -> float:
+    """The probability at which ``network``'s mask is cut, applied in ``planes`` slice
+    planes (None: its own, :func:`network_planes`): the threshold recorded in its file for
+    them (for XY, chosen on its held-out boxes), or :data:`DEFAULT_THRESHOLD`.
 
     Parameters
     ----------
     network
         A loaded network or its metadata, or anything without a threshold (None included).
+    planes
+        1 or 3; None: the network's own.
     """
-    own = getattr(getattr(network, "meta", network), "threshold", None)
+    meta = getattr(network, "meta", network)
+    planes = network_planes(meta) if planes is None else planes
+    name = "threshold" if planes == 1 else "threshold_three_planes"
+    own = getattr(meta, name, None)
     return float(own) if own is not None else DEFAULT_THRESHOLD
 
 
