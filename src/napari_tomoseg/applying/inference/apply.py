@@ -460,10 +460,22 @@ def _iter_apply_planes(
     z_lo, z_hi = _check_z_range(z_range, int(volume.shape[0]), settings)
     shape = (z_hi - z_lo, int(volume.shape[1]), int(volume.shape[2]))
     outputs = _allocate_outputs(shape, len(class_names) - 1, out, keep_probabilities)
-    views, notes = (
-        [],
-        ["applied in the XY, XZ and YZ slices, the probabilities averaged (XY half)"],
-    )
+    views: list[list[np.ndarray]] = []
+    notes = ["applied in the XY, XZ and YZ slices, the probabilities averaged (XY half)"]
+
+    def finish(stopped: bool) -> ApplyResult:
+        done = 0 if stopped else shape[0]
+        return _run_result(
+            outputs,
+            class_names,
+            vs,
+            start,
+            stopped=stopped,
+            slices_done=done,
+            notes=notes,
+            threshold=settings.threshold,
+        )
+
     for k, (name, order, _) in enumerate(_PLANES):
         inner = yield from _tagged(
             iter_apply(
@@ -477,32 +489,14 @@ def _iter_apply_planes(
             f"{name} slices ({k + 1} of {len(_PLANES)})",
         )
         if inner.stopped:
-            return _run_result(
-                outputs,
-                class_names,
-                vs,
-                start,
-                stopped=True,
-                slices_done=0,
-                notes=notes,
-                threshold=settings.threshold,
-            )
+            return finish(stopped=True)
         back = np.argsort(order)
         views.append(
             [p if not k else np.transpose(p, back)[z_lo:z_hi] for p in inner.probabilities]
         )
         notes += [f"{name}: {note}" for note in inner.notes if note not in notes]
     _mask_from_probabilities(outputs, views, settings.threshold, [w for *_, w in _PLANES])
-    return _run_result(
-        outputs,
-        class_names,
-        vs,
-        start,
-        stopped=False,
-        slices_done=shape[0],
-        notes=notes,
-        threshold=settings.threshold,
-    )
+    return finish(stopped=False)
 
 
 def _tagged(
