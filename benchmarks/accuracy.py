@@ -375,14 +375,18 @@ def _network_label(arch: str, start: str, options: AccuracyOptions) -> str:
     return f"{arch} ({'from scratch' if start == 'scratch' else 'fine-tuned'})"
 
 
-def _summary(result: Any, seconds: float) -> dict[str, Any]:
+def _summary(result: Any, seconds: float, options: AccuracyOptions) -> dict[str, Any]:
+    from napari_tomoseg.applying.inference import network_planes, network_threshold
+
+    planes = options.planes or network_planes(result.network)
     return {
         "started_from": result.metadata.get("started_from"),
         "train_seconds": seconds,
         "val_mean_dice": result.metrics.get("mean_foreground_f1"),
         "best_step": result.metadata.get("best_step"),
         "steps": result.metadata.get("steps_done"),
-        "threshold": getattr(result.network.meta, "threshold", None),
+        "threshold": network_threshold(result.network, planes),  # the one applied
+        "planes": planes,
     }
 
 
@@ -410,7 +414,7 @@ def _binary_entry(
         "n_positive": n_positive,
         "n_negative": options.n_negative,
         "train_seed": seed,
-        **_summary(result, time.perf_counter() - t0),
+        **_summary(result, time.perf_counter() - t0, options),
         **evaluate(result.network, tests, [CLASS_NAMES.index(feature)], options),
     }
 
@@ -522,7 +526,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
                 "start": start,
                 "train_seed": seed,
                 "boxes": ts.metadata["benchmark_boxes"],
-                **_summary(result, time.perf_counter() - t0),
+                **_summary(result, time.perf_counter() - t0, options),
                 **evaluate(result.network, tests, options=options),
             }
         )

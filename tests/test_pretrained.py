@@ -176,6 +176,14 @@ def test_fine_tuning_starts_from_the_shipped_weights(shifted):
     assert "random" in scratch.metadata["started_from"]
     assert tuned.history[0]["loss"] < scratch.history[0]["loss"]
     assert tuned.metrics["mean_foreground_f1"] > scratch.metrics["mean_foreground_f1"]
+    # applied as the shipped network is: three planes at its three-plane threshold
+    shipped = load_pretrained("single_membrane").meta
+    assert (tuned.network.meta.planes, tuned.network.meta.threshold_three_planes) == (
+        3,
+        shipped.threshold_three_planes,
+    )
+    assert tuned.metadata["planes_from"] == "the network it started from"
+    assert (scratch.network.meta.planes, scratch.network.meta.threshold_three_planes) == (1, None)
 
 
 def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):

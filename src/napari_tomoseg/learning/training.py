@@ -78,7 +78,14 @@ from .checkpoint import (
 )
 from .model_file import Network, NetworkMeta, jsonable, package_versions
 from .models import DEFAULT_ARCHITECTURE, get_spec, logits_to_proba, resolved_params
-from .pretrained import AUTO, SCRATCH, available, starting_network, transfer_weights
+from .pretrained import (
+    AUTO,
+    SCRATCH,
+    available,
+    feature_of,
+    starting_network,
+    transfer_weights,
+)
 
 if TYPE_CHECKING:
     from .trainset import TrainingSet
@@ -1319,6 +1326,22 @@ def _run_metadata(
     }
 
 
+def _keep_planes(meta: NetworkMeta, origin: Network | None) -> bool:
+    """Whether ``meta`` takes the slice planes of ``origin``, the network training started
+    from: a binary network of the same feature applied in three planes (a shipped membrane
+    network) passes on three planes and its three-plane threshold, since the held-out
+    boxes are XY slices and choose only the XY threshold."""
+    own = getattr(origin, "meta", None)
+    if own is None or own.planes != 3 or (len(own.class_names), len(meta.class_names)) != (2, 2):
+        return False
+    if (feature_of(own.class_names[1]) or own.class_names[1]) != (
+        feature_of(meta.class_names[1]) or meta.class_names[1]
+    ):
+        return False
+    meta.planes, meta.threshold_three_planes = 3, own.threshold_three_planes
+    return True
+
+
 def _network_meta(
     trainset: TrainingSet,
     arch: str,
@@ -1485,6 +1508,9 @@ def iter_train(
     full_history = history0 + run.history
     metrics = {**best["metrics"], "training": metadata}
     network.meta = _network_meta(trainset, arch, params, threshold, full_history, metrics)
+    if _keep_planes(network.meta, init if init is not None else start):
+        metadata["planes_from"] = "the network it started from"
+        network.meta.metrics["training"]["planes_from"] = metadata["planes_from"]
     result = TrainResult(
         network=network,
         history=full_history,
