@@ -845,6 +845,12 @@ def test_three_planes_average_the_xy_xz_and_yz_runs_with_xy_counting_half():
     whole = apply_network(net, vol, voxel_size=10.0, settings=ApplySettings(planes=3, z_chunk=4))
     assert np.array_equal(part.mask, whole.mask[8:16])
     assert np.array_equal(part.probabilities[0], whole.probabilities[0][8:16])
+    calls = []  # stopped in the XZ slices (XY takes 10 checks): stopped, no mask made
+    stopped = apply_network(
+        net, vol, voxel_size=10.0, settings=ApplySettings(planes=3, z_chunk=4),
+        should_stop=lambda: calls.append(1) or len(calls) > 12,
+    )  # fmt: skip
+    assert stopped.stopped and stopped.slices_done == 0 and not stopped.mask.any()
 
 
 def test_the_network_file_says_how_many_planes_and_their_threshold(tmp_path):

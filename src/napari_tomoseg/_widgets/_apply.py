@@ -82,7 +82,8 @@ class ApplyWidget(Container):
         self.own_threshold = CheckBox(
             label="network's threshold",
             value=True,
-            tooltip="the threshold chosen on the network's held-out boxes when it was trained",
+            tooltip="the threshold the network records for the slice planes it is applied in "
+            "(for XY, chosen on its held-out boxes when it was trained)",
         )
         self.threshold = FloatSpinBox(
             label="threshold", value=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.05

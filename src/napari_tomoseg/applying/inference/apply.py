@@ -16,6 +16,7 @@ import itertools
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -463,19 +464,9 @@ def _iter_apply_planes(
     views: list[list[np.ndarray]] = []
     notes = ["applied in the XY, XZ and YZ slices, the probabilities averaged (XY half)"]
 
-    def finish(stopped: bool) -> ApplyResult:
-        done = 0 if stopped else shape[0]
-        return _run_result(
-            outputs,
-            class_names,
-            vs,
-            start,
-            stopped=stopped,
-            slices_done=done,
-            notes=notes,
-            threshold=settings.threshold,
-        )
-
+    finish = partial(
+        _run_result, outputs, class_names, vs, start, notes=notes, threshold=settings.threshold
+    )
     for k, (name, order, _) in enumerate(_PLANES):
         inner = yield from _tagged(
             iter_apply(
@@ -489,14 +480,14 @@ def _iter_apply_planes(
             f"{name} slices ({k + 1} of {len(_PLANES)})",
         )
         if inner.stopped:
-            return finish(stopped=True)
+            return finish(stopped=True, slices_done=0)
         back = np.argsort(order)
         views.append(
             [p if not k else np.transpose(p, back)[z_lo:z_hi] for p in inner.probabilities]
         )
         notes += [f"{name}: {note}" for note in inner.notes if note not in notes]
     _mask_from_probabilities(outputs, views, settings.threshold, [w for *_, w in _PLANES])
-    return finish(stopped=False)
+    return finish(stopped=False, slices_done=shape[0])
 
 
 def _tagged(
