@@ -453,9 +453,9 @@ def _iter_apply_planes(
     keep_probabilities: bool,
     z_range: tuple[int, int] | None,
 ) -> Generator[Progress, None, ApplyResult]:
-    """Apply in the XY, XZ and YZ slices (each a transposed view of ``volume``, whole for
-    the side views even when ``z_range`` is given) and average the probabilities
-    (weights: :data:`_PLANES`)."""
+    """Apply in the XY, XZ and YZ slices and average the probabilities (weights:
+    :data:`_PLANES`).  The side views are transposed views of the whole tomogram, read into
+    memory once, and are computed whole even when ``z_range`` is given."""
     start = time.perf_counter()
     class_names = _meta_checks(network)[2]
     z_lo, z_hi = _check_z_range(z_range, int(volume.shape[0]), settings)
@@ -467,11 +467,14 @@ def _iter_apply_planes(
     finish = partial(
         _run_result, outputs, class_names, vs, start, notes=notes, threshold=settings.threshold
     )
+    whole = None  # the side views cut across every Z slice: the tomogram is read once
     for k, (name, order, _) in enumerate(_PLANES):
+        if k and whole is None:
+            whole = np.asarray(volume)
         inner = yield from _tagged(
             iter_apply(
                 network,
-                np.transpose(volume, order) if k else volume,
+                np.transpose(whole, order) if k else volume,
                 voxel_size=None if vs is None else VoxelSize(*(tuple(vs)[i] for i in order)),
                 settings=replace(settings, planes=1),
                 should_stop=should_stop,
