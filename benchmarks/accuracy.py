@@ -299,6 +299,14 @@ def jsonable_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
+def apply_settings(options: AccuracyOptions) -> Any:
+    """The :class:`ApplySettings` the options ask the test tomograms to be segmented with."""
+    from napari_tomoseg.applying.inference import ApplySettings
+
+    tta = {"tta": True, "tta_transforms": options.tta} if options.tta else {}
+    return ApplySettings(threshold=options.threshold, planes=options.planes, **tta)
+
+
 def evaluate(
     network: Any,
     tests: list[TestTomogram],
@@ -313,15 +321,13 @@ def evaluate(
     network's own) and test-time augmentation.  Returns the pooled metrics and those of
     every test tomogram.
     """
-    from napari_tomoseg.applying.inference import ApplySettings
     from napari_tomoseg.data.probability import probabilities_as_float
     from napari_tomoseg.learning.training import confusion_matrix, metrics_from_confusion
 
     names = list(network.meta.class_names)
     k = len(names)
     options = options or AccuracyOptions()
-    tta = {"tta": True, "tta_transforms": options.tta} if options.tta else {}
-    settings = ApplySettings(threshold=options.threshold, planes=options.planes, **tta)
+    settings = apply_settings(options)
     total = np.zeros((k, k), dtype=np.int64)
     per_test = []
     for test in tests:
@@ -376,17 +382,15 @@ def _network_label(arch: str, start: str, options: AccuracyOptions) -> str:
 
 
 def _summary(result: Any, seconds: float, options: AccuracyOptions) -> dict[str, Any]:
-    from napari_tomoseg.applying.inference import network_planes, network_threshold
-
-    planes = options.planes or network_planes(result.network)
+    applied = apply_settings(options).resolved(result.network)
     return {
         "started_from": result.metadata.get("started_from"),
         "train_seconds": seconds,
         "val_mean_dice": result.metrics.get("mean_foreground_f1"),
         "best_step": result.metadata.get("best_step"),
         "steps": result.metadata.get("steps_done"),
-        "threshold": network_threshold(result.network, planes),  # the one applied
-        "planes": planes,
+        "threshold": applied.threshold,
+        "planes": applied.planes,
     }
 
 
@@ -424,7 +428,6 @@ def zero_shot(
 ) -> list[dict[str, Any]]:
     """Score the shipped networks as they are (no boxes): each binary network of
     ``features`` on its feature, the multi-class network on every class."""
-    from napari_tomoseg.applying.inference import network_threshold
     from napari_tomoseg.learning.pretrained import MULTICLASS, available, load_pretrained
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
@@ -436,7 +439,7 @@ def zero_shot(
         network = load_pretrained(name)
         values = None if name == MULTICLASS else [CLASS_NAMES.index(name)]
         scored = evaluate(network, tests, values, options)
-        threshold = network_threshold(network, options.planes)  # the one applied
+        threshold = apply_settings(options).resolved(network).threshold
         entries.append({"name": name, "threshold": threshold, **scored})
     return entries
 

@@ -431,7 +431,7 @@ def _iter_apply_binned(
         )
         if should_stop():
             return finish(stopped=True)
-    _mask_from_probabilities(outputs, [full], settings.threshold)
+    _mask_from_probabilities(outputs, [full], settings.threshold, store=False)  # stored above
     yield Progress("unbin", n_fg, n_fg, message="done")
     return finish(stopped=False)
 
@@ -467,14 +467,12 @@ def _iter_apply_planes(
     finish = partial(
         _run_result, outputs, class_names, vs, start, notes=notes, threshold=settings.threshold
     )
-    whole = None  # the side views cut across every Z slice: the tomogram is read once
+    whole = np.asarray(volume)  # the side views cut across every Z slice: read it once
     for k, (name, order, _) in enumerate(_PLANES):
-        if k and whole is None:
-            whole = np.asarray(volume)
         inner = yield from _tagged(
             iter_apply(
                 network,
-                np.transpose(whole, order) if k else volume,
+                np.transpose(whole, order),
                 voxel_size=None if vs is None else VoxelSize(*(tuple(vs)[i] for i in order)),
                 settings=replace(settings, planes=1),
                 should_stop=should_stop,
@@ -510,9 +508,11 @@ def _mask_from_probabilities(
     runs: list[list[np.ndarray]],
     threshold: float,
     weights: list[float] | None = None,
+    store: bool = True,
 ) -> None:
-    """Fill ``outputs`` slice by slice with the weighted mean of ``runs`` (each a stored
-    probability array per foreground class) and its mask at ``threshold``."""
+    """Fill ``outputs`` slice by slice with the mask at ``threshold`` of the weighted mean
+    of ``runs`` (each a stored probability array per foreground class), and with the mean
+    itself unless ``store`` is False."""
     for z in range(outputs.mask.shape[0]):
         fg = np.stack(
             [
@@ -524,7 +524,7 @@ def _mask_from_probabilities(
         )
         probs = np.concatenate([np.clip(1.0 - fg.sum(axis=0), 0.0, 1.0)[None], fg])
         outputs.mask[z] = _make_mask(probs, threshold)
-        for c, target in enumerate(outputs.probabilities or []):
+        for c, target in enumerate((outputs.probabilities or []) if store else []):
             target[z] = quantize_probabilities(fg[c])
 
 
