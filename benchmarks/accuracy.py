@@ -364,6 +364,7 @@ def _train(
     iterations: int | None = None,
 ) -> Any:
     from napari_tomoseg.learning.training import TrainSettings, train
+    from napari_tomoseg.simulator.replay import SimulatedReplay
 
     settings = TrainSettings(
         architecture=architecture, seed=seed, start_from=start, **options.train_overrides
@@ -371,7 +372,7 @@ def _train(
     iterations = iterations if iterations is not None else options.iterations
     if iterations is not None:
         settings.iterations = int(iterations)
-    return train(trainset, settings)
+    return train(trainset, settings, replay_from=SimulatedReplay())
 
 
 def _network_label(arch: str, start: str, options: AccuracyOptions) -> str:
@@ -391,6 +392,7 @@ def _summary(result: Any, seconds: float, options: AccuracyOptions) -> dict[str,
         "steps": result.metadata.get("steps_done"),
         "threshold": applied.threshold,
         "planes": applied.planes,
+        "replay": result.metadata.get("replay"),
     }
 
 

@@ -13,6 +13,7 @@ from napari_tomoseg.data.io import read_tomogram, threshold_of, write_labels, wr
 from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.learning.checkpoint import read_checkpoint_meta
 from napari_tomoseg.learning.model_file import load_network
+from napari_tomoseg.learning.trainset import TrainingSet
 from napari_tomoseg.simulator.demo import boxes_from_ground_truth
 from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
@@ -185,6 +186,8 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
             0.5,
             "--keep-start",
             0.3,
+            "--replay",
+            0.25,
             "--augmentation",  # 40 mini-batches: too few to learn through the augmentation
             "none",
         )
@@ -193,6 +196,9 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     recorded = load_network(tmp_path / "net.tsnet").meta.metrics["training"]
     assert recorded["class_weights"] == [1.0, 5.0, 5.0] and recorded["dice_weight"] == 0.5
     assert "all_features" in recorded["started_from"] and recorded["keep_start"] == 0.3
+    replayed = recorded["replay"]["samples"]
+    assert replayed > 0 and f"also trained on {replayed} samples" in capsys.readouterr().out
+    assert replayed == round(0.25 * len(TrainingSet.load(tmp_path / "ts.npz")))
     bad = ("train", tmp_path / "ts.npz", "-o", tmp_path / "bad.tsnet", "--class-weights")
     assert run(*bad, "1,x") == cli.EXIT_INPUT
     assert "--class-weights must be none, auto or numbers" in capsys.readouterr().err
@@ -306,6 +312,7 @@ def test_train_keeps_a_checkpoint_until_done_and_resumes(
     ts_path = ring_trainset(n_pos=6, n_neg=6, copies=(4, 2)).save(tmp_path / "ts.npz")
     common = ("--architecture", "unet-lite", "--iterations", 10, "--batch-size", 4)
     common += ("--checkpoint-every", 4, "--device", "cpu")
+    common += ("--start-from", "scratch")  # stops count mini-batches alone: no replay
     ref, net = tmp_path / "ref.tsnet", tmp_path / "net.tsnet"
     ckpt = tmp_path / "net.tsnet.ckpt"
 

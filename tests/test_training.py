@@ -440,7 +440,13 @@ def test_stop_request_ends_within_one_step(rings, tmp_path):
 
     gen = iter_train(
         rings,
-        TrainSettings(architecture="unet-lite", iterations=500, batch_size=4, eval_every=2),
+        TrainSettings(
+            architecture="unet-lite",
+            iterations=500,
+            batch_size=4,
+            eval_every=2,
+            start_from="scratch",  # no replay to simulate first (tests/test_replay.py)
+        ),
         should_stop=stop_after_three,
     )
     steps = []

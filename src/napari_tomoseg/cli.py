@@ -240,6 +240,7 @@ def _train_settings(args: argparse.Namespace, init: Any) -> Any:
         "checkpoint_every",
         "dice_weight",
         "keep_start",
+        "replay",
     )
     changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.architecture:
@@ -288,6 +289,7 @@ def _run_training(
     """Train (the first Ctrl-C stops cleanly, keeping the result); a run that dies says how
     to continue from its checkpoint, which is kept until the network is saved."""
     from .learning.training import iter_train
+    from .simulator.replay import SimulatedReplay
 
     with StopOnInterrupt() as should_stop:
         try:
@@ -299,6 +301,7 @@ def _run_training(
                     should_stop=should_stop,
                     resume=args.resume,
                     keep_checkpoint=True,  # deleted by _cmd_train, once the network is saved
+                    replay_from=SimulatedReplay(),
                 ),
                 progress,
             )
@@ -331,6 +334,8 @@ def _save_trained(result: Any, output: Path, checkpoint: Path, *, overwrite: boo
 def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int) -> None:
     """What ``tomoseg train`` did: how it ended, where it started from, the threshold, the
     checkpoint of a stopped run and the validation scores of each class."""
+    from .simulator.replay import described as replay_described
+
     state = "stopped early" if result.stopped else "finished"
     print(f"Training {state} in {result.seconds:.0f} s on {result.device}; saved {output}")
     print(
@@ -338,6 +343,9 @@ def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int
         f"{result.network.meta.threshold:.2f} (chosen on the "
         f"{result.metadata['threshold_calibration']['on']})"
     )
+    replayed = replay_described(result.metadata.get("replay"))
+    if replayed:
+        print(f"  {replayed}; --replay 0 leaves them out")
     if result.stopped and checkpoint.is_file():
         steps = result.metadata["steps_done"]
         print(
@@ -917,6 +925,13 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="when starting from a shipped network, the fraction of its weights averaged "
         "into the result, which keeps what it knows about other tomograms (default 0.5; "
         "0: the fine-tuned weights alone)",
+    )
+    p.add_argument(
+        "--replay",
+        type=float,
+        help="when starting from a shipped network, also train on boxes of tomograms "
+        "simulated as its pretraining drew them, this many times your samples, so it does "
+        "not forget other tomograms (default 0.5; 0: none; they are never validated)",
     )
     p.add_argument(
         "--augmentation",

@@ -39,6 +39,8 @@ from ..learning.pretrained import available as shipped_networks
 from ..learning.training import TrainSettings, iter_train
 from ..learning.trainset import TrainsetSettings, build_training_set
 from ..progress import Progress
+from ..simulator.replay import SimulatedReplay
+from ..simulator.replay import described as replay_described
 from ._boxes import NEGATIVE_LAYER, PAINT_LAYER, POSITIVE_LAYER
 from ._common import (
     RememberedSettings,
@@ -321,6 +323,8 @@ class TrainWidget(Container):
             text = f"the shipped network '{found}'" if found else "random weights (no match)"
         if text.startswith("the shipped") and TrainSettings.keep_start > 0:
             text += f", keeps {TrainSettings.keep_start:.0%} of its weights"
+        if text.startswith("the shipped") and TrainSettings.replay > 0:
+            text += ", trains on simulated boxes too"
         self.start_info.value = f"starts from: {text}"
 
     def _initial_network(self) -> Any:
@@ -432,7 +436,12 @@ class TrainWidget(Container):
             yield Progress("trainset", 1, 1, message=f"{len(trainset)} samples")
             return (
                 yield from iter_train(
-                    trainset, settings, init=init, should_stop=should_stop, resume=resume
+                    trainset,
+                    settings,
+                    init=init,
+                    should_stop=should_stop,
+                    resume=resume,
+                    replay_from=SimulatedReplay(),
                 )
             )
 
@@ -463,6 +472,8 @@ class TrainWidget(Container):
             text += f"; validation Dice {mean_f1:.3f}"
         text += f"; started from {result.metadata.get('started_from', 'random weights')}"
         text += f"; threshold {result.network.meta.threshold:.2f}"
+        replayed = replay_described(result.metadata.get("replay"))
+        text += f"; {replayed}" if replayed else ""
         self.status.value = text
         self.save_button.enabled = True
         self.show_preview(result)

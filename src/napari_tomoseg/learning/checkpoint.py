@@ -182,7 +182,7 @@ def state_dict_crc(state: dict[str, torch.Tensor]) -> int:
 
 def fingerprint_differences(saved: Any, current: dict[str, Any]) -> list[str]:
     """Human-readable differences between a checkpoint's fingerprint and the current run's
-    (``trainset``, ``settings`` and ``init`` parts)."""
+    (``trainset``, ``settings``, ``init`` and ``replay`` parts)."""
     if not isinstance(saved, dict):
         return ["the checkpoint has no fingerprint"]
     out: list[str] = []
@@ -203,6 +203,11 @@ def fingerprint_differences(saved: Any, current: dict[str, Any]) -> list[str]:
             out.append("the run started a new network, this one continues one")
         else:
             out.append("the run continued another network")
+    if saved.get("replay") != current.get("replay"):
+        out.append(
+            f"its simulated replay set was made as {saved.get('replay')}, now as "
+            f"{current.get('replay')} (another napari-tomoseg version?)"
+        )
     return out
 
 

@@ -98,6 +98,8 @@ AUTO_WEIGHT_MAX = 20.0
 LR_FLOOR = 0.05
 #: Mini-batches of linear learning-rate warm-up (at most a tenth of the run).
 WARMUP_STEPS = 100
+#: The most simulated replay samples, as a multiple of the training set's.
+MAX_REPLAY = 4.0
 #: Samples per forward pass during validation (bounds memory on big validation sets).
 _EVAL_BATCH = 64
 
@@ -120,6 +122,9 @@ class TrainSettings:
     the name of a shipped network.  ``keep_start``: when training started from a shipped
     network, the result's weights are this fraction of the starting weights plus the rest of
     the trained ones (:func:`average_weights`; 0 keeps the trained weights as they are).
+    ``replay``: when training starts from a shipped network, boxes of tomograms simulated as
+    its pretraining drew them, this many times the training set's samples, train beside
+    the user's (``iter_train``'s ``replay_from``; never validated; 0: none).
     The loss is cross-entropy (weighted by ``class_weights``: ``None``, ``"auto"`` or one
     weight per class) plus ``dice_weight`` times a soft Dice loss of the feature classes
     (module notes).  ``checkpoint`` is a file the run writes its full state to every
@@ -143,6 +148,7 @@ class TrainSettings:
     augmentation: dict[str, float] = field(default_factory=dict)
     start_from: str = "auto"
     keep_start: float = 0.5
+    replay: float = 0.5
     lr_schedule: str = "constant"
     dice_weight: float = 1.0
     checkpoint: str | None = None
@@ -224,6 +230,13 @@ class TrainSettings:
                 and not isinstance(self.keep_start, bool)
                 and 0.0 <= self.keep_start < 1.0,
                 "keep_start must be in [0, 1) (0.5: half the shipped network's weights)",
+            ),
+            (
+                isinstance(self.replay, (int, float))
+                and not isinstance(self.replay, bool)
+                and 0.0 <= self.replay <= MAX_REPLAY,
+                f"replay must be in [0, {MAX_REPLAY:g}] (0.5: simulated samples half as "
+                "many as the training set's; 0: none)",
             ),
             (
                 isinstance(self.dice_weight, (int, float))
@@ -867,6 +880,7 @@ def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) ->
             "start_from": settings.start_from,
             "dice_weight": float(settings.dice_weight),
             "eval_every": int(settings.eval_every),
+            "replay": float(settings.replay),
         }
     )
 
@@ -1010,13 +1024,17 @@ def _split_or_resume(
     device: torch.device,
     ckpt_path: Path | None,
     fingerprint: dict[str, Any] | None,
+    replay: TrainingSet | None = None,
 ) -> tuple[_Data, TrainingState | None]:
     """Split the samples by box, or, resuming (``fingerprint`` given), load the checkpoint
-    and take its split.  Returns the data on the host and the loaded state."""
-    n_samples, n_classes = trainset.images.shape[0], len(trainset.class_names)
+    and take its split.  ``replay`` samples follow the training set's and only train.
+    Returns the data on the host and the loaded state."""
+    n_own, n_classes = trainset.images.shape[0], len(trainset.class_names)
+    n_samples = n_own + (len(replay) if replay is not None else 0)
     train_idx, val_idx, split = split_by_box(
         trainset.box_ids, trainset.positive, float(settings.validation_fraction), rng
     )
+    train_idx = np.concatenate([train_idx, np.arange(n_own, n_samples)])
     saved: TrainingState | None = None
     if fingerprint is not None:
         saved = load_checkpoint(
@@ -1047,11 +1065,37 @@ def _split_or_resume(
             UserWarning,
             stacklevel=3,
         )
-    images = torch.from_numpy(np.ascontiguousarray(trainset.images, dtype=np.float32))
-    labels = torch.from_numpy(np.ascontiguousarray(trainset.labels))
+    images, labels = trainset.images, trainset.labels
+    if replay is not None:  # (no copy of the user's samples without one)
+        images = np.concatenate([images, replay.images])
+        labels = np.concatenate([labels, replay.labels])
+    images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    labels = torch.from_numpy(np.ascontiguousarray(labels))
     if device.type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
     return _Data(images, labels, train_idx, val_idx, split), saved
+
+
+def _no_replay(start: Network | None, settings: TrainSettings, replay_from: Any) -> str:
+    """Why a run replays nothing ("" when it replays)."""
+    if start is None:
+        return "not started from a shipped network"
+    if settings.replay <= 0:
+        return "replay is 0"
+    return "" if replay_from is not None else "no replay source given"
+
+
+def _given_weights(settings: TrainSettings, names: tuple) -> list[float] | None:
+    """The class weights the settings list, one per class (None: not listed)."""
+    if settings.class_weights is None or isinstance(settings.class_weights, str):
+        return None
+    weights = [float(w) for w in settings.class_weights]
+    if len(weights) != len(names):
+        raise TomosegError(
+            f"class_weights has {len(weights)} values but the training set has "
+            f"{len(names)} classes ({', '.join(names)})."
+        )
+    return weights
 
 
 def _class_weights(
@@ -1061,19 +1105,13 @@ def _class_weights(
     training samples (a warning names a class with none)."""
     n_classes = len(names)
     counts = np.bincount(train_labels.ravel(), minlength=n_classes)[:n_classes]
+    given = _given_weights(settings, names)
     if saved is not None:
         weights = list(saved.class_weights)
     elif settings.class_weights == "auto":
         weights, _ = auto_class_weights(train_labels, n_classes)
-    elif settings.class_weights is None:
-        weights = [1.0] * n_classes
     else:
-        weights = [float(w) for w in settings.class_weights]
-        if len(weights) != n_classes:
-            raise TomosegError(
-                f"class_weights has {len(weights)} values but the training set has "
-                f"{n_classes} classes ({', '.join(names)})."
-            )
+        weights = given or [1.0] * n_classes
     absent = [names[c] for c in range(1, n_classes) if counts[c] == 0]
     if absent:
         warnings.warn(
@@ -1289,7 +1327,7 @@ def _finish_model(run: _Run, step0: int, start_state: dict[str, torch.Tensor] | 
 def _calibrate(run: _Run, trainset: TrainingSet) -> tuple[float, dict[str, Any]]:
     """The mask threshold, calibrated on the held-out boxes (or the training boxes)."""
     d = run.data
-    idx = d.val_idx if d.split["held_out"] else d.train_idx
+    idx = d.val_idx  # the training boxes themselves when none are held out
     threshold, calibration = calibrate_threshold(
         _predict(run.model, d.images[torch.from_numpy(idx)], run.device),
         trainset.labels[idx],
@@ -1392,6 +1430,7 @@ def iter_train(
     should_stop: Callable[[], bool] = never_stop,
     resume: bool = False,
     keep_checkpoint: bool = False,
+    replay_from: Any = None,
 ) -> Generator[Progress, None, TrainResult]:
     """Train a network on ``trainset``; yields progress each mini-batch, returns the result.
 
@@ -1421,6 +1460,10 @@ def iter_train(
         Keep the checkpoint of a finished run too (with its final state, so resuming it
         gives the same result at once): for a caller that deletes it only once the network
         is safely saved.
+    replay_from
+        Where a run that starts from a shipped network takes the samples it replays
+        (``settings.replay``): :class:`napari_tomoseg.simulator.replay.SimulatedReplay`, as
+        the command line, the Train widget and the demo pass it; None replays nothing.
 
     Returns
     -------
@@ -1451,6 +1494,8 @@ def iter_train(
             "settings": _run_settings(settings, arch, params),
             "init": _init_fingerprint(init if init is not None else start),
         }
+        if start is not None and settings.replay > 0 and replay_from is not None:
+            fingerprint["replay"] = replay_from.recipe()
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -1464,10 +1509,17 @@ def iter_train(
     model.to(device)
     model.train()
 
+    _given_weights(settings, names)  # a wrong list fails before the replay is simulated
+    replay, replay_info = None, {"samples": 0, "why": _no_replay(start, settings, replay_from)}
+    if not replay_info["why"]:
+        replay, replay_info = yield from replay_from(
+            trainset, float(settings.replay), int(settings.seed), should_stop
+        )
     data, saved = _split_or_resume(
-        trainset, settings, rng, model, device, ckpt_path, fingerprint if resume else None
+        trainset, settings, rng, model, device, ckpt_path, fingerprint if resume else None, replay
     )
-    weights, counts = _class_weights(settings, saved, trainset.labels[data.train_idx], names)
+    own = data.train_idx[data.train_idx < len(trainset)]  # weights and warnings: the user's
+    weights, counts = _class_weights(settings, saved, trainset.labels[own], names)
     loss_fn = _Loss(
         weights, model.n_outputs, device, _ignore_index(trainset), float(settings.dice_weight)
     )
@@ -1486,12 +1538,11 @@ def iter_train(
         checkpoint()
     _finish_model(run, step0, start_state)
     threshold, calibration = _calibrate(run, trainset)
-    candidates = data.val_idx if data.split["held_out"] else data.train_idx
     preview = _make_preview(
         model,
         trainset,
         _preview_indices(
-            np.asarray(trainset.positive, bool), candidates, int(settings.preview_samples)
+            np.asarray(trainset.positive, bool), data.val_idx, int(settings.preview_samples)
         ),
         len(names),
         device,
@@ -1504,6 +1555,7 @@ def iter_train(
         "threshold_calibration": calibration,
         "started_from": started_from,
         "keep_start": float(settings.keep_start) if start_state is not None else 0.0,
+        "replay": replay_info,
     }
     full_history = history0 + run.history
     metrics = {**best["metrics"], "training": metadata}
@@ -1534,12 +1586,13 @@ def train(
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
+    replay_from: Any = None,
 ) -> TrainResult:
     """Run :func:`iter_train` to the end, passing each progress event to ``progress``.
 
     Parameters
     ----------
-    trainset, settings, init, resume
+    trainset, settings, init, resume, replay_from
         As for :func:`iter_train`.
     progress
         Called with each :class:`~napari_tomoseg.progress.Progress` event, or None.
@@ -1548,7 +1601,12 @@ def train(
     """
     return drive(
         iter_train(
-            trainset, settings, init=init, should_stop=should_stop or never_stop, resume=resume
+            trainset,
+            settings,
+            init=init,
+            should_stop=should_stop or never_stop,
+            resume=resume,
+            replay_from=replay_from,
         ),
         progress,
     )

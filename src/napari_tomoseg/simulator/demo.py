@@ -375,6 +375,7 @@ def iter_demo(
     from ..learning.model_file import save_network
     from ..learning.training import TrainSettings, iter_train
     from ..learning.trainset import TrainsetSettings, build_training_set
+    from .replay import SimulatedReplay
     from .synthetic import CLASS_NAMES, SimulationSettings, simulate_tomogram
 
     s = settings or DemoSettings()
@@ -416,7 +417,7 @@ def iter_demo(
     if s.architecture:
         train_settings.architecture = s.architecture
     t0 = time.perf_counter()
-    result = yield from iter_train(trainset, train_settings)
+    result = yield from iter_train(trainset, train_settings, replay_from=SimulatedReplay())
     seconds["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
