@@ -82,10 +82,9 @@ def _simulated(rng: np.random.Generator, voxel: float) -> Any:
     """One tomogram drawn as the shipped networks' pretraining drew them, resampled to
     ``voxel`` Angstrom."""
     from .demo import at_voxel_size
-    from .synthetic import random_settings, simulate_tomogram
+    from .synthetic import log_uniform, random_settings, simulate_tomogram
 
-    low, high = (f * voxel for f in VOXEL_FACTORS)
-    drawn = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    drawn = log_uniform(rng, *(f * voxel for f in VOXEL_FACTORS))
     settings = random_settings(
         rng,
         (round(SLICE_SIZE * voxel / drawn),) * 2,

@@ -1416,6 +1416,11 @@ VESICLE_RANGES: dict[str, tuple[float, float]] = {"vesicle_aspect": (1.0, 2.5)}
 MEMBRANE_RANGES: dict[str, tuple[float, float]] = {"membrane_core_density": (-0.25, 0.75)}
 
 
+def log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """A number drawn between ``low`` and ``high`` uniformly on a log scale."""
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
 def random_settings(
     rng: np.random.Generator,
     shape_yx: tuple[int, int] = (256, 256),
@@ -1466,8 +1471,7 @@ def random_settings(
         return float(rng.uniform(*r[name]))
 
     def log_draw(name: str) -> float:
-        low, high = r[name]
-        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        return log_uniform(rng, *r[name])
 
     depth = max(32, int(round(draw("depth_nm") * 10.0 / voxel_size)))
     density = log_draw("density")
