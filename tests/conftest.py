@@ -41,7 +41,7 @@ def one_torch_thread_per_module():
 def small_replay_sets(request):
     """Fine-tuning from a shipped network simulates tomograms to replay
     (:mod:`napari_tomoseg.simulator.replay`); tests that fine-tune for other reasons get two
-    small ones.  ``@pytest.mark.full_replay`` keeps the real sizes.  (A patch of its own, so
+    one small one.  ``@pytest.mark.full_replay`` keeps the real sizes.  (A patch of its own, so
     a test's ``monkeypatch.undo()`` leaves it.)"""
     if request.node.get_closest_marker("full_replay"):
         yield
@@ -49,6 +49,6 @@ def small_replay_sets(request):
     from napari_tomoseg.simulator import replay
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(replay, "TOMOGRAMS", 2)
-        patch.setattr(replay, "SLICE_SIZE", 128)
+        patch.setattr(replay, "TOMOGRAMS", 1)
+        patch.setattr(replay, "SLICE_SIZE", 96)
         yield

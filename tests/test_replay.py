@@ -40,6 +40,17 @@ def test_the_features_replayed_are_those_the_simulator_draws():
     assert replay_features(("background", "membrane", "vesicle")) is None  # one feature twice
 
 
+@pytest.fixture
+def two_tomograms(small_replay_sets):
+    """Replay sets of two small tomograms (conftest's one, twice; undone before it)."""
+    from napari_tomoseg.simulator import replay
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(replay, "TOMOGRAMS", 2)
+        yield
+
+
+@pytest.mark.usefixtures("two_tomograms")
 def test_a_replay_set_is_cut_like_the_training_set(membranes):
     events = []
     replay, info = drive(iter_replay_set(membranes, 0.5, 3, never_stop), events.append)
@@ -82,6 +93,7 @@ def test_replayed_samples_train_but_never_validate(membranes):
     assert mixed.history[0]["loss"] != plain.history[0]["loss"]  # they did train on it
 
 
+@pytest.mark.usefixtures("two_tomograms")
 def test_a_stop_while_simulating_the_replay_ends_the_run(membranes):
     calls = {"n": 0}
 
