@@ -1494,7 +1494,7 @@ def iter_train(
             "settings": _run_settings(settings, arch, params),
             "init": _init_fingerprint(init if init is not None else start),
         }
-        if start is not None and settings.replay > 0 and replay_from is not None:
+        if not _no_replay(start, settings, replay_from):
             fingerprint["replay"] = replay_from.recipe()
 
     torch.manual_seed(settings.seed)
