@@ -2,7 +2,8 @@
 
     python benchmarks/other_simulator.py SCENE [SCENE ...] --classes 1=single_membrane ...
         [--voxel-size A] [--conditions NAME ...] [--tolerance 1] [--networks NAME ...]
-        [--threads T] [--json FILE]
+        [--train-scene SCENE [--boxes 10] [--negatives 100] [--starts auto scratch]
+         [--set NAME=VALUE ...]] [--threads T] [--json FILE]
 
 Each ``SCENE`` is a folder with ``density.npy`` ((Z, Y, X) floats, Z along the beam,
 matter positive) and ``labels.npy`` (integer classes, the same shape) written by another
@@ -20,6 +21,14 @@ voxel by voxel, and with a tolerance: a marked voxel counts as right within
 ``--tolerance`` voxels of the feature, a feature voxel as found within it of a mark.  The
 other simulator may draw a feature thinner or thicker than ours (a membrane as the band
 between its leaflets, say); the tolerance shows how much of the voxel score is that.
+
+With ``--train-scene`` a user's path is scored as well: that scene, imaged under the default
+condition, is boxed as ``benchmarks/accuracy.py`` boxes ours (``--boxes`` positive boxes of
+each feature painted from the other simulator's labels, ``--negatives`` negative boxes), one
+binary network per feature is trained on it with the default recipe from each of
+``--starts`` (``--set`` changes a ``TrainSettings`` field), and the trained networks and the
+shipped ones are scored on the other scenes.  The labels then teach the other simulator's
+conventions, as a user's painting teaches theirs.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from _common import (
     markdown_table,
     precision_recall_f1,
 )
-from accuracy import apply_scored, scored_slices
+from accuracy import _override, apply_scored, scored_slices
 
 #: Imaging conditions each scene is tomographed under (SimulationSettings fields).
 CONDITIONS: dict[str, dict[str, Any]] = {
@@ -68,6 +77,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--networks", nargs="+", help="shipped networks (default: all that apply)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path)
+    train = parser.add_argument_group("training on one of the scenes (a user's path)")
+    train.add_argument("--train-scene", type=Path, help="scene folder the boxes are cut from")
+    train.add_argument("--boxes", type=int, default=10, help="positive boxes per feature")
+    train.add_argument("--negatives", type=int, default=100, help="negative boxes")
+    train.add_argument(
+        "--starts",
+        nargs="+",
+        choices=("auto", "scratch"),
+        default=["auto"],
+        help="auto: the shipped network of the feature (the default recipe); scratch",
+    )
+    train.add_argument(
+        "--set",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a TrainSettings field for the trained networks, e.g. keep_start=0.25",
+    )
+    train.add_argument("--seed", type=int, default=0, help="of the boxes and the training")
     args = parser.parse_args(argv)
     args.classes = dict(_class_pair(parser, text) for text in args.classes)
     return args
@@ -141,37 +170,99 @@ def metrics(c: dict[str, int]) -> dict[str, float | None]:
     }
 
 
+def imaged(scene: dict[str, Any], condition: str, seed: int) -> np.ndarray:
+    """The scene tomographed by our imaging under ``condition`` (noise drawn from ``seed``)."""
+    from napari_tomoseg.simulator.synthetic import image_density
+
+    changes = {"voxel_size": scene["voxel_size"], "seed": seed, **CONDITIONS[condition]}
+    return image_density(scene["density"], **changes)
+
+
+def shipped_networks(args: argparse.Namespace, features: list[str]) -> dict[str, tuple]:
+    """``{name: (network, the features it is scored on)}`` of the shipped networks."""
+    from napari_tomoseg.learning.pretrained import MULTICLASS, available, load_pretrained
+
+    names = args.networks or [n for n in available() if n in features or n == MULTICLASS]
+    return {n: (load_pretrained(n), features if n == MULTICLASS else [n]) for n in names}
+
+
+def trained_networks(
+    args: argparse.Namespace, features: list[str], say: Any
+) -> tuple[dict[str, tuple], list[dict[str, Any]]]:
+    """One binary network per feature and start, trained on ``--train-scene``'s boxes with
+    the default recipe; ``({label: (network, [feature])}, what each training reported)``."""
+    from types import SimpleNamespace
+
+    from napari_tomoseg.learning.training import TrainSettings, train
+    from napari_tomoseg.simulator.demo import trainset_from_truth
+    from napari_tomoseg.simulator.replay import SimulatedReplay
+
+    scene = load_scene(args.train_scene, args.classes, args.voxel_size)
+    seed = len(args.scenes)  # its noise differs from every scored scene's
+    say(f"... {scene['name']}, default: imaging, then boxes and training")
+    sim = SimpleNamespace(
+        tomogram=imaged(scene, "default", seed),
+        labels=scene["labels"],
+        voxel_size=scene["voxel_size"],
+        settings=SimpleNamespace(seed=seed),
+    )
+    networks, trainings = {}, []
+    for feature in features:
+        boxes = (args.boxes, args.negatives)
+        trainset = trainset_from_truth(sim, [feature], *boxes, seed=args.seed)
+        for start in args.starts:
+            settings = TrainSettings(seed=args.seed, start_from=start, **dict(args.set))
+            t0 = time.perf_counter()
+            result = train(trainset, settings, replay_from=SimulatedReplay())
+            label = f"{feature}, {'fine-tuned' if start == 'auto' else 'from scratch'}"
+            networks[label] = (result.network, [feature])
+            trainings.append(
+                {
+                    "network": label,
+                    "boxes": trainset.metadata.get("benchmark_boxes"),
+                    "started_from": result.metadata.get("started_from"),
+                    "replay": result.metadata.get("replay"),
+                    "best_step": result.metadata.get("best_step"),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            say(f"... trained {label} in {trainings[-1]['seconds']:.0f} s")
+    return networks, trainings
+
+
 def score_scenes(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     """Image every scene under every condition, apply the networks, count."""
     import torch
 
     from napari_tomoseg.applying.inference import ApplySettings
-    from napari_tomoseg.learning.pretrained import MULTICLASS, available, load_pretrained
-    from napari_tomoseg.simulator.synthetic import CLASS_NAMES, image_density
+    from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
     if args.threads:
         torch.set_num_threads(args.threads)
     features = sorted(set(args.classes.values()), key=CLASS_NAMES.index)
-    names = args.networks or [n for n in available() if n in features or n == MULTICLASS]
-    networks = {n: load_pretrained(n) for n in names}
-    rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for index, folder in enumerate(args.scenes):
+    networks, trainings = shipped_networks(args, features), []
+    scenes = list(args.scenes)
+    if args.train_scene is not None:
+        trained, trainings = trained_networks(args, features, say)
+        networks |= trained
+        scenes = [s for s in scenes if s.resolve() != args.train_scene.resolve()]
+    rows: list[dict[str, Any]] = []
+    for folder in scenes:
         scene = load_scene(folder, args.classes, args.voxel_size)
         z0, z1 = scored_slices(scene["density"].shape[0])  # the slices accuracy.py scores
         labels = scene["labels"][z0:z1]
         for condition in args.conditions:
             say(f"... {scene['name']}, {condition}: imaging, then {len(networks)} networks")
-            changes = {"voxel_size": scene["voxel_size"], "seed": index, **CONDITIONS[condition]}
-            tomogram = image_density(scene["density"], **changes)
-            for name, network in networks.items():
+            tomogram = imaged(scene, condition, args.scenes.index(folder))
+            for name, (network, scored) in networks.items():
                 result, first = apply_scored(
                     network, tomogram, scene["voxel_size"], ApplySettings()
                 )
                 mask = np.asarray(result.mask)[first:]
                 classes = list(network.meta.class_names)
-                for feature in features if name == MULTICLASS else [name]:
-                    k = classes.index(feature) if name == MULTICLASS else 1
+                for feature in scored:
+                    k = classes.index(feature) if len(classes) > 2 else 1
                     truth = labels == CLASS_NAMES.index(feature)
                     c = counts(mask == k, truth, args.tolerance)
                     rows.append(
@@ -188,6 +279,8 @@ def score_scenes(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "machine": machine_info(),
         "classes": {str(k): v for k, v in args.classes.items()},
         "tolerance": args.tolerance,
+        "train_scene": args.train_scene.name if args.train_scene else None,
+        "trainings": trainings,
         "seconds": time.perf_counter() - t0,
         "rows": rows,
     }
@@ -201,6 +294,8 @@ def pooled(rows: list[dict[str, Any]], **match: Any) -> dict[str, int]:
 
 
 def format_report(report: dict[str, Any], conditions: list[str]) -> str:
+    from napari_tomoseg.simulator.replay import described
+
     rows = report["rows"]
     scenes = list(dict.fromkeys(r["scene"] for r in rows))
     pairs = list(dict.fromkeys((r["network"], r["feature"]) for r in rows))
@@ -212,8 +307,17 @@ def format_report(report: dict[str, Any], conditions: list[str]) -> str:
         + "; ".join(f"{c} {CONDITIONS[c] or '(the simulator defaults)'}" for c in conditions),
         f"# scored: the central 60 % of the slices; each network's own threshold; tolerance "
         f"{report['tolerance']:g} voxel(s); run time {report['seconds'] / 60:.1f} min",
-        "",
     ]
+    for t in report.get("trainings", []):
+        boxes = t["boxes"] or {}
+        replay = described(t["replay"]) or "no replay"
+        lines.append(
+            f"# trained on {report['train_scene']}: {t['network']}, "
+            f"{boxes.get('positive')} positive and {boxes.get('negative')} negative boxes, "
+            f"from {t['started_from'] or 'random weights'}, {replay}, "
+            f"best step {t['best_step']}, {t['seconds']:.0f} s"
+        )
+    lines.append("")
     table = []
     for condition in conditions:
         for network, feature in pairs:

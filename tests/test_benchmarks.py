@@ -399,6 +399,40 @@ def test_other_simulator_scores_a_scene_folder_as_its_labels_say(tmp_path, capsy
         other.main([str(scene), "--classes", "7=single_membrane"])
 
 
+def test_other_simulator_trains_on_one_scene_and_scores_the_others(tmp_path, capsys):
+    other = _load("other_simulator.py")
+    from napari_tomoseg.simulator.synthetic import SINGLE_MEMBRANE, simulate_tomogram
+
+    folders = []
+    for seed in (3, 4):  # two scenes "of another simulator", membranes as value 5
+        sim = simulate_tomogram(shape=(32, 96, 96), seed=seed)
+        folder = tmp_path / f"scene{seed}"
+        folder.mkdir()
+        np.save(folder / "density.npy", sim.density)
+        np.save(folder / "labels.npy", np.where(sim.labels == SINGLE_MEMBRANE, 5, 0))
+        (folder / "scene.json").write_text('{"voxel_size_A": 10.0}')
+        folders.append(folder)
+    out = tmp_path / "report.json"
+    argv = [*map(str, folders), "--classes", "5=single_membrane", "--conditions", "default"]
+    argv += ["--networks", "single_membrane", "--train-scene", str(folders[0]), "--boxes", "3"]
+    argv += ["--negatives", "4", "--starts", "auto", "--set", "iterations=4", "--json", str(out)]
+    assert other.main(argv) == 0
+    report = json.loads(out.read_text())
+    # the training scene is not scored; the shipped and the trained network are, on the other
+    assert {r["scene"] for r in report["rows"]} == {"scene4"}
+    assert [r["network"] for r in report["rows"]] == [
+        "single_membrane",
+        "single_membrane, fine-tuned",
+    ]
+    assert report["rows"][0]["truth"] == report["rows"][1]["truth"] > 0
+    (training,) = report["trainings"]
+    assert training["boxes"]["positive"] == 3 and "shipped" in training["started_from"]
+    assert training["replay"]["samples"] > 0  # the default recipe replays
+    text = capsys.readouterr().out
+    assert "# trained on scene3: single_membrane, fine-tuned, 3 positive and 4 negative" in text
+    assert "| default | single_membrane | single_membrane, fine-tuned |" in text
+
+
 def test_other_simulator_counts_within_the_tolerance():
     other = _load("other_simulator.py")
     truth = np.zeros((1, 1, 10), bool)
