@@ -393,6 +393,8 @@ def _summary(result: Any, seconds: float, options: AccuracyOptions) -> dict[str,
         "threshold": applied.threshold,
         "planes": applied.planes,
         "replay": result.metadata.get("replay"),
+        "keep_start": result.metadata.get("keep_start"),
+        "keep_start_held_out_f1": result.metadata.get("keep_start_held_out_f1"),
     }
 
 

@@ -223,6 +223,8 @@ def trained_networks(
                     "started_from": result.metadata.get("started_from"),
                     "replay": result.metadata.get("replay"),
                     "best_step": result.metadata.get("best_step"),
+                    "keep_start": result.metadata.get("keep_start"),
+                    "keep_start_held_out_f1": result.metadata.get("keep_start_held_out_f1"),
                     "seconds": time.perf_counter() - t0,
                 }
             )

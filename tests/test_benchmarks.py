@@ -427,7 +427,8 @@ def test_other_simulator_trains_on_one_scene_and_scores_the_others(tmp_path, cap
     assert report["rows"][0]["truth"] == report["rows"][1]["truth"] > 0
     (training,) = report["trainings"]
     assert training["boxes"]["positive"] == 3 and "shipped" in training["started_from"]
-    assert training["replay"]["samples"] > 0  # the default recipe replays
+    assert training["replay"]["why"] == "replay is 0"  # the default recipe replays nothing
+    assert training["keep_start"] in (0.5, 0.25, 0.0)  # chosen on the held-out boxes
     text = capsys.readouterr().out
     assert "# trained on scene3: single_membrane, fine-tuned, 3 positive and 4 negative" in text
     assert "| default | single_membrane | single_membrane, fine-tuned |" in text

@@ -195,9 +195,14 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     )
     recorded = load_network(tmp_path / "net.tsnet").meta.metrics["training"]
     assert recorded["class_weights"] == [1.0, 5.0, 5.0] and recorded["dice_weight"] == 0.5
-    assert "all_features" in recorded["started_from"] and recorded["keep_start"] == 0.3
+    assert "all_features" in recorded["started_from"]
+    assert set(recorded["keep_start_held_out_f1"]) == {"0.3", "0.15", "0.0"}  # --keep-start's
+    assert recorded["keep_start"] in (0.3, 0.15, 0.0)
     replayed = recorded["replay"]["samples"]
-    assert replayed > 0 and f"also trained on {replayed} samples" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert replayed > 0 and f"also trained on {replayed} samples" in out
+    assert f"kept {recorded['keep_start']:.0%} of the starting network's weights" in out
+    assert "(held-out F1 keeping 30% " in out
     assert replayed == round(0.25 * len(TrainingSet.load(tmp_path / "ts.npz")))
     bad = ("train", tmp_path / "ts.npz", "-o", tmp_path / "bad.tsnet", "--class-weights")
     assert run(*bad, "1,x") == cli.EXIT_INPUT

@@ -22,7 +22,7 @@ from napari_tomoseg.learning.pretrained import (
     starting_network,
     transfer_weights,
 )
-from napari_tomoseg.learning.training import TrainSettings, train
+from napari_tomoseg.learning.training import KEEP_TOLERANCE, TrainSettings, train
 from napari_tomoseg.learning.trainset import TrainsetSettings
 from napari_tomoseg.simulator.demo import central_slices, dice_scores, trainset_from_truth
 from napari_tomoseg.simulator.synthetic import CLASS_NAMES, simulate_tomogram
@@ -190,17 +190,27 @@ def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):
     trainset = trainset_from_truth(shifted, ["single_membrane"], 4, 12, seed=1)
     common = {"iterations": 3, "eval_every": 1, "augment": False, "seed": 3}
     plain = train(trainset, TrainSettings(keep_start=0.0, **common))
-    mixed = train(trainset, TrainSettings(keep_start=0.25, **common))
-    scratch = train(trainset, TrainSettings(keep_start=0.25, start_from="scratch", **common))
-    assert plain.metadata["keep_start"] == 0.0 and mixed.metadata["keep_start"] == 0.25
-    assert scratch.metadata["keep_start"] == 0.0  # nothing shipped to keep
+    mixed = train(trainset, TrainSettings(keep_start=0.4, **common))
+    scratch = train(trainset, TrainSettings(keep_start=0.4, start_from="scratch", **common))
+    assert plain.metadata["keep_start"] == 0.0 and scratch.metadata["keep_start"] == 0.0
+    assert plain.metadata["keep_start_held_out_f1"] == {}  # nothing to choose
+    # the held-out boxes scored the average at 0.4, 0.2 and 0 of the start; the largest
+    # within KEEP_TOLERANCE of the best is kept
+    scores = {float(k): v for k, v in mixed.metadata["keep_start_held_out_f1"].items()}
+    assert sorted(scores) == [0.0, 0.2, 0.4] and mixed.metadata["split"]["held_out"]
+    kept = mixed.metadata["keep_start"]
+    assert kept == max(f for f, v in scores.items() if v >= max(scores.values()) - KEEP_TOLERANCE)
     start = load_pretrained("single_membrane").model.state_dict()
     tuned, result = plain.network.model.state_dict(), mixed.network.model.state_dict()
     floats = [k for k, v in tuned.items() if v.is_floating_point()]
     assert floats and any(not torch.equal(tuned[k], start[k]) for k in floats)
     for k in floats:
-        expected = 0.25 * start[k].float() + 0.75 * tuned[k]
+        expected = kept * start[k].float() + (1 - kept) * tuned[k]
         torch.testing.assert_close(result[k], expected, rtol=1e-5, atol=1e-6)
+    # without held-out boxes nothing can judge the average: keep_start is kept as asked
+    with pytest.warns(UserWarning, match="training boxes"):
+        alone = train(trainset, TrainSettings(keep_start=0.4, validation_fraction=0, **common))
+    assert alone.metadata["keep_start"] == 0.4 and not alone.metadata["split"]["held_out"]
 
 
 def test_shipped_membrane_networks_apply_in_three_planes_unless_told(tmp_path, shifted):

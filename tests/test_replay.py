@@ -83,7 +83,7 @@ def test_replayed_samples_train_but_never_validate(membranes):
     added = mixed.metadata["replay"]["samples"]
     assert added > 0 and plain.metadata["replay"] == {"samples": 0, "why": "replay is 0"}
     assert "not started from a shipped" in scratch.metadata["replay"]["why"]
-    library = train_plainly(membranes, TrainSettings(**common))  # no source: nothing replayed
+    library = train_plainly(membranes, TrainSettings(replay=0.5, **common))  # no source
     assert library.metadata["replay"] == {"samples": 0, "why": "no replay source given"}
     assert mixed.metadata["n_train_samples"] == plain.metadata["n_train_samples"] + added
     assert mixed.metadata["split"] == plain.metadata["split"]
@@ -102,7 +102,7 @@ def test_a_stop_while_simulating_the_replay_ends_the_run(membranes):
         return calls["n"] > 1
 
     events = []
-    settings = TrainSettings(iterations=50)
+    settings = TrainSettings(iterations=50, replay=0.5)
     result = train(membranes, settings, progress=events.append, should_stop=stop_at_second_check)
     assert [e.stage for e in events] == ["replay"]  # one tomogram, then the stop
     assert result.stopped and result.metadata["steps_done"] == 0
@@ -111,8 +111,9 @@ def test_a_stop_while_simulating_the_replay_ends_the_run(membranes):
 
 def test_a_fine_tuning_resumed_makes_the_same_replay_and_network(membranes, tmp_path):
     ckpt = tmp_path / "run.ckpt"
-    settings = TrainSettings(iterations=6, eval_every=2, checkpoint=str(ckpt), checkpoint_every=2)
-    whole = train(membranes, TrainSettings(iterations=6, eval_every=2))
+    common = {"iterations": 6, "eval_every": 2, "replay": 0.5}
+    settings = TrainSettings(**common, checkpoint=str(ckpt), checkpoint_every=2)
+    whole = train(membranes, TrainSettings(**common))
     steps = {"n": 0}
 
     def stop_at_step_three() -> bool:

@@ -211,8 +211,7 @@ def test_the_train_widget_says_which_network_it_starts_from(make_napari_viewer):
     train.painting.value = paint
     train.update_start_info()
     assert train.start_info.value == (
-        "starts from: the shipped network 'single_membrane', keeps 50% of its weights, "
-        "trains on simulated boxes too"
+        "starts from: the shipped network 'single_membrane', keeps up to 50% of its weights"
     )
     paint.metadata["class_names"] = {0: "background", 1: "my particle"}
     train.update_start_info()

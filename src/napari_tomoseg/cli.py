@@ -334,6 +334,7 @@ def _save_trained(result: Any, output: Path, checkpoint: Path, *, overwrite: boo
 def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int) -> None:
     """What ``tomoseg train`` did: how it ended, where it started from, the threshold, the
     checkpoint of a stopped run and the validation scores of each class."""
+    from .learning.training import kept_described
     from .simulator.replay import described as replay_described
 
     state = "stopped early" if result.stopped else "finished"
@@ -346,6 +347,9 @@ def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int
     replayed = replay_described(result.metadata.get("replay"))
     if replayed:
         print(f"  {replayed}; --replay 0 leaves them out")
+    kept = kept_described(result.metadata)
+    if kept:
+        print(f"  {kept}")
     if result.stopped and checkpoint.is_file():
         steps = result.metadata["steps_done"]
         print(
@@ -922,8 +926,9 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--keep-start",
         type=float,
-        help="when starting from a shipped network, the fraction of its weights averaged "
-        "into the result, which keeps what it knows about other tomograms (default 0.5; "
+        help="when starting from a shipped network, the largest fraction of its weights "
+        "averaged into the result, which keeps what it knows about other tomograms; less "
+        "(half, or none) where the held-out boxes score clearly better so (default 0.5; "
         "0: the fine-tuned weights alone)",
     )
     p.add_argument(
@@ -931,7 +936,8 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
         type=float,
         help="when starting from a shipped network, also train on boxes of tomograms "
         "simulated as its pretraining drew them, this many times your samples, so it does "
-        "not forget other tomograms (default 0.5; 0: none; they are never validated)",
+        "not forget other tomograms (default 0: none; 0.5 where you paint features as the "
+        "simulator labels them; they are never validated)",
     )
     p.add_argument(
         "--augmentation",

@@ -36,7 +36,7 @@ from ..learning.model_file import load_network, save_network
 from ..learning.models import DEFAULT_ARCHITECTURE, available
 from ..learning.pretrained import AUTO, SCRATCH, match
 from ..learning.pretrained import available as shipped_networks
-from ..learning.training import TrainSettings, iter_train
+from ..learning.training import TrainSettings, iter_train, kept_described
 from ..learning.trainset import TrainsetSettings, build_training_set
 from ..progress import Progress
 from ..simulator.replay import SimulatedReplay
@@ -322,7 +322,7 @@ class TrainWidget(Container):
             found = match(["background", *features])
             text = f"the shipped network '{found}'" if found else "random weights (no match)"
         if text.startswith("the shipped") and TrainSettings.keep_start > 0:
-            text += f", keeps {TrainSettings.keep_start:.0%} of its weights"
+            text += f", keeps up to {TrainSettings.keep_start:.0%} of its weights"
         if text.startswith("the shipped") and TrainSettings.replay > 0:
             text += ", trains on simulated boxes too"
         self.start_info.value = f"starts from: {text}"
@@ -474,6 +474,8 @@ class TrainWidget(Container):
         text += f"; threshold {result.network.meta.threshold:.2f}"
         replayed = replay_described(result.metadata.get("replay"))
         text += f"; {replayed}" if replayed else ""
+        kept = kept_described(result.metadata)
+        text += f"; {kept}" if kept else ""
         self.status.value = text
         self.save_button.enabled = True
         self.show_preview(result)

@@ -120,11 +120,14 @@ class TrainSettings:
     ``"auto"`` a shipped network trained on simulated tomograms when one knows the
     features by name (:mod:`napari_tomoseg.learning.pretrained`), ``"scratch"`` random weights, or
     the name of a shipped network.  ``keep_start``: when training started from a shipped
-    network, the result's weights are this fraction of the starting weights plus the rest of
-    the trained ones (:func:`average_weights`; 0 keeps the trained weights as they are).
+    network, the result's weights are at most this fraction of the starting weights plus
+    the rest of the trained ones (:func:`average_weights`; less where the held-out boxes
+    score clearly better with less, :func:`_choose_keep`; 0 keeps the trained weights).
     ``replay``: when training starts from a shipped network, boxes of tomograms simulated as
     its pretraining drew them, this many times the training set's samples, train beside
-    the user's (``iter_train``'s ``replay_from``; never validated; 0: none).
+    the user's (``iter_train``'s ``replay_from``; never validated).  0, the default: the
+    replayed boxes carry the simulator's way of labelling, which a user's painting may not
+    share (docs/models.md, "Boxes painted another way").
     The loss is cross-entropy (weighted by ``class_weights``: ``None``, ``"auto"`` or one
     weight per class) plus ``dice_weight`` times a soft Dice loss of the feature classes
     (module notes).  ``checkpoint`` is a file the run writes its full state to every
@@ -148,7 +151,7 @@ class TrainSettings:
     augmentation: dict[str, float] = field(default_factory=dict)
     start_from: str = "auto"
     keep_start: float = 0.5
-    replay: float = 0.5
+    replay: float = 0.0
     lr_schedule: str = "constant"
     dice_weight: float = 1.0
     checkpoint: str | None = None
@@ -765,6 +768,12 @@ THRESHOLD_CANDIDATES = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2
 #: How far below its best the held-out F1 of the chosen threshold may be: the highest
 #: threshold within it is taken (the conservative end of the plateau, see calibrate_threshold).
 PLATEAU_TOLERANCE = 0.02
+#: The fractions of ``keep_start`` a fine-tuning's end tries (:func:`_choose_keep`), and how
+#: far below the best held-out F1 a larger one may score and still be chosen: a few held-out
+#: boxes score a network only to a few hundredths, and the average is worth keeping
+#: unless they clearly disagree with it.
+KEEP_FRACTIONS = (1.0, 0.5, 0.0)
+KEEP_TOLERANCE = 0.1
 
 
 def _box_weights(box_ids: np.ndarray) -> np.ndarray:
@@ -1307,9 +1316,12 @@ def _loop(
     return False
 
 
-def _finish_model(run: _Run, step0: int, start_state: dict[str, torch.Tensor] | None) -> None:
-    """Put the best weights into the model (averaged with the starting ones when asked)
-    and leave it in eval mode; ``run.best`` then holds their validation metrics."""
+def _finish_model(
+    run: _Run, trainset: TrainingSet, step0: int, start_state: dict[str, torch.Tensor] | None
+) -> dict[str, Any] | None:
+    """Put the best weights into the model (averaged with the starting ones, see
+    :func:`_choose_keep`) and leave it in eval mode; ``run.best`` then holds their
+    validation metrics.  Returns how the average was chosen (None: no starting weights)."""
     if run.best is None:  # stopped before the first evaluation: judge the weights as they are
         extra = run.evaluate(step0 + run.steps_done)
         if run.history:
@@ -1317,11 +1329,48 @@ def _finish_model(run: _Run, step0: int, start_state: dict[str, torch.Tensor] | 
     best = run.best
     assert best is not None
     run.model.load_state_dict(best["state"])
+    choice = None
     if start_state is not None:  # the returned network, and its validation metrics
-        keep = run.settings.keep_start
-        run.model.load_state_dict(average_weights(best["state"], start_state, keep))
+        choice = _choose_keep(run, trainset, start_state)
+        run.model.load_state_dict(average_weights(best["state"], start_state, choice["kept"]))
         best["metrics"] = run.validation_metrics()[1]
     run.model.eval()
+    return choice
+
+
+def _choose_keep(
+    run: _Run, trainset: TrainingSet, start_state: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """How much of the starting network's weights the result keeps: the largest of
+    :data:`KEEP_FRACTIONS` times ``keep_start`` whose average scores the user's held-out
+    boxes within :data:`KEEP_TOLERANCE` of the best one.  The average keeps what the
+    pretraining knew of other data, but where the user paints a feature otherwise than the
+    simulator's labels (a narrower membrane, a microtubule's wall without its lumen) it
+    pulls the result back to the simulator's way, and the held-out boxes show that
+    (docs/models.md, "Boxes painted another way").  Without held-out boxes nothing can
+    judge, and ``keep_start`` is kept."""
+    keep = float(run.settings.keep_start)
+    tried = sorted({round(keep * f, 4) for f in KEEP_FRACTIONS}, reverse=True)
+    if not run.data.split["held_out"] or keep == 0:
+        return {"kept": keep, "held_out_f1": {}}
+    best_state = run.best["state"] if run.best is not None else _state_copy(run.model)
+    scores = {}
+    for fraction in tried:
+        run.model.load_state_dict(average_weights(best_state, start_state, fraction))
+        scores[fraction] = _calibrate(run, trainset)[1]["f1_at_chosen"]
+    top = max(scores.values())
+    kept = next(f for f in tried if scores[f] >= top - KEEP_TOLERANCE)
+    return {"kept": kept, "held_out_f1": {str(f): round(v, 4) for f, v in scores.items()}}
+
+
+def kept_described(metadata: dict[str, Any]) -> str:
+    """A sentence on how much of its starting network a run's result kept (its metadata's
+    ``keep_start``) and what the held-out boxes said, or "" for nothing kept or tried."""
+    kept, scores = metadata.get("keep_start") or 0.0, metadata.get("keep_start_held_out_f1")
+    if not scores:
+        return f"kept {kept:.0%} of the starting network's weights" if kept else ""
+    tried = ", ".join(f"{float(k):.0%} {v:.3f}" for k, v in scores.items())
+    return f"kept {kept:.0%} of the starting network's weights (held-out F1 keeping {tried})"
 
 
 def _calibrate(run: _Run, trainset: TrainingSet) -> tuple[float, dict[str, Any]]:
@@ -1536,7 +1585,7 @@ def iter_train(
     finished = not stopped and ckpt_path is not None
     if finished and keep_checkpoint and run.checkpointed != run.steps_done:
         checkpoint()
-    _finish_model(run, step0, start_state)
+    keep_choice = _finish_model(run, trainset, step0, start_state)
     threshold, calibration = _calibrate(run, trainset)
     preview = _make_preview(
         model,
@@ -1554,7 +1603,8 @@ def iter_train(
         "resumed_from_step": None if saved is None else int(saved.step),
         "threshold_calibration": calibration,
         "started_from": started_from,
-        "keep_start": float(settings.keep_start) if start_state is not None else 0.0,
+        "keep_start": keep_choice["kept"] if keep_choice is not None else 0.0,
+        "keep_start_held_out_f1": keep_choice["held_out_f1"] if keep_choice else {},
         "replay": replay_info,
     }
     full_history = history0 + run.history
