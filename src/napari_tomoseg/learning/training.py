@@ -769,9 +769,9 @@ THRESHOLD_CANDIDATES = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2
 #: threshold within it is taken (the conservative end of the plateau, see calibrate_threshold).
 PLATEAU_TOLERANCE = 0.02
 #: The fractions of ``keep_start`` a fine-tuning's end tries (:func:`_choose_keep`), and how
-#: far below the best held-out F1 a larger one may score and still be chosen: a few held-out
-#: boxes score a network only to a few hundredths, and the average is worth keeping
-#: unless they clearly disagree with it.
+#: far below the best held-out F1 a larger one may score and still be chosen: two or three
+#: held-out positive boxes (of ten) score a network only to about a tenth, and the average
+#: is worth keeping unless they clearly disagree with it (docs/models.md).
 KEEP_FRACTIONS = (1.0, 0.5, 0.0)
 KEEP_TOLERANCE = 0.1
 
