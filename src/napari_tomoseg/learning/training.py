@@ -1331,7 +1331,7 @@ def _finish_model(
     run.model.load_state_dict(best["state"])
     choice = None
     if start_state is not None:  # the returned network, and its validation metrics
-        choice = _choose_keep(run, trainset, start_state)
+        choice = _choose_keep(run, trainset, best["state"], start_state)
         run.model.load_state_dict(average_weights(best["state"], start_state, choice["kept"]))
         best["metrics"] = run.validation_metrics()[1]
     run.model.eval()
@@ -1339,7 +1339,10 @@ def _finish_model(
 
 
 def _choose_keep(
-    run: _Run, trainset: TrainingSet, start_state: dict[str, torch.Tensor]
+    run: _Run,
+    trainset: TrainingSet,
+    best_state: dict[str, torch.Tensor],
+    start_state: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
     """How much of the starting network's weights the result keeps: the largest of
     :data:`KEEP_FRACTIONS` times ``keep_start`` whose average scores the user's held-out
@@ -1353,7 +1356,6 @@ def _choose_keep(
     tried = sorted({round(keep * f, 4) for f in KEEP_FRACTIONS}, reverse=True)
     if not run.data.split["held_out"] or keep == 0:
         return {"kept": keep, "held_out_f1": {}}
-    best_state = run.best["state"] if run.best is not None else _state_copy(run.model)
     scores = {}
     for fraction in tried:
         run.model.load_state_dict(average_weights(best_state, start_state, fraction))
