@@ -625,7 +625,7 @@ def _lr_schedule(settings: TrainSettings) -> Callable[[int], float]:
     """Learning rate of mini-batch ``step`` (0-based).
 
     A linear warm-up over the first ``WARMUP_STEPS`` mini-batches (at most a tenth of the
-    run), then constant or (default) a cosine decay to ``LR_FLOOR`` times the rate.  The
+    run), then constant (the default) or a cosine decay to ``LR_FLOOR`` times the rate.  The
     warm-up lets Adam's moment estimates settle before full-size steps: without it the
     15x15 kernels of ``tomoseg-cnn`` (9000 inputs per unit) can be pushed into dead ReLUs
     in the first few steps at a rate of 1e-3.
