@@ -208,8 +208,7 @@ def trained_networks(
     )
     networks, trainings = {}, []
     for feature in features:
-        boxes = (args.boxes, args.negatives)
-        trainset = trainset_from_truth(sim, [feature], *boxes, seed=args.seed)
+        trainset = trainset_from_truth(sim, [feature], args.boxes, args.negatives, seed=args.seed)
         for start in args.starts:
             settings = TrainSettings(seed=args.seed, start_from=start, **dict(args.set))
             t0 = time.perf_counter()

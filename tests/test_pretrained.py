@@ -200,6 +200,8 @@ def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):
     assert sorted(scores) == [0.0, 0.2, 0.4] and mixed.metadata["split"]["held_out"]
     kept = mixed.metadata["keep_start"]
     assert kept == max(f for f, v in scores.items() if v >= max(scores.values()) - KEEP_TOLERANCE)
+    # the threshold is the one calibrated for the kept average
+    assert mixed.metadata["threshold_calibration"]["f1_at_chosen"] == scores[kept]
     start = load_pretrained("single_membrane").model.state_dict()
     tuned, result = plain.network.model.state_dict(), mixed.network.model.state_dict()
     floats = [k for k, v in tuned.items() if v.is_floating_point()]

@@ -213,6 +213,10 @@ def test_the_train_widget_says_which_network_it_starts_from(make_napari_viewer):
     assert train.start_info.value == (
         "starts from: the shipped network 'single_membrane', keeps up to 50% of its weights"
     )
+    assert train.train_settings().replay == 0.0  # off unless asked
+    train.replay.value = 0.5
+    assert train.train_settings().replay == 0.5
+    assert train.start_info.value.endswith("of its weights, trains on simulated boxes too")
     paint.metadata["class_names"] = {0: "background", 1: "my particle"}
     train.update_start_info()
     assert train.start_info.value == "starts from: random weights (no match)"

@@ -36,7 +36,7 @@ from ..learning.model_file import load_network, save_network
 from ..learning.models import DEFAULT_ARCHITECTURE, available
 from ..learning.pretrained import AUTO, SCRATCH, match
 from ..learning.pretrained import available as shipped_networks
-from ..learning.training import TrainSettings, iter_train, kept_described
+from ..learning.training import MAX_REPLAY, TrainSettings, iter_train, kept_described
 from ..learning.trainset import TrainsetSettings, build_training_set
 from ..progress import Progress
 from ..simulator.replay import SimulatedReplay
@@ -115,6 +115,7 @@ class TrainWidget(Container):
                 "learning_rate": self.learning_rate,
                 "batch_size": self.batch_size,
                 "start_from": self.start_from,
+                "replay": self.replay,
             },
         )
         self.runner = TaskRunner("Training")
@@ -196,6 +197,16 @@ class TrainWidget(Container):
             "tomograms) when one knows the painted features by name; scratch: random weights",
         )
         self.start_info = Label(value="")
+        self.replay = FloatSpinBox(
+            label="replay",
+            value=TrainSettings.replay,
+            min=0.0,
+            max=MAX_REPLAY,
+            step=0.25,
+            tooltip="From a shipped network: also train on boxes of tomograms simulated as "
+            "its pretraining drew them, this many times your samples (0.5: half as many). "
+            "Helps where you paint as the simulator labels; off (0) by default.",
+        )
         self.continue_current = CheckBox(label="continue the current network", value=False)
         self.resume = CheckBox(
             label=RESUME_TEXT,
@@ -238,6 +249,7 @@ class TrainWidget(Container):
                 self.batch_size,
                 self.start_from,
                 self.start_info,
+                self.replay,
                 self.continue_from,
                 self.continue_current,
                 self.resume,
@@ -264,6 +276,7 @@ class TrainWidget(Container):
         self.tomogram.changed.connect(self.update_resume)
         self.painting.changed.connect(self.update_start_info)
         self.start_from.changed.connect(self.update_start_info)
+        self.replay.changed.connect(self.update_start_info)
         self.train_button.changed.connect(self.start_training)
         self.stop_button.changed.connect(self.runner.stop)
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
@@ -303,6 +316,7 @@ class TrainWidget(Container):
             learning_rate=float(self.learning_rate.value),
             batch_size=int(self.batch_size.value),
             start_from=str(self.start_from.value),
+            replay=float(self.replay.value),
         )
 
     def update_start_info(self, *_: Any) -> None:
@@ -323,7 +337,7 @@ class TrainWidget(Container):
             text = f"the shipped network '{found}'" if found else "random weights (no match)"
         if text.startswith("the shipped") and TrainSettings.keep_start > 0:
             text += f", keeps up to {TrainSettings.keep_start:.0%} of its weights"
-        if text.startswith("the shipped") and TrainSettings.replay > 0:
+        if text.startswith("the shipped") and self.replay.value > 0:
             text += ", trains on simulated boxes too"
         self.start_info.value = f"starts from: {text}"
 

@@ -1351,18 +1351,24 @@ def _choose_keep(
     simulator's labels (a narrower membrane, a microtubule's wall without its lumen) it
     pulls the result back to the simulator's way, and the held-out boxes show that
     (docs/models.md, "Boxes painted another way").  Without held-out boxes nothing can
-    judge, and ``keep_start`` is kept."""
+    judge, and ``keep_start`` is kept.  ``calibration`` is the kept average's
+    :func:`_calibrate` (None when nothing was tried), so that it is not computed again."""
     keep = float(run.settings.keep_start)
     tried = sorted({round(keep * f, 4) for f in KEEP_FRACTIONS}, reverse=True)
     if not run.data.split["held_out"] or keep == 0:
-        return {"kept": keep, "held_out_f1": {}}
-    scores = {}
+        return {"kept": keep, "held_out_f1": {}, "calibration": None}
+    calibrations = {}
     for fraction in tried:
         run.model.load_state_dict(average_weights(best_state, start_state, fraction))
-        scores[fraction] = _calibrate(run, trainset)[1]["f1_at_chosen"]
+        calibrations[fraction] = _calibrate(run, trainset)
+    scores = {f: cal[1]["f1_at_chosen"] for f, cal in calibrations.items()}
     top = max(scores.values())
     kept = next(f for f in tried if scores[f] >= top - KEEP_TOLERANCE)
-    return {"kept": kept, "held_out_f1": {str(f): round(v, 4) for f, v in scores.items()}}
+    return {
+        "kept": kept,
+        "held_out_f1": {str(f): round(v, 4) for f, v in scores.items()},
+        "calibration": calibrations[kept],
+    }
 
 
 def kept_described(metadata: dict[str, Any]) -> str:
@@ -1588,7 +1594,8 @@ def iter_train(
     if finished and keep_checkpoint and run.checkpointed != run.steps_done:
         checkpoint()
     keep_choice = _finish_model(run, trainset, step0, start_state)
-    threshold, calibration = _calibrate(run, trainset)
+    calibrated = keep_choice["calibration"] if keep_choice is not None else None
+    threshold, calibration = calibrated or _calibrate(run, trainset)
     preview = _make_preview(
         model,
         trainset,
