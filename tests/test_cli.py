@@ -197,7 +197,7 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     assert recorded["class_weights"] == [1.0, 5.0, 5.0] and recorded["dice_weight"] == 0.5
     assert "all_features" in recorded["started_from"]
     assert set(recorded["keep_start_held_out_f1"]) == {"0.3", "0.15", "0.0"}  # --keep-start's
-    assert recorded["keep_start"] in (0.3, 0.15, 0.0)
+    assert recorded["keep_start"] in (0.3, 0.15)  # never less than half of it
     replayed = recorded["replay"]["samples"]
     out = capsys.readouterr().out
     assert replayed > 0 and f"also trained on {replayed} samples" in out

@@ -11,6 +11,7 @@ from napari_tomoseg import cli
 from napari_tomoseg.applying.inference import ApplySettings, apply_network
 from napari_tomoseg.data.io import read_tomogram, write_mrc
 from napari_tomoseg.errors import TomosegError
+from napari_tomoseg.learning import training
 from napari_tomoseg.learning.model_file import Network, read_network_meta
 from napari_tomoseg.learning.pretrained import (
     MULTICLASS,
@@ -22,7 +23,7 @@ from napari_tomoseg.learning.pretrained import (
     starting_network,
     transfer_weights,
 )
-from napari_tomoseg.learning.training import KEEP_TOLERANCE, TrainSettings, train
+from napari_tomoseg.learning.training import KEEP_FLOOR, KEEP_TOLERANCE, TrainSettings, train
 from napari_tomoseg.learning.trainset import TrainsetSettings
 from napari_tomoseg.simulator.demo import central_slices, dice_scores, trainset_from_truth
 from napari_tomoseg.simulator.synthetic import CLASS_NAMES, simulate_tomogram
@@ -195,11 +196,12 @@ def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):
     assert plain.metadata["keep_start"] == 0.0 and scratch.metadata["keep_start"] == 0.0
     assert plain.metadata["keep_start_held_out_f1"] == {}  # nothing to choose
     # the held-out boxes scored the average at 0.4, 0.2 and 0 of the start; the largest
-    # within KEEP_TOLERANCE of the best is kept
+    # within KEEP_TOLERANCE of the best is kept, but never less than half of keep_start
     scores = {float(k): v for k, v in mixed.metadata["keep_start_held_out_f1"].items()}
     assert sorted(scores) == [0.0, 0.2, 0.4] and mixed.metadata["split"]["held_out"]
     kept = mixed.metadata["keep_start"]
-    assert kept == max(f for f, v in scores.items() if v >= max(scores.values()) - KEEP_TOLERANCE)
+    near = max(f for f, v in scores.items() if v >= max(scores.values()) - KEEP_TOLERANCE)
+    assert kept == max(near, 0.4 * KEEP_FLOOR) and kept > 0
     # the threshold is the one calibrated for the kept average
     assert mixed.metadata["threshold_calibration"]["f1_at_chosen"] == scores[kept]
     start = load_pretrained("single_membrane").model.state_dict()
@@ -213,6 +215,25 @@ def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):
     with pytest.warns(UserWarning, match="training boxes"):
         alone = train(trainset, TrainSettings(keep_start=0.4, validation_fraction=0, **common))
     assert alone.metadata["keep_start"] == 0.4 and not alone.metadata["split"]["held_out"]
+
+
+def test_fine_tuning_keeps_a_share_of_the_start_however_its_boxes_score(shifted, monkeypatch):
+    """Held-out boxes that score the trained weights alone far above every average still
+    get half of keep_start: they come from the painted tomogram, which is not every
+    tomogram the network will see."""
+    trainset = trainset_from_truth(shifted, ["single_membrane"], 4, 12, seed=1)
+    scored = iter([0.3, 0.5, 0.9])  # keeping 0.4, 0.2 and none of the start, in that order
+    real = training._calibrate
+
+    def calibrate(run, ts):
+        threshold, calibration = real(run, ts)
+        return threshold, {**calibration, "f1_at_chosen": next(scored, 0.0)}
+
+    monkeypatch.setattr(training, "_calibrate", calibrate)
+    common = {"iterations": 2, "eval_every": 1, "augment": False, "seed": 3}
+    result = train(trainset, TrainSettings(keep_start=0.4, **common))
+    assert result.metadata["keep_start_held_out_f1"] == {"0.4": 0.3, "0.2": 0.5, "0.0": 0.9}
+    assert result.metadata["keep_start"] == 0.4 * KEEP_FLOOR == 0.2
 
 
 def test_shipped_membrane_networks_apply_in_three_planes_unless_told(tmp_path, shifted):

@@ -927,8 +927,8 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
         "--keep-start",
         type=float,
         help="when starting from a shipped network, the largest fraction of its weights "
-        "averaged into the result, which keeps what it knows about other tomograms; less "
-        "(half, or none) where the held-out boxes score clearly better so (default 0.5; "
+        "averaged into the result, which keeps what it knows about other tomograms; half "
+        "of it where the held-out boxes score clearly better so (default 0.5; "
         "0: the fine-tuned weights alone)",
     )
     p.add_argument(

@@ -122,7 +122,8 @@ class TrainSettings:
     the name of a shipped network.  ``keep_start``: when training started from a shipped
     network, the result's weights are at most this fraction of the starting weights plus
     the rest of the trained ones (:func:`average_weights`; less where the held-out boxes
-    score clearly better with less, :func:`_choose_keep`; 0 keeps the trained weights).
+    score clearly better with less, but never under half of it, :func:`_choose_keep`; 0
+    keeps the trained weights).
     ``replay``: when training starts from a shipped network, boxes of tomograms simulated as
     its pretraining drew them, this many times the training set's samples, train beside
     the user's (``iter_train``'s ``replay_from``; never validated).  0, the default: the
@@ -768,12 +769,15 @@ THRESHOLD_CANDIDATES = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2
 #: How far below its best the held-out F1 of the chosen threshold may be: the highest
 #: threshold within it is taken (the conservative end of the plateau, see calibrate_threshold).
 PLATEAU_TOLERANCE = 0.02
-#: The fractions of ``keep_start`` a fine-tuning's end tries (:func:`_choose_keep`), and how
-#: far below the best held-out F1 a larger one may score and still be chosen: two or three
-#: held-out positive boxes (of ten) score a network only to about a tenth, and the average
-#: is worth keeping unless they clearly disagree with it (docs/models.md).
+#: The fractions of ``keep_start`` a fine-tuning's end tries (:func:`_choose_keep`), how
+#: far below the best held-out F1 a larger one may score and still be chosen (two or three
+#: held-out positive boxes of ten score a network only to about a tenth, and the average
+#: is worth keeping unless they clearly disagree with it), and the least it keeps: the
+#: held-out boxes come from the painted tomogram, and preferring none of the start there
+#: once cost a quarter of the F1 on other tomograms (docs/models.md).
 KEEP_FRACTIONS = (1.0, 0.5, 0.0)
 KEEP_TOLERANCE = 0.1
+KEEP_FLOOR = 0.5
 
 
 def _box_weights(box_ids: np.ndarray) -> np.ndarray:
@@ -1346,12 +1350,13 @@ def _choose_keep(
 ) -> dict[str, Any]:
     """How much of the starting network's weights the result keeps: the largest of
     :data:`KEEP_FRACTIONS` times ``keep_start`` whose average scores the user's held-out
-    boxes within :data:`KEEP_TOLERANCE` of the best one.  The average keeps what the
-    pretraining knew of other data, but where the user paints a feature otherwise than the
-    simulator's labels (a narrower membrane, a microtubule's wall without its lumen) it
-    pulls the result back to the simulator's way, and the held-out boxes show that
-    (docs/models.md, "Boxes painted another way").  Without held-out boxes nothing can
-    judge, and ``keep_start`` is kept.  ``calibration`` is the kept average's
+    boxes within :data:`KEEP_TOLERANCE` of the best one, but at least :data:`KEEP_FLOOR`
+    times ``keep_start`` (the trained weights alone set the best, and are never kept).  The
+    average keeps what the pretraining knew of other data, but where the user paints a
+    feature otherwise than the simulator's labels (a narrower membrane, a microtubule's wall
+    without its lumen) it pulls the result back to the simulator's way, and the held-out
+    boxes show that (docs/models.md, "Boxes painted another way").  Without held-out boxes
+    nothing can judge, and ``keep_start`` is kept.  ``calibration`` is the kept average's
     :func:`_calibrate` (None when nothing was tried), so that it is not computed again."""
     keep = float(run.settings.keep_start)
     tried = sorted({round(keep * f, 4) for f in KEEP_FRACTIONS}, reverse=True)
@@ -1363,7 +1368,9 @@ def _choose_keep(
         calibrations[fraction] = _calibrate(run, trainset)
     scores = {f: cal[1]["f1_at_chosen"] for f, cal in calibrations.items()}
     top = max(scores.values())
-    kept = next(f for f in tried if scores[f] >= top - KEEP_TOLERANCE)
+    kept = max(
+        next(f for f in tried if scores[f] >= top - KEEP_TOLERANCE), round(keep * KEEP_FLOOR, 4)
+    )
     return {
         "kept": kept,
         "held_out_f1": {str(f): round(v, 4) for f, v in scores.items()},
