@@ -234,6 +234,8 @@ def test_fine_tuning_keeps_a_share_of_the_start_however_its_boxes_score(shifted,
     result = train(trainset, TrainSettings(keep_start=0.4, **common))
     assert result.metadata["keep_start_held_out_f1"] == {"0.4": 0.3, "0.2": 0.5, "0.0": 0.9}
     assert result.metadata["keep_start"] == 0.4 * KEEP_FLOOR == 0.2
+    said = training.kept_described(result.metadata)
+    assert said.startswith("kept 20% of the starting network's weights; the least a run keeps")
 
 
 def test_shipped_membrane_networks_apply_in_three_planes_unless_told(tmp_path, shifted):
