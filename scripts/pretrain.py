@@ -5,7 +5,8 @@
                                [--start NETWORK] [--voxel-sizes LOW HIGH]
                                [--context-slices C]
                                [--imperfect] [--microtubule-variety]
-                               [--vesicle-variety]
+                               [--vesicle-variety] [--membrane-variety]
+                               [--complex-variety]
                                [--threads T] [--processes P]
                                [--work DIR] [--quick]
 
@@ -20,7 +21,10 @@
    residual alignment errors too; with ``--microtubule-variety`` the microtubules run up to
    35 degrees out of the XY plane (``--microtubule-elevation 4 90``: up to along the beam)
    and their walls are more or less beaded; with
-   ``--vesicle-variety`` the vesicles are ellipsoids up to 2.5 times longer than wide.
+   ``--vesicle-variety`` the vesicles are ellipsoids up to 2.5 times longer than wide;
+   with ``--complex-variety`` up to 1.5 large unlabelled complexes per ribosome
+   (proteasome-like barrels, hollow chaperonin-like double rings, lobed assemblies) that a
+   ribosome network must not mark.
    ``--processes P`` simulates P tomograms at a time.
 2. From each, cuts training boxes the way a user boxes (up to ``--positive`` boxes rich in
    each feature, ``--negative`` boxes free of every feature; ``--box-size`` pixels) with
@@ -119,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also draw how dense each tomogram's bilayer cores are, from lipid tails alone "
         "to packed with membrane proteins (synthetic.MEMBRANE_RANGES)",
+    )
+    parser.add_argument(
+        "--complex-variety",
+        action="store_true",
+        help="also draw how many large unlabelled complexes (proteasome-, chaperonin- and "
+        "lobed shapes) each tomogram holds per ribosome (synthetic.COMPLEX_RANGES)",
     )
     parser.add_argument(
         "--iterations",
@@ -241,6 +251,7 @@ def _drawn_settings(args: argparse.Namespace) -> list[str]:
         (args.microtubule_variety, synthetic.MICROTUBULE_RANGES),
         (args.vesicle_variety, synthetic.VESICLE_RANGES),
         (args.membrane_variety, synthetic.MEMBRANE_RANGES),
+        (args.complex_variety, synthetic.COMPLEX_RANGES),
     )
     return [name for wanted, table in tables if wanted for name in table]
 
@@ -272,6 +283,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[int, Any, argparse.Namespace]]
             vesicle_variety=args.vesicle_variety,
             membrane_variety=args.membrane_variety,
             variety_ranges=_variety_ranges(args),
+            complex_variety=args.complex_variety,
         )
         jobs.append((i, settings, args))
     return jobs

@@ -428,6 +428,7 @@ def test_microtubule_elevation_and_lattice_change_the_tubes_not_the_rest() -> No
     [
         ("vesicle_variety", "vesicle_aspect", 1.0, 1.0, 2.5),
         ("membrane_variety", "membrane_core_density", -0.25, -0.25, 0.75),
+        ("complex_variety", "complexes", 0.0, 0.0, 1.5),
     ],
 )
 def test_random_settings_draw_a_variety_only_when_asked(flag, name, default, low, high) -> None:
@@ -454,6 +455,22 @@ def test_membrane_core_density_fills_the_bilayer_not_the_label_or_the_rest() -> 
     assert np.allclose(packed.density[far], tails.density[far], atol=1e-3)
     with pytest.raises(TomosegError, match="membrane_core_density"):
         simulate_tomogram(shape=(16, 32, 32), membrane_core_density=2.0)
+
+
+def test_complexes_add_unlabelled_particles_the_size_of_ribosomes() -> None:
+    kw = {"shape": (48, 128, 128), "seed": 4, "snr": math.inf, "crowding": 0.0, "n_ribosomes": 8}
+    none = simulate_tomogram(**kw)
+    some = simulate_tomogram(**kw, complexes=1.5)
+    assert np.array_equal(none.labels, some.labels)  # nothing labelled moves or appears
+    added = (some.density - none.density > 0.5) & (some.labels == 0)
+    blobs, n = ndimage.label(added)
+    sizes = np.bincount(blobs.ravel())[1:]
+    big = sizes[sizes > 100]  # a complex is thousands of voxels at 10 A, ribosome-sized
+    ribosome = np.bincount(ndimage.label(some.labels == RIBOSOME)[0].ravel())[1:].max()
+    assert len(big) >= 4  # 12 asked for; some touch, some lie partly outside the volume
+    assert big.max() < 2 * ribosome
+    with pytest.raises(TomosegError, match="complexes"):
+        simulate_tomogram(shape=(16, 32, 32), complexes=-1.0)
 
 
 def test_vesicle_aspect_makes_ellipsoids_with_the_bilayer_on_the_label() -> None:

@@ -162,6 +162,10 @@ class SimulationSettings:
     # how far vesicles depart from spheres: the largest ratio of a vesicle's longest axis to
     # its shortest (1: every vesicle a sphere; above 1, randomly oriented ellipsoids)
     vesicle_aspect: float = 1.0
+    # large complexes other than ribosomes (proteasome-like barrels, chaperonin-like hollow
+    # double rings, lobed assemblies), unlabelled, as many as this times the ribosomes: a
+    # ribosome network must tell a ribosome by its shape, not by its size and density
+    complexes: float = 0.0
     crowding: float = 1.0
     # reconstruction and display
     lowpass: float = 1.0
@@ -216,6 +220,7 @@ def _check_settings(s: SimulationSettings) -> None:
         (s.carbon_edge_width_nm > 0, "carbon_edge_width_nm must be > 0"),
         (2.0 <= s.membrane_thickness_nm <= 12.0, "membrane_thickness_nm must be 2-12 nm"),
         (-0.5 <= s.membrane_core_density <= 1.0, "membrane_core_density must be -0.5-1"),
+        (0.0 <= s.complexes <= 5.0, "complexes must be 0-5 (complexes per ribosome)"),
         (12.0 <= s.microtubule_diameter_nm <= 40.0, "microtubule_diameter_nm must be 12-40 nm"),
         (0.0 <= s.microtubule_elevation_deg <= 90.0, "microtubule_elevation_deg must be 0-90"),
         (0.0 <= s.microtubule_lattice <= 0.8, "microtubule_lattice must be 0-0.8"),
@@ -884,6 +889,17 @@ def _ribosome_shape(
     return [(c, rot, axes / scene.nm) for c, rot, axes in parts]
 
 
+def _parts_sd(parts: list, zz: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Signed distance (voxels) of the union of ellipsoids (centre, rotation, semi-axes)."""
+    sd = None
+    for c, rot, axes in parts:
+        dz, dy, dx = zz - c[0], yy - c[1], xx - c[2]
+        local = tuple(dz * rot[0, k] + dy * rot[1, k] + dx * rot[2, k] for k in range(3))
+        part = _ellipsoid_sd(local, axes)
+        sd = part if sd is None else np.minimum(sd, part)
+    return sd
+
+
 def _render_ribosome(scene: _Scene, centre: np.ndarray, up: np.ndarray) -> None:
     parts = _ribosome_shape(scene, centre, up)
     reach = scene.px(_RIBOSOME_BOUND) + 2
@@ -891,12 +907,7 @@ def _render_ribosome(scene: _Scene, centre: np.ndarray, up: np.ndarray) -> None:
     if found is None:
         return
     sl, (zz, yy, xx) = found
-    sd = None
-    for c, rot, axes in parts:
-        dz, dy, dx = zz - c[0], yy - c[1], xx - c[2]
-        local = tuple(dz * rot[0, k] + dy * rot[1, k] + dx * rot[2, k] for k in range(3))
-        part = _ellipsoid_sd(local, axes)
-        sd = part if sd is None else np.minimum(sd, part)
+    sd = _parts_sd(parts, zz, yy, xx)
     lumps = 1 + 0.35 * scene.texture[sl]
     scene.density[sl] += (_RNA_RICH * _occupancy(sd) * lumps).astype(np.float32)
     scene.paint(sl, sd <= 0, RIBOSOME)
@@ -935,6 +946,64 @@ def _add_ribosome(scene: _Scene, er: int | None) -> bool:
             scene.ribosome_centres.append(centre)
         return True
     return False
+
+
+def _complex_shape(scene: _Scene, frame: np.ndarray) -> tuple[list, list, float]:
+    """One large complex other than a ribosome, in nm about its centre: the ellipsoids of
+    its matter, those of its cavities, and the radius that holds it.  Sizes after the
+    26S proteasome (a 15 x 11 nm barrel of four rings, a 19S cap on one or both ends),
+    the chaperonin TRiC (two stacked rings, 16 x 15 nm, hollow) and lobed assemblies of
+    4-7 subunits such as fatty acid synthase (docs/simulator.md)."""
+    rng = scene.rng
+    axis = frame[:, 0]
+    kind = int(rng.integers(3))
+    if kind == 0:  # proteasome-like barrel with caps
+        parts = [(axis * z, np.array([1.9, 5.5, 5.5])) for z in (-5.7, -1.9, 1.9, 5.7)]
+        ends = [-1, 1] if rng.random() < 0.5 else [int(rng.choice([-1, 1]))]
+        parts += [(axis * e * 11.5, np.array([4.5, 8.5, 7.0])) for e in ends]
+        return parts, [], 17.0 if len(ends) == 2 else 14.0
+    if kind == 1:  # chaperonin-like hollow double ring
+        parts = [(axis * z, np.array([4.2, 7.5, 7.5])) for z in (-4.0, 4.0)]
+        cavities = [(axis * z, np.array([3.0, 3.8, 3.8])) for z in (-4.0, 4.0)]
+        return parts, cavities, 10.0
+    n = int(rng.integers(4, 8))  # a lobed assembly
+    parts = [
+        (_unit(rng.standard_normal(3)) * rng.uniform(3.0, 8.0), rng.uniform(3.5, 6.5, 3))
+        for _ in range(n)
+    ]
+    return parts, [], 15.0
+
+
+def _add_complex(scene: _Scene) -> bool:
+    """A large unlabelled complex (:func:`_complex_shape`) free in the cytoplasm."""
+    rng = scene.rng
+    axis = _unit(rng.standard_normal(3))
+    frame = np.stack([axis, *_perpendicular_frame(axis)], axis=1)
+    matter, holes, bound_nm = _complex_shape(scene, frame)
+    bound, gap = scene.px(bound_nm), scene.px(_GAP)
+    for _attempt in range(50):
+        centre = scene.random_point()
+        if scene.obstacles.clearance(centre[None])[0] >= bound + gap:
+            break
+    else:
+        return False
+    found = scene.box(centre - bound - 2, centre + bound + 2)
+    if found is None:
+        return False
+    sl, (zz, yy, xx) = found
+    placed = [
+        [(centre + scene.px(1.0) * c, frame, axes / scene.nm) for c, axes in items]
+        for items in (matter, holes)
+    ]
+    sd = _parts_sd(placed[0], zz, yy, xx)
+    if holes:
+        sd = np.maximum(sd, -_parts_sd(placed[1], zz, yy, xx))
+    weight = _PROTEIN * rng.uniform(1.0, _RNA_RICH / _PROTEIN)
+    lumps = 1 + 0.35 * scene.texture[sl]
+    scene.density[sl] += (weight * _occupancy(sd) * lumps).astype(np.float32)
+    scene.claim(sl, sd <= 0.5)
+    scene.obstacles.spheres.append((centre, bound))
+    return True
 
 
 def _add_gold(scene: _Scene) -> bool:
@@ -1030,6 +1099,8 @@ def _build_scene(scene: _Scene) -> None:
         placed += max(added, 1)
     for _ in range(scene.count(s.n_gold, "gold_per_um2", 0)):
         _add_gold(scene)
+    for _ in range(int(round(s.complexes * n_ribosomes))):
+        _add_complex(scene)
     _add_crowding(scene)
 
 
@@ -1414,6 +1485,9 @@ VESICLE_RANGES: dict[str, tuple[float, float]] = {"vesicle_aspect": (1.0, 2.5)}
 #: draws: from lipid tails alone (two thin headgroup lines) to a core dense with membrane
 #: proteins (one dense band), as membranes of real cells differ.
 MEMBRANE_RANGES: dict[str, tuple[float, float]] = {"membrane_core_density": (-0.25, 0.75)}
+#: Range of the large non-ribosome complexes ``random_settings(..., complex_variety=True)``
+#: draws, per ribosome (proteasomes, chaperonins and other assemblies of a cell's cytosol).
+COMPLEX_RANGES: dict[str, tuple[float, float]] = {"complexes": (0.0, 1.5)}
 
 
 def log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -1430,6 +1504,7 @@ def random_settings(
     vesicle_variety: bool = False,
     membrane_variety: bool = False,
     variety_ranges: dict[str, tuple[float, float]] | None = None,
+    complex_variety: bool = False,
 ) -> SimulationSettings:
     """Settings drawn at random from :data:`RANDOM_RANGES` (domain randomisation): imaging
     (dose, defocus, tilt range and step, envelope, CTF correction or not, a smoother
@@ -1459,6 +1534,9 @@ def random_settings(
     membrane_variety
         Also draw the density of the bilayers' core (:data:`MEMBRANE_RANGES`), from a
         generator of its own, likewise.
+    complex_variety
+        Also draw how many large unlabelled complexes there are per ribosome
+        (:data:`COMPLEX_RANGES`), from a generator of its own, likewise.
     variety_ranges
         Ranges that replace those of :data:`MICROTUBULE_RANGES`, :data:`VESICLE_RANGES` and
         :data:`MEMBRANE_RANGES`
@@ -1518,6 +1596,7 @@ def random_settings(
         (microtubule_variety, 0x7B, MICROTUBULE_RANGES),
         (vesicle_variety, 0x5E5, VESICLE_RANGES),
         (membrane_variety, 0x3E3B, MEMBRANE_RANGES),
+        (complex_variety, 0xC0C, COMPLEX_RANGES),
     )
     for wanted, stream, table in varieties:
         if wanted:  # each variety from a generator of its own, seeded by the scene's seed
