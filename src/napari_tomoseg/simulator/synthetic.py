@@ -951,9 +951,9 @@ def _add_ribosome(scene: _Scene, er: int | None) -> bool:
 def _complex_shape(scene: _Scene, frame: np.ndarray) -> tuple[list, list, float]:
     """One large complex other than a ribosome, in nm about its centre: the ellipsoids of
     its matter, those of its cavities, and the radius that holds it.  Sizes after the
-    26S proteasome (a 15 x 11 nm barrel of four rings, a 19S cap on one or both ends),
-    the chaperonin TRiC (two stacked rings, 16 x 15 nm, hollow) and lobed assemblies of
-    4-7 subunits such as fatty acid synthase (docs/simulator.md)."""
+    proteasome (its 20S core a 15 x 11 nm barrel of four rings, a 19S cap on one or both
+    ends), chaperonins (two stacked rings, about 16 x 15 nm, hollow) and lobed assemblies
+    of 4-7 subunits such as fatty acid synthase (docs/simulator.md)."""
     rng = scene.rng
     axis = frame[:, 0]
     kind = int(rng.integers(3))
