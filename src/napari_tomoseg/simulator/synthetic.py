@@ -948,14 +948,13 @@ def _add_ribosome(scene: _Scene, er: int | None) -> bool:
     return False
 
 
-def _complex_shape(scene: _Scene, frame: np.ndarray) -> tuple[list, list, float]:
+def _complex_shape(rng: np.random.Generator, axis: np.ndarray) -> tuple[list, list, float]:
     """One large complex other than a ribosome, in nm about its centre: the ellipsoids of
     its matter, those of its cavities, and the radius that holds it.  Sizes after the
     proteasome (its 20S core a 15 x 11 nm barrel of four rings, a 19S cap on one or both
     ends), chaperonins (two stacked rings, about 16 x 15 nm, hollow) and lobed assemblies
-    of 4-7 subunits such as fatty acid synthase (docs/simulator.md)."""
-    rng = scene.rng
-    axis = frame[:, 0]
+    of 4-7 subunits such as fatty acid synthase (docs/simulator.md); ``axis`` is the
+    barrel's or the rings' axis."""
     kind = int(rng.integers(3))
     if kind == 0:  # proteasome-like barrel with caps
         parts = [(axis * z, np.array([1.9, 5.5, 5.5])) for z in (-5.7, -1.9, 1.9, 5.7)]
@@ -979,7 +978,7 @@ def _add_complex(scene: _Scene) -> bool:
     rng = scene.rng
     axis = _unit(rng.standard_normal(3))
     frame = np.stack([axis, *_perpendicular_frame(axis)], axis=1)
-    matter, holes, bound_nm = _complex_shape(scene, frame)
+    matter, holes, bound_nm = _complex_shape(rng, axis)
     bound, gap = scene.px(bound_nm), scene.px(_GAP)
     for _attempt in range(50):
         centre = scene.random_point()
@@ -998,7 +997,7 @@ def _add_complex(scene: _Scene) -> bool:
     sd = _parts_sd(placed[0], zz, yy, xx)
     if holes:
         sd = np.maximum(sd, -_parts_sd(placed[1], zz, yy, xx))
-    weight = _PROTEIN * rng.uniform(1.0, _RNA_RICH / _PROTEIN)
+    weight = rng.uniform(_PROTEIN, _RNA_RICH)
     lumps = 1 + 0.35 * scene.texture[sl]
     scene.density[sl] += (weight * _occupancy(sd) * lumps).astype(np.float32)
     scene.claim(sl, sd <= 0.5)
