@@ -34,6 +34,9 @@
    binary network per feature, each starting from the multi-class network (its output
    layer from that feature's row against the background's) and trained on the same boxes
    with that feature alone painted, so every other feature is a negative example.
+   ``--iterations 0`` skips the multi-class network: the binary networks start from
+   ``--start`` as it is, which may itself be a binary network (a shipped feature's network
+   continued on new scenes; only a multi-class start is saved again as ``all_features``).
    Training uses the package's own loop and augmentation (zoom, blur, noise, contrast,
    inversion) with a cosine learning-rate decay.
 4. Saves the networks as ``<name>.tsnet`` into ``--out`` (default: the package's
@@ -156,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--start",
         type=Path,
         default=None,
-        help="a multi-class network file to continue training (default: random weights)",
+        help="a network file to continue: a multi-class one, or with --iterations 0 a "
+        "binary one that each --features network starts from (default: random weights)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -453,15 +457,19 @@ def train_and_save(args: argparse.Namespace, trainset: Any, command: str, t_star
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     start = fitted(load_network(args.start), trainset) if args.start else None
+    origin = MULTICLASS
     if args.iterations == 0:  # the binary networks only, from --start as it is
-        multi_network = start
-        summary["networks"][MULTICLASS] = {"taken_as_is_from": str(args.start)}
+        multi_network, origin = start, str(args.start)
+        if tuple(start.meta.class_names) == tuple(trainset.class_names):
+            summary["networks"][MULTICLASS] = {"taken_as_is_from": origin}
+            save_network(start, args.out / f"{MULTICLASS}.tsnet", overwrite=True, half=True)
+        # a binary start (continuing one feature's network) is not saved as all_features
     else:
         multi = train_network(trainset, args, MULTICLASS, args.iterations, init=start)
         multi_network = multi.network
         started = {"continued_from": str(args.start)} if args.start else {}
         summary["networks"][MULTICLASS] = describe(multi, time.perf_counter() - t0, started)
-    save_network(multi_network, args.out / f"{MULTICLASS}.tsnet", overwrite=True, half=True)
+        save_network(multi_network, args.out / f"{MULTICLASS}.tsnet", overwrite=True, half=True)
     for feature in args.features or list(trainset.class_names[1:]):
         t0 = time.perf_counter()
         subset = binary_subset(trainset, feature)
@@ -472,7 +480,7 @@ def train_and_save(args: argparse.Namespace, trainset: Any, command: str, t_star
         )
         save_network(result.network, args.out / f"{feature}.tsnet", overwrite=True, half=True)
         summary["networks"][feature] = describe(
-            result, time.perf_counter() - t0, {"started_from": MULTICLASS, **copied}
+            result, time.perf_counter() - t0, {"started_from": origin, **copied}
         )
         say(f"  {feature}: {summary['networks'][feature]}")
     summary["seconds_total"] = round(time.perf_counter() - t_start, 1)

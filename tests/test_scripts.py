@@ -79,6 +79,19 @@ def test_pretraining_with_no_multiclass_iterations_trains_only_the_binary_networ
         pretrain.parse_args(["--context-slices", "-1"])
 
 
+def test_pretraining_continues_a_binary_network_without_saving_it_as_all_features(tmp_path):
+    pretrain = _load("pretrain.py")
+    start = shipped_file("ribosome")
+    out = tmp_path / "out"
+    argv = ["--quick", "--out", str(out), "--start", str(start), "--iterations", "0"]
+    assert pretrain.main([*argv, "--features", "ribosome"]) == 0
+    summary = json.loads((out / "pretraining.json").read_text())
+    assert sorted(p.stem for p in out.glob("*.tsnet")) == ["ribosome"]
+    assert list(summary["networks"]) == ["ribosome"]
+    assert summary["networks"]["ribosome"]["started_from"] == str(start)
+    assert load_network(out / "ribosome.tsnet").meta.class_names == ("background", "ribosome")
+
+
 def test_pretraining_simulates_in_processes_the_same_imperfect_tomograms(tmp_path):
     pretrain = _load("pretrain.py")
     argv = ["--quick", "--imperfect", "--vesicle-variety", "--membrane-variety"]  # two tomograms
