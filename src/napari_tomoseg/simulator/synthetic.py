@@ -1537,8 +1537,8 @@ def random_settings(
         Also draw how many large unlabelled complexes there are per ribosome
         (:data:`COMPLEX_RANGES`), from a generator of its own, likewise.
     variety_ranges
-        Ranges that replace those of :data:`MICROTUBULE_RANGES`, :data:`VESICLE_RANGES` and
-        :data:`MEMBRANE_RANGES`
+        Ranges that replace those of :data:`MICROTUBULE_RANGES`, :data:`VESICLE_RANGES`,
+        :data:`MEMBRANE_RANGES` and :data:`COMPLEX_RANGES`
         (e.g. ``{"microtubule_elevation_deg": (4.0, 90.0)}``: microtubules up to along the
         beam); the same draws, scaled to the new range.
     """
