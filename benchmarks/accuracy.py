@@ -88,7 +88,7 @@ SEED_TABLE1_TEST_F1: dict[str, float] = {
     "carbon_edge": 0.40,
 }
 #: The parts of the benchmark, in the order they run.
-PARTS = ("zeroshot", "binary", "multiclass", "boxes", "suggest")
+PARTS = ("zeroshot", "binary", "multiclass", "boxes", "suggest", "merged")
 #: Fraction of the depth scored (and boxed): the central slices.
 Z_FRACTION = (0.2, 0.8)
 
@@ -312,6 +312,7 @@ def evaluate(
     tests: list[TestTomogram],
     truth_values: list[int] | None = None,
     options: AccuracyOptions | None = None,
+    maps: list[tuple[Any, float]] | None = None,
 ) -> dict[str, Any]:
     """Apply ``network`` to the test tomograms and score its thresholded mask.
 
@@ -319,7 +320,8 @@ def evaluate(
     the labels themselves (its classes are the simulator's).  Only the central slices
     (:func:`scored_slices`) are computed and scored, with the options' threshold (None: the
     network's own) and test-time augmentation.  Returns the pooled metrics and those of
-    every test tomogram.
+    every test tomogram; a binary network's probabilities of the scored slices and its
+    threshold go into ``maps`` (one per test) when given, to be merged.
     """
     from napari_tomoseg.data.probability import probabilities_as_float
     from napari_tomoseg.learning.training import confusion_matrix, metrics_from_confusion
@@ -351,6 +353,8 @@ def evaluate(
         if k == 2:  # how the F1 depends on the threshold (binary networks)
             p = probabilities_as_float(result.probabilities[0][first:])
             entry["sweep"] = [confusion_matrix(p >= t, truth, 2).tolist() for t in SWEEP]
+            if maps is not None:
+                maps.append((result.probabilities[0][first:], result.threshold))
         per_test.append(entry)
     return {"pooled": metrics_from_confusion(total, names), "per_test": per_test}
 
@@ -407,8 +411,10 @@ def _binary_entry(
     start: str,
     options: AccuracyOptions,
     tests: list[TestTomogram],
+    maps: list[tuple[Any, float]] | None = None,
 ) -> dict[str, Any]:
-    """Train one binary network on ``sim`` and score it on the tests."""
+    """Train one binary network on ``sim`` and score it on the tests (its probabilities
+    kept in ``maps`` when given, see :func:`evaluate`)."""
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
     ts = binary_trainset(sim, feature, n_positive, options.n_negative, seed)
@@ -423,26 +429,34 @@ def _binary_entry(
         "n_negative": options.n_negative,
         "train_seed": seed,
         **_summary(result, time.perf_counter() - t0, options),
-        **evaluate(result.network, tests, [CLASS_NAMES.index(feature)], options),
+        **evaluate(result.network, tests, [CLASS_NAMES.index(feature)], options, maps),
     }
 
 
 def zero_shot(
-    tests: list[TestTomogram], features: list[str], options: AccuracyOptions, say: Any
+    tests: list[TestTomogram],
+    features: list[str],
+    options: AccuracyOptions,
+    say: Any,
+    maps: dict[str, list] | None = None,
+    multiclass: bool = True,
 ) -> list[dict[str, Any]]:
     """Score the shipped networks as they are (no boxes): each binary network of
-    ``features`` on its feature, the multi-class network on every class."""
+    ``features`` on its feature (its probabilities kept in ``maps[feature]`` when given,
+    see :func:`evaluate`), and unless ``multiclass`` is false the multi-class network on
+    every class."""
     from napari_tomoseg.learning.pretrained import MULTICLASS, available, load_pretrained
     from napari_tomoseg.simulator.synthetic import CLASS_NAMES
 
     entries = []
-    for name in available():
-        if name != MULTICLASS and name not in features:
-            continue
+    shipped = available()
+    names = [MULTICLASS] if multiclass and MULTICLASS in shipped else []
+    for name in names + [f for f in features if f in shipped]:
         say(f"zero-shot: the shipped network {name!r} ...")
         network = load_pretrained(name)
         values = None if name == MULTICLASS else [CLASS_NAMES.index(name)]
-        scored = evaluate(network, tests, values, options)
+        kept = None if maps is None or name == MULTICLASS else maps.setdefault(name, [])
+        scored = evaluate(network, tests, values, options, kept)
         threshold = apply_settings(options).resolved(network).threshold
         entries.append({"name": name, "threshold": threshold, **scored})
     return entries
@@ -487,6 +501,7 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         "multiclass": [],
         "box_counts": [],
         "suggest": [],
+        "merged": [],
     }
     shape = tuple(options.shape)
     train_sims = {}
@@ -498,8 +513,17 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
     z0, z1 = scored_slices(shape[0])
     report["scored_slices"] = [z0, z1]
 
-    if "zeroshot" in options.parts:
-        report["zeroshot"] = zero_shot(tests, features, options, say)
+    # what is merged: the scores and maps of each binary network (the shipped ones; those
+    # the binary part trains, of the default architecture) by (start, training seed)
+    merge = "merged" in options.parts
+    to_merge: dict[tuple[str, int | None], dict[str, tuple[dict, list]]] = {}
+    if "zeroshot" in options.parts or merge:
+        shipped: dict[str, list] | None = {} if merge else None
+        entries = zero_shot(tests, features, options, say, shipped, "zeroshot" in options.parts)
+        report["zeroshot"] = entries if "zeroshot" in options.parts else []
+        if merge:
+            named = {e["name"]: e for e in entries}
+            to_merge[("shipped", None)] = {f: (named[f], m) for f, m in shipped.items()}
     trained: dict[tuple[str, str, int, int, str], dict[str, Any]] = {}
     for feature in features if "binary" in options.parts else []:
         compared = not options.compare_features or feature in options.compare_features
@@ -508,9 +532,12 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
         ):
             say(f"binary {feature} / {arch} / {start} / seed {seed}: training ...")
             n = options.n_positive
-            entry = _binary_entry(sim, feature, arch, n, seed, start, options, tests)
+            maps = [] if merge and arch == DEFAULT_ARCHITECTURE else None
+            entry = _binary_entry(sim, feature, arch, n, seed, start, options, tests, maps)
             report["binary"].append(entry)
             trained[(feature, arch, n, seed, start)] = entry
+            if maps is not None:
+                to_merge.setdefault((start, seed), {})[feature] = (entry, maps)
 
     for arch, start, (seed, sim) in itertools.product(
         multi_archs if "multiclass" in options.parts else [], options.starts, train_sims.items()
@@ -560,8 +587,63 @@ def run_accuracy(options: AccuracyOptions, log: Any = None) -> dict[str, Any]:
     ):
         say(f"suggested boxes, {feature} / {start} / seed {seed} ...")
         report["suggest"].append(suggestion_round(sim, feature, seed, start, options, tests))
+    if merge:
+        groups = [(start, seed, nets) for (start, seed), nets in to_merge.items()]
+        report["merged"] = merged_part(groups, tests, say)
     report["seconds"] = time.perf_counter() - t_start
     return report
+
+
+def merge_scored(
+    maps: dict[str, list[tuple[Any, float]]], tests: list[TestTomogram]
+) -> dict[str, Any]:
+    """Merge the probability maps of binary networks on the scored slices of every test
+    (``maps``: feature -> one ``(probabilities, threshold)`` per test, as :func:`evaluate`
+    keeps them) as the Merge step does, each at its network's own threshold, the most
+    probable claim winning, and score every label of the merged mask.
+
+    A user who segments several features ends with this mask: a voxel two networks claim
+    goes to one of them, which the scores of each network alone do not show.
+    """
+    from napari_tomoseg.applying.merge import MergeInput, merge_probability_maps
+    from napari_tomoseg.learning.training import confusion_matrix, metrics_from_confusion
+    from napari_tomoseg.simulator.synthetic import CLASS_NAMES
+
+    names = list(CLASS_NAMES)
+    as_label = np.array([0, *(names.index(f) for f in maps)], dtype=np.uint8)
+    total = np.zeros((len(names), len(names)), dtype=np.int64)
+    per_test = []
+    for i, test in enumerate(tests):
+        inputs = [MergeInput(m[i][0], feature, threshold=m[i][1]) for feature, m in maps.items()]
+        merged = as_label[merge_probability_maps(inputs).mask]
+        z0, z1 = scored_slices(test.sim.tomogram.shape[0])
+        conf = confusion_matrix(merged, test.sim.labels[z0:z1], len(names))
+        total += conf
+        per_test.append({"name": test.name, "seed": test.seed, "confusion": conf.tolist()})
+    return {"pooled": metrics_from_confusion(total, names), "per_test": per_test}
+
+
+def merged_part(
+    groups: list[tuple[str, int | None, dict[str, tuple[dict, list]]]],
+    tests: list[TestTomogram],
+    say: Any,
+) -> list[dict[str, Any]]:
+    """Merge each group of binary networks (``(start, training seed, {feature: (its
+    entry, its maps)})``: the shipped ones, those the binary part trained per start and
+    seed) and keep each feature's score alone beside the merged one."""
+    entries = []
+    for start, seed, networks in groups:
+        if len(networks) < 2:
+            continue  # one network has nothing to compete with
+        which = start if seed is None else f"{start}, training seed {seed}"
+        say(f"merging {', '.join(networks)} ({which}) ...")
+        alone = {f: entry["pooled"]["classes"][f] for f, (entry, _) in networks.items()}
+        scored = merge_scored({f: maps for f, (_, maps) in networks.items()}, tests)
+        entries.append(
+            {"start": start, "train_seed": seed, "features": list(networks), "alone": alone}
+            | scored
+        )
+    return entries
 
 
 def default_architecture() -> str:
@@ -874,6 +956,29 @@ def _suggest_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _merged_table(report: dict[str, Any]) -> list[str]:
+    """Each feature alone and in the merged mask, per group of merged networks (the shipped
+    ones; those trained from each start), P / R / F1 with the spread over training seeds."""
+    groups = _group(report.get("merged") or [], ("start",))
+    if not groups:
+        return []
+    lines = ["", "## The binary networks merged (each at its own threshold)", ""]
+    rows = []
+    for (start,), entries in groups.items():
+        label = "shipped (zero-shot)" if start == "shipped" else f"trained ({start})"
+        for feature in entries[0]["features"]:
+            alone = [e["alone"][feature] for e in entries]
+            merged = [e["pooled"]["classes"][feature] for e in entries]
+            cells = [
+                " / ".join(_spread([c[k] for c in group]) for k in ("precision", "recall", "f1"))
+                for group in (alone, merged)
+            ]
+            rows.append([feature, label, *cells])
+    headers = ["feature", "networks", "alone: P / R / F1", "merged: P / R / F1"]
+    lines.append(markdown_table(headers, rows, align="llrr"))
+    return lines
+
+
 def _seeds(report: dict[str, Any]) -> str:
     return ", ".join(str(s) for s in dict.fromkeys(t["seed"] for t in report["tests"]))
 
@@ -916,6 +1021,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += _multiclass_table(report)
     lines += _box_count_table(report)
     lines += _suggest_table(report)
+    lines += _merged_table(report)
     return "\n".join(lines)
 
 
@@ -965,7 +1071,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AccuracyOptions, argparse
         choices=PARTS,
         help="run only these parts (default: all): the shipped networks zero-shot, binary "
         "networks, the multi-class network, F1 against the number of positive boxes, a "
-        "round of suggested boxes",
+        "round of suggested boxes, the binary networks merged (the shipped ones, and those "
+        "of the binary part)",
     )
     parser.add_argument("--features", nargs="+", help="binary networks for (default: all)")
     parser.add_argument("--architectures", nargs="+", help="default: all registered")

@@ -316,6 +316,33 @@ def test_accuracy_quick_suggestion_round_adds_the_suggested_boxes(accuracy):
     assert "One round of suggested boxes" in accuracy.format_report(report)
 
 
+def test_accuracy_merges_the_shipped_and_the_trained_binary_networks(accuracy):
+    options, _ = accuracy.parse_args(
+        ["--shifted", "--quick", "--parts", "binary", "merged", "--iterations", "2"]
+        + ["--features", "single_membrane", "double_membrane"]
+    )
+    report = accuracy.run_accuracy(options)
+    assert report["zeroshot"] == []  # scored for the merge only, not reported
+    shipped, trained = report["merged"]
+    assert (shipped["start"], trained["start"], trained["train_seed"]) == ("shipped", "auto", 0)
+    for entry in report["merged"]:
+        assert entry["features"] == ["single_membrane", "double_membrane"]
+        total = np.sum([t["confusion"] for t in entry["per_test"]], axis=0)
+        assert total.sum() == support_of(report)  # every scored voxel, each label once
+        # nothing but the merged features is predicted, and a merged feature's voxels are at
+        # most those its network marks alone (true positives: the diagonal)
+        assert total[:, [1, 2, 5]].sum() == 0
+        for feature in entry["features"]:
+            alone, merged = entry["alone"][feature], entry["pooled"]["classes"][feature]
+            assert merged["support"] == alone["support"]
+            assert merged["recall"] <= alone["recall"] + 1e-9
+    binary = {e["feature"]: e["pooled"]["classes"][e["feature"]] for e in report["binary"]}
+    assert trained["alone"] == binary
+    text = accuracy.format_report(report)
+    assert "| double_membrane | trained (auto) | " in text
+    assert "| single_membrane | shipped (zero-shot) | " in text
+
+
 def test_pick_scaling_writes_the_mask_slab_by_slab_and_reports_each_size(tmp_path, capsys):
     scaling = _load("pick_scaling.py")
     mask = tmp_path / "mask.mrc"

@@ -37,6 +37,7 @@ from napari_tomoseg.applying.inference import (
 from napari_tomoseg.applying.inference import apply as inf_apply
 from napari_tomoseg.applying.inference import kernels as inf_kernels
 from napari_tomoseg.applying.inference import tiling as inf_tiling
+from napari_tomoseg.applying.merge import MergeInput, merge_probability_maps
 from napari_tomoseg.data.io import header_labels, read_tomogram, source_label, write_mrc
 from napari_tomoseg.data.preprocess import Normalisation, robust_stats
 from napari_tomoseg.data.probability import PROBABILITY_LABEL
@@ -836,8 +837,12 @@ def test_three_planes_average_the_xy_xz_and_yz_runs_with_xy_counting_half():
     )
     got = probabilities_as_float(result.probabilities[0])
     assert np.abs(got - expected).max() <= 0.011  # each run's stored probabilities are 1/100
-    clear = np.abs(expected - 0.4) > 0.011  # the mask is cut before the probabilities are stored
+    clear = np.abs(expected - 0.4) > 0.011
     assert np.array_equal(result.mask[clear], (expected >= 0.4)[clear])
+    # the mask is the stored map at the threshold: merging the saved map alone gives it back
+    assert np.array_equal(result.mask, got >= np.float32(0.4))
+    alone = merge_probability_maps([MergeInput(result.probabilities[0], "f", threshold=0.4)])
+    assert np.array_equal(alone.mask, result.mask)
     assert result.threshold == 0.4 and any("XZ and YZ" in n for n in result.notes)
     part = apply_network(
         net, vol, voxel_size=10.0, settings=ApplySettings(planes=3, z_chunk=4), z_range=(8, 16)
@@ -851,6 +856,18 @@ def test_three_planes_average_the_xy_xz_and_yz_runs_with_xy_counting_half():
         should_stop=lambda: calls.append(1) or len(calls) > 12,
     )  # fmt: skip
     assert stopped.stopped and stopped.slices_done == 0 and not stopped.mask.any()
+
+
+def test_the_mask_is_cut_where_the_stored_probability_reaches_the_threshold():
+    # stored in 1 % steps: 0.3951 is kept as 0.40, so it reaches a threshold of 0.4 (the
+    # Merge step, reading the saved map, would claim it); 0.3949 is kept as 0.39
+    binary = np.array([[0.6049, 0.6051, 0.6, 0.5951], [0.3951, 0.3949, 0.4, 0.4049]])
+    for probs in (binary[:, None], torch.from_numpy(binary[:, None]).float()):
+        mask = inf_apply._make_mask(probs, 0.4)
+        assert np.asarray(mask).tolist() == [[1, 0, 1, 1]]
+    # several classes: the argmax, kept where its stored probability reaches the threshold
+    three = np.array([[0.21, 0.2, 0.31], [0.3951, 0.3949, 0.2], [0.3949, 0.4051, 0.49]])
+    assert inf_apply._make_mask(three[:, None], 0.4).tolist() == [[1, 2, 2]]
 
 
 def test_the_network_file_says_how_many_planes_and_their_threshold(tmp_path):

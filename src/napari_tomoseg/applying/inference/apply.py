@@ -83,15 +83,21 @@ def _make_mask(p: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray | t
 
     For a binary network ``p >= threshold -> 1``; for several classes the argmax over all
     classes (background included), kept only where its probability reaches the threshold.
-    A tensor gives a tensor on its device (so a GPU run thresholds on the GPU), an array an
-    array.
+    The threshold is tested on the probability as stored (1 % steps), as the Merge step
+    tests it, so the saved map at this threshold gives this very mask.  A tensor gives a
+    tensor on its device (so a GPU run thresholds on the GPU), an array an array.
     """
     t = p if isinstance(p, torch.Tensor) else torch.from_numpy(np.array(p, dtype=np.float32))
+
+    def reaches(q: torch.Tensor) -> torch.Tensor:
+        stored = _quantize_tensor(q).to(torch.float32) / PROBABILITY_SCALE
+        return stored >= torch.tensor(threshold, dtype=torch.float32, device=q.device)
+
     if t.shape[0] == 2:
-        mask = (t[1] >= threshold).to(torch.uint8)
+        mask = reaches(t[1]).to(torch.uint8)
     else:
         top, best = torch.max(t, dim=0)  # ties: the first (lowest) class, as numpy.argmax
-        keep = (best > 0) & (top >= threshold)
+        keep = (best > 0) & reaches(top)
         mask = torch.where(keep, best, torch.zeros_like(best)).to(torch.uint8)
     return mask if isinstance(p, torch.Tensor) else mask.numpy()
 
