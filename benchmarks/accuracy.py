@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py --shifted [--quick] [--train-seeds 0 1 2] [--features F ...]
     python benchmarks/accuracy.py --imperfect [--parts zeroshot] ...
+    python benchmarks/accuracy.py --shifted --parts binary merged [--train-seeds 0 1 2]
     python benchmarks/accuracy.py [--iterations N] [--features F ...] [--architectures A ...]
                                   [--compare-features F ...]
                                   [--multiclass-architectures A ...] [--box-counts 2 5 10 20]
@@ -54,7 +55,11 @@ Reported:
    next to the test F1 of the multi-class U-Net in Zhao & Zhou's Table 1 (real tomograms,
    not these: the data differ);
 3. F1 against the number of positive boxes (``--box-counts``) for the default architecture
-   and ``--box-features``, with the negatives fixed: how much annotation is enough.
+   and ``--box-features``, with the negatives fixed: how much annotation is enough;
+4. (``--parts merged``) the binary networks merged as the Merge step merges a user's
+   probability maps, each at its own threshold: the shipped ones of ``--features``, and
+   those the binary part trains (default architecture) per start and training seed, every
+   feature scored in the merged mask beside its score alone.
 """
 
 from __future__ import annotations
