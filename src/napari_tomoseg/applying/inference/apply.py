@@ -91,7 +91,7 @@ def _make_mask(p: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray | t
 
     def reaches(q: torch.Tensor) -> torch.Tensor:
         stored = _quantize_tensor(q).to(torch.float32) / PROBABILITY_SCALE
-        return stored >= torch.tensor(threshold, dtype=torch.float32, device=q.device)
+        return stored >= threshold  # a Python float is compared in float32, as the merge does
 
     if t.shape[0] == 2:
         mask = reaches(t[1]).to(torch.uint8)
