@@ -384,15 +384,17 @@ def test_demo_runs_the_whole_job_and_its_dice_is_that_of_its_files(tmp_path, cap
     from napari_tomoseg.simulator.demo import dice_scores
 
     out = tmp_path / "demo"
-    assert run("demo", "--output-dir", out, "--iterations", 20, "--seed", 1) == 0
+    # the microtubule network applies in one slice plane (the membranes' in three, 3x longer)
+    args = ["--iterations", 20, "--seed", 1, "--feature", "microtubule"]
+    assert run("demo", "--output-dir", out, *args) == 0
     printed = capsys.readouterr().out
-    names = ["simulated_tomogram.mrc", "ground_truth.mrc", "single_membrane_mask.mrc"]
+    names = ["simulated_tomogram.mrc", "ground_truth.mrc", "microtubule_mask.mrc"]
     tomogram, truth, mask = (read_tomogram(out / n) for n in names)
     assert tomogram.voxel_size == truth.voxel_size == mask.voxel_size == (10.0, 10.0, 10.0)
-    assert load_network(out / "single_membrane.tsnet").meta.voxel_size == (10.0, 10.0, 10.0)
+    assert load_network(out / "microtubule.tsnet").meta.voxel_size == (10.0, 10.0, 10.0)
     # the printed Dice are those of the written mask against the written truth
     labels, predicted = np.asarray(truth.data), np.asarray(mask.data)
-    value = CLASS_NAMES.index("single_membrane")
+    value = CLASS_NAMES.index("microtubule")
     whole = dice_scores(predicted, (labels == value).astype(np.uint8), [1])[1]
     z0, z1 = int(labels.shape[0] * 0.2), int(labels.shape[0] * 0.8)
     central = dice_scores(predicted[z0:z1], (labels[z0:z1] == value).astype(np.uint8), [1])[1]
@@ -402,6 +404,6 @@ def test_demo_runs_the_whole_job_and_its_dice_is_that_of_its_files(tmp_path, cap
 
     # Run again into the same folder: refused before any work, nothing touched.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert run("demo", "--output-dir", out, "--iterations", 20) == cli.EXIT_INPUT
+    assert run("demo", "--output-dir", out, *args) == cli.EXIT_INPUT
     assert "already exist" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 SHAPE = (96, 256, 256)
 FEATURE = "single_membrane"
 VALUE = CLASS_NAMES.index(FEATURE)
-ITERATIONS = 400
+ITERATIONS = 200
 #: The slices boxes are drawn from (``boxes_from_ground_truth``'s default Z range).
 SCORED = slice(*central_slices(SHAPE[0]))
 

@@ -371,7 +371,7 @@ def test_end_to_end_in_the_viewer(make_napari_viewer, qtbot, tmp_path):
     train = TrainWidget(viewer)
     train.select_default_layers()
     train.tomogram.value = image
-    train.iterations.value = 600
+    train.iterations.value = 250
     train.ncopy.value = 4
     ticks = []
     from qtpy.QtCore import QTimer
