@@ -12,6 +12,11 @@ from napari_tomoseg.applying.inference import ApplySettings, apply_network
 from napari_tomoseg.data.io import read_tomogram, write_mrc
 from napari_tomoseg.errors import TomosegError
 from napari_tomoseg.learning import training
+from napari_tomoseg.learning.augment import (
+    AUGMENTATION_DEFAULTS,
+    FINE_TUNING_AUGMENTATION,
+    NO_AUGMENTATION,
+)
 from napari_tomoseg.learning.model_file import Network, read_network_meta
 from napari_tomoseg.learning.pretrained import (
     MULTICLASS,
@@ -185,6 +190,22 @@ def test_fine_tuning_starts_from_the_shipped_weights(shifted):
     )
     assert tuned.metadata["planes_from"] == "the network it started from"
     assert (scratch.network.meta.planes, scratch.network.meta.threshold_three_planes) == (1, None)
+
+
+def test_a_fine_tuning_augments_with_more_noise_and_blur_unless_told(shifted):
+    """A run from a shipped network takes FINE_TUNING_AUGMENTATION for the strengths its
+    settings leave unnamed; a run from scratch the defaults; named strengths win."""
+    trainset = trainset_from_truth(shifted, ["single_membrane"], 4, 12, seed=1)
+    common = {"iterations": 1, "eval_every": 1, "seed": 3}
+
+    def used(**changes):
+        return train(trainset, TrainSettings(**common, **changes)).metadata["augmentation"]
+
+    tuned, scratch = used(), used(start_from="scratch")
+    assert scratch == AUGMENTATION_DEFAULTS
+    assert tuned == {**AUGMENTATION_DEFAULTS, **FINE_TUNING_AUGMENTATION} != scratch
+    assert used(augmentation={"noise": 0.3}) == {**tuned, "noise": 0.3}
+    assert used(augmentation=NO_AUGMENTATION) == NO_AUGMENTATION
 
 
 def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):

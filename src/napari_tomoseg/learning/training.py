@@ -55,7 +55,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,7 @@ from torch import nn
 from ..devices import resolve_device
 from ..errors import TomosegError
 from ..progress import Progress, drive, never_stop
-from .augment import augment_batch, flip_rotate, resolve_augmentation
+from .augment import FINE_TUNING_AUGMENTATION, augment_batch, flip_rotate, resolve_augmentation
 from .checkpoint import (
     TrainingState,
     load_checkpoint,
@@ -116,14 +116,15 @@ class TrainSettings:
     90-degree rotation and flip to each mini-batch, and the changes of
     :mod:`napari_tomoseg.learning.augment` (zoom, blur, noise, contrast, inversion; unnamed
     strengths take their defaults, ``NO_AUGMENTATION`` turns them off) with the strengths
-    of ``augmentation``.  ``start_from`` says where a new network's weights come from:
-    ``"auto"`` a shipped network trained on simulated tomograms when one knows the
-    features by name (:mod:`napari_tomoseg.learning.pretrained`), ``"scratch"`` random weights, or
-    the name of a shipped network.  ``keep_start``: when training started from a shipped
-    network, the result's weights are at most this fraction of the starting weights plus
-    the rest of the trained ones (:func:`average_weights`; less where the held-out boxes
-    score clearly better with less, but never under half of it, :func:`_choose_keep`; 0
-    keeps the trained weights).
+    of ``augmentation`` (a run from a shipped network takes ``FINE_TUNING_AUGMENTATION``
+    for the strengths it leaves unnamed).  ``start_from`` says where a new network's
+    weights come from: ``"auto"`` a shipped network trained on simulated tomograms when
+    one knows the features by name (:mod:`napari_tomoseg.learning.pretrained`),
+    ``"scratch"`` random weights, or the name of a shipped network.  ``keep_start``: when
+    training started from a shipped network, the result's weights are at most this
+    fraction of the starting weights plus the rest of the trained ones
+    (:func:`average_weights`; less where the held-out boxes score clearly better with less,
+    but never under half of it, :func:`_choose_keep`; 0 keeps the trained weights).
     ``replay``: when training starts from a shipped network, boxes of tomograms simulated as
     its pretraining drew them, this many times the training set's samples, train beside
     the user's (``iter_train``'s ``replay_from``; never validated).  0, the default: the
@@ -1558,6 +1559,9 @@ def iter_train(
         start, started_from = starting_network(
             settings.start_from, names, arch, int(in_channels), params
         )
+    if start is not None:  # strengths the settings leave unnamed: those of a fine-tuning
+        fine = {**FINE_TUNING_AUGMENTATION, **settings.augmentation}
+        settings = replace(settings, augmentation=fine)
     fingerprint: dict[str, Any] = {}
     if ckpt_path is not None:
         fingerprint = {
