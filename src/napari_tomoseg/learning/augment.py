@@ -45,8 +45,9 @@ AUGMENTATION_DEFAULTS: dict[str, float] = {
 #: The strengths a fine-tuning from a shipped network changes (the rest as the defaults):
 #: twice the noise (down to about a quarter of the painted tomogram's SNR) and a stronger
 #: blur.  A shipped network knows the features already; with the defaults some
-#: fine-tunings lost recall on noisier and smoother tomograms than the painted one
-#: (docs/models.md, "Stronger noise and blur when fine-tuning").
+#: fine-tunings lost recall on noisier and smoother tomograms than the painted one.
+#: Training from scratch gained nothing from them (docs/models.md, "Stronger noise and
+#: blur when fine-tuning").
 FINE_TUNING_AUGMENTATION: dict[str, float] = {"noise": 1.2, "blur": 2.0}
 #: Allowed range of each strength.
 _LIMITS: dict[str, tuple[float, float]] = {
