@@ -944,7 +944,8 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
         choices=["default", "none"],
         default="default",
         help="change every mini-batch in the ways tomograms differ (zoom, blur, noise, "
-        "contrast, inversion: default), or only rotate and flip it (none)",
+        "contrast, inversion: default; twice the noise and more blur when fine-tuning a "
+        "shipped network), or only rotate and flip it (none)",
     )
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, help="seed of the weights and mini-batches (default 0)")
