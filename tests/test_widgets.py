@@ -288,7 +288,10 @@ def test_the_apply_widget_applies_in_the_slice_planes_chosen(make_napari_viewer,
         apply.planes.value = choice
         apply.layers_added = []
         assert apply.run() is not None
-        qtbot.waitUntil(lambda: len(apply.layers_added) == 2, timeout=120_000)
+        # The layers arrive with the worker's result, a moment before it finishes.
+        qtbot.waitUntil(
+            lambda: len(apply.layers_added) == 2 and not apply.runner.running, timeout=120_000
+        )
         direct = apply_network(
             network, sim.tomogram, voxel_size=sim.voxel_size, settings=ApplySettings(planes=planes)
         )
