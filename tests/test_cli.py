@@ -188,6 +188,8 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
             0.3,
             "--replay",
             0.25,
+            "--fine-tune",
+            "decoder",
             "--augmentation",  # 40 mini-batches: too few to learn through the augmentation
             "none",
         )
@@ -203,6 +205,7 @@ def test_whole_path_train_apply_merge_pick(tmp_path, capsys):
     assert replayed > 0 and f"also trained on {replayed} samples" in out
     assert f"kept {recorded['keep_start']:.0%} of the starting network's weights" in out
     assert "(held-out F1 keeping 30% " in out
+    assert recorded["fine_tune"] == "decoder" and "its encoder kept as it started" in out
     assert replayed == round(0.25 * len(TrainingSet.load(tmp_path / "ts.npz")))
     bad = ("train", tmp_path / "ts.npz", "-o", tmp_path / "bad.tsnet", "--class-weights")
     assert run(*bad, "1,x") == cli.EXIT_INPUT

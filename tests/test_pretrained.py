@@ -208,6 +208,61 @@ def test_a_fine_tuning_augments_with_more_noise_and_blur_unless_told(shifted):
     assert used(augmentation=NO_AUGMENTATION) == NO_AUGMENTATION
 
 
+def _stop_after(checks: int):
+    """A ``should_stop`` that asks to stop from its ``checks``-th call on."""
+    calls = {"n": 0}
+
+    def check() -> bool:
+        calls["n"] += 1
+        return calls["n"] > checks
+
+    return check
+
+
+def _encoder_parameters(state: dict) -> list[str]:
+    """The names of the UNet's encoder parameters (its contracting path and bottleneck),
+    not the running statistics of its batch norms."""
+    return [
+        k
+        for k, v in state.items()
+        if k.split(".")[0] in ("down", "bottom") and v.is_floating_point() and "running" not in k
+    ]
+
+
+def test_fine_tuning_the_decoder_keeps_the_shipped_encoder_and_resumes(shifted, tmp_path):
+    trainset = trainset_from_truth(shifted, ["single_membrane"], 4, 12, seed=1)
+    ckpt = tmp_path / "run.ckpt"
+    common = {"iterations": 6, "eval_every": 2, "augment": False, "seed": 3, "keep_start": 0.0}
+    resumable = {"checkpoint": str(ckpt), "checkpoint_every": 2}
+    settings = TrainSettings(fine_tune="decoder", **resumable, **common)
+    stopped = train(trainset, settings, should_stop=_stop_after(3))
+    assert stopped.stopped and ckpt.is_file()
+    resumed = train(trainset, settings, resume=True)  # the optimiser's state fits again
+    assert resumed.metadata["resumed_from_step"] is not None
+    whole = train(trainset, TrainSettings(fine_tune="decoder", **common))
+    full = train(trainset, TrainSettings(**common))
+    start = load_pretrained("single_membrane").model.state_dict()
+    kept, tuned = whole.network.model.state_dict(), full.network.model.state_dict()
+    encoder = _encoder_parameters(kept)
+    assert encoder and all(torch.equal(kept[k], start[k]) for k in encoder)
+    assert any(not torch.equal(tuned[k], start[k]) for k in encoder)  # "all" trains them
+    decoder = [k for k in kept if k.split(".")[0] in ("up", "head") and "running" not in k]
+    assert any(not torch.equal(kept[k], start[k]) for k in decoder)
+    assert all(p.requires_grad for p in whole.network.model.parameters())
+    assert whole.metadata["fine_tune"] == "decoder" and full.metadata["fine_tune"] == "all"
+    assert resumed.history == whole.history
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, resumed.network.model.state_dict()[name]), name
+
+
+def test_fine_tuning_the_decoder_needs_a_start_and_a_known_choice(shifted):
+    trainset = trainset_from_truth(shifted, ["single_membrane"], 2, 4, seed=1)
+    with pytest.raises(TomosegError, match="random weights"):
+        train(trainset, TrainSettings(iterations=1, start_from="scratch", fine_tune="decoder"))
+    with pytest.raises(TomosegError, match="fine_tune must be one of all, decoder"):
+        TrainSettings(fine_tune="encoder").validate()
+
+
 def test_fine_tuned_weights_are_averaged_with_the_shipped_ones(shifted):
     trainset = trainset_from_truth(shifted, ["single_membrane"], 4, 12, seed=1)
     common = {"iterations": 3, "eval_every": 1, "augment": False, "seed": 3}

@@ -241,6 +241,7 @@ def _train_settings(args: argparse.Namespace, init: Any) -> Any:
         "dice_weight",
         "keep_start",
         "replay",
+        "fine_tune",
     )
     changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.architecture:
@@ -350,6 +351,8 @@ def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int
     kept = kept_described(result.metadata)
     if kept:
         print(f"  {kept}")
+    if result.metadata.get("fine_tune") == "decoder":
+        print("  its encoder kept as it started (--fine-tune decoder); the rest trained")
     if result.stopped and checkpoint.is_file():
         steps = result.metadata["steps_done"]
         print(
@@ -938,6 +941,12 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
         "simulated as its pretraining drew them, this many times your samples, so it does "
         "not forget other tomograms (default 0: none; 0.5 where you paint features as the "
         "simulator labels them; they are never validated)",
+    )
+    p.add_argument(
+        "--fine-tune",
+        choices=["all", "decoder"],
+        help="when starting from a shipped network or continuing one, train every layer "
+        "(all, the default) or keep its encoder as it is and train the rest (decoder)",
     )
     p.add_argument(
         "--augmentation",

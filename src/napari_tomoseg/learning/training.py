@@ -100,6 +100,8 @@ LR_FLOOR = 0.05
 WARMUP_STEPS = 100
 #: The most simulated replay samples, as a multiple of the training set's.
 MAX_REPLAY = 4.0
+#: What a run that starts from existing weights trains (``TrainSettings.fine_tune``).
+FINE_TUNE_CHOICES = ("all", "decoder")
 #: Samples per forward pass during validation (bounds memory on big validation sets).
 _EVAL_BATCH = 64
 
@@ -129,7 +131,11 @@ class TrainSettings:
     its pretraining drew them, this many times the training set's samples, train beside
     the user's (``iter_train``'s ``replay_from``; never validated).  0, the default: the
     replayed boxes carry the simulator's way of labelling, which a user's painting may not
-    share (docs/models.md, "Boxes painted another way").
+    share (docs/models.md, "Boxes painted another way").  ``fine_tune``: ``"all"`` trains
+    every layer; ``"decoder"`` keeps the encoder (the contracting path and the bottleneck)
+    of the network training starts from as it is and trains the rest, so that what the
+    pretraining learnt to see in many simulated tomograms is not narrowed to the painted
+    one (a run from scratch has nothing to keep and refuses it).
     The loss is cross-entropy (weighted by ``class_weights``: ``None``, ``"auto"`` or one
     weight per class) plus ``dice_weight`` times a soft Dice loss of the feature classes
     (module notes).  ``checkpoint`` is a file the run writes its full state to every
@@ -154,6 +160,7 @@ class TrainSettings:
     start_from: str = "auto"
     keep_start: float = 0.5
     replay: float = 0.0
+    fine_tune: str = "all"
     lr_schedule: str = "constant"
     dice_weight: float = 1.0
     checkpoint: str | None = None
@@ -242,6 +249,11 @@ class TrainSettings:
                 and 0.0 <= self.replay <= MAX_REPLAY,
                 f"replay must be in [0, {MAX_REPLAY:g}] (0.5: simulated samples half as "
                 "many as the training set's; 0: none)",
+            ),
+            (
+                self.fine_tune in FINE_TUNE_CHOICES,
+                f"fine_tune must be one of {', '.join(FINE_TUNE_CHOICES)} (all: every layer; "
+                "decoder: the start's encoder kept as it is)",
             ),
             (
                 isinstance(self.dice_weight, (int, float))
@@ -875,6 +887,31 @@ def threshold_from_curve(curve: list[float]) -> tuple[float, dict[str, Any]]:
     return THRESHOLD_CANDIDATES[chosen], info
 
 
+def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a run trains (all but those :func:`_keep_encoder` keeps), in order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _keep_encoder(model: nn.Module, settings: TrainSettings, arch: str, started: bool) -> None:
+    """Keep the encoder of the weights a run starts from as they are when ``fine_tune`` is
+    "decoder": its parameters take no gradient (its batch norms still follow the user's
+    data).  Raise :class:`TomosegError` when there is nothing to keep or no encoder."""
+    if settings.fine_tune == "all":
+        return
+    if not started:
+        raise TomosegError(
+            "fine_tune='decoder' keeps the encoder of the network a run starts from, but this "
+            "run starts from random weights; start from a shipped network or use 'all'."
+        )
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        raise TomosegError(
+            f"The {arch} architecture has no encoder to keep; use fine_tune='all' with it."
+        )
+    for part in encoder():
+        part.requires_grad_(False)
+
+
 def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed run must share with the run it continues (JSON data)."""
     cw = settings.class_weights
@@ -895,6 +932,8 @@ def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) ->
             "dice_weight": float(settings.dice_weight),
             "eval_every": int(settings.eval_every),
             "replay": float(settings.replay),
+            # named only when not the default, so checkpoints of earlier versions resume
+            **({"fine_tune": settings.fine_tune} if settings.fine_tune != "all" else {}),
         }
     )
 
@@ -1055,7 +1094,7 @@ def _split_or_resume(
             ckpt_path,  # type: ignore[arg-type]
             fingerprint=fingerprint,
             model=model,
-            parameters=list(model.parameters()),
+            parameters=trained_parameters(model),
             n_samples=int(n_samples),
         )
         train_idx, val_idx, split = saved.train_idx, saved.val_idx, dict(saved.split)
@@ -1155,7 +1194,9 @@ class _Run:
     ):
         self.model, self.settings, self.data, self.loss_fn = model, settings, data, loss_fn
         self.names, self.device, self.use_amp, self.rng = names, device, use_amp, rng
-        self.optimiser = torch.optim.Adam(model.parameters(), lr=float(settings.learning_rate))
+        self.optimiser = torch.optim.Adam(
+            trained_parameters(model), lr=float(settings.learning_rate)
+        )
         self.scaler = _grad_scaler(use_amp)
         self.batches = _Batches(data.train_idx, int(settings.batch_size), rng)
         self.schedule = _lr_schedule(settings)
@@ -1424,6 +1465,7 @@ def _run_metadata(
         "class_weights": [float(w) for w in weights],
         "dice_weight": float(settings.dice_weight),
         "augmentation": run.augmentation if settings.augment else "off",
+        "fine_tune": settings.fine_tune,
         "class_pixel_counts": [int(c) for c in counts],
         "best_step": int(best["step"]),
         "steps_done": int(run.steps_done),
@@ -1581,6 +1623,7 @@ def iter_train(
     elif start is not None:
         transfer_weights(start, network)
     start_state = _state_copy(model) if start is not None and settings.keep_start > 0 else None
+    _keep_encoder(model, settings, arch, start is not None or init is not None)
     model.to(device)
     model.train()
 
@@ -1611,6 +1654,7 @@ def iter_train(
     finished = not stopped and ckpt_path is not None
     if finished and keep_checkpoint and run.checkpointed != run.steps_done:
         checkpoint()
+    model.requires_grad_(True)  # the encoder kept by fine_tune="decoder" is an ordinary one again
     keep_choice = _finish_model(run, trainset, step0, start_state)
     calibrated = keep_choice["calibration"] if keep_choice is not None else None
     threshold, calibration = calibrated or _calibrate(run, trainset)

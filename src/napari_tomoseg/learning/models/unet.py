@@ -139,6 +139,11 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], self.n_outputs, 1)
         self.pool = nn.MaxPool2d(2)
 
+    def encoder(self) -> list[nn.Module]:
+        """The contracting path and the bottleneck: what a fine-tuning may keep as shipped
+        (``TrainSettings.fine_tune``)."""
+        return [self.down, self.bottom]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = pad_to_multiple(x, 2**self.depth)
