@@ -252,6 +252,25 @@ def test_fine_tuning_the_decoder_keeps_the_shipped_encoder_and_resumes(shifted, 
         assert torch.equal(tensor, resumed.network.model.state_dict()[name]), name
 
 
+def test_fine_tuning_the_decoder_trains_an_input_layer_fitted_to_other_slices(shifted):
+    """The shipped carbon_edge network sees one slice; started for five, its input layer
+    has zero weights on the four new ones, which a kept encoder would never fill."""
+    trainset = trainset_from_truth(shifted, ["carbon_edge"], 3, 6, seed=1)
+    assert load_pretrained("carbon_edge").meta.in_channels < trainset.images.shape[1]
+    common = {"iterations": 3, "eval_every": 3, "augment": False, "seed": 3, "keep_start": 0.0}
+    result = train(trainset, TrainSettings(fine_tune="decoder", **common))
+    model = result.network.model
+    start = Network.create("unet-lite", trainset.images.shape[1], 2, class_names=("b", "c"))
+    transfer_weights(load_pretrained("carbon_edge"), start)
+    first, fitted = model.down[0][0].weight, start.model.down[0][0].weight
+    assert not torch.any(fitted[:, [0, 1, 3, 4]])  # zeros on the context slices ...
+    assert torch.any(first[:, [0, 1, 3, 4]] != 0)  # ... filled by the training
+    encoder, _ = _split_parameters(model)
+    kept, begun = model.state_dict(), start.model.state_dict()
+    others = [k for k in encoder if not k.startswith("down.0.0.")]
+    assert others and all(torch.equal(kept[k], begun[k]) for k in others)
+
+
 def test_fine_tuning_the_decoder_needs_a_start_and_a_known_choice(shifted):
     trainset = trainset_from_truth(shifted, ["single_membrane"], 2, 4, seed=1)
     with pytest.raises(TomosegError, match="random weights"):

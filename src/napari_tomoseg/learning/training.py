@@ -135,7 +135,8 @@ class TrainSettings:
     every layer; ``"decoder"`` keeps the encoder (the contracting path and the bottleneck)
     of the network training starts from as it is and trains the rest, so that what the
     pretraining learnt to see in many simulated tomograms is not narrowed to the painted
-    one (a run from scratch has nothing to keep and refuses it).
+    one (a run from scratch has nothing to keep and refuses it); an input layer fitted to
+    other context slices trains all the same.
     The loss is cross-entropy (weighted by ``class_weights``: ``None``, ``"auto"`` or one
     weight per class) plus ``dice_weight`` times a soft Dice loss of the feature classes
     (module notes).  ``checkpoint`` is a file the run writes its full state to every
@@ -892,10 +893,14 @@ def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _keep_encoder(model: nn.Module, settings: TrainSettings, arch: str, started: bool) -> None:
+def _keep_encoder(
+    model: nn.Module, settings: TrainSettings, arch: str, started: bool, fitted_input: bool
+) -> None:
     """Keep the encoder of the weights a run starts from as they are when ``fine_tune`` is
     "decoder": its parameters take no gradient (its batch norms still follow the user's
-    data).  Raise :class:`TomosegError` when there is nothing to keep or no encoder."""
+    data).  An input layer fitted to other context slices (``fitted_input``) trains all the
+    same: its weights on the new slices are zeros that only training can fill.  Raise
+    :class:`TomosegError` when there is nothing to keep or no encoder."""
     if settings.fine_tune == "all":
         return
     if not started:
@@ -910,6 +915,9 @@ def _keep_encoder(model: nn.Module, settings: TrainSettings, arch: str, started:
         )
     for part in encoder():
         part.requires_grad_(False)
+    if fitted_input:
+        input_layer = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        input_layer.requires_grad_(True)
 
 
 def _run_settings(settings: TrainSettings, arch: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -1437,6 +1445,13 @@ def kept_described(metadata: dict[str, Any]) -> str:
     )
 
 
+def fine_tune_described(metadata: dict[str, Any]) -> str:
+    """A sentence when a run kept its start's encoder (``fine_tune`` "decoder"), else ""."""
+    if metadata.get("fine_tune") != "decoder":
+        return ""
+    return "its encoder kept as it started (fine-tune: decoder); the rest trained"
+
+
 def _calibrate(run: _Run, trainset: TrainingSet) -> tuple[float, dict[str, Any]]:
     """The mask threshold, calibrated on the held-out boxes (or the training boxes)."""
     d = run.data
@@ -1623,7 +1638,8 @@ def iter_train(
     elif start is not None:
         transfer_weights(start, network)
     start_state = _state_copy(model) if start is not None and settings.keep_start > 0 else None
-    _keep_encoder(model, settings, arch, start is not None or init is not None)
+    fitted_input = start is not None and start.meta.in_channels != in_channels
+    _keep_encoder(model, settings, arch, start is not None or init is not None, fitted_input)
     model.to(device)
     model.train()
 
