@@ -217,11 +217,20 @@ def test_the_train_widget_says_which_network_it_starts_from(make_napari_viewer):
     train.replay.value = 0.5
     assert train.train_settings().replay == 0.5
     assert train.start_info.value.endswith("of its weights, trains on simulated boxes too")
+    assert train.train_settings().fine_tune == "all"
+    train.fine_tune.value = "decoder"
+    assert train.train_settings().fine_tune == "decoder"
+    assert train.start_info.value.endswith("simulated boxes too, keeps its encoder")
+    train.fine_tune.value = "all"
     paint.metadata["class_names"] = {0: "background", 1: "my particle"}
     train.update_start_info()
     assert train.start_info.value == "starts from: random weights (no match)"
     train.start_from.value = "scratch"
     assert train.start_info.value == "starts from: random weights"
+    train.fine_tune.value = "decoder"  # nothing to keep: said before training refuses it
+    assert train.start_info.value == (
+        "starts from: random weights; fine-tune 'decoder' needs a start"
+    )
 
 
 def _network_trained_with(seed: int, validation_fraction: float):

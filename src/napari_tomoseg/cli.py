@@ -335,7 +335,7 @@ def _save_trained(result: Any, output: Path, checkpoint: Path, *, overwrite: boo
 def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int) -> None:
     """What ``tomoseg train`` did: how it ended, where it started from, the threshold, the
     checkpoint of a stopped run and the validation scores of each class."""
-    from .learning.training import kept_described
+    from .learning.training import fine_tune_described, kept_described
     from .simulator.replay import described as replay_described
 
     state = "stopped early" if result.stopped else "finished"
@@ -351,8 +351,9 @@ def _print_training(result: Any, output: Path, checkpoint: Path, iterations: int
     kept = kept_described(result.metadata)
     if kept:
         print(f"  {kept}")
-    if result.metadata.get("fine_tune") == "decoder":
-        print("  its encoder kept as it started (--fine-tune decoder); the rest trained")
+    fine_tuned = fine_tune_described(result.metadata)
+    if fine_tuned:
+        print(f"  {fine_tuned}")
     if result.stopped and checkpoint.is_file():
         steps = result.metadata["steps_done"]
         print(

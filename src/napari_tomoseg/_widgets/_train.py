@@ -36,7 +36,14 @@ from ..learning.model_file import load_network, save_network
 from ..learning.models import DEFAULT_ARCHITECTURE, available
 from ..learning.pretrained import AUTO, SCRATCH, match
 from ..learning.pretrained import available as shipped_networks
-from ..learning.training import MAX_REPLAY, TrainSettings, iter_train, kept_described
+from ..learning.training import (
+    FINE_TUNE_CHOICES,
+    MAX_REPLAY,
+    TrainSettings,
+    fine_tune_described,
+    iter_train,
+    kept_described,
+)
 from ..learning.trainset import TrainsetSettings, build_training_set
 from ..progress import Progress
 from ..simulator.replay import SimulatedReplay
@@ -116,6 +123,7 @@ class TrainWidget(Container):
                 "batch_size": self.batch_size,
                 "start_from": self.start_from,
                 "replay": self.replay,
+                "fine_tune": self.fine_tune,
             },
         )
         self.runner = TaskRunner("Training")
@@ -207,6 +215,14 @@ class TrainWidget(Container):
             "its pretraining drew them, this many times your samples (0.5: half as many). "
             "Helps where you paint as the simulator labels; off (0) by default.",
         )
+        self.fine_tune = ComboBox(
+            label="fine-tune",
+            choices=list(FINE_TUNE_CHOICES),
+            value=TrainSettings.fine_tune,
+            tooltip="From a shipped network: all trains every layer; decoder keeps the "
+            "network's encoder (what it learnt to see in many simulated tomograms) as shipped "
+            "and trains the rest.",
+        )
         self.continue_current = CheckBox(label="continue the current network", value=False)
         self.resume = CheckBox(
             label=RESUME_TEXT,
@@ -250,6 +266,7 @@ class TrainWidget(Container):
                 self.start_from,
                 self.start_info,
                 self.replay,
+                self.fine_tune,
                 self.continue_from,
                 self.continue_current,
                 self.resume,
@@ -277,6 +294,7 @@ class TrainWidget(Container):
         self.painting.changed.connect(self.update_start_info)
         self.start_from.changed.connect(self.update_start_info)
         self.replay.changed.connect(self.update_start_info)
+        self.fine_tune.changed.connect(self.update_start_info)
         self.train_button.changed.connect(self.start_training)
         self.stop_button.changed.connect(self.runner.stop)
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
@@ -317,6 +335,7 @@ class TrainWidget(Container):
             batch_size=int(self.batch_size.value),
             start_from=str(self.start_from.value),
             replay=float(self.replay.value),
+            fine_tune=str(self.fine_tune.value),
         )
 
     def update_start_info(self, *_: Any) -> None:
@@ -339,6 +358,9 @@ class TrainWidget(Container):
             text += f", keeps up to {TrainSettings.keep_start:.0%} of its weights"
         if text.startswith("the shipped") and self.replay.value > 0:
             text += ", trains on simulated boxes too"
+        if self.fine_tune.value == "decoder":
+            shipped = text.startswith("the shipped")
+            text += ", keeps its encoder" if shipped else "; fine-tune 'decoder' needs a start"
         self.start_info.value = f"starts from: {text}"
 
     def _initial_network(self) -> Any:
@@ -488,8 +510,8 @@ class TrainWidget(Container):
         text += f"; threshold {result.network.meta.threshold:.2f}"
         replayed = replay_described(result.metadata.get("replay"))
         text += f"; {replayed}" if replayed else ""
-        kept = kept_described(result.metadata)
-        text += f"; {kept}" if kept else ""
+        for said in (kept_described(result.metadata), fine_tune_described(result.metadata)):
+            text += f"; {said}" if said else ""
         self.status.value = text
         self.save_button.enabled = True
         self.show_preview(result)
