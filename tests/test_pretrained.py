@@ -238,7 +238,7 @@ def test_fine_tuning_the_decoder_keeps_the_shipped_encoder_and_resumes(shifted, 
     resumed = train(trainset, settings, resume=True)  # the optimiser's state fits again
     assert resumed.metadata["resumed_from_step"] is not None
     whole = train(trainset, TrainSettings(fine_tune="decoder", **common))
-    full = train(trainset, TrainSettings(**common))
+    full = train(trainset, TrainSettings(fine_tune="all", **common))
     start = load_pretrained("single_membrane").model.state_dict()
     kept, tuned = whole.network.model.state_dict(), full.network.model.state_dict()
     encoder, decoder = _split_parameters(whole.network.model)
@@ -271,11 +271,35 @@ def test_fine_tuning_the_decoder_trains_an_input_layer_fitted_to_other_slices(sh
     assert others and all(torch.equal(kept[k], begun[k]) for k in others)
 
 
+def test_fine_tuning_keeps_the_encoder_by_default_where_the_start_takes_the_slices(shifted):
+    """auto: the encoder kept from a shipped network that takes the training set's slices
+    as they are (the same run as "decoder"), every layer trained otherwise."""
+    common = {"iterations": 2, "eval_every": 2, "augment": False, "seed": 3, "keep_start": 0.0}
+    assert TrainSettings().fine_tune == "auto"
+    membrane = trainset_from_truth(shifted, ["single_membrane"], 3, 6, seed=1)
+    auto = train(membrane, TrainSettings(**common))
+    decoder = train(membrane, TrainSettings(fine_tune="decoder", **common))
+    assert auto.metadata["fine_tune"] == "decoder" and auto.history == decoder.history
+    for name, tensor in auto.network.model.state_dict().items():
+        assert torch.equal(tensor, decoder.network.model.state_dict()[name]), name
+    narrower = trainset_from_truth(
+        shifted,
+        ["single_membrane"],
+        3,
+        6,
+        seed=1,
+        trainset_settings=TrainsetSettings(context_slices=1),
+    )
+    assert train(narrower, TrainSettings(**common)).metadata["fine_tune"] == "all"
+    scratch = train(membrane, TrainSettings(start_from="scratch", **common))
+    assert scratch.metadata["fine_tune"] == "all"
+
+
 def test_fine_tuning_the_decoder_needs_a_start_and_a_known_choice(shifted):
     trainset = trainset_from_truth(shifted, ["single_membrane"], 2, 4, seed=1)
     with pytest.raises(TomosegError, match="random weights"):
         train(trainset, TrainSettings(iterations=1, start_from="scratch", fine_tune="decoder"))
-    with pytest.raises(TomosegError, match="fine_tune must be one of all, decoder"):
+    with pytest.raises(TomosegError, match="fine_tune must be one of auto, all, decoder"):
         TrainSettings(fine_tune="encoder").validate()
 
 

@@ -211,17 +211,21 @@ def test_the_train_widget_says_which_network_it_starts_from(make_napari_viewer):
     train.painting.value = paint
     train.update_start_info()
     assert train.start_info.value == (
-        "starts from: the shipped network 'single_membrane', keeps up to 50% of its weights"
+        "starts from: the shipped network 'single_membrane', keeps up to 50% of its weights, "
+        "keeps its encoder"  # fine-tune auto: it takes the five slices chosen as they are
     )
     assert train.train_settings().replay == 0.0  # off unless asked
     train.replay.value = 0.5
     assert train.train_settings().replay == 0.5
-    assert train.start_info.value.endswith("of its weights, trains on simulated boxes too")
-    assert train.train_settings().fine_tune == "all"
-    train.fine_tune.value = "decoder"
-    assert train.train_settings().fine_tune == "decoder"
     assert train.start_info.value.endswith("simulated boxes too, keeps its encoder")
+    train.context.value = 0  # one slice: its input layer is fitted, so every layer trains
+    assert train.start_info.value.endswith("of its weights, trains on simulated boxes too")
+    train.context.value = 2
+    assert train.train_settings().fine_tune == "auto"
     train.fine_tune.value = "all"
+    assert train.train_settings().fine_tune == "all"
+    assert train.start_info.value.endswith("of its weights, trains on simulated boxes too")
+    train.fine_tune.value = "auto"
     paint.metadata["class_names"] = {0: "background", 1: "my particle"}
     train.update_start_info()
     assert train.start_info.value == "starts from: random weights (no match)"

@@ -945,9 +945,11 @@ def _add_train(command: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--fine-tune",
-        choices=["all", "decoder"],
+        choices=["auto", "all", "decoder"],
         help="when starting from a shipped network or continuing one, train every layer "
-        "(all, the default) or keep its encoder as it is and train the rest (decoder)",
+        "(all) or keep its encoder as it is and train the rest (decoder); auto, the "
+        "default: decoder from a shipped network that takes the training set's context "
+        "slices as they are, all otherwise",
     )
     p.add_argument(
         "--augmentation",

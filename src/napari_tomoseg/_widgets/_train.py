@@ -32,9 +32,9 @@ from .._layers import layer_voxel_size
 from ..data.boxes import box_from_shape
 from ..errors import TomosegError
 from ..learning.checkpoint import default_checkpoint_path, read_checkpoint_meta
-from ..learning.model_file import load_network, save_network
+from ..learning.model_file import load_network, read_network_meta, save_network
 from ..learning.models import DEFAULT_ARCHITECTURE, available
-from ..learning.pretrained import AUTO, SCRATCH, match
+from ..learning.pretrained import AUTO, SCRATCH, match, shipped_file
 from ..learning.pretrained import available as shipped_networks
 from ..learning.training import (
     FINE_TUNE_CHOICES,
@@ -221,7 +221,8 @@ class TrainWidget(Container):
             value=TrainSettings.fine_tune,
             tooltip="From a shipped network: all trains every layer; decoder keeps the "
             "network's encoder (what it learnt to see in many simulated tomograms) as shipped "
-            "and trains the rest.",
+            "and trains the rest; auto: decoder when the network takes the context slices "
+            "chosen here as they are, all otherwise.",
         )
         self.continue_current = CheckBox(label="continue the current network", value=False)
         self.resume = CheckBox(
@@ -295,6 +296,7 @@ class TrainWidget(Container):
         self.start_from.changed.connect(self.update_start_info)
         self.replay.changed.connect(self.update_start_info)
         self.fine_tune.changed.connect(self.update_start_info)
+        self.context.changed.connect(self.update_start_info)
         self.train_button.changed.connect(self.start_training)
         self.stop_button.changed.connect(self.runner.stop)
         self.save_button.changed.connect(lambda: self.save_network(self.save_path.value))
@@ -339,29 +341,53 @@ class TrainWidget(Container):
         )
 
     def update_start_info(self, *_: Any) -> None:
-        """Say which shipped network training will start from, for the painted features."""
+        """Say which shipped network training will start from, for the painted features,
+        and what of it the run keeps."""
+        shipped = self._shipped_start()
+        if shipped is None:
+            text = self._no_shipped_start()
+            if self.fine_tune.value == "decoder":
+                text += "; fine-tune 'decoder' needs a start"
+        else:
+            text = f"the shipped network '{shipped}'"
+            if TrainSettings.keep_start > 0:
+                text += f", keeps up to {TrainSettings.keep_start:.0%} of its weights"
+            if self.replay.value > 0:
+                text += ", trains on simulated boxes too"
+            if self._keeps_encoder(shipped):
+                text += ", keeps its encoder"
+        self.start_info.value = f"starts from: {text}"
+
+    def _painted_features(self) -> list[str]:
         paint = self.painting.value
         names = dict((paint.metadata.get("class_names") or {}) if paint is not None else {})
         ordered = sorted(names.items(), key=lambda kv: int(kv[0]))
-        features = [str(v) for k, v in ordered if int(k) > 0]
+        return [str(v) for k, v in ordered if int(k) > 0]
+
+    def _shipped_start(self) -> str | None:
+        """The shipped network training will start from, or None."""
         choice = str(self.start_from.value)
         if choice == SCRATCH:
-            text = "random weights"
-        elif choice != AUTO:
-            text = f"the shipped network '{choice}'"
-        elif not features:
-            text = "name the features to start from a shipped network"
-        else:
-            found = match(["background", *features])
-            text = f"the shipped network '{found}'" if found else "random weights (no match)"
-        if text.startswith("the shipped") and TrainSettings.keep_start > 0:
-            text += f", keeps up to {TrainSettings.keep_start:.0%} of its weights"
-        if text.startswith("the shipped") and self.replay.value > 0:
-            text += ", trains on simulated boxes too"
-        if self.fine_tune.value == "decoder":
-            shipped = text.startswith("the shipped")
-            text += ", keeps its encoder" if shipped else "; fine-tune 'decoder' needs a start"
-        self.start_info.value = f"starts from: {text}"
+            return None
+        if choice != AUTO:
+            return choice
+        features = self._painted_features()
+        return match(["background", *features]) if features else None
+
+    def _no_shipped_start(self) -> str:
+        if str(self.start_from.value) == SCRATCH:
+            return "random weights"
+        if not self._painted_features():
+            return "name the features to start from a shipped network"
+        return "random weights (no match)"
+
+    def _keeps_encoder(self, shipped: str) -> bool:
+        """Whether training from the shipped network ``shipped`` keeps its encoder (the
+        fine-tune choice; "auto": when it takes the context slices chosen as they are)."""
+        if self.fine_tune.value != "auto":
+            return self.fine_tune.value == "decoder"
+        slices = read_network_meta(shipped_file(shipped)).in_channels
+        return slices == 2 * int(self.context.value) + 1
 
     def _initial_network(self) -> Any:
         if self.continue_current.value:

@@ -101,7 +101,7 @@ WARMUP_STEPS = 100
 #: The most simulated replay samples, as a multiple of the training set's.
 MAX_REPLAY = 4.0
 #: What a run that starts from existing weights trains (``TrainSettings.fine_tune``).
-FINE_TUNE_CHOICES = ("all", "decoder")
+FINE_TUNE_CHOICES = ("auto", "all", "decoder")
 #: Samples per forward pass during validation (bounds memory on big validation sets).
 _EVAL_BATCH = 64
 
@@ -136,7 +136,9 @@ class TrainSettings:
     of the network training starts from as it is and trains the rest, so that what the
     pretraining learnt to see in many simulated tomograms is not narrowed to the painted
     one (a run from scratch has nothing to keep and refuses it); an input layer fitted to
-    other context slices trains all the same.
+    other context slices trains all the same.  ``"auto"``, the default: "decoder" from a
+    shipped network that takes the training set's slices as they are, "all" otherwise
+    (:func:`_resolved_fine_tune`; docs/models.md, "Keeping the encoder").
     The loss is cross-entropy (weighted by ``class_weights``: ``None``, ``"auto"`` or one
     weight per class) plus ``dice_weight`` times a soft Dice loss of the feature classes
     (module notes).  ``checkpoint`` is a file the run writes its full state to every
@@ -161,7 +163,7 @@ class TrainSettings:
     start_from: str = "auto"
     keep_start: float = 0.5
     replay: float = 0.0
-    fine_tune: str = "all"
+    fine_tune: str = "auto"
     lr_schedule: str = "constant"
     dice_weight: float = 1.0
     checkpoint: str | None = None
@@ -254,7 +256,8 @@ class TrainSettings:
             (
                 self.fine_tune in FINE_TUNE_CHOICES,
                 f"fine_tune must be one of {', '.join(FINE_TUNE_CHOICES)} (all: every layer; "
-                "decoder: the start's encoder kept as it is)",
+                "decoder: the start's encoder kept as it is; auto: decoder from a shipped "
+                "network that takes the slices as they are, all otherwise)",
             ),
             (
                 isinstance(self.dice_weight, (int, float))
@@ -891,6 +894,22 @@ def threshold_from_curve(curve: list[float]) -> tuple[float, dict[str, Any]]:
 def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters a run trains (all but those :func:`_keep_encoder` keeps), in order."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _resolved_fine_tune(
+    settings: TrainSettings, start: Network | None, in_channels: int
+) -> TrainSettings:
+    """``settings`` with an "auto" ``fine_tune`` made "decoder" or "all".  "decoder" for a
+    run that starts from a shipped network taking the training set's slices as they are:
+    kept, its encoder generalised better to unseen tomograms (docs/models.md, "Keeping the
+    encoder").  "all" from random weights, for a network being continued (the user's own),
+    and for a start whose input layer is fitted to other slices (its encoder never saw
+    them)."""
+    if settings.fine_tune != "auto":
+        return settings
+    keep = start is not None and start.meta.in_channels == in_channels
+    keep = keep and hasattr(start.model, "encoder")
+    return replace(settings, fine_tune="decoder" if keep else "all")
 
 
 def _keep_encoder(
@@ -1619,6 +1638,7 @@ def iter_train(
     if start is not None:  # strengths the settings leave unnamed: those of a fine-tuning
         fine = {**FINE_TUNING_AUGMENTATION, **settings.augmentation}
         settings = replace(settings, augmentation=fine)
+    settings = _resolved_fine_tune(settings, start, int(in_channels))
     fingerprint: dict[str, Any] = {}
     if ckpt_path is not None:
         fingerprint = {
