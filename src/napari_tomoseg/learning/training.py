@@ -1468,7 +1468,7 @@ def fine_tune_described(metadata: dict[str, Any]) -> str:
     """A sentence when a run kept its start's encoder (``fine_tune`` "decoder"), else ""."""
     if metadata.get("fine_tune") != "decoder":
         return ""
-    return "its encoder kept as it started (fine-tune: decoder); the rest trained"
+    return "its encoder kept as it started, the rest trained (fine-tune 'all' trains every layer)"
 
 
 def _calibrate(run: _Run, trainset: TrainingSet) -> tuple[float, dict[str, Any]]:
