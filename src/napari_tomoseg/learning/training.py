@@ -897,7 +897,7 @@ def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _resolved_fine_tune(
-    settings: TrainSettings, start: Network | None, in_channels: int
+    settings: TrainSettings, start: Network | None, fitted_input: bool
 ) -> TrainSettings:
     """``settings`` with an "auto" ``fine_tune`` made "decoder" or "all".  "decoder" for a
     run that starts from a shipped network taking the training set's slices as they are:
@@ -907,8 +907,7 @@ def _resolved_fine_tune(
     them)."""
     if settings.fine_tune != "auto":
         return settings
-    keep = start is not None and start.meta.in_channels == in_channels
-    keep = keep and hasattr(start.model, "encoder")
+    keep = start is not None and not fitted_input and hasattr(start.model, "encoder")
     return replace(settings, fine_tune="decoder" if keep else "all")
 
 
@@ -1638,7 +1637,8 @@ def iter_train(
     if start is not None:  # strengths the settings leave unnamed: those of a fine-tuning
         fine = {**FINE_TUNING_AUGMENTATION, **settings.augmentation}
         settings = replace(settings, augmentation=fine)
-    settings = _resolved_fine_tune(settings, start, int(in_channels))
+    fitted_input = start is not None and start.meta.in_channels != in_channels
+    settings = _resolved_fine_tune(settings, start, fitted_input)
     fingerprint: dict[str, Any] = {}
     if ckpt_path is not None:
         fingerprint = {
@@ -1658,7 +1658,6 @@ def iter_train(
     elif start is not None:
         transfer_weights(start, network)
     start_state = _state_copy(model) if start is not None and settings.keep_start > 0 else None
-    fitted_input = start is not None and start.meta.in_channels != in_channels
     _keep_encoder(model, settings, arch, start is not None or init is not None, fitted_input)
     model.to(device)
     model.train()
