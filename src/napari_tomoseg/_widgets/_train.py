@@ -40,6 +40,7 @@ from ..learning.training import (
     FINE_TUNE_CHOICES,
     MAX_REPLAY,
     TrainSettings,
+    auto_keeps_encoder,
     fine_tune_described,
     iter_train,
     kept_described,
@@ -386,8 +387,8 @@ class TrainWidget(Container):
         fine-tune choice; "auto": when it takes the context slices chosen as they are)."""
         if self.fine_tune.value != "auto":
             return self.fine_tune.value == "decoder"
-        slices = read_network_meta(shipped_file(shipped)).in_channels
-        return slices == 2 * int(self.context.value) + 1
+        channels = read_network_meta(shipped_file(shipped)).in_channels
+        return auto_keeps_encoder(channels, 2 * int(self.context.value) + 1)
 
     def _initial_network(self) -> Any:
         if self.continue_current.value:

@@ -896,18 +896,24 @@ def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def auto_keeps_encoder(start_channels: int | None, in_channels: int) -> bool:
+    """Whether ``fine_tune`` "auto" keeps the encoder of a shipped start of
+    ``start_channels`` input channels (None: no start) for a training set of
+    ``in_channels``: when it takes them as they are.  Kept, its encoder generalised better
+    to unseen tomograms (docs/models.md, "Keeping the encoder"); a start fitted to other
+    slices never saw them, and random weights have nothing to keep."""
+    return start_channels is not None and start_channels == in_channels
+
+
 def _resolved_fine_tune(
-    settings: TrainSettings, start: Network | None, fitted_input: bool
+    settings: TrainSettings, start: Network | None, in_channels: int
 ) -> TrainSettings:
-    """``settings`` with an "auto" ``fine_tune`` made "decoder" or "all".  "decoder" for a
-    run that starts from a shipped network taking the training set's slices as they are:
-    kept, its encoder generalised better to unseen tomograms (docs/models.md, "Keeping the
-    encoder").  "all" from random weights, for a network being continued (the user's own),
-    and for a start whose input layer is fitted to other slices (its encoder never saw
-    them)."""
+    """``settings`` with an "auto" ``fine_tune`` made "decoder" or "all"
+    (:func:`auto_keeps_encoder`; a network being continued, the user's own, trains whole)."""
     if settings.fine_tune != "auto":
         return settings
-    keep = start is not None and not fitted_input and hasattr(start.model, "encoder")
+    channels = start.meta.in_channels if start is not None else None
+    keep = auto_keeps_encoder(channels, in_channels) and hasattr(start.model, "encoder")
     return replace(settings, fine_tune="decoder" if keep else "all")
 
 
@@ -1637,8 +1643,7 @@ def iter_train(
     if start is not None:  # strengths the settings leave unnamed: those of a fine-tuning
         fine = {**FINE_TUNING_AUGMENTATION, **settings.augmentation}
         settings = replace(settings, augmentation=fine)
-    fitted_input = start is not None and start.meta.in_channels != in_channels
-    settings = _resolved_fine_tune(settings, start, fitted_input)
+    settings = _resolved_fine_tune(settings, start, int(in_channels))
     fingerprint: dict[str, Any] = {}
     if ckpt_path is not None:
         fingerprint = {
@@ -1658,6 +1663,7 @@ def iter_train(
     elif start is not None:
         transfer_weights(start, network)
     start_state = _state_copy(model) if start is not None and settings.keep_start > 0 else None
+    fitted_input = start is not None and start.meta.in_channels != in_channels
     _keep_encoder(model, settings, arch, start is not None or init is not None, fitted_input)
     model.to(device)
     model.train()
